@@ -1,0 +1,1 @@
+"""Bluesky plans for SmartMeters (generators; filled by the plans issue)."""
