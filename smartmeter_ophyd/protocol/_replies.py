@@ -476,6 +476,8 @@ def reply_succeeded(command: str | type[Any], reply: Reply) -> bool:
     if is_busy(reply):
         return False
     message = _str(reply.fields, "msg")
+    if name == "info":
+        return reply.cmd == "info"  # the info line has no error flag (§2.5)
     if name == "ntp":
         return message == "Time synced"
     if name == "addWifi":

@@ -70,6 +70,7 @@ def test_info_line_of_appendix_b() -> None:
     assert info.ssids == ()
     assert info.sys_time_unix(dst_known=False) == parse_long_time("03/02/2021 10:37:07.662", False)
     assert list(info.raw_fields)[:3] == ["cmd", "type", "version"]
+    assert reply_succeeded("info", reply(INFO_LINE))
 
 
 def test_info_tolerates_missing_extra_keys_and_readme_shape() -> None:
