@@ -1,0 +1,224 @@
+"""Where runs go: an embedded Tiled catalog (the default) or a Tiled server.
+
+Intent: one call gives a working bluesky catalog with no server, no port and no process to
+manage, reachable by name through ``databroker.from_profile`` (= ``tiled.client.from_profile``).
+
+* :func:`setup_embedded_catalog` creates ``<directory>/catalog.db`` (SQLite metadata),
+  ``<directory>/storage.duckdb`` + ``<directory>/data`` (tables/zarr written by TiledWriter for
+  non-stream data) and ``<directory>/hdf5`` (where meters write their HDF5 files, registered as
+  ``readable_storage`` - without that Tiled accepts the registration and then fails every read
+  with HTTP 500).  It writes a Tiled profile in ``direct`` mode (the catalog is built
+  in-process from the profile, served over ASGI without a socket) into a profiles directory
+  and returns an :class:`EmbeddedCatalog` whose ``client`` feeds
+  ``bluesky_tiled_plugins.TiledWriter``.  The root carries the ``CatalogOfBlueskyRuns`` spec, so
+  the client offers bluesky search helpers.
+* :func:`connect_server` connects to a ``tiled serve`` process (for example the PostgreSQL
+  backed one of ``scripts/postgres.sh``); :func:`write_server_profile` registers it by name.
+
+Profiles directory: by default the *user* profile directory Tiled searches
+(``$TILED_PROFILES`` or the platform's ``~/.config/tiled/profiles``).  Tiled reads
+``TILED_PROFILES`` once, when ``tiled.profiles`` is first imported; a ``profiles_dir`` that is
+not on Tiled's search path is therefore appended to ``tiled.profiles.paths`` **for this
+process** (other processes need ``TILED_PROFILES`` set in their environment).
+
+Limits: catalog initialisation runs ``tiled catalog init`` in a subprocess (a few seconds; done
+once per directory).  Each ``from_profile`` builds its own in-process app over the same SQLite
+file; SQLite serialises writers, so use one writing client per catalog.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+BLUESKY_SPEC: Final = {"name": "CatalogOfBlueskyRuns", "version": "3.0"}
+DEFAULT_PROFILE: Final = "smartmeter"
+_PROFILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def default_profiles_dir() -> Path:
+    """The user profile directory Tiled searches (honours ``TILED_PROFILES``)."""
+    from tiled.profiles import paths
+
+    return Path(paths[-1])
+
+
+def _check_profile_name(profile: str) -> None:
+    if not _PROFILE_NAME.match(profile):
+        raise ValueError(
+            f"profile name {profile!r} must be letters, digits, '_', '-' or '.' "
+            "(it becomes a file name)"
+        )
+
+
+def _register_profiles_dir(profiles_dir: Path) -> None:
+    from tiled.profiles import load_profiles, paths
+
+    resolved = profiles_dir.resolve()
+    if all(Path(p).resolve() != resolved for p in paths):
+        paths.append(resolved)
+        logger.info("added %s to Tiled's profile search path for this process", resolved)
+    load_profiles.cache_clear()
+
+
+def _write_profile(profiles_dir: Path, profile: str, content: dict[str, Any]) -> Path:
+    profiles_dir.mkdir(parents=True, exist_ok=True)
+    path = profiles_dir / f"{profile}.yml"
+    tmp = path.with_suffix(".yml.tmp")
+    tmp.write_text(yaml.safe_dump({profile: content}, sort_keys=False))
+    os.replace(tmp, path)
+    _register_profiles_dir(profiles_dir)
+    return path
+
+
+@dataclass
+class EmbeddedCatalog:
+    """An in-process Tiled catalog registered as a Tiled profile."""
+
+    directory: Path
+    profile: str
+    profile_path: Path
+    data_directory: Path
+    """Where meters write their HDF5 files (covered by the catalog's readable storage)."""
+    catalog_uri: str
+    readable_storage: tuple[Path, ...]
+    _client: Any = field(default=None, repr=False)
+
+    @property
+    def client(self) -> Any:
+        """A tiled client over this catalog (opened through the profile on first use)."""
+        if self._client is None:
+            self._client = open_catalog(self.profile)
+        return self._client
+
+    def open(self) -> Any:
+        """A fresh client (a new in-process app) - what another user session would get."""
+        return open_catalog(self.profile)
+
+    def close(self) -> None:
+        """Close the shared client's in-process app (idempotent)."""
+        if self._client is not None:
+            close_client(self._client)
+            self._client = None
+
+
+def setup_embedded_catalog(
+    directory: str | os.PathLike[str],
+    profile: str = DEFAULT_PROFILE,
+    *,
+    profiles_dir: str | os.PathLike[str] | None = None,
+    data_directory: str | os.PathLike[str] | None = None,
+    extra_readable_storage: Sequence[str | os.PathLike[str]] = (),
+) -> EmbeddedCatalog:
+    """Create (or reuse) an embedded catalog under ``directory`` and register it as ``profile``.
+
+    ``data_directory`` (default ``<directory>/hdf5``) is where meters should write; it and
+    ``extra_readable_storage`` become the catalog's readable storage.  Idempotent: calling it
+    again on the same directory reuses the catalog and rewrites the profile.
+    """
+    _check_profile_name(profile)
+    root = Path(directory).resolve()
+    data_dir = Path(data_directory).resolve() if data_directory else root / "hdf5"
+    zarr_dir = root / "data"
+    for d in (root, data_dir, zarr_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    readable = (data_dir, *(Path(p).resolve() for p in extra_readable_storage))
+    catalog_uri = f"sqlite:///{root / 'catalog.db'}"
+
+    from tiled.catalog import from_uri as catalog_from_uri
+
+    if not (root / "catalog.db").exists():
+        logger.info("initialising Tiled catalog %s", catalog_uri)
+        # init_if_not_exists runs "tiled catalog init" in a subprocess (alembic stamping).
+        catalog_from_uri(catalog_uri, init_if_not_exists=True)
+
+    content = {
+        "direct": {
+            "authentication": {"allow_anonymous_access": True},
+            "trees": [
+                {
+                    "path": "/",
+                    "tree": "catalog",
+                    "args": {
+                        "uri": catalog_uri,
+                        "writable_storage": [
+                            str(zarr_dir),
+                            f"duckdb:///{root / 'storage.duckdb'}",
+                        ],
+                        "readable_storage": [str(p) for p in readable],
+                        "init_if_not_exists": False,
+                        "specs": [dict(BLUESKY_SPEC)],
+                    },
+                }
+            ],
+        }
+    }
+    pdir = Path(profiles_dir) if profiles_dir is not None else default_profiles_dir()
+    profile_path = _write_profile(pdir, profile, content)
+    logger.info(
+        "embedded catalog %s registered as Tiled profile %r (%s)", root, profile, profile_path
+    )
+    return EmbeddedCatalog(
+        directory=root,
+        profile=profile,
+        profile_path=profile_path,
+        data_directory=data_dir,
+        catalog_uri=catalog_uri,
+        readable_storage=readable,
+    )
+
+
+def open_catalog(profile: str = DEFAULT_PROFILE) -> Any:
+    """Open a catalog by profile name through ``databroker.from_profile``."""
+    import databroker
+
+    return databroker.from_profile(profile)
+
+
+def connect_server(uri: str, api_key: str | None = None) -> Any:
+    """A tiled client for a running ``tiled serve`` (e.g. started by scripts/postgres.sh)."""
+    from tiled.client import from_uri
+
+    if api_key is not None and not api_key.isalnum():
+        raise ValueError("Tiled single-user API keys must be alphanumeric")
+    return from_uri(uri, api_key=api_key)
+
+
+def write_server_profile(
+    profile: str,
+    uri: str,
+    api_key: str | None = None,
+    *,
+    profiles_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Register a Tiled server as a profile (the key goes into the file: keep it private)."""
+    _check_profile_name(profile)
+    content: dict[str, Any] = {"uri": uri}
+    if api_key is not None:
+        if not api_key.isalnum():
+            raise ValueError("Tiled single-user API keys must be alphanumeric")
+        content["headers"] = {"Authorization": f"Apikey {api_key}"}
+    pdir = Path(profiles_dir) if profiles_dir is not None else default_profiles_dir()
+    path = _write_profile(pdir, profile, content)
+    if api_key is not None:
+        path.chmod(0o600)
+    return path
+
+
+def close_client(client: Any) -> None:
+    """Close a tiled client's context (stops an in-process app's threads)."""
+    context = getattr(client, "context", None)
+    if context is not None:
+        try:
+            context.close()
+        except Exception:  # closing is best effort; a half-closed app must not mask errors
+            logger.debug("closing tiled context failed", exc_info=True)

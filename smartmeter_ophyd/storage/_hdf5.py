@@ -1,0 +1,458 @@
+"""One HDF5 file per meter per run: waveforms, absolute time, packet and gap bookkeeping.
+
+Intent: the raw samples of a SmartMeter session land in an ordinary HDF5 file that h5py (or
+any HDF5 reader) opens without bluesky; the catalog only *references* it (StreamResource /
+StreamDatum, see ``_documents.py``).  The file is written with ``libver="latest"`` in SWMR
+mode, so Tiled (or anyone) can read it while the run is going on.
+
+Layout (all datasets 1-D, chunked, resizable; ``n`` samples, ``m`` frames, ``g`` gaps)::
+
+    /<channel>              float32 (n,)   one per channel of the measures mode, firmware units
+                                           (attrs: units, channel); names from protocol.Measures (§4.2)
+    /time                   float64 (n,)   absolute unix time of each sample (see "Time model")
+    /packets/first_sample   int64   (m,)   sample index of the first sample of each Data: frame
+    /packets/packet         int64   (m,)   its packet number (§4.6)
+    /gaps/sample_index      int64   (g,)   index of the first sample received *after* the gap
+    /gaps/expected_packet   int64   (g,)   packet number that was due
+    /gaps/received_packet   int64   (g,)   packet number that arrived instead
+    /gaps/missing_samples   int64   (g,)   samples lost in the gap; -1 = unknown
+
+Missing samples are **never** zero-filled or interpolated: the channel datasets hold exactly the
+samples received, and a gap is a row in ``/gaps``.  Only the explicitly labelled NaN-grid view of
+``_readback.py`` shows gaps as NaN.
+
+File attributes: ``meter_name``, ``meter_host``, ``firmware``, ``compiled``,
+``sampling_reply`` (JSON of the ``sample`` reply, §4.4), ``stop_summary`` (JSON of the
+``stop`` reply, §4.8, written by :meth:`WaveformWriter.close`), ``measures``, ``rate``,
+``start_ts``, ``time_model``, ``sample_spacing_s``, ``time_exact``, ``format_version``.
+
+Time model (``time[i]``): let ``j = i + (missing samples declared before i)`` be the sample's
+position on the meter's sample clock and ``r`` the rate.  Then
+``time[i] = start_ts + j // r + (j % r) * spacing`` where
+
+* uniform rates (§4.3: 32..8000 dividing 8000, 16000, 32000): ``spacing = 1/r``, which is
+  exactly ``start_ts + j/r``;
+* bursty decimated rates (1, 2, 4, 5, 8, 10, 16, 20, 25, 128, 256, 640, 1280, 3200, 6400):
+  ``spacing = keep_every / internal_rate``: ``r`` samples at the decimated rate at the start of
+  each second, then silence (the firmware's per-second counter, §4.3/§4.10);
+* latched modes (p,q and v,i_RMS, §4.11): ``spacing = (1_000_000 // r)`` µs (the hardware
+  timer period), re-aligned every second as the RTC does.
+
+Limits (documented, not modelled): ``start_ts`` has millisecond resolution and is the meter's
+own NTP-set clock (§4.4, §6.2); NTP rate corrections duplicate or drop up to 10 samples per sync
+(§6.5) and RTC filler samples (§4.10) are indistinguishable from real ones, so ``time`` drifts
+by up to that many sample periods until the next sync; the bursty/latched formulas assume an
+RTC that re-aligns the burst every second (without an RTC a session stops after ``r`` samples,
+§4.10, which the formula also describes correctly); a gap with unknown ``missing_samples``
+cannot advance the clock, so later times are too early - the file then carries
+``time_exact = False`` and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any, Final
+
+import h5py
+import numpy as np
+import numpy.typing as npt
+
+from smartmeter_ophyd.protocol import Measures, decimation
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION: Final = 1
+TIME_DATASET: Final = "time"
+PACKETS_GROUP: Final = "packets"
+GAPS_GROUP: Final = "gaps"
+GAP_FIELDS: Final = ("sample_index", "expected_packet", "received_packet", "missing_samples")
+PACKET_FIELDS: Final = ("first_sample", "packet")
+UNKNOWN_MISSING: Final = -1
+"""Value of ``/gaps/missing_samples`` when the decoder could not tell how many samples were lost."""
+
+_METADATA_ATTRS: Final = {
+    "name": "meter_name",
+    "host": "meter_host",
+    "firmware": "firmware",
+    "compiled": "compiled",
+    "sampling_reply": "sampling_reply",
+}
+
+
+def default_chunk_samples(rate: int) -> int:
+    """HDF5 chunk length in samples: ~2 s of data, a power of two in [1024, 65536]."""
+    target = max(1024, min(65536, 2 * rate))
+    return 1 << (target - 1).bit_length()
+
+
+def time_spacing(measures: Measures, rate: int) -> tuple[str, float]:
+    """(time model name, spacing in seconds between samples inside one second of the meter)."""
+    if measures.latched:
+        return "latched", (1_000_000 // rate) * 1e-6
+    dec = decimation(rate)
+    if dec.uniform:
+        return "uniform", 1.0 / rate
+    return "bursty", dec.keep_every / dec.internal_rate
+
+
+def sample_times(
+    start_ts: float, rate: int, spacing: float, positions: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float64]:
+    """Absolute times of sample-clock positions (see the module's "Time model")."""
+    seconds, within = np.divmod(positions, rate)
+    return start_ts + (seconds.astype(np.float64) + within.astype(np.float64) * spacing)
+
+
+class WaveformWriter:
+    """Write one meter's samples of one run into an HDF5 file (thread-safe).
+
+    ``append`` may be called from a reader thread while ``samples_written`` /
+    ``flush`` are called from the RunEngine thread.  Small appends are buffered and written
+    in chunk-sized batches; :meth:`flush` writes the buffer and SWMR-flushes every dataset, and
+    only then does :attr:`samples_written` advance, so an index reported to bluesky is always
+    readable by another process.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        measures: Measures,
+        rate: int,
+        start_ts: float,
+        meter_metadata: Mapping[str, Any] | None = None,
+        *,
+        chunk_samples: int | None = None,
+    ) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.measures = measures
+        self.rate = int(rate)
+        self.start_ts = float(start_ts)
+        self.meter_metadata = dict(meter_metadata or {})
+        self.meter_name = str(self.meter_metadata.get("name", os.path.basename(self.path)))
+        if self.rate <= 0:
+            raise ValueError(f"smartmeter {self.meter_name}: rate must be positive, not {rate}")
+        if not math.isfinite(self.start_ts):
+            raise ValueError(
+                f"smartmeter {self.meter_name}: start_ts must be finite, not {start_ts}"
+            )
+        self.channels: tuple[str, ...] = measures.channels
+        self.units: tuple[str, ...] = measures.units
+        self.time_model, self.spacing = time_spacing(measures, self.rate)
+        self.chunk_samples = chunk_samples or default_chunk_samples(self.rate)
+
+        self._lock = threading.RLock()
+        self._buffer = np.empty((self.chunk_samples, len(self.channels)), dtype=np.float32)
+        self._buffered = 0
+        self._on_disk = 0  # rows written to the datasets (not necessarily SWMR-flushed)
+        self._flushed = 0  # rows visible to SWMR readers
+        self._pending_packets: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
+        self._pending_gaps: list[tuple[int, int, int, int]] = []
+        self._gaps: list[tuple[int, int, int, int]] = []
+        self._time_exact = True
+        self._closed = False
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._file = h5py.File(self.path, "w", libver="latest")
+        try:
+            self._create_layout()
+            self._file.swmr_mode = True
+        except BaseException:
+            self._file.close()
+            raise
+        logger.debug("smartmeter %s: writing %s", self.meter_name, self.path)
+
+    # ------------------------------------------------------------------ layout
+
+    def _create_layout(self) -> None:
+        f = self._file
+        chunk = (self.chunk_samples,)
+        self._channel_ds = []
+        for name, unit in zip(self.channels, self.units, strict=True):
+            ds = f.create_dataset(name, (0,), maxshape=(None,), dtype="<f4", chunks=chunk)
+            ds.attrs["units"] = unit
+            ds.attrs["channel"] = name
+            self._channel_ds.append(ds)
+        self._time_ds = f.create_dataset(
+            TIME_DATASET, (0,), maxshape=(None,), dtype="<f8", chunks=chunk
+        )
+        self._time_ds.attrs["units"] = "s"
+        self._time_ds.attrs["description"] = "unix time of each sample, from the meter's start_ts"
+        small = (1024,)
+        packets = f.create_group(PACKETS_GROUP)
+        self._packet_ds = {
+            k: packets.create_dataset(k, (0,), maxshape=(None,), dtype="<i8", chunks=small)
+            for k in PACKET_FIELDS
+        }
+        gaps = f.create_group(GAPS_GROUP)
+        self._gap_ds = {
+            k: gaps.create_dataset(k, (0,), maxshape=(None,), dtype="<i8", chunks=small)
+            for k in GAP_FIELDS
+        }
+        attrs = f.attrs
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["measures"] = self.measures.reported
+        attrs["channels"] = json.dumps(list(self.channels))
+        attrs["units"] = json.dumps(list(self.units))
+        attrs["rate"] = self.rate
+        attrs["start_ts"] = self.start_ts
+        attrs["time_model"] = self.time_model
+        attrs["sample_spacing_s"] = self.spacing
+        attrs["time_exact"] = True
+        for key, attr in _METADATA_ATTRS.items():
+            value = self.meter_metadata.get(key)
+            if value is None:
+                attrs[attr] = ""
+            elif isinstance(value, str):
+                attrs[attr] = value
+            else:
+                attrs[attr] = json.dumps(value)
+        attrs["stop_summary"] = ""
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def samples_written(self) -> int:
+        """Samples flushed to disk and visible to SWMR readers (use as ``get_index()``)."""
+        with self._lock:
+            return self._flushed
+
+    @property
+    def samples_appended(self) -> int:
+        """Samples handed to :meth:`append` so far (flushed or still buffered)."""
+        with self._lock:
+            return self._on_disk + self._buffered
+
+    @property
+    def gaps(self) -> list[tuple[int, int, int, int]]:
+        """All recorded gaps as (sample_index, expected, received, missing_samples)."""
+        with self._lock:
+            return list(self._gaps)
+
+    @property
+    def gaps_written(self) -> int:
+        """Gap rows flushed to disk (the index of the gaps stream)."""
+        with self._lock:
+            return len(self._gaps) - len(self._pending_gaps)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def append(
+        self,
+        values: npt.NDArray[np.float32],
+        packets: npt.ArrayLike | None = None,
+        frame_samples: npt.ArrayLike | None = None,
+    ) -> None:
+        """Append ``values`` (shape ``(n, channels)``, float32) received gap-free.
+
+        ``packets``/``frame_samples`` (as in :class:`smartmeter_ophyd.protocol.Samples`) give the
+        packet number and sample count of each frame; they must cover exactly ``n`` samples.
+        """
+        values = self._check_values(values)
+        n = values.shape[0]
+        with self._lock:
+            self._check_open()
+            first = self._on_disk + self._buffered
+            if packets is not None or frame_samples is not None:
+                self._pending_packets.append(self._frame_rows(first, n, packets, frame_samples))
+            if n == 0:
+                return
+            if self._buffered + n < self.chunk_samples:
+                self._buffer[self._buffered : self._buffered + n] = values
+                self._buffered += n
+                return
+            if self._buffered:
+                values = np.concatenate((self._buffer[: self._buffered], values))
+                self._buffered = 0
+            self._write_rows(values)
+
+    def record_gap(self, expected: int, received: int, missing_samples: int | None) -> None:
+        """Declare that packets ``expected..received-1`` never arrived (§4.6 numbering).
+
+        The gap sits before the next sample to be appended.  ``missing_samples=None`` means
+        unknown; the time of later samples can then no longer be exact (see module docs).
+        """
+        expected, received = int(expected), int(received)
+        if received <= expected:
+            raise ValueError(
+                f"smartmeter {self.meter_name}: a gap needs received > expected packet, "
+                f"got expected={expected}, received={received}"
+            )
+        if missing_samples is None:
+            missing = UNKNOWN_MISSING
+        else:
+            missing = int(missing_samples)
+            if missing < 0:
+                raise ValueError(
+                    f"smartmeter {self.meter_name}: missing_samples must be >= 0 or None, "
+                    f"not {missing_samples}"
+                )
+        with self._lock:
+            self._check_open()
+            row = (self._on_disk + self._buffered, expected, received, missing)
+            self._gaps.append(row)
+            self._pending_gaps.append(row)
+            if missing == UNKNOWN_MISSING and self._time_exact:
+                self._time_exact = False
+                self._file.attrs["time_exact"] = False
+                logger.warning(
+                    "smartmeter %s: gap of unknown size before sample %d (packets %d..%d); "
+                    "times after it are not exact",
+                    self.meter_name,
+                    row[0],
+                    expected,
+                    received - 1,
+                )
+            else:
+                logger.info(
+                    "smartmeter %s: gap before sample %d: packets %d..%d missing (%s samples)",
+                    self.meter_name,
+                    row[0],
+                    expected,
+                    received - 1,
+                    "unknown" if missing < 0 else missing,
+                )
+
+    def flush(self) -> int:
+        """Write buffered rows, SWMR-flush all datasets; return :attr:`samples_written`."""
+        with self._lock:
+            self._check_open()
+            if self._buffered:
+                rows = self._buffer[: self._buffered].copy()
+                self._buffered = 0
+                self._write_rows(rows)
+            self._write_tables()
+            for ds in (*self._channel_ds, self._time_ds):
+                ds.flush()
+            for ds in (*self._packet_ds.values(), *self._gap_ds.values()):
+                ds.flush()
+            self._flushed = self._on_disk
+            return self._flushed
+
+    def close(self, stop_summary: Mapping[str, Any] | None = None) -> None:
+        """Flush, store the stop reply (§4.8) as JSON, and close the file.  Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self.flush()
+                if stop_summary is not None:
+                    self._file.attrs["stop_summary"] = json.dumps(dict(stop_summary))
+            finally:
+                self._file.close()
+                self._closed = True
+        logger.debug(
+            "smartmeter %s: closed %s with %d samples, %d gaps",
+            self.meter_name,
+            self.path,
+            self._flushed,
+            len(self._gaps),
+        )
+
+    def __enter__(self) -> WaveformWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"smartmeter {self.meter_name}: {self.path} is already closed")
+
+    def _check_values(self, values: Any) -> npt.NDArray[np.float32]:
+        if not isinstance(values, np.ndarray):
+            raise TypeError(
+                f"smartmeter {self.meter_name}: values must be a numpy array, not {type(values).__name__}"
+            )
+        if values.dtype != np.float32:
+            raise TypeError(
+                f"smartmeter {self.meter_name}: values must be float32 as sent by the firmware "
+                f"(§4.6), not {values.dtype}; converting would change the data"
+            )
+        if values.ndim != 2 or values.shape[1] != len(self.channels):
+            raise ValueError(
+                f"smartmeter {self.meter_name}: values must have shape (n, {len(self.channels)}) "
+                f"for measures {self.measures.reported!r}, got {values.shape}"
+            )
+        return values
+
+    def _frame_rows(
+        self, first: int, n: int, packets: npt.ArrayLike | None, frame_samples: npt.ArrayLike | None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        if packets is None or frame_samples is None:
+            raise ValueError(
+                f"smartmeter {self.meter_name}: packets and frame_samples must be given together"
+            )
+        pk = np.asarray(packets, dtype=np.int64).ravel()
+        fs = np.asarray(frame_samples, dtype=np.int64).ravel()
+        if pk.shape != fs.shape:
+            raise ValueError(
+                f"smartmeter {self.meter_name}: {pk.size} packet numbers but {fs.size} frame sizes"
+            )
+        if int(fs.sum()) != n or (fs.size and int(fs.min()) < 0):
+            raise ValueError(
+                f"smartmeter {self.meter_name}: frames carry {int(fs.sum())} samples but "
+                f"{n} values were appended"
+            )
+        starts = first + np.concatenate(([0], np.cumsum(fs)[:-1])) if fs.size else fs
+        return starts.astype(np.int64), pk
+
+    def _write_rows(self, values: npt.NDArray[np.float32]) -> None:
+        start = self._on_disk
+        stop = start + values.shape[0]
+        for k, ds in enumerate(self._channel_ds):
+            ds.resize((stop,))
+            ds[start:stop] = values[:, k]
+        self._time_ds.resize((stop,))
+        self._time_ds[start:stop] = self._times(start, stop)
+        self._on_disk = stop
+
+    def _times(self, start: int, stop: int) -> npt.NDArray[np.float64]:
+        positions = np.arange(start, stop, dtype=np.int64)
+        for index, _, _, missing in self._gaps:
+            if missing <= 0 or index >= stop:
+                continue
+            if index <= start:
+                positions += missing
+            else:
+                positions[index - start :] += missing
+        return sample_times(self.start_ts, self.rate, self.spacing, positions)
+
+    def _write_tables(self) -> None:
+        if self._pending_packets:
+            starts = np.concatenate([p[0] for p in self._pending_packets])
+            numbers = np.concatenate([p[1] for p in self._pending_packets])
+            self._pending_packets.clear()
+            self._extend(self._packet_ds["first_sample"], starts)
+            self._extend(self._packet_ds["packet"], numbers)
+        if self._pending_gaps:
+            rows = np.array(self._pending_gaps, dtype=np.int64).reshape(-1, len(GAP_FIELDS))
+            self._pending_gaps.clear()
+            for k, name in enumerate(GAP_FIELDS):
+                self._extend(self._gap_ds[name], rows[:, k])
+
+    @staticmethod
+    def _extend(ds: h5py.Dataset, values: npt.NDArray[np.int64]) -> None:
+        old = ds.shape[0]
+        ds.resize((old + values.shape[0],))
+        ds[old:] = values
+
+
+def read_gaps(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[np.int64]]:
+    """The ``/gaps`` table of a meter file as a dict of int64 arrays (SWMR-safe read)."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        return {k: f[GAPS_GROUP][k][()] for k in GAP_FIELDS}
+
+
+def read_packets(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[np.int64]]:
+    """The ``/packets`` table of a meter file as a dict of int64 arrays (SWMR-safe read)."""
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+        return {k: f[PACKETS_GROUP][k][()] for k in PACKET_FIELDS}
