@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one test command: set up, start the services, run pytest, ruff and mypy, stop the services.
+#
+#   bash scripts/test.sh                 # everything
+#   bash scripts/test.sh tests/protocol  # extra arguments go to pytest (ruff and mypy still run)
+#
+# Exit status: pytest's, except that "no tests collected" (pytest exit 5) and a ruff or mypy
+# failure after a green pytest both count as failure (1).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="$ROOT/.venv/bin/python"
+
+say() { printf 'test: %s\n' "$*"; }
+
+bash scripts/setup.sh || { say "scripts/setup.sh failed"; exit 1; }
+
+# Services someone already started (e.g. a developer's `scripts/services.sh start`) are reused
+# and left running; the ones started here are stopped on any exit.
+if bash scripts/services.sh status >/dev/null 2>&1; then
+  say "reusing running services"
+  bash scripts/services.sh status
+else
+  trap 'bash scripts/services.sh stop >/dev/null || say "services.sh stop failed"' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  bash scripts/services.sh start || { say "scripts/services.sh start failed"; exit 1; }
+fi
+export SMARTMETER_SERVICES_ENV="$ROOT/var/run/services.env"
+
+say "pytest ..."
+"$PY" -m pytest -q "$@"
+pytest_rc=$?
+
+say "ruff check . ..."
+"$PY" -m ruff check .
+ruff_rc=$?
+
+say "mypy --strict smartmeter_ophyd/protocol ..."
+"$PY" -m mypy --strict smartmeter_ophyd/protocol
+mypy_rc=$?
+
+rc=$pytest_rc
+if ((pytest_rc == 5)); then
+  say "FAILED: pytest collected no tests (exit 5)"
+  rc=1
+elif ((pytest_rc == 0 && (ruff_rc != 0 || mypy_rc != 0))); then
+  rc=1
+fi
+say "pytest=$pytest_rc ruff=$ruff_rc mypy=$mypy_rc -> exit $rc"
+exit "$rc"

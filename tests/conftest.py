@@ -1,0 +1,114 @@
+"""Project-wide fixtures: the local services started by ``scripts/services.sh``.
+
+``services`` reads the env file written by ``scripts/services.sh start``
+(``$SMARTMETER_SERVICES_ENV``, default ``var/run/services.env``).  If those services are not
+running, it starts a private set (chrony and mosquitto only) in a temporary directory and
+stops it at the end of the session.  ``ntp_server`` and ``mqtt_broker`` give ``(host, port)``.
+
+A test whose service is unavailable fails with the Debian package to install when ``CI`` is
+set, and is skipped with that reason otherwise.  Area fixtures live in the areas' own
+conftest.py files.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES_SCRIPT = ROOT / "scripts" / "services.sh"
+DEFAULT_ENV_FILE = ROOT / "var" / "run" / "services.env"
+
+# service -> (env-file key prefix, binary, Debian package)
+_SERVICE_TABLE = {
+    "ntp": ("SMARTMETER_NTP", "chronyd", "chrony"),
+    "mqtt": ("SMARTMETER_MQTT", "mosquitto", "mosquitto"),
+}
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, separator, value = line.partition("=")
+        if separator and not key.startswith("#"):
+            values[key.strip()] = value.strip()
+    return values
+
+
+def _run_services(*args: str, run_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if run_dir is not None:
+        env["SMARTMETER_RUN_DIR"] = str(run_dir)
+    return subprocess.run(
+        ["bash", str(SERVICES_SCRIPT), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@dataclass(frozen=True)
+class Services:
+    """Addresses of the running services, as recorded in their env file."""
+
+    values: Mapping[str, str]
+    source: str
+
+    def address(self, service: str) -> tuple[str, int]:
+        """``(host, port)`` of ``service`` ("ntp" or "mqtt"); fails or skips if unavailable."""
+        prefix, binary, package = _SERVICE_TABLE[service]
+        port = self.values.get(f"{prefix}_PORT", "")
+        if port:
+            return self.values.get(f"{prefix}_HOST", "127.0.0.1"), int(port)
+        if self.values.get(f"{prefix}_MISSING"):
+            problem = (
+                f"{service} service unavailable: {binary} is not installed "
+                f"(Debian package '{package}'; `bash scripts/setup.sh` installs it)"
+            )
+        else:
+            problem = f"{service} service unavailable: not recorded by {self.source}"
+        _unavailable(problem)
+
+
+def _unavailable(problem: str) -> NoReturn:
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(problem, pytrace=False)
+    pytest.skip(problem)
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    env_file = Path(os.environ.get("SMARTMETER_SERVICES_ENV", DEFAULT_ENV_FILE))
+    shared_dir = env_file.parent
+    if env_file.is_file() and _run_services("status", run_dir=shared_dir).returncode == 0:
+        yield Services(_read_env_file(env_file), source=str(env_file))
+        return
+    run_dir = tmp_path_factory.mktemp("services")
+    started = _run_services("start", "ntp", "mqtt", run_dir=run_dir)
+    if started.returncode != 0:
+        _run_services("stop", run_dir=run_dir)
+        _unavailable(f"scripts/services.sh start failed:\n{started.stdout}{started.stderr}")
+    try:
+        yield Services(_read_env_file(run_dir / "services.env"), source=str(run_dir))
+    finally:
+        _run_services("stop", run_dir=run_dir)
+
+
+@pytest.fixture(scope="session")
+def ntp_server(services: Services) -> tuple[str, int]:
+    """``(host, port)`` of a real chronyd answering SNTP on 127.0.0.1."""
+    return services.address("ntp")
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker(services: Services) -> tuple[str, int]:
+    """``(host, port)`` of a real mosquitto broker on 127.0.0.1 (anonymous)."""
+    return services.address("mqtt")
