@@ -41,6 +41,14 @@ from ._commands import (
     Stop,
     check_start_window,
 )
+from ._decoder import (
+    DatagramDecoder,
+    PacketSequencer,
+    RawSampleDecoder,
+    StreamDecoder,
+    StreamSession,
+    classify_info_text,
+)
 from ._errors import CommandError, ProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
@@ -155,6 +163,7 @@ __all__ = [
     "ConnectionClosed",
     "CorruptFrame",
     "Cts",
+    "DatagramDecoder",
     "DebugLine",
     "Decimation",
     "DelWifi",
@@ -188,10 +197,12 @@ __all__ = [
     "NtpReply",
     "NtpSync",
     "PacketGap",
+    "PacketSequencer",
     "PlainLine",
     "PowerReading",
     "Probe",
     "ProtocolError",
+    "RawSampleDecoder",
     "RemoteProtocolError",
     "RepairedFrame",
     "Reply",
@@ -213,6 +224,8 @@ __all__ = [
     "SkippedBytes",
     "Stop",
     "StopReply",
+    "StreamDecoder",
+    "StreamSession",
     "Transport",
     "UnparsedReply",
     "WifiOutcome",
@@ -224,6 +237,7 @@ __all__ = [
     "arduino_str",
     "check_start_window",
     "chunk_size",
+    "classify_info_text",
     "decimation",
     "encode_frame",
     "encode_frames",

@@ -1,0 +1,109 @@
+"""Decode throughput of StreamDecoder on a steady 8 kHz x 6-channel stream.
+
+Builds >= 50 MB of 1008-byte ``Data:`` frames interleaved with the firmware's per-second
+rate log line (§4.7), feeds it to :class:`StreamDecoder` in 64 KiB pieces (as a socket
+read loop would), and compares with ``numpy.frombuffer(payload, '<f4').copy()`` over the
+same payload bytes, measured in the same run (best of N).  Target: ratio >= 0.5.
+
+Run: ``.venv/bin/python benchmarks/decode.py [--mb 50] [--repeat 3] [--piece 65536]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from smartmeter_ophyd.protocol import (
+    LogLevel,
+    Samples,
+    encode_frames,
+    encode_log_line,
+    encode_reply,
+)
+from smartmeter_ophyd.protocol._decoder import StreamDecoder
+
+RATE = 8000
+CHANNELS = 6
+SAMPLES_PER_FRAME = 42  # 1008-byte chunks (§4.5)
+
+
+def build_stream(megabytes: float) -> tuple[bytes, int, int]:
+    """The stream, its payload byte count and its sample count."""
+    reply = encode_reply(
+        {"error": False, "cmd": "sample", "measures": "v,i,v,i,v,i", "chunksize": 1008,
+         "samplingrate": RATE, "conn_type": "TCP", "measurements": CHANNELS, "prefix": True}
+    )  # fmt: skip
+    frame_bytes = 11 + SAMPLES_PER_FRAME * CHANNELS * 4
+    seconds = int(megabytes * 1e6 / (RATE / SAMPLES_PER_FRAME * frame_bytes)) + 1
+    frames_per_second = RATE // SAMPLES_PER_FRAME  # 190 frames (+ remainder carried over)
+    rng = np.random.default_rng(0)
+    parts = [reply]
+    packet = 0
+    total_samples = 0
+    for second in range(seconds):
+        values = rng.standard_normal((frames_per_second * SAMPLES_PER_FRAME, CHANNELS)).astype(
+            "<f4"
+        )
+        parts.append(encode_frames(packet, values, SAMPLES_PER_FRAME))
+        packet += frames_per_second
+        total_samples += values.shape[0]
+        parts.append(
+            encode_log_line(LogLevel.INFO, "03/02 10:42:24", f"7999.87Hz, {(second + 1) * RATE}s")
+        )
+    return b"".join(parts), total_samples * CHANNELS * 4, total_samples
+
+
+def decode(pieces: list[bytes]) -> int:
+    """Decode socket-sized pieces (cut beforehand: recv() hands the decoder fresh bytes)."""
+    decoder = StreamDecoder()
+    n = 0
+    for data in pieces:
+        decoder.receive_data(data)
+        for event in decoder.events():
+            if isinstance(event, Samples):
+                n += event.n_samples
+    decoder.receive_data(b"")
+    for event in decoder.events():
+        if isinstance(event, Samples):
+            n += event.n_samples
+    return n
+
+
+def best_of(repeat: int, func: object, *args: object) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        func(*args)  # type: ignore[operator]
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=50.0, help="stream size in MB")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N")
+    parser.add_argument("--piece", type=int, default=65536, help="bytes per receive_data")
+    args = parser.parse_args()
+
+    stream, payload_bytes, total_samples = build_stream(args.mb)
+    payload = np.random.default_rng(1).bytes(payload_bytes)
+    pieces = [stream[i : i + args.piece] for i in range(0, len(stream), args.piece)]
+    decoded = decode(pieces)
+    if decoded != total_samples:
+        raise SystemExit(f"decoder delivered {decoded} of {total_samples} samples")
+
+    t_decode = best_of(args.repeat, decode, pieces)
+    t_numpy = best_of(args.repeat, lambda: np.frombuffer(payload, "<f4").copy())
+    mb = len(stream) / 1e6
+    print(f"stream: {mb:.1f} MB ({payload_bytes / 1e6:.1f} MB payload, {total_samples} samples "
+          f"= {total_samples / RATE:.0f} s at {RATE} Hz), pieces of {args.piece} B, best of {args.repeat}")  # fmt: skip
+    print(f"StreamDecoder:            {mb / t_decode:8.0f} MB/s stream  ({payload_bytes / 1e6 / t_decode:.0f} MB/s payload, {t_decode * 1e3:.1f} ms)")  # fmt: skip
+    print(f"frombuffer().copy():      {payload_bytes / 1e6 / t_numpy:8.0f} MB/s payload ({t_numpy * 1e3:.1f} ms)")  # fmt: skip
+    print(f"ratio (payload MB/s):     {t_numpy / t_decode:8.2f}  (target >= 0.5)")
+    print(f"real-time factor:         {total_samples / RATE / t_decode:8.0f}x an 8 kHz meter")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,812 @@
+"""Incremental decoders for what the meter sends: the client's hot path.
+
+Three decoders, all sans-I/O (bytes in, :mod:`._events` out, no clocks, no sockets):
+
+* :class:`StreamDecoder` -- the command connection (TCP 54321) and USB serial: ``Info:``
+  text lines interleaved with ``Data:`` frames (§2.3, §4.6, §4.12).  h11-style:
+  ``receive_data(bytes)`` (``b""`` = EOF), ``next_event()`` / ``events()``.
+* :class:`RawSampleDecoder` -- unprefixed sample streams (port 54322, ``prefix: false``, §7.1).
+* :class:`DatagramDecoder` -- UDP, one frame per datagram (§4.13).
+
+Packet numbering (§4.6: 0 for the first frame of a session, +1 per frame) is checked by one
+:class:`PacketSequencer` shared by the frame decoders: a jump becomes :class:`PacketGap`
+(emitted before the samples that follow it), a number below the expected one becomes
+:class:`LatePacket` whose samples are *not* placed in the stream.
+
+Robustness (§4.6, §12 #29, §13.6): a frame is only trusted when the bytes right after it
+start with ``Data:``/``Info:`` (TCP) or are the serial CRLF (§4.12), or at EOF.  Otherwise a
+log line written *inside* the frame is cut out (:class:`RepairedFrame`) when that makes the
+frame line up, else the frame becomes :class:`CorruptFrame` (samples declared missing, never
+delivered) and the decoder resynchronises on the next prefix.  Every byte that is neither a
+line nor a frame is reported in one :class:`SkippedBytes` per run of garbage.
+
+Performance: in steady streams runs of equal-size frames are validated and decoded in bulk
+with numpy (one reshape, vectorised header checks, ``np.diff`` for continuity) and delivered
+as a single :class:`Samples` event; there is no per-frame Python loop.
+
+Limits: the buffer holds at most one line (``max_line_bytes``) or one frame plus an embedded
+log line (``max_payload_bytes`` + ~1 KiB) after the caller drained the events; larger
+declared lengths are treated as garbage.  Packet numbers are compared modulo 2**32.
+Unprefixed sample data on the *command* connection (``prefix: false`` with ``type: TCP``)
+cannot be framed and ends up as :class:`SkippedBytes`; use :class:`RawSampleDecoder` on a
+socket that only carries raw samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from ._errors import ProtocolError
+from ._events import (
+    NEED_DATA,
+    ConnectionClosed,
+    CorruptFrame,
+    DebugLine,
+    Event,
+    LatePacket,
+    LogLevel,
+    LogLine,
+    PacketGap,
+    PlainLine,
+    RepairedFrame,
+    Reply,
+    Samples,
+    SkippedBytes,
+    UnparsedReply,
+    _NeedData,
+)
+from ._wire import CRLF, DATA_PREFIX, FRAME_HEADER_SIZE, INFO_PREFIX
+
+__all__ = [
+    "DatagramDecoder",
+    "PacketSequencer",
+    "RawSampleDecoder",
+    "StreamDecoder",
+    "StreamSession",
+    "classify_info_text",
+]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_BYTES: Final = 4
+_PACKET_MODULUS: Final = 1 << 32
+_SKIP_HEAD_BYTES: Final = 64
+_EMBEDDED_LINE_MAX: Final = 1024
+"""Longest log line looked for inside a frame: log text is limited to ~500 chars (§2.4)."""
+_SEQUENCED_WINDOW: Final = 1 << 16
+"""A corrupt frame whose number is this close ahead of the expected one still advances
+the sequence (its header is believed); farther numbers are taken for garbage."""
+_LOG_LINE_RE: Final = re.compile(r"\[([ADIWE])\](\d\d/\d\d \d\d:\d\d:\d\d): ?(.*)\Z", re.DOTALL)
+_PREFIX_BYTES: Final = (DATA_PREFIX, INFO_PREFIX)
+
+
+def _empty_f32(channels: int) -> npt.NDArray[np.float32]:
+    return np.empty((0, channels), dtype=np.float32)
+
+
+def _is_partial_prefix(tail: bytes) -> bool:
+    return DATA_PREFIX.startswith(tail) or INFO_PREFIX.startswith(tail)
+
+
+def classify_info_text(text: str) -> Event:
+    """Classify the text of an ``Info:`` line (prefix and CRLF removed), §2.3/§2.4."""
+    if text.startswith("{"):
+        try:
+            fields = json.loads(text)
+        except ValueError:
+            return UnparsedReply(text)
+        if isinstance(fields, dict):
+            return Reply(fields, text)
+        return UnparsedReply(text)
+    match = _LOG_LINE_RE.match(text)
+    if match is not None:
+        return LogLine(LogLevel.from_tag(match.group(1)), match.group(2), match.group(3))
+    return PlainLine(text)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSession:
+    """The frame format of the current sampling session (from the ``sample`` reply, §4.4)."""
+
+    values_per_sample: int
+    chunk_bytes: int | None = None
+    prefix: bool = True
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return self.values_per_sample * _FLOAT_BYTES
+
+    @property
+    def chunk_samples(self) -> int | None:
+        if self.chunk_bytes is None or self.chunk_bytes <= 0:
+            return None
+        return self.chunk_bytes // self.bytes_per_sample or None
+
+
+class PacketSequencer:
+    """Packet-number bookkeeping shared by the frame decoders (§4.6, §4.13).
+
+    Numbers must run 0, 1, 2, ... per session.  Comparison is modulo 2**32: a number up to
+    2**31 ahead is a gap, anything else is late (duplicate or reordered).
+    """
+
+    __slots__ = ("chunk_samples", "expected")
+
+    def __init__(self, chunk_samples: int | None = None) -> None:
+        self.expected = 0
+        self.chunk_samples = chunk_samples
+
+    def reset(self, chunk_samples: int | None) -> None:
+        self.expected = 0
+        self.chunk_samples = chunk_samples
+
+    def delta(self, packet: int) -> int:
+        """``packet - expected``: 0 = next, > 0 = that many packets missing, < 0 = late."""
+        diff = (packet - self.expected) % _PACKET_MODULUS
+        return diff - _PACKET_MODULUS if diff >= _PACKET_MODULUS // 2 else diff
+
+    def admit(self, first_packet: int, n_frames: int) -> PacketGap | None:
+        """Accept ``n_frames`` consecutive frames from ``first_packet`` (not late).
+
+        Returns the gap to report *before* their samples, if the numbers jumped.
+        """
+        missing = self.delta(first_packet)
+        gap = None
+        if missing > 0:
+            missing_samples = missing * self.chunk_samples if self.chunk_samples else None
+            gap = PacketGap(self.expected, first_packet, missing_samples)
+            logger.debug("packet gap: expected %d, received %d", self.expected, first_packet)
+        self.expected = (first_packet + n_frames) % _PACKET_MODULUS
+        return gap
+
+
+@dataclass(frozen=True, slots=True)
+class _Follow:
+    ok: bool
+    need_data: bool
+    consumed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _FrameLayout:
+    dtype: np.dtype[np.void]
+    head: int
+
+
+_HEAD_MASK: Final = (1 << 56) - 1
+_CRLF_U16: Final = int.from_bytes(CRLF, "little")
+
+_FOLLOW_NEED: Final = _Follow(False, True)
+_FOLLOW_BAD: Final = _Follow(False, False)
+_FOLLOW_OK: Final = _Follow(True, False)
+_FOLLOW_OK_CRLF: Final = _Follow(True, False, len(CRLF))
+
+
+class StreamDecoder:
+    """Decode the command connection (TCP) or USB serial stream into events.
+
+    Usage (h11 style)::
+
+        decoder.receive_data(chunk)      # b"" when the peer closed
+        for event in decoder.events():   # or next_event() until NEED_DATA
+            ...
+
+    A frame is held back until the bytes after it prove its extent (see module docstring).
+    When the stream goes quiet right after a frame (e.g. a ``reqSamples`` reply, §5.2) call
+    :meth:`release_pending` to get it without waiting.
+
+    ``serial=True`` selects the USB rules (§4.12): every frame is followed by CRLF, and
+    unprefixed text lines are :class:`DebugLine`.
+    """
+
+    def __init__(
+        self,
+        *,
+        serial: bool = False,
+        default_values_per_sample: int = 6,
+        max_line_bytes: int = 65536,
+        max_payload_bytes: int = 48000,
+    ) -> None:
+        if default_values_per_sample <= 0:
+            raise ValueError("default_values_per_sample must be positive")
+        if max_line_bytes < 16 or not 0 < max_payload_bytes <= 0xFFFF:
+            raise ValueError("max_line_bytes must be >= 16 and max_payload_bytes in 1..65535")
+        self.serial = serial
+        self.default_values_per_sample = default_values_per_sample
+        self.max_line_bytes = max_line_bytes
+        self.max_payload_bytes = max_payload_bytes
+        self._buf = bytearray()
+        self._pos = 0
+        self._out: deque[Event] = deque()
+        self._eof = False
+        self._closed_emitted = False
+        self._release = False
+        self._session: StreamSession | None = None
+        self._vps = default_values_per_sample
+        self._sequencer = PacketSequencer()
+        self._skip_count = 0
+        self._skip_head = bytearray()
+        self._skip_reason = ""
+        self._skipped_after_eof = 0
+        self._layouts: dict[int, _FrameLayout] = {}
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def session(self) -> StreamSession | None:
+        """The current sampling session, or None outside one."""
+        return self._session
+
+    @property
+    def sequencer(self) -> PacketSequencer:
+        return self._sequencer
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet turned into events."""
+        return len(self._buf) - self._pos
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """Upper bound of :attr:`buffered_bytes` once the events have been drained."""
+        frame = FRAME_HEADER_SIZE + self.max_payload_bytes + _EMBEDDED_LINE_MAX + len(CRLF)
+        return max(self.max_line_bytes, frame) + 16
+
+    def start_session(
+        self, values_per_sample: int, chunk_bytes: int | None = None, prefix: bool = True
+    ) -> None:
+        """Begin a session explicitly (e.g. a stream-server connection that never sees the
+        ``sample`` reply).  Packet numbers restart at 0."""
+        if values_per_sample <= 0:
+            raise ValueError(f"values_per_sample must be positive, got {values_per_sample}")
+        self._session = StreamSession(values_per_sample, chunk_bytes, prefix)
+        self._vps = values_per_sample
+        self._sequencer.reset(self._session.chunk_samples)
+
+    def end_session(self) -> None:
+        self._session = None
+        self._vps = self.default_values_per_sample
+        self._sequencer.reset(None)
+
+    # ------------------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes; ``b""`` signals EOF (the peer closed)."""
+        if self._eof:
+            if data:
+                raise ProtocolError("receive_data() called after EOF")
+            return
+        if not data:
+            self._eof = True
+            return
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_event(self) -> Event | _NeedData:
+        """The next event, or :data:`NEED_DATA` when more bytes are required."""
+        while not self._out:
+            if not self._step():
+                return NEED_DATA
+        return self._out.popleft()
+
+    def events(self) -> list[Event]:
+        """Every event available now (possibly none)."""
+        while self._step():
+            pass
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    def release_pending(self) -> list[Event]:
+        """Emit a complete last frame that is still waiting for the bytes after it.
+
+        Trade-off: such a frame is delivered *unverified*.  If it later turns out that a log
+        line was written inside it, or that its length field was wrong, the damage can no
+        longer be repaired: the wrong samples stay delivered and the bytes that follow are
+        reported as :class:`SkippedBytes`.  Call it only when the stream has gone quiet
+        (no bytes for a while), which is when a hidden corruption is least likely.
+        """
+        self._release = True
+        try:
+            return self.events()
+        finally:
+            self._release = False
+
+    # ------------------------------------------------------------------ state machine
+
+    def _emit(self, event: Event) -> None:
+        if self._skip_count:
+            self._flush_skip()
+        self._out.append(event)
+
+    def _flush_skip(self) -> None:
+        self._out.append(SkippedBytes(self._skip_count, bytes(self._skip_head), self._skip_reason))
+        logger.debug("skipped %d bytes: %s", self._skip_count, self._skip_reason)
+        self._skip_count = 0
+        self._skip_head = bytearray()
+        self._skip_reason = ""
+
+    def _skip(self, n: int, reason: str) -> None:
+        """Skip ``n`` bytes at the read position, extending the current run of garbage."""
+        if n <= 0:
+            return
+        if not self._skip_count:
+            self._skip_reason = reason
+        room = _SKIP_HEAD_BYTES - len(self._skip_head)
+        if room > 0:
+            self._skip_head += self._buf[self._pos : self._pos + min(n, room)]
+        self._skip_count += n
+        if self._eof:
+            self._skipped_after_eof += n
+        self._pos += n
+
+    def _step(self) -> bool:
+        """Make one unit of progress; False when nothing can be done without more data."""
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail <= 0:
+            if self._eof and not self._closed_emitted:
+                if self._skip_count:
+                    self._flush_skip()
+                self._closed_emitted = True
+                self._out.append(ConnectionClosed(self._skipped_after_eof))
+                return True
+            return False
+        if buf.startswith(DATA_PREFIX, pos):
+            return self._step_frame()
+        if buf.startswith(INFO_PREFIX, pos):
+            return self._step_info_line()
+        if self.serial:
+            return self._step_debug_line()
+        if avail < len(DATA_PREFIX) and _is_partial_prefix(bytes(buf[pos:])) and not self._eof:
+            return False
+        return self._step_garbage("bytes outside any line or frame")
+
+    def _find_prefix(self, start: int, end: int) -> int:
+        buf = self._buf
+        info = buf.find(INFO_PREFIX, start, end)
+        data = buf.find(DATA_PREFIX, start, end if info < 0 else info + len(INFO_PREFIX) - 1)
+        if data < 0:
+            return info
+        return data if info < 0 else min(data, info)
+
+    def _step_garbage(self, reason: str) -> bool:
+        """Skip to the next ``Data:``/``Info:`` (keeping a possible partial prefix)."""
+        buf = self._buf
+        found = self._find_prefix(self._pos + 1, len(buf))
+        if found >= 0:
+            self._skip(found - self._pos, reason)
+            return True
+        keep = 0 if self._eof else len(DATA_PREFIX) - 1
+        target = max(self._pos + 1, len(buf) - keep)
+        if target > len(buf):
+            return False
+        self._skip(target - self._pos, reason)
+        return True
+
+    # ------------------------------------------------------------------------- lines
+
+    def _step_info_line(self) -> bool:
+        buf = self._buf
+        pos = self._pos
+        newline = buf.find(b"\n", pos, pos + self.max_line_bytes)
+        if newline < 0:
+            if len(buf) - pos >= self.max_line_bytes:
+                self._skip(len(INFO_PREFIX), f"line longer than {self.max_line_bytes} bytes")
+                return self._step_garbage(f"line longer than {self.max_line_bytes} bytes")
+            if self._eof:
+                return self._step_garbage("incomplete line at end of stream")
+            return False
+        text = bytes(buf[pos + len(INFO_PREFIX) : newline]).decode("utf-8", "replace").rstrip("\r")
+        self._pos = newline + 1
+        self._emit_line(classify_info_text(text))
+        return True
+
+    def _emit_line(self, event: Event) -> None:
+        self._emit(event)
+        if isinstance(event, Reply):
+            self._track_session(event)
+
+    def _track_session(self, reply: Reply) -> None:
+        fields = reply.fields
+        if reply.cmd == "sample" and reply.error is False and "measurements" in fields:
+            measurements = fields.get("measurements")
+            chunk = fields.get("chunksize")
+            prefix = fields.get("prefix", True)
+            if (
+                isinstance(measurements, int)
+                and not isinstance(measurements, bool)
+                and measurements > 0
+            ):
+                self.start_session(
+                    measurements,
+                    chunk if isinstance(chunk, int) and not isinstance(chunk, bool) else None,
+                    prefix if isinstance(prefix, bool) else True,
+                )
+            else:
+                logger.warning("sample reply with unusable measurements %r", measurements)
+        elif reply.cmd == "stop" and "samples" in fields:
+            self.end_session()
+
+    def _step_debug_line(self) -> bool:
+        """Serial only (§4.12): unprefixed text up to ``\\n`` or up to the next prefix."""
+        buf = self._buf
+        pos = self._pos
+        limit = min(len(buf), pos + self.max_line_bytes)
+        newline = buf.find(b"\n", pos, limit)
+        prefix_at = self._find_prefix(pos + 1, newline if newline >= 0 else limit)
+        if prefix_at >= 0:
+            end, resume = prefix_at, prefix_at
+        elif newline >= 0:
+            end, resume = newline + 1, newline + 1
+        elif len(buf) - pos >= self.max_line_bytes:
+            return self._step_garbage(f"line longer than {self.max_line_bytes} bytes")
+        elif self._eof:
+            if _is_partial_prefix(bytes(buf[pos:])):
+                self._skip(len(buf) - pos, "incomplete prefix at end of stream")
+                return True
+            end, resume = len(buf), len(buf)
+        else:
+            return False
+        raw = bytes(buf[pos:end]).rstrip(b"\r\n")
+        if any(b < 0x20 and b not in (0x09, 0x0D) or b == 0x7F for b in raw):
+            self._skip(resume - pos, "binary bytes outside any line or frame")
+            return True
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._skip(resume - pos, "undecodable bytes outside any line or frame")
+            return True
+        self._pos = resume
+        self._emit(DebugLine(text))
+        return True
+
+    # ------------------------------------------------------------------------ frames
+
+    def _frame_dtype(self, length: int, stride: int) -> _FrameLayout:
+        """A structured dtype that views a run of frames as records (cached per length)."""
+        layout = self._layouts.get(length)
+        if layout is None:
+            floats = length // _FLOAT_BYTES
+            names = ["head", "packet", "payload"]
+            formats: list[object] = ["<u8", "<u4", ("<f4", (floats,))]
+            offsets = [0, 7, FRAME_HEADER_SIZE]
+            if self.serial:
+                names.append("crlf")
+                formats.append("<u2")
+                offsets.append(FRAME_HEADER_SIZE + length)
+            dtype = np.dtype(
+                {"names": names, "formats": formats, "offsets": offsets, "itemsize": stride}
+            )
+            # bytes 0..6 = "Data:" + <H length; byte 7 (first packet byte) is masked out
+            head = int.from_bytes(DATA_PREFIX + length.to_bytes(2, "little") + b"\0", "little")
+            layout = _FrameLayout(dtype, head)
+            if len(self._layouts) > 64:
+                self._layouts.clear()
+            self._layouts[length] = layout
+        return layout
+
+    def _follow(self, end: int) -> _Follow:
+        """What the bytes at ``end`` (just after a payload) say about the frame's extent."""
+        buf = self._buf
+        rest = len(buf) - end
+        if rest < 0:
+            return _FOLLOW_BAD if self._eof else _FOLLOW_NEED
+        if self.serial:  # §4.12: every serial frame is followed by CRLF
+            if rest >= 2:
+                return _FOLLOW_OK_CRLF if buf.startswith(CRLF, end) else _FOLLOW_BAD
+            if rest == 1 and buf[end] != CRLF[0]:
+                return _FOLLOW_BAD
+            return _FOLLOW_OK if self._eof else _FOLLOW_NEED
+        if rest >= len(DATA_PREFIX):
+            if buf.startswith(DATA_PREFIX, end) or buf.startswith(INFO_PREFIX, end):
+                return _FOLLOW_OK
+            return _FOLLOW_BAD
+        if not _is_partial_prefix(bytes(buf[end:])):
+            return _FOLLOW_BAD
+        return _FOLLOW_OK if self._eof else _FOLLOW_NEED
+
+    def _step_frame(self) -> bool:
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < 7:
+            return (
+                self._step_garbage("incomplete frame header at end of stream")
+                if self._eof
+                else False
+            )
+        length = buf[pos + 5] | (buf[pos + 6] << 8)
+        bytes_per_sample = _FLOAT_BYTES * self._vps
+        if length == 0 or length > self.max_payload_bytes or length % bytes_per_sample:
+            self._skip(1, f"implausible frame length {length}")
+            return True
+        if avail < FRAME_HEADER_SIZE:
+            return (
+                self._step_garbage("incomplete frame header at end of stream")
+                if self._eof
+                else False
+            )
+        packet = int.from_bytes(buf[pos + 7 : pos + 11], "little")
+        payload_end = pos + FRAME_HEADER_SIZE + length
+        if len(buf) < payload_end:
+            if self._eof:
+                return self._truncated_frame(packet, length)
+            return False
+        stride = FRAME_HEADER_SIZE + length + (len(CRLF) if self.serial else 0)
+        n_avail = avail // stride
+        run = 1
+        packets: npt.NDArray[np.uint32] | None = None
+        if n_avail >= 2 and self._sequencer.delta(packet) >= 0:
+            run, packets = self._bulk_run(pos, length, stride, n_avail)
+        last_end = pos + (run - 1) * stride + FRAME_HEADER_SIZE + length
+        follow = self._follow(last_end)
+        if follow.ok:
+            self._emit_frames(pos, run, length, stride, packets)
+            self._pos = last_end + follow.consumed
+            return True
+        if run > 1:  # the frames before the last one are proven by their successor
+            self._emit_frames(pos, run - 1, length, stride, packets)
+            self._pos = pos + (run - 1) * stride
+            return True
+        if follow.need_data:
+            if self._release:
+                self._emit_frames(pos, 1, length, stride, None)
+                self._pos = payload_end
+                return True
+            return False
+        return self._repair_or_corrupt(packet, length)
+
+    def _bulk_run(
+        self, pos: int, length: int, stride: int, n_avail: int
+    ) -> tuple[int, npt.NDArray[np.uint32] | None]:
+        """How many frames from ``pos`` have valid headers of the same length and
+        consecutive packet numbers (vectorised: no per-frame Python loop)."""
+        layout = self._frame_dtype(length, stride)
+        records = np.frombuffer(self._buf, dtype=layout.dtype, count=n_avail, offset=pos)
+        valid = (records["head"] & _HEAD_MASK) == layout.head
+        if self.serial:
+            valid &= records["crlf"] == _CRLF_U16
+        n = n_avail if valid.all() else int(np.argmin(valid))
+        if n <= 1:
+            return 1, None
+        packets = records["packet"][:n].astype(np.uint32)
+        steps_ok = (packets[1:] - packets[:-1]) == 1  # uint32 wraps like the firmware counter
+        if not steps_ok.all():
+            n = int(np.argmin(steps_ok)) + 1
+            packets = packets[:n]
+        return n, packets
+
+    def _frame_values(
+        self, pos: int, run: int, length: int, stride: int
+    ) -> npt.NDArray[np.float32]:
+        if run == 1:
+            flat = np.frombuffer(
+                self._buf, dtype="<f4", count=length // _FLOAT_BYTES, offset=pos + FRAME_HEADER_SIZE
+            ).copy()
+        else:
+            layout = self._frame_dtype(length, stride)
+            records = np.frombuffer(self._buf, dtype=layout.dtype, count=run, offset=pos)
+            flat = records["payload"].reshape(-1)  # strided -> one contiguous copy
+        return flat.reshape(-1, self._vps).astype(np.float32, copy=False)
+
+    def _emit_frames(
+        self,
+        pos: int,
+        run: int,
+        length: int,
+        stride: int,
+        packets: npt.NDArray[np.uint32] | None,
+    ) -> None:
+        values = self._frame_values(pos, run, length, stride)
+        if packets is None or packets.shape[0] != run:
+            if run == 1:
+                first = int.from_bytes(self._buf[pos + 7 : pos + 11], "little")
+                packets = np.array([first], dtype=np.uint32)
+            else:
+                assert packets is not None
+                packets = packets[:run].copy()
+        self._deliver(packets, values, length // (_FLOAT_BYTES * self._vps))
+
+    def _deliver(
+        self, packets: npt.NDArray[np.uint32], values: npt.NDArray[np.float32], per_frame: int
+    ) -> None:
+        first = int(packets[0])
+        if self._sequencer.delta(first) < 0:
+            # Only single frames reach here late (bulk runs start at a non-late packet).
+            self._emit(LatePacket(first, self._sequencer.expected, values))
+            return
+        gap = self._sequencer.admit(first, int(packets.shape[0]))
+        if gap is not None:
+            self._emit(gap)
+        frame_samples = np.empty(packets.shape[0], dtype=np.int64)
+        frame_samples.fill(per_frame)
+        self._emit(Samples(values, packets, frame_samples))
+
+    def _repair_or_corrupt(self, packet: int, length: int) -> bool:
+        """The bytes after the frame are wrong: cut out an embedded log line (§4.6, §12 #29)
+        or give the frame up."""
+        buf = self._buf
+        pos = self._pos
+        payload_start = pos + FRAME_HEADER_SIZE
+        payload_end = payload_start + length
+        candidate = buf.find(b"Info:[", payload_start, payload_end)
+        while candidate >= 0:
+            line_end = buf.find(CRLF, candidate, candidate + _EMBEDDED_LINE_MAX)
+            if line_end < 0:
+                if len(buf) < candidate + _EMBEDDED_LINE_MAX and not self._eof:
+                    return False
+            else:
+                removed = line_end + len(CRLF) - candidate
+                follow = self._follow(payload_end + removed)
+                if follow.need_data:
+                    return False
+                if follow.ok:
+                    self._repair(packet, length, candidate, removed, follow.consumed)
+                    return True
+            candidate = buf.find(b"Info:[", candidate + 1, payload_end)
+        reason = "bytes after the frame are not " + ("CRLF" if self.serial else "a prefix")
+        self._corrupt(packet, length, reason)
+        self._skip(1, "resynchronising after a corrupt frame")
+        return True
+
+    def _repair(self, packet: int, length: int, line_at: int, removed: int, tail: int) -> None:
+        buf = self._buf
+        pos = self._pos
+        payload_start = pos + FRAME_HEADER_SIZE
+        frame_end = payload_start + length + removed
+        payload = bytes(buf[payload_start:line_at]) + bytes(buf[line_at + removed : frame_end])
+        text = bytes(buf[line_at + len(INFO_PREFIX) : line_at + removed - len(CRLF)])
+        logger.info("log line inside frame %d cut out (%d bytes)", packet, removed)
+        self._emit(RepairedFrame(packet, removed))
+        values = np.frombuffer(payload, dtype="<f4").reshape(-1, self._vps).astype(np.float32)
+        self._deliver(
+            np.array([packet], dtype=np.uint32), values, length // (_FLOAT_BYTES * self._vps)
+        )
+        self._emit_line(classify_info_text(text.decode("utf-8", "replace")))
+        self._pos = frame_end + tail
+
+    def _corrupt(self, packet: int, length: int, reason: str) -> None:
+        ahead = self._sequencer.delta(packet)
+        if 0 <= ahead < _SEQUENCED_WINDOW:
+            gap = self._sequencer.admit(packet, 1)
+            if gap is not None:
+                self._emit(gap)
+        logger.warning("corrupt frame %d (%d bytes): %s", packet, length, reason)
+        self._emit(CorruptFrame(packet, length, reason))
+
+    def _truncated_frame(self, packet: int, length: int) -> bool:
+        self._corrupt(packet, length, "stream ended inside the frame")
+        self._skip(len(self._buf) - self._pos, "incomplete frame at end of stream")
+        return True
+
+
+class RawSampleDecoder:
+    """Unprefixed float32 samples (port 54322 stream, ``prefix: false``, §7.1).
+
+    Emits :class:`Samples` (without packet numbers) of whole samples; a partial sample is
+    kept for the next call.  At EOF a leftover partial sample is reported as
+    :class:`SkippedBytes`, then :class:`ConnectionClosed`.
+    """
+
+    def __init__(self, values_per_sample: int = 6) -> None:
+        if values_per_sample <= 0:
+            raise ValueError(f"values_per_sample must be positive, got {values_per_sample}")
+        self.values_per_sample = values_per_sample
+        self._bytes_per_sample = values_per_sample * _FLOAT_BYTES
+        self._rest = b""
+        self._out: deque[Event] = deque()
+        self._eof = False
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._rest)
+
+    def receive_data(self, data: bytes) -> None:
+        if self._eof:
+            if data:
+                raise ProtocolError("receive_data() called after EOF")
+            return
+        if not data:
+            self._eof = True
+            pending = len(self._rest)
+            if pending:
+                self._out.append(
+                    SkippedBytes(
+                        pending, self._rest[:_SKIP_HEAD_BYTES], "partial sample at end of stream"
+                    )
+                )
+            self._rest = b""
+            self._out.append(ConnectionClosed(pending))
+            return
+        if self._rest:
+            data = self._rest + data
+        whole = len(data) - len(data) % self._bytes_per_sample
+        self._rest = bytes(data[whole:])
+        if whole:
+            values = np.frombuffer(data, dtype="<f4", count=whole // _FLOAT_BYTES).copy()
+            self._out.append(
+                Samples(values.reshape(-1, self.values_per_sample).astype(np.float32, copy=False))
+            )
+
+    def next_event(self) -> Event | _NeedData:
+        return self._out.popleft() if self._out else NEED_DATA
+
+    def events(self) -> list[Event]:
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+
+class DatagramDecoder:
+    """UDP sample datagrams: one frame per datagram (§4.13), same gap/late rules as TCP."""
+
+    def __init__(
+        self, values_per_sample: int, chunk_bytes: int | None = None, prefix: bool = True
+    ) -> None:
+        self.session = StreamSession(values_per_sample, chunk_bytes, prefix)
+        self.sequencer = PacketSequencer(self.session.chunk_samples)
+
+    def receive_datagram(self, data: bytes) -> list[Event]:
+        session = self.session
+        bytes_per_sample = session.bytes_per_sample
+        if not session.prefix:
+            if not data or len(data) % bytes_per_sample:
+                return [self._invalid(data, "datagram is not a whole number of samples")]
+            values = np.frombuffer(data, dtype="<f4").copy()
+            return [
+                Samples(
+                    values.reshape(-1, session.values_per_sample).astype(np.float32, copy=False)
+                )
+            ]
+        if len(data) < FRAME_HEADER_SIZE or not data.startswith(DATA_PREFIX):
+            return [self._invalid(data, "datagram does not start with a Data: header")]
+        length = int.from_bytes(data[5:7], "little")
+        if length != len(data) - FRAME_HEADER_SIZE:
+            return [
+                self._invalid(
+                    data,
+                    f"declared length {length} != {len(data) - FRAME_HEADER_SIZE} payload bytes",
+                )
+            ]
+        if length == 0 or length % bytes_per_sample:
+            return [
+                self._invalid(data, f"payload of {length} bytes is not a whole number of samples")
+            ]
+        packet = int.from_bytes(data[7:11], "little")
+        values = (
+            np.frombuffer(data, dtype="<f4", offset=FRAME_HEADER_SIZE)
+            .copy()
+            .reshape(-1, session.values_per_sample)
+            .astype(np.float32, copy=False)
+        )
+        if self.sequencer.delta(packet) < 0:
+            return [LatePacket(packet, self.sequencer.expected, values)]
+        events: list[Event] = []
+        gap = self.sequencer.admit(packet, 1)
+        if gap is not None:
+            events.append(gap)
+        events.append(
+            Samples(
+                values,
+                np.array([packet], dtype=np.uint32),
+                np.array([values.shape[0]], dtype=np.int64),
+            )
+        )
+        return events
+
+    @staticmethod
+    def _invalid(data: bytes, reason: str) -> SkippedBytes:
+        logger.debug("invalid datagram (%d bytes): %s", len(data), reason)
+        return SkippedBytes(len(data), bytes(data[:_SKIP_HEAD_BYTES]), reason)
