@@ -1,1 +1,90 @@
-"""(filled by its issue)"""
+"""Storage of meter runs: waveforms in HDF5, documents in a Tiled catalog (via databroker).
+
+* :class:`WaveformWriter` - one SWMR HDF5 file per meter per run: float32 channels, float64
+  absolute time, packet and gap tables (gaps are recorded, never filled).
+* :class:`StreamAssets` / :class:`GapAssets` - the StreamResource/StreamDatum side of
+  ``bluesky.protocols.WritesStreamAssets`` for the samples stream and the gaps stream;
+  :func:`stream_data_keys` / :func:`gap_data_keys` for ``describe_collect`` before a file exists.
+* :func:`setup_embedded_catalog` - in-process Tiled catalog registered as a profile, so
+  ``databroker.from_profile(name)`` opens it; :func:`connect_server` for ``tiled serve``
+  (``scripts/postgres.sh`` starts one backed by PostgreSQL).
+* :func:`read_stream`, :func:`time_window`, :func:`gap_grid` (+ HDF5 variants) - read-back.
+
+Use ``bluesky_tiled_plugins.TiledWriter`` (never ``bluesky.callbacks.tiled_writer``).
+"""
+
+from ._catalog import (
+    DEFAULT_PROFILE,
+    EmbeddedCatalog,
+    close_client,
+    connect_server,
+    open_catalog,
+    setup_embedded_catalog,
+    write_server_profile,
+)
+from ._documents import (
+    HDF5_MIMETYPE,
+    GapAssets,
+    StreamAssets,
+    file_uri,
+    gap_data_keys,
+    gap_key,
+    stream_data_keys,
+)
+from ._hdf5 import (
+    GAP_FIELDS,
+    PACKET_FIELDS,
+    UNKNOWN_MISSING,
+    WaveformWriter,
+    default_chunk_samples,
+    read_packets,
+    sample_times,
+    time_spacing,
+)
+from ._readback import (
+    GRID_VIEW_LABEL,
+    find_time_key,
+    gap_grid,
+    nan_grid,
+    read_gaps,
+    read_gaps_hdf5,
+    read_stream,
+    search_sorted,
+    time_window,
+    time_window_hdf5,
+)
+
+__all__ = [
+    "DEFAULT_PROFILE",
+    "GAP_FIELDS",
+    "GRID_VIEW_LABEL",
+    "HDF5_MIMETYPE",
+    "PACKET_FIELDS",
+    "UNKNOWN_MISSING",
+    "EmbeddedCatalog",
+    "GapAssets",
+    "StreamAssets",
+    "WaveformWriter",
+    "close_client",
+    "connect_server",
+    "default_chunk_samples",
+    "file_uri",
+    "find_time_key",
+    "gap_data_keys",
+    "gap_grid",
+    "gap_key",
+    "nan_grid",
+    "open_catalog",
+    "read_gaps",
+    "read_gaps_hdf5",
+    "read_packets",
+    "read_stream",
+    "sample_times",
+    "search_sorted",
+    "setup_embedded_catalog",
+    "stream_data_keys",
+    "time_spacing",
+    "time_window",
+    "time_window_hdf5",
+    "write_server_profile",
+]

@@ -446,12 +446,6 @@ class WaveformWriter:
         ds[old:] = values
 
 
-def read_gaps(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[np.int64]]:
-    """The ``/gaps`` table of a meter file as a dict of int64 arrays (SWMR-safe read)."""
-    with h5py.File(path, "r", libver="latest", swmr=True) as f:
-        return {k: f[GAPS_GROUP][k][()] for k in GAP_FIELDS}
-
-
 def read_packets(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[np.int64]]:
     """The ``/packets`` table of a meter file as a dict of int64 arrays (SWMR-safe read)."""
     with h5py.File(path, "r", libver="latest", swmr=True) as f:
