@@ -1,1 +1,57 @@
-"""(filled by its issue)"""
+"""The meter client: the only place in the project that owns sockets to meters.
+
+* :class:`AsyncMeterClient` -- asyncio; every firmware command as a typed method, request/
+  reply matching, log subscription, keep-alive, reconnect, sampling sessions.
+* :class:`MeterClient` -- the same client, blocking, on a private event-loop thread.
+* :class:`SamplingSession` -- decoded :class:`Block` values with explicit :class:`Gap`
+  records; :meth:`SamplingSession.stop` returns a reconciled :class:`SessionSummary`.
+* :func:`open_raw_stream` -- the port-54322 raw stream (§7.1);
+  :class:`StreamServer` -- accept meters that dial in (§7.2).
+
+Errors all derive from :class:`MeterError` and name the meter.
+"""
+
+from ._async import (
+    AsyncMeterClient,
+    ClientEvent,
+    ConnectionLost,
+    Reconnected,
+    SampleConfig,
+)
+from ._errors import (
+    MeterBusyError,
+    MeterCommandError,
+    MeterCommandRejected,
+    MeterConnectionError,
+    MeterError,
+    MeterProtocolError,
+    MeterTimeoutError,
+)
+from ._session import Block, BufferFill, Gap, SamplingSession, SessionSummary
+from ._streams import RawStream, StreamServer, open_raw_stream
+from ._sync import MeterClient, SyncSamplingSession
+
+__all__ = [
+    "AsyncMeterClient",
+    "Block",
+    "BufferFill",
+    "ClientEvent",
+    "ConnectionLost",
+    "Gap",
+    "MeterBusyError",
+    "MeterClient",
+    "MeterCommandError",
+    "MeterCommandRejected",
+    "MeterConnectionError",
+    "MeterError",
+    "MeterProtocolError",
+    "MeterTimeoutError",
+    "RawStream",
+    "Reconnected",
+    "SampleConfig",
+    "SamplingSession",
+    "SessionSummary",
+    "StreamServer",
+    "SyncSamplingSession",
+    "open_raw_stream",
+]

@@ -1,0 +1,1272 @@
+"""The asyncio meter client: the only code in the project that owns a meter's socket.
+
+:class:`AsyncMeterClient` turns the crank of the sans-I/O codec: one receive loop reads
+bytes, feeds :class:`~smartmeter_ophyd.protocol.StreamDecoder` and dispatches its events --
+replies to the request waiting for them, log lines to subscribers, sample data to the
+running :class:`SamplingSession`.  Commands are the codec's frozen dataclasses; the client
+sends ``command.encode()`` in one write and parses the answer with ``parse_reply``.
+
+Request/reply matching (the firmware has no request ids, §2.8):
+
+* at most one outstanding request per reply ``cmd``, matched by the echoed ``cmd``;
+* commands whose echo the firmware corrupts (``calibration``, ``dailyRestart``, ``ade9k``,
+  ``getLog``; §2.9) are serialised among themselves and take the next reply that no other
+  request claims and that does not name another command;
+* ``info`` is answered by the info line, ``reqSamples`` is silent on success (§5.2), the
+  restart family answers by dropping the connection (§3.15);
+* inverted error flags (``ntp``, ``addWifi``) and busy replies are judged by the codec;
+  log lines of other clients interleave freely (§2.4).
+
+Every wait has a timeout whose message names the meter and the command.  A lost connection
+fails every waiter and ends the running session with :class:`MeterConnectionError`; with
+``reconnect=True`` the client reconnects with backoff, re-reads the info line and tells
+subscribers what changed (:class:`Reconnected`).
+
+Liveness: ``!`` keep-alives (never ``?``, which answers with a line, §2.2) every
+``keepalive_s``; the link is declared dead when nothing arrived for ``liveness_timeout_s``
+while traffic is expected (an idle meter sends a lifeness line every second to connections
+at level INFO or below, §2.6; a sampling meter logs its rate every second, §4.7).
+
+Limits: one sampling session per connection (the meter samples once at a time).  A session
+stopped by *another* client ends without this client seeing the stop reply; the stream just
+goes quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from ..protocol import (
+    CommandError,
+    ConnectionClosed,
+    CorruptFrame,
+    DebugLine,
+    Event,
+    LatePacket,
+    LogLevel,
+    LogLine,
+    Measures,
+    PacketGap,
+    PlainLine,
+    RemoteProtocolError,
+    RepairedFrame,
+    Reply,
+    Samples,
+    SkippedBytes,
+    Transport,
+    UnparsedReply,
+)
+from ..protocol._commands import (
+    COMMANDS,
+    KEEPALIVE,
+    PROBE,
+    AddWifi,
+    Ade9kAccess,
+    BasicReset,
+    ClearLog,
+    Command,
+    Cts,
+    DelWifi,
+    FactoryReset,
+    GetCurrent,
+    GetEnergy,
+    GetLog,
+    GetPeriod,
+    GetPhaseAngle,
+    GetPower,
+    GetVoltage,
+    Info,
+    NtpSync,
+    RequestSamples,
+    ResetEnergy,
+    Restart,
+    Sample,
+    SetCalibration,
+    SetDailyRestart,
+    SetLogLevel,
+    SetMqttServer,
+    SetName,
+    SetStreamServer,
+    SetTimeServer,
+    Stop,
+    check_start_window,
+)
+from ..protocol._decoder import DatagramDecoder, StreamDecoder
+from ..protocol._replies import (
+    Ade9kReply,
+    BusyReply,
+    DeviceInfo,
+    EnergyReading,
+    LineValues,
+    LogDump,
+    LogLevelReply,
+    MessageReply,
+    NtpReply,
+    PowerReading,
+    ReplyView,
+    SampleReply,
+    StopReply,
+    WifiReply,
+    is_log_dump,
+    parse_log_dump,
+    parse_reply,
+)
+from ._errors import (
+    MeterBusyError,
+    MeterCommandError,
+    MeterCommandRejected,
+    MeterConnectionError,
+    MeterError,
+    MeterProtocolError,
+    MeterTimeoutError,
+)
+from ._session import SamplingSession
+from ._transports import Link, UdpReceiver, open_serial_link, open_tcp_link, open_udp_receiver
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT: Final = 54321
+OVERFLOW_LOG_TEXT: Final = "Overflow during ringBuffer write"
+"""The ERROR log a meter sends (maybe) just before its overflow reboot (§4.10)."""
+RELEASE_QUIET_S: Final = 0.2
+"""A held last frame is released after the stream was quiet this long (reqSamples, §5.2)."""
+UDP_DRAIN_QUIET_S: Final = 0.25
+UDP_DRAIN_MAX_S: Final = 2.0
+READ_SIZE: Final = 1 << 18
+
+_SESSION_EVENTS: Final = (Samples, PacketGap, LatePacket, CorruptFrame, RepairedFrame)
+_COMMAND_NAMES: Final = frozenset(COMMANDS)
+_V = TypeVar("_V", bound=ReplyView)
+
+
+# ---------------------------------------------------------------------- client events
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    """The connection to the meter dropped.  ``expected`` when we asked for a reboot."""
+
+    meter: str
+    reason: str
+    expected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """The client reconnected.  ``changes`` maps info keys to ``(before, after)``.
+
+    ``rebooted`` is True when the client knows the meter rebooted (we sent a restart
+    command, or the meter announced an overflow reboot, §4.10), else None: the info line
+    carries no uptime, so an unannounced reboot can only be guessed from ``changes``.
+    """
+
+    meter: str
+    previous: DeviceInfo | None
+    current: DeviceInfo
+    changes: dict[str, tuple[Any, Any]]
+    rebooted: bool | None
+    attempts: int
+
+
+ClientEvent = ConnectionLost | Reconnected
+
+
+@dataclass(frozen=True, slots=True)
+class SampleConfig:
+    """What to sample (a thin wrapper around the codec's ``Sample`` command, §4.1).
+
+    ``port`` is only for UDP: None or 0 lets the client bind a free port and send that.
+    ``start_time`` (unix s, integer) schedules the start (§6.4; 0.5..20 s ahead).
+    """
+
+    transport: Transport | str = Transport.TCP
+    rate: int = 8000
+    measures: Measures | str = Measures.VI
+    prefix: bool = True
+    port: int | None = None
+    flow_control: bool = False
+    slot: tuple[int, int] | None = None
+    start_time: int | None = None
+
+    def to_command(self, port: int | None = None) -> Sample:
+        return Sample(
+            transport=self.transport,  # type: ignore[arg-type]
+            rate=self.rate,
+            measures=self.measures,  # type: ignore[arg-type]
+            prefix=self.prefix,
+            port=port if port is not None else self.port,
+            flow_control=self.flow_control,
+            slot=self.slot,
+            start_time=self.start_time,
+        )
+
+
+class _Waiter:
+    __slots__ = ("command", "dump", "future", "name", "on_reply")
+
+    def __init__(
+        self,
+        command: Command,
+        future: asyncio.Future[Reply],
+        on_reply: Callable[[Reply], None] | None = None,
+    ) -> None:
+        self.command = command
+        self.name = command.name
+        self.future = future
+        self.dump: Reply | UnparsedReply | None = None
+        self.on_reply = on_reply
+
+
+def _describe(command: Command) -> str:
+    """The command for logs: its wire name, never its arguments (passwords, §3.6)."""
+    return command.name
+
+
+class AsyncMeterClient:
+    """An asyncio connection to one SmartMeter (firmware 2.2).
+
+    ``name`` labels the meter in errors and logs until the info line supplies the real name.
+    ``timeout`` bounds every wait (connect, replies); ``keepalive_s`` paces ``!`` keep-alives.
+    ``log_level`` (if given) is set on every (re)connect; the firmware default is INFO.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = DEFAULT_PORT,
+        *,
+        name: str | None = None,
+        timeout: float = 5.0,
+        keepalive_s: float = 10.0,
+        liveness_timeout_s: float = 10.0,
+        reconnect: bool = True,
+        reconnect_backoff: tuple[float, float] = (0.5, 30.0),
+        log_level: LogLevel | None = None,
+        coalesce_s: float = 0.0,
+        _opener: Callable[[], Awaitable[Link]] | None = None,
+        _serial: bool = False,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.keepalive_s = keepalive_s
+        self.liveness_timeout_s = liveness_timeout_s
+        self.reconnect = reconnect
+        self.reconnect_backoff = reconnect_backoff
+        self.coalesce_s = coalesce_s
+        self._configured_name = name
+        self._wanted_log_level = log_level
+        self._opener = _opener or (lambda: open_tcp_link(host, port))
+        self._serial = _serial
+        self._link: Link | None = None
+        self._decoder: StreamDecoder | None = None
+        self._info: DeviceInfo | None = None
+        self._log_level = LogLevel.ALL if _serial else LogLevel.INFO
+        self._receive_task: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._waiters: dict[str, _Waiter] = {}
+        self._loose: _Waiter | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._loose_lock = asyncio.Lock()
+        self._info_waiters: list[asyncio.Future[Reply]] = []
+        self._probe_waiters: list[asyncio.Future[None]] = []
+        self._session: SamplingSession | None = None
+        self._session_batch: list[Event] = []
+        self._log_subscribers: list[Callable[[LogLine], None]] = []
+        self._event_subscribers: list[Callable[[ClientEvent], None]] = []
+        self._last_rx = 0.0
+        self._last_tx = 0.0
+        self._closing = False
+        self._expect_drop = False
+        self._overflow_seen = False
+        self._release_handle: asyncio.TimerHandle | None = None
+        self._drop_waiters: list[asyncio.Future[None]] = []
+        self.unmatched_replies = 0
+        self.bytes_received = 0
+
+    # ------------------------------------------------------------------- identity
+
+    @classmethod
+    def serial(
+        cls, device: str, *, baudrate: int = 2_000_000, name: str | None = None, **kwargs: Any
+    ) -> AsyncMeterClient:
+        """A client on the USB serial port (or the emulator's pty).  Same API; the meter
+        sends no info line on serial, so :meth:`connect` asks for one (§4.12)."""
+        kwargs.setdefault("reconnect", False)
+        return cls(
+            device,
+            0,
+            name=name,
+            _opener=lambda: open_serial_link(device, baudrate),
+            _serial=True,
+            **kwargs,
+        )
+
+    @property
+    def info(self) -> DeviceInfo | None:
+        """The latest info line (None before the first connect)."""
+        return self._info
+
+    @property
+    def meter_label(self) -> str:
+        """``smartmeter <name> (<host>:<port>)`` -- how errors and logs name this meter."""
+        name = (self._info.name if self._info and self._info.name else None) or self._configured_name
+        where = self.host if self._serial else f"{self.host}:{self.port}"
+        return f"smartmeter {name or '?'} ({where})"
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and not self._link.is_closing
+
+    @property
+    def session(self) -> SamplingSession | None:
+        """The running sampling session on this connection, if any."""
+        return self._session
+
+    @property
+    def log_level(self) -> LogLevel:
+        """This connection's log level as last set (not persisted by the meter, §2.4)."""
+        return self._log_level
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<AsyncMeterClient {self.meter_label} {state}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> DeviceInfo:
+        """Connect and read the info line (§2.1, §2.5).
+
+        Raises :class:`MeterConnectionError` (refused, unreachable, or closed without a byte:
+        the meter already serves 3 clients), :class:`MeterProtocolError` (the peer is not a
+        SmartMeter) or :class:`MeterTimeoutError`.
+        """
+        self._closing = False
+        info = await self._establish()
+        self._start_background()
+        return info
+
+    async def _establish(self) -> DeviceInfo:
+        label = self.meter_label
+        try:
+            link = await asyncio.wait_for(self._opener(), self.timeout)
+        except TimeoutError:
+            raise MeterTimeoutError(label, f"connect timed out after {self.timeout} s") from None
+        except (OSError, ValueError) as exc:
+            raise MeterConnectionError(label, f"cannot connect: {exc}") from exc
+        except Exception as exc:  # pyserial's SerialException is not an OSError
+            raise MeterConnectionError(label, f"cannot open: {exc}") from exc
+        decoder = StreamDecoder(serial=self._serial)
+        try:
+            if self._serial:
+                link.write(Info().encode())
+                self._last_tx = time.monotonic()
+            reply = await self._read_info_line(link, decoder)
+            info = self._parse_info(reply)
+            self._log_level = LogLevel.ALL if self._serial else LogLevel.INFO
+        except BaseException:
+            link.abort()
+            await link.wait_closed()
+            raise
+        self._link = link
+        self._decoder = decoder
+        self._info = info
+        self._last_rx = time.monotonic()
+        self._expect_drop = False
+        self._overflow_seen = False
+        logger.info("%s: connected (firmware %s, state %s)", self.meter_label, info.version, info.state)
+        return info
+
+    async def _read_info_line(self, link: Link, decoder: StreamDecoder) -> Reply:
+        """Read until the info line; everything before it must be log/plain lines (serial)."""
+        label = self.meter_label
+        deadline = time.monotonic() + self.timeout
+        received = 0
+        head = bytearray()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if received:
+                    raise MeterProtocolError(
+                        label,
+                        f"no info line within {self.timeout} s; the peer sent {received} bytes "
+                        f"starting {bytes(head)!r}: not a SmartMeter?",
+                    )
+                raise MeterTimeoutError(
+                    label, f"connected but no info line within {self.timeout} s"
+                )
+            try:
+                data = await asyncio.wait_for(link.reader.read(READ_SIZE), remaining)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise MeterConnectionError(label, f"connection failed: {exc}") from exc
+            if not data:
+                if not received:
+                    raise MeterConnectionError(
+                        label,
+                        "the meter closed the connection without sending anything; it "
+                        "already serves its maximum of 3 clients (§2.1)?",
+                    )
+                raise MeterProtocolError(
+                    label,
+                    f"connection closed after {received} bytes without an info line "
+                    f"(starting {bytes(head)!r}): not a SmartMeter?",
+                )
+            received += len(data)
+            if len(head) < 64:
+                head += data[: 64 - len(head)]
+            decoder.receive_data(data)
+            for event in decoder.events():
+                if isinstance(event, Reply) and event.cmd == "info":
+                    return event
+                if isinstance(event, LogLine | PlainLine | DebugLine) and self._serial:
+                    continue
+                if isinstance(event, LogLine):
+                    continue  # a log line may precede the info line on a reconnect race
+                raise MeterProtocolError(
+                    label,
+                    f"expected the info line first, got {type(event).__name__} "
+                    f"(first bytes {bytes(head)!r}): not a SmartMeter?",
+                )
+
+    def _parse_info(self, reply: Reply) -> DeviceInfo:
+        try:
+            view = parse_reply(reply, "info")
+        except RemoteProtocolError as exc:
+            raise MeterProtocolError(self.meter_label, f"bad info line: {exc}") from exc
+        assert isinstance(view, DeviceInfo)
+        if not view.is_smartmeter:
+            raise MeterProtocolError(
+                self.meter_label,
+                f"the peer's info line says type {view.device_type!r}, not 'smartmeter'",
+            )
+        return view
+
+    def _start_background(self) -> None:
+        assert self._link is not None and self._decoder is not None
+        self._receive_task = asyncio.create_task(
+            self._receive_loop(self._link, self._decoder), name=f"receive {self.meter_label}"
+        )
+        if self._keepalive_task is None or self._keepalive_task.done():
+            self._keepalive_task = asyncio.create_task(
+                self._keepalive_loop(), name=f"keepalive {self.meter_label}"
+            )
+
+    async def close(self) -> None:
+        """Stop everything and close the connection.  A running session ends ("closed")."""
+        self._closing = True
+        tasks = [t for t in (self._reconnect_task, self._keepalive_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        link = self._link
+        if link is not None:
+            link.close()
+        if self._receive_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._receive_task
+        if link is not None:
+            await link.wait_closed()
+        self._link = None
+        self._receive_task = self._keepalive_task = self._reconnect_task = None
+
+    async def __aenter__(self) -> AsyncMeterClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -------------------------------------------------------------- subscriptions
+
+    def subscribe_logs(self, callback: Callable[[LogLine], None]) -> Callable[[], None]:
+        """Call ``callback(LogLine)`` for every log line (level, device_time, text, §2.4);
+        returns the unsubscribe function.  Callbacks run in the event loop: keep them short."""
+        self._log_subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._log_subscribers.remove(callback)
+
+        return unsubscribe
+
+    async def logs(self) -> AsyncIterator[LogLine]:
+        """Async iterator over log lines from now on (ends when the client closes)."""
+        queue: asyncio.Queue[LogLine | None] = asyncio.Queue()
+        unsubscribe = self.subscribe_logs(queue.put_nowait)
+        closer = self.subscribe_events(
+            lambda event: queue.put_nowait(None)
+            if isinstance(event, ConnectionLost) and self._closing
+            else None
+        )
+        try:
+            while True:
+                line = await queue.get()
+                if line is None:
+                    return
+                yield line
+        finally:
+            unsubscribe()
+            closer()
+
+    def subscribe_events(self, callback: Callable[[ClientEvent], None]) -> Callable[[], None]:
+        """Call ``callback`` with :class:`ConnectionLost` / :class:`Reconnected` events."""
+        self._event_subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._event_subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _publish(self, event: ClientEvent) -> None:
+        for callback in list(self._event_subscribers):
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("%s: event subscriber failed", self.meter_label)
+
+    # ------------------------------------------------------------------ receive loop
+
+    async def _receive_loop(self, link: Link, decoder: StreamDecoder) -> None:
+        reader = link.reader
+        reason = "the meter closed the connection"
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    break
+                self._last_rx = time.monotonic()
+                self.bytes_received += len(data)
+                decoder.receive_data(data)
+                self._dispatch(decoder.events())
+                if decoder.buffered_bytes and self._release_handle is None:
+                    self._release_handle = loop.call_later(
+                        RELEASE_QUIET_S, self._release_held, decoder
+                    )
+                if (
+                    self.coalesce_s
+                    and self._session is not None
+                    and len(data) < READ_SIZE // 4
+                ):
+                    await asyncio.sleep(self.coalesce_s)
+        except (OSError, ConnectionError) as exc:
+            reason = f"connection error: {exc}"
+        except asyncio.CancelledError:
+            reason = "client cancelled"
+            raise
+        except Exception as exc:  # a bug in dispatch must not hang every waiter
+            logger.exception("%s: receive loop failed", self.meter_label)
+            reason = f"internal error: {exc!r}"
+        finally:
+            if self._release_handle is not None:
+                self._release_handle.cancel()
+                self._release_handle = None
+            with contextlib.suppress(Exception):
+                decoder.receive_data(b"")
+                self._dispatch(decoder.events())
+            self._on_connection_lost(link, reason)
+
+    def _release_held(self, decoder: StreamDecoder) -> None:
+        self._release_handle = None
+        if decoder is not self._decoder or not decoder.buffered_bytes:
+            return
+        quiet = time.monotonic() - self._last_rx
+        if quiet >= RELEASE_QUIET_S:
+            self._dispatch(decoder.release_pending())
+        else:
+            self._release_handle = asyncio.get_running_loop().call_later(
+                RELEASE_QUIET_S - quiet, self._release_held, decoder
+            )
+
+    def _dispatch(self, events: list[Event]) -> None:
+        batch = self._session_batch
+        for event in events:
+            kind = type(event)
+            if kind is Samples or isinstance(event, _SESSION_EVENTS):
+                batch.append(event)
+                continue
+            if kind is LogLine:
+                assert isinstance(event, LogLine)
+                self._on_log(event)
+                continue
+            if batch:
+                self._flush_batch()
+            if kind is Reply:
+                assert isinstance(event, Reply)
+                self._on_reply(event)
+            elif kind is UnparsedReply:
+                assert isinstance(event, UnparsedReply)
+                self._on_unparsed(event)
+            elif kind is PlainLine:
+                assert isinstance(event, PlainLine)
+                if event.text.strip() == "Setup done" and self._probe_waiters:
+                    for future in self._probe_waiters:
+                        if not future.done():
+                            future.set_result(None)
+                    self._probe_waiters.clear()
+                else:
+                    logger.debug("%s: %s", self.meter_label, event.text)
+            elif kind is SkippedBytes:
+                assert isinstance(event, SkippedBytes)
+                if self._session is not None:
+                    batch.append(event)
+                logger.warning(
+                    "%s: skipped %d bytes (%s): %r",
+                    self.meter_label,
+                    event.count,
+                    event.reason,
+                    event.head[:32],
+                )
+            elif kind is DebugLine:
+                assert isinstance(event, DebugLine)
+                logger.debug("%s: serial debug: %s", self.meter_label, event.text)
+            elif kind is ConnectionClosed:
+                pass
+        if batch:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        batch = self._session_batch
+        self._session_batch = []
+        session = self._session
+        if session is not None:
+            session._feed(batch)
+        else:
+            samples = sum(e.values.shape[0] for e in batch if isinstance(e, Samples))
+            logger.warning(
+                "%s: %d data events (%d samples) arrived outside any session of this client",
+                self.meter_label,
+                len(batch),
+                samples,
+            )
+
+    def _on_log(self, line: LogLine) -> None:
+        if line.text.startswith(OVERFLOW_LOG_TEXT):
+            self._overflow_seen = True
+            logger.error("%s: %s -- the meter reboots now (§4.10)", self.meter_label, line.text)
+        elif line.text and line.level >= LogLevel.WARNING:
+            logger.warning("%s: [%s] %s", self.meter_label, line.level.tag, line.text)
+        for callback in list(self._log_subscribers):
+            try:
+                callback(line)
+            except Exception:
+                logger.exception("%s: log subscriber failed", self.meter_label)
+
+    def _on_unparsed(self, event: UnparsedReply) -> None:
+        loose = self._loose
+        if loose is not None and loose.name == GetLog.name and loose.dump is None:
+            loose.dump = event
+            return
+        self.unmatched_replies += 1
+        logger.warning("%s: unparsable reply line %r", self.meter_label, event.raw[:120])
+
+    def _on_reply(self, reply: Reply) -> None:
+        cmd = reply.cmd
+        if cmd == "info" and "type" in reply.fields:
+            try:
+                self._info = self._parse_info(reply)
+            except MeterProtocolError as exc:
+                logger.warning("%s", exc)
+            waiters, self._info_waiters = self._info_waiters, []
+            for future in waiters:
+                if not future.done():
+                    future.set_result(reply)
+            return
+        loose = self._loose
+        if loose is not None and loose.name == GetLog.name and loose.dump is None:
+            if is_log_dump(reply):
+                loose.dump = reply
+                return
+        waiter = self._waiters.get(cmd) if cmd is not None else None
+        if waiter is None and loose is not None:
+            if loose.name == GetLog.name and loose.dump is None:
+                waiter = None  # the final getLog line comes only after the dump
+            elif cmd == loose.name or cmd not in _COMMAND_NAMES:
+                waiter = loose
+        if waiter is None:
+            if cmd == RequestSamples.name and self._session is not None:
+                logger.warning(
+                    "%s: reqSamples refused by the firmware: %s", self.meter_label, reply.raw
+                )
+                return
+            self.unmatched_replies += 1
+            logger.warning("%s: reply nobody waits for: %s", self.meter_label, reply.raw[:200])
+            return
+        if waiter.on_reply is not None:
+            waiter.on_reply(reply)  # before the waiter is released: it may read waiter.dump
+        if waiter is loose:
+            self._loose = None
+        else:
+            del self._waiters[waiter.name]
+        if not waiter.future.done():
+            waiter.future.set_result(reply)
+
+    def _on_connection_lost(self, link: Link, reason: str) -> None:
+        if link is not self._link:
+            return
+        self._link = None
+        self._decoder = None
+        expected = self._expect_drop or self._closing
+        label = self.meter_label
+        if self._overflow_seen:
+            reason += "; the meter announced a ring-buffer overflow and reboots (§4.10)"
+        if not self._closing:
+            logger.warning("%s: connection lost: %s", label, reason)
+        error = MeterConnectionError(label, f"connection lost ({reason})")
+        for waiter in list(self._waiters.values()) + ([self._loose] if self._loose else []):
+            if not waiter.future.done():
+                waiter.future.set_exception(
+                    MeterConnectionError(
+                        label, f"connection lost while waiting for the reply to {waiter.name!r} ({reason})"
+                    )
+                )
+        self._waiters.clear()
+        self._loose = None
+        for future in self._info_waiters + self._probe_waiters:
+            if not future.done():
+                future.set_exception(error)
+        self._info_waiters.clear()
+        self._probe_waiters.clear()
+        for drop in self._drop_waiters:
+            if not drop.done():
+                drop.set_result(None)
+        self._drop_waiters.clear()
+        session = self._session
+        if session is not None and session.active:
+            self._session = None
+            ended_by = "closed" if self._closing else "connection lost"
+            session._finish(
+                ended_by=ended_by,
+                error=MeterConnectionError(
+                    label,
+                    f"sampling session ended: connection lost ({reason}); "
+                    f"{session.received_samples} samples were received, the meter discards "
+                    "the rest (§4.9)",
+                ),
+            )
+        self._publish(ConnectionLost(label, reason, expected))
+        if self.reconnect and not self._closing:
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect_loop(rebooted=True if (self._expect_drop or self._overflow_seen) else None)
+            )
+
+    async def _reconnect_loop(self, rebooted: bool | None) -> None:
+        previous = self._info
+        delay, max_delay = self.reconnect_backoff
+        attempts = 0
+        while not self._closing:
+            attempts += 1
+            await asyncio.sleep(delay)
+            try:
+                info = await self._establish()
+            except MeterError as exc:
+                logger.info(
+                    "%s: reconnect attempt %d failed: %s", self.meter_label, attempts, exc.detail
+                )
+                delay = min(max_delay, delay * 2)
+                continue
+            self._start_background()
+            if self._wanted_log_level is not None:
+                with contextlib.suppress(MeterError):
+                    await self.set_log_level(self._wanted_log_level)
+            changes = _info_changes(previous, info)
+            logger.info(
+                "%s: reconnected after %d attempt(s); changed: %s",
+                self.meter_label,
+                attempts,
+                ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()) or "nothing",
+            )
+            self._publish(Reconnected(self.meter_label, previous, info, changes, rebooted, attempts))
+            return
+
+    async def _keepalive_loop(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(min(self.keepalive_s, 1.0))
+            link = self._link
+            if link is None or link.is_closing:
+                continue
+            now = time.monotonic()
+            if now - self._last_tx >= self.keepalive_s:
+                try:
+                    link.write(KEEPALIVE)
+                    self._last_tx = now
+                except (OSError, ConnectionError) as exc:
+                    logger.info("%s: keep-alive failed: %s", self.meter_label, exc)
+            expect_traffic = self._log_level <= LogLevel.INFO or self._session is not None
+            if expect_traffic and now - self._last_rx > self.liveness_timeout_s:
+                logger.warning(
+                    "%s: nothing received for %.1f s; declaring the connection dead",
+                    self.meter_label,
+                    now - self._last_rx,
+                )
+                link.abort()
+
+    # ---------------------------------------------------------------- raw requests
+
+    def _send(self, data: bytes) -> None:
+        link = self._link
+        if link is None or link.is_closing:
+            raise MeterConnectionError(self.meter_label, "not connected")
+        try:
+            link.write(data)
+        except (OSError, ConnectionError) as exc:
+            raise MeterConnectionError(self.meter_label, f"send failed: {exc}") from exc
+        self._last_tx = time.monotonic()
+
+    def _encode(self, command: Command) -> bytes:
+        try:
+            return command.encode()
+        except CommandError as exc:
+            raise MeterCommandError(self.meter_label, str(exc)) from exc
+
+    async def _await_reply(
+        self, future: asyncio.Future[Any], what: str, timeout: float | None
+    ) -> Any:
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(future, limit)
+        except TimeoutError:
+            raise MeterTimeoutError(
+                self.meter_label, f"no reply to {what!r} within {limit} s"
+            ) from None
+
+    async def request_reply(
+        self,
+        command: Command,
+        *,
+        timeout: float | None = None,
+        on_reply: Callable[[Reply], None] | None = None,
+    ) -> Reply:
+        """Send ``command`` and return its raw :class:`Reply` (matched as in the module doc).
+
+        Only for commands with a JSON reply (``expects_reply``); use :meth:`request` for
+        the typed view and error checks.
+        """
+        data = self._encode(command)
+        name = command.name
+        if not command.expects_reply:
+            raise MeterCommandError(self.meter_label, f"{name!r} has no JSON reply to wait for")
+        reliable = command.reply_cmd_reliable
+        lock = self._locks.setdefault(name, asyncio.Lock()) if reliable else self._loose_lock
+        async with lock:
+            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            waiter = _Waiter(command, future, on_reply)
+            self._send(data)
+            if reliable:
+                self._waiters[name] = waiter
+            else:
+                self._loose = waiter
+            logger.debug("%s: sent %s", self.meter_label, _describe(command))
+            try:
+                return await self._await_reply(future, name, timeout)  # type: ignore[no-any-return]
+            finally:
+                if reliable and self._waiters.get(name) is waiter:
+                    del self._waiters[name]
+                elif not reliable and self._loose is waiter:
+                    self._loose = None
+
+    async def request(self, command: Command, *, timeout: float | None = None) -> ReplyView | None:
+        """Send any codec command; return its typed reply view or raise a typed error.
+
+        ``info`` returns :class:`DeviceInfo`; ``reqSamples`` and the restart family return
+        None (they have no reply).  A failed command raises :class:`MeterBusyError` or
+        :class:`MeterCommandRejected`.
+        """
+        if isinstance(command, Info):
+            return await self.get_info(timeout=timeout)
+        if command.reboots:
+            await self._reboot(command, timeout)
+            return None
+        if not command.expects_reply:
+            self._send(self._encode(command))
+            return None
+        reply = await self.request_reply(command, timeout=timeout)
+        return self._check(command, reply)
+
+    def _view(self, command: Command, reply: Reply) -> ReplyView:
+        try:
+            return parse_reply(reply, command.name)
+        except RemoteProtocolError as exc:
+            raise MeterProtocolError(self.meter_label, f"reply to {command.name!r}: {exc}") from exc
+
+    def _check(self, command: Command, reply: Reply) -> ReplyView:
+        view = self._view(command, reply)
+        if isinstance(view, BusyReply):
+            raise MeterBusyError(self.meter_label, command.name, view.message, reply.fields)
+        if not view.succeeded:
+            raise MeterCommandRejected(self.meter_label, command.name, view.message, reply.fields)
+        return view
+
+    async def _typed(self, command: Command, kind: type[_V], timeout: float | None = None) -> _V:
+        view = await self.request(command, timeout=timeout)
+        if not isinstance(view, kind):
+            raise MeterProtocolError(
+                self.meter_label,
+                f"reply to {command.name!r} is a {type(view).__name__}, expected {kind.__name__}",
+            )
+        return view
+
+    async def _reboot(self, command: Command, timeout: float | None) -> None:
+        data = self._encode(command)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drop_waiters.append(future)
+        self._expect_drop = True
+        self._send(data)
+        logger.info("%s: sent %s; the meter reboots", self.meter_label, command.name)
+        await self._await_reply(future, f"{command.name} (connection drop)", timeout)
+
+    # ------------------------------------------------------------ typed commands
+
+    async def get_info(self, *, timeout: float | None = None) -> DeviceInfo:
+        """Ask for the info line (§2.5) and return it; also updates :attr:`info`."""
+        data = self._encode(Info())
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._info_waiters.append(future)
+        self._send(data)
+        try:
+            reply = await self._await_reply(future, "info", timeout)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._info_waiters.remove(future)
+        return self._parse_info(reply)
+
+    async def get_voltage(self) -> LineValues:
+        """RMS voltage per line, V (§3.10)."""
+        return await self._typed(GetVoltage(), LineValues)
+
+    async def get_current(self) -> LineValues:
+        """RMS current per line, mA (§3.10)."""
+        return await self._typed(GetCurrent(), LineValues)
+
+    async def get_power(self) -> PowerReading:
+        """Active/reactive/'apparent' power per line (§3.10; apparent = reactive, §12 #9)."""
+        return await self._typed(GetPower(), PowerReading)
+
+    async def get_energy(self) -> EnergyReading:
+        """Energy per line since the last reset, Wh (§3.10; resets the ADE accumulators)."""
+        return await self._typed(GetEnergy(), EnergyReading)
+
+    async def get_frequency(self) -> LineValues:
+        """Line frequency per line, Hz (the firmware's ``getPeriod``, §12 #13)."""
+        return await self._typed(GetPeriod(), LineValues)
+
+    async def get_phase_angle(self) -> LineValues:
+        """Voltage-current phase angle per line, degrees (§3.10)."""
+        return await self._typed(GetPhaseAngle(), LineValues)
+
+    async def set_name(self, name: str) -> MessageReply:
+        """Rename the meter (§3.2; at most 19 bytes).  Re-reads the info line afterwards."""
+        reply = await self._typed(SetName(name), MessageReply)
+        with contextlib.suppress(MeterError):
+            await self.get_info()
+        return reply
+
+    async def set_mqtt_server(self, server: str, *, timeout: float | None = None) -> MessageReply:
+        """MQTT broker (§3.3; ``"-"`` disables).  The meter tries to connect before replying."""
+        return await self._typed(SetMqttServer(server), MessageReply, timeout)
+
+    async def set_stream_server(self, server: str) -> MessageReply:
+        """Host the meter dials on port 54322 every 30 s (§3.4, §7.2; ``"-"`` unsets)."""
+        return await self._typed(SetStreamServer(server), MessageReply)
+
+    async def set_time_server(self, server: str, *, timeout: float | None = None) -> MessageReply:
+        """NTP server (§3.5); the meter syncs (blocking) before replying."""
+        return await self._typed(SetTimeServer(server), MessageReply, timeout)
+
+    async def add_wifi(self, ssid: str, password: str = "") -> WifiReply:
+        """Add a WiFi network (§3.6; the error flag is inverted).  The password is never logged."""
+        return await self._typed(AddWifi(ssid, password), WifiReply)
+
+    async def del_wifi(self, ssid: str) -> WifiReply:
+        """Remove a WiFi network (§3.6)."""
+        return await self._typed(DelWifi(ssid), WifiReply)
+
+    async def ntp_sync(self, background: bool = False, *, timeout: float | None = None) -> NtpReply:
+        """NTP sync (§3.7; inverted error flag).  ``background`` returns at once."""
+        return await self._typed(NtpSync(background), NtpReply, timeout)
+
+    async def set_calibration(self, factors: tuple[float, ...] | list[float]) -> MessageReply:
+        """Calibration ``[v1,i1,v2,i2,v3,i3]`` (§3.8; stored, never applied)."""
+        return await self._typed(SetCalibration(tuple(factors)), MessageReply)  # type: ignore[arg-type]
+
+    async def reset_energy(
+        self, energy: tuple[float, float, float] | None = None, ts: int | None = None
+    ) -> MessageReply:
+        """Reset the energy counters (§3.9), optionally to ``energy`` Wh at unix time ``ts``."""
+        return await self._typed(ResetEnergy(energy, ts), MessageReply)
+
+    async def set_daily_restart(self, hour: int, minute: int) -> MessageReply:
+        """Reboot daily at local ``hour:minute`` (§3.12); ``hour=-1`` disables."""
+        return await self._typed(SetDailyRestart(hour, minute), MessageReply)
+
+    async def set_log_level(self, level: LogLevel | str) -> LogLevelReply:
+        """This connection's log level (§3.1; not persisted, re-applied on reconnect if it
+        was given to the constructor)."""
+        command = SetLogLevel(level)  # type: ignore[arg-type]
+        reply = await self._typed(command, LogLevelReply)
+        self._log_level = command.level
+        return reply
+
+    async def get_log(self, *, timeout: float | None = None) -> list[str]:
+        """The stored WARNING/ERROR log rows, oldest first (§3.14)."""
+        holder: list[Reply | UnparsedReply | None] = []
+
+        def keep_dump(_: Reply) -> None:
+            loose = self._loose
+            holder.append(loose.dump if loose is not None else None)
+
+        reply = await self.request_reply(GetLog(), timeout=timeout, on_reply=keep_dump)
+        self._check(GetLog(), reply)
+        dump = holder[0] if holder else None
+        if dump is None:
+            raise MeterProtocolError(self.meter_label, "getLog reply came without the log dump")
+        if isinstance(dump, Reply):
+            view = self._view(GetLog(), dump)
+            if isinstance(view, LogDump):
+                return list(view.rows)
+        try:
+            return parse_log_dump(dump)
+        except RemoteProtocolError as exc:
+            raise MeterProtocolError(self.meter_label, f"getLog: {exc}") from exc
+
+    async def clear_log(self) -> MessageReply:
+        """Delete the stored log (§3.11)."""
+        return await self._typed(ClearLog(), MessageReply)
+
+    async def ade9k_read(self, address: int, size: int = 32) -> int:
+        """Read an ADE9000 register (§3.13)."""
+        reply = await self._typed(Ade9kAccess(address, size), Ade9kReply)
+        if reply.reg_value is None:
+            raise MeterProtocolError(self.meter_label, "ade9k reply without regValue")
+        return reply.reg_value
+
+    async def ade9k_write(self, address: int, value: int, size: int = 32) -> Ade9kReply:
+        """Write an ADE9000 register; the reply has the old and the re-read value (§3.13)."""
+        return await self._typed(Ade9kAccess(address, size, value), Ade9kReply)
+
+    async def restart(self, *, timeout: float | None = None) -> None:
+        """Reboot the meter (§3.15); returns when the connection has dropped."""
+        await self._reboot(Restart(), timeout)
+
+    async def factory_reset(self, *, timeout: float | None = None) -> None:
+        """Restore all defaults including the name, then reboot (§3.15)."""
+        await self._reboot(FactoryReset(), timeout)
+
+    async def basic_reset(self, *, timeout: float | None = None) -> None:
+        """Restore defaults except the name, then reboot (§3.15)."""
+        await self._reboot(BasicReset(), timeout)
+
+    async def probe(self, *, timeout: float | None = None) -> None:
+        """Send ``?``; returns when the meter answered ``Info:Setup done`` (§2.2)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._probe_waiters.append(future)
+        self._send(PROBE)
+        await self._await_reply(future, "?", timeout)
+
+    async def keepalive(self) -> None:
+        """Send ``!`` now (no reply, §2.2)."""
+        self._send(KEEPALIVE)
+
+    async def cts(self, ready: bool) -> None:
+        """Set ready-to-send (§5.1).  Prefer :meth:`SamplingSession.cts`, which also tracks
+        the pause for :meth:`SamplingSession.buffer_fill_estimate`."""
+        await self._typed(Cts(ready), MessageReply)
+
+    async def stop(self, *, timeout: float | None = None) -> StopReply:
+        """Send ``stop`` (§4.8) and return the reply.  Stops any session of the meter (also
+        one started by another client, or the port-54322 stream); this client's own session
+        is ended and reconciled as by :meth:`SamplingSession.stop`."""
+        if self._session is not None:
+            session = self._session
+            await session.stop()
+            assert session._stop_reply is not None
+            return session._stop_reply
+        return await self._typed(Stop(), StopReply, timeout)
+
+    # ------------------------------------------------------------------- sampling
+
+    async def sample(
+        self, config: SampleConfig | Sample | None = None, /, **settings: Any
+    ) -> SamplingSession:
+        """Start sampling and return the :class:`SamplingSession` (§4).
+
+        Give a :class:`SampleConfig`, a codec ``Sample`` or the same fields as keywords
+        (``client.sample(rate=4000, transport="UDP")``).  UDP binds a local port on the
+        interface that talks to the meter (``port`` None/0 = any free port) and accepts
+        datagrams only from the meter's address.
+        """
+        if config is None:
+            config = SampleConfig(**settings)
+        elif settings:
+            raise TypeError("give either a config or keyword settings, not both")
+        if self._session is not None and self._session.active:
+            raise MeterCommandError(
+                self.meter_label, "a sampling session is already running on this connection"
+            )
+        link = self._link
+        if link is None:
+            raise MeterConnectionError(self.meter_label, "not connected")
+        if isinstance(config, Sample):
+            wanted_port = config.port
+            transport = config.transport
+            start_time = config.start_time
+        else:
+            wanted_port = config.port
+            transport = Transport(config.transport)
+            start_time = config.start_time
+        if start_time is not None:
+            try:
+                check_start_window(start_time, time.time())
+            except CommandError as exc:
+                raise MeterCommandError(self.meter_label, str(exc)) from exc
+        receiver: UdpReceiver | None = None
+        if transport is Transport.UDP:
+            try:
+                receiver = await open_udp_receiver(
+                    self.meter_label, link.peer_host, link.local_host, wanted_port or 0
+                )
+            except OSError as exc:
+                raise MeterConnectionError(
+                    self.meter_label, f"cannot bind UDP port {wanted_port or 0}: {exc}"
+                ) from exc
+        try:
+            if isinstance(config, Sample):
+                command = config if receiver is None else dataclasses.replace(config, port=receiver.port)
+            else:
+                try:
+                    command = config.to_command(receiver.port if receiver else None)
+                except CommandError as exc:
+                    raise MeterCommandError(self.meter_label, str(exc)) from exc
+            session = await self._start_session(command, receiver)
+        except BaseException:
+            if receiver is not None:
+                receiver.close()
+            raise
+        return session
+
+    async def _start_session(self, command: Sample, receiver: UdpReceiver | None) -> SamplingSession:
+        created: list[SamplingSession] = []
+
+        def install(reply: Reply) -> None:
+            # Runs inside dispatch, before the frames that follow the reply are routed.
+            try:
+                view = parse_reply(reply, "sample")
+            except RemoteProtocolError:
+                return
+            if not isinstance(view, SampleReply) or not view.succeeded:
+                return
+            session = self._make_session(view, command, receiver)
+            created.append(session)
+            if receiver is None:
+                self._session = session
+
+        reply = await self.request_reply(command, on_reply=install)
+        view = self._check(command, reply)
+        if not created:
+            raise MeterProtocolError(self.meter_label, f"unusable sample reply: {reply.raw}")
+        assert isinstance(view, SampleReply)
+        session = created[0]
+        if receiver is not None:
+            self._session = session
+            decoder = DatagramDecoder(
+                view.measures.values_per_sample, view.chunk_size, bool(view.prefix)
+            )
+            receiver.attach(lambda data: session._feed(decoder.receive_datagram(data)))
+        logger.info(
+            "%s: sampling %s at %d Hz over %s (chunk %d bytes)",
+            self.meter_label,
+            view.measures.name,
+            view.sampling_rate,
+            command.transport.value,
+            view.chunk_size,
+        )
+        return session
+
+    def _make_session(
+        self, view: SampleReply, command: Sample, receiver: UdpReceiver | None
+    ) -> SamplingSession:
+        drain = None
+        if receiver is not None:
+            drain = self._udp_drainer(receiver)
+
+        def ended(session: SamplingSession) -> None:
+            if self._session is session:
+                self._session = None
+            if receiver is not None:
+                receiver.close()
+
+        async def send_stop() -> StopReply:
+            reply = await self.request_reply(Stop())
+            stop_view = self._view(Stop(), reply)
+            if not isinstance(stop_view, StopReply):
+                raise MeterProtocolError(self.meter_label, f"unusable stop reply: {reply.raw}")
+            if stop_view.was_idle:
+                logger.warning(
+                    "%s: stop: the meter says it was not sampling (session already ended)",
+                    self.meter_label,
+                )
+            elif not stop_view.succeeded:
+                raise MeterCommandRejected(self.meter_label, "stop", stop_view.message, reply.fields)
+            # Frames the decoder still holds came before the reply; they are already routed.
+            return stop_view
+
+        async def send_cts(ready: bool) -> None:
+            await self._typed(Cts(ready), MessageReply)
+
+        async def send_request(n: int) -> None:
+            self._send(self._encode(RequestSamples(n, view.measures)))
+
+        session = SamplingSession(
+            meter=self.meter_label,
+            reply=view,
+            transport=command.transport,
+            send_stop=send_stop,
+            send_cts=send_cts,
+            send_request=send_request,
+            drain=drain,
+            on_end=ended,
+        )
+        return session
+
+    def _udp_drainer(self, receiver: UdpReceiver) -> Callable[[], Awaitable[None]]:
+        async def drain() -> None:
+            # Datagrams still in flight when the TCP stop reply arrived (§4.8, §4.13).
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while loop.time() - start < UDP_DRAIN_MAX_S:
+                await asyncio.sleep(0.05)
+                last = receiver.last_datagram_at or start
+                if loop.time() - last >= UDP_DRAIN_QUIET_S:
+                    return
+
+        return drain
+
+
+def _info_changes(
+    previous: DeviceInfo | None, current: DeviceInfo
+) -> dict[str, tuple[Any, Any]]:
+    """Fields of the info line that differ (``sys_time`` always does and is left out)."""
+    if previous is None:
+        return {}
+    changes: dict[str, tuple[Any, Any]] = {}
+    for field in dataclasses.fields(DeviceInfo):
+        key = field.name
+        if key in ("sys_time", "raw_fields", "message", "cmd", "succeeded"):
+            continue
+        before, after = getattr(previous, key), getattr(current, key)
+        if before != after:
+            changes[key] = (before, after)
+    return changes

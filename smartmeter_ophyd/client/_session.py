@@ -1,0 +1,521 @@
+"""Sampling sessions: decoded blocks, declared gaps, and the reconciliation at stop.
+
+A :class:`SamplingSession` is what ``await client.sample(...)`` returns.  The client's
+receive loop (TCP, serial) or a UDP endpoint feeds it codec events; the caller iterates
+:class:`Block` values.  Nothing is zero-filled, dropped or invented: a jump in packet
+numbers, a corrupt frame or a late datagram becomes a :class:`Gap` attached to the block
+that follows it, and every sample is counted once in the :class:`SessionSummary`.
+
+Limits: the buffer between the receive loop and the consumer is unbounded (a consumer that
+stops reading grows memory, but the meter is never paused behind the caller's back); a
+warning is logged every time the backlog passes another ``backlog_warn_samples``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from ..protocol import (
+    RING_BUFFER_BYTES,
+    CorruptFrame,
+    Event,
+    LatePacket,
+    Measures,
+    PacketGap,
+    RepairedFrame,
+    Samples,
+    SkippedBytes,
+    Transport,
+    max_request_samples,
+)
+from ._errors import MeterCommandError, MeterConnectionError, MeterTimeoutError
+
+if TYPE_CHECKING:
+    from ..protocol._replies import SampleReply, StopReply
+
+logger = logging.getLogger(__name__)
+
+BUFFER_WARN_FRACTION: Final = 0.5
+"""Warn when a paused meter's ring buffer is estimated above this fill (overflow reboots, §4.10)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Samples that should have arrived here and did not (or arrived unusable).
+
+    ``kind`` is ``"packet-gap"`` (packet numbers jumped from ``expected_packet`` to
+    ``received_packet``), ``"corrupt-frame"`` (a frame whose extent proved wrong; its samples
+    are declared missing) or ``"late-packet"`` (a datagram older than the next expected one,
+    already declared missing by an earlier gap; its samples are in ``late_values``, not in
+    the stream).  ``missing_samples`` is None when the codec could not size the gap.
+    """
+
+    kind: str
+    expected_packet: int | None
+    received_packet: int | None
+    missing_samples: int | None
+    detail: str = ""
+    late_values: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Block:
+    """Consecutive decoded samples, ``values`` shaped ``(samples, channels)`` float32.
+
+    ``packets``/``frame_samples`` give the frame each run of samples came from (empty for
+    unnumbered streams).  ``gaps`` are the holes declared *immediately before* ``values``;
+    a block may carry gaps and no samples (e.g. a gap at the very end of a stream).
+    """
+
+    values: npt.NDArray[np.float32]
+    packets: npt.NDArray[np.uint32]
+    frame_samples: npt.NDArray[np.int64]
+    channels: tuple[str, ...]
+    gaps: tuple[Gap, ...] = ()
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def first_packet(self) -> int | None:
+        return int(self.packets[0]) if self.packets.size else None
+
+    @property
+    def last_packet(self) -> int | None:
+        return int(self.packets[-1]) if self.packets.size else None
+
+
+@dataclass(frozen=True, slots=True)
+class BufferFill:
+    """Estimated bytes sitting in a paused meter's 3,670,016-byte ring buffer (§4.10)."""
+
+    bytes: int
+    fraction: float
+    seconds_to_overflow: float
+    """At the current rate, how long until the meter overflows and reboots (inf if draining)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """What a session delivered, reconciled with what the meter says it sent.
+
+    ``received_samples`` were delivered in blocks; ``missing_declared`` were announced as
+    gaps (packet gaps + corrupt frames); ``late_samples`` arrived after being declared
+    missing.  With the stop reply, ``device_sent_samples`` (samples the meter's socket
+    accepted, §4.8) should equal ``received_samples + missing_declared``; ``unexplained`` is
+    the difference (None without a stop reply) and ``explained`` says whether it is zero.
+    ``notes`` explain each component in words.
+    """
+
+    meter: str
+    transport: Transport
+    measures: Measures
+    rate: int
+    ended_by: str
+    """``"stop"`` (stop reply received), ``"connection lost"``, ``"closed"`` or ``"error"``."""
+    received_samples: int
+    missing_declared: int
+    missing_unsized_gaps: int
+    late_samples: int
+    gaps: int
+    corrupt_frames: int
+    repaired_frames: int
+    skipped_bytes: int
+    frames: int
+    device_samples: int | None
+    device_sent_samples: int | None
+    start_ts: float | None
+    stop_ts: float | None
+    sample_duration_ms: int | None
+    avg_rate: float | None
+    unexplained: int | None
+    explained: bool
+    notes: tuple[str, ...]
+
+
+class SamplingSession:
+    """One sampling session of one meter.
+
+    Iterate it (``async for block in session``) or call :meth:`next_block`; end it with
+    :meth:`stop`, which returns the :class:`SessionSummary`.  If the connection drops the
+    blocks already received are still delivered, then iteration raises
+    :class:`MeterConnectionError`; :attr:`summary` then says ``ended_by="connection lost"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        meter: str,
+        reply: SampleReply,
+        transport: Transport,
+        send_stop: Callable[[], Awaitable[StopReply]] | None,
+        send_cts: Callable[[bool], Awaitable[None]] | None,
+        send_request: Callable[[int], Awaitable[None]] | None,
+        drain: Callable[[], Awaitable[None]] | None = None,
+        on_end: Callable[[SamplingSession], None] | None = None,
+        backlog_warn_samples: int = 10_000_000,
+    ) -> None:
+        self.meter = meter
+        self.reply = reply
+        self.transport = transport
+        self.measures: Measures = reply.measures
+        self.rate: int = int(reply.sampling_rate)
+        self.channels: tuple[str, ...] = self.measures.channels
+        self._send_stop = send_stop
+        self._send_cts = send_cts
+        self._send_request = send_request
+        self._drain = drain
+        self._on_end = on_end
+        self._blocks: collections.deque[Block] = collections.deque()
+        self._pending_gaps: list[Gap] = []
+        self._wakeup = asyncio.Event()
+        self._end_error: BaseException | None = None
+        self._ended = False
+        self._summary: SessionSummary | None = None
+        self._stop_reply: StopReply | None = None
+        self._backlog = 0
+        self._backlog_warn = backlog_warn_samples
+        self._backlog_warned_at = 0
+        # counters
+        self.received_samples = 0
+        self.missing_declared = 0
+        self.missing_unsized_gaps = 0
+        self.late_samples = 0
+        self.gap_count = 0
+        self.corrupt_frames = 0
+        self.repaired_frames = 0
+        self.skipped_bytes = 0
+        self.frames = 0
+        # flow control (§5.1): flowCtr or slots start paused
+        paused = bool(getattr(reply, "flow_control", False) or getattr(reply, "slot", None))
+        self._paused_since: float | None = time.monotonic() if paused else None
+        self._received_at_pause = 0
+        self._warned_fill = False
+
+    # ----------------------------------------------------------------- fed by the client
+
+    def _feed(self, events: list[Event]) -> None:
+        """Take the codec events that belong to this session (called by the receive loop)."""
+        channels = self.channels
+        pending = self._pending_gaps
+        for event in events:
+            if type(event) is Samples:
+                block = Block(
+                    values=event.values,
+                    packets=event.packets,
+                    frame_samples=event.frame_samples,
+                    channels=channels,
+                    gaps=tuple(pending) if pending else (),
+                )
+                if pending:
+                    pending = self._pending_gaps = []
+                n = event.values.shape[0]
+                self.received_samples += n
+                self.frames += event.packets.size
+                self._backlog += n
+                self._blocks.append(block)
+            elif isinstance(event, PacketGap):
+                self.gap_count += 1
+                if event.missing_samples is None:
+                    self.missing_unsized_gaps += 1
+                else:
+                    self.missing_declared += event.missing_samples
+                pending.append(
+                    Gap("packet-gap", event.expected, event.received, event.missing_samples)
+                )
+                logger.warning(
+                    "%s: packet gap, expected %d got %d (%s samples missing)",
+                    self.meter,
+                    event.expected,
+                    event.received,
+                    event.missing_samples,
+                )
+            elif isinstance(event, CorruptFrame):
+                self.corrupt_frames += 1
+                missing = event.missing_samples(self.measures.bytes_per_sample)
+                self.missing_declared += missing
+                pending.append(
+                    Gap("corrupt-frame", event.packet, event.packet, missing, event.reason)
+                )
+                logger.warning("%s: corrupt frame %d: %s", self.meter, event.packet, event.reason)
+            elif isinstance(event, LatePacket):
+                n = int(event.values.shape[0])
+                self.late_samples += n
+                pending.append(
+                    Gap("late-packet", event.expected, event.packet, 0, late_values=event.values)
+                )
+                logger.warning(
+                    "%s: late packet %d (expected %d), %d samples kept aside",
+                    self.meter,
+                    event.packet,
+                    event.expected,
+                    n,
+                )
+            elif isinstance(event, RepairedFrame):
+                self.repaired_frames += 1
+            elif isinstance(event, SkippedBytes):
+                self.skipped_bytes += event.count
+        if self._backlog - self._backlog_warned_at > self._backlog_warn:
+            self._backlog_warned_at = self._backlog
+            logger.warning(
+                "%s: %d samples received but not yet consumed", self.meter, self._backlog
+            )
+        if self._blocks or pending:
+            self._wakeup.set()
+
+    def _finish(self, *, ended_by: str, stop: StopReply | None = None,
+                error: BaseException | None = None) -> None:
+        """Close the stream: flush pending gaps, compute the summary, wake the consumer."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._pending_gaps:
+            self._blocks.append(
+                Block(
+                    values=np.empty((0, len(self.channels)), dtype=np.float32),
+                    packets=np.empty(0, dtype=np.uint32),
+                    frame_samples=np.empty(0, dtype=np.int64),
+                    channels=self.channels,
+                    gaps=tuple(self._pending_gaps),
+                )
+            )
+            self._pending_gaps = []
+        self._stop_reply = stop
+        self._end_error = error
+        self._summary = self._reconcile(ended_by, stop)
+        if error is not None:
+            logger.warning("%s: sampling session ended: %s", self.meter, error)
+        self._wakeup.set()
+        if self._on_end is not None:
+            self._on_end(self)
+
+    # --------------------------------------------------------------------- consumer API
+
+    @property
+    def active(self) -> bool:
+        return not self._ended
+
+    @property
+    def summary(self) -> SessionSummary | None:
+        """The reconciliation, once the session has ended (None while it runs)."""
+        return self._summary
+
+    async def next_block(self, timeout: float | None = None) -> Block | None:
+        """The next block; None once the session has ended cleanly and everything was read.
+
+        Raises :class:`MeterConnectionError` (or the error that ended the session) after the
+        last received block when the session ended abnormally, and
+        :class:`~smartmeter_ophyd.client.MeterTimeoutError` on ``timeout``.
+        """
+        while True:
+            if self._blocks:
+                block = self._blocks.popleft()
+                self._backlog -= block.n_samples
+                return block
+            if self._ended:
+                if self._end_error is not None:
+                    raise self._end_error
+                return None
+            self._wakeup.clear()
+            if timeout is None:
+                await self._wakeup.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                except TimeoutError:
+                    raise MeterTimeoutError(
+                        self.meter, f"no sample data within {timeout} s"
+                    ) from None
+
+    def __aiter__(self) -> AsyncIterator[Block]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Block]:
+        while True:
+            block = await self.next_block()
+            if block is None:
+                return
+            yield block
+
+    def drain_nowait(self) -> list[Block]:
+        """Every block received so far, without waiting."""
+        out = list(self._blocks)
+        self._blocks.clear()
+        self._backlog = 0
+        return out
+
+    async def stop(self) -> SessionSummary:
+        """Send ``stop``, keep decoding frames until the stop reply, and reconcile (§4.8).
+
+        Blocks not consumed yet stay available to :meth:`next_block` / iteration.
+        """
+        if not self._ended:
+            if self._send_stop is None:
+                raise MeterCommandError(self.meter, "this stream cannot be stopped by command")
+            try:
+                reply = await self._send_stop()
+            except MeterConnectionError as exc:
+                self._finish(ended_by="connection lost", error=exc)
+                raise
+            if self._drain is not None:
+                await self._drain()
+            self._finish(ended_by="stop", stop=reply)
+        assert self._summary is not None
+        return self._summary
+
+    # ---------------------------------------------------------------------- flow control
+
+    async def cts(self, ready: bool) -> None:
+        """Pause (False) or resume (True) sending (§5.1).  Paused data fills the ring buffer."""
+        if self._send_cts is None:
+            raise MeterCommandError(self.meter, "flow control is not available on this stream")
+        await self._send_cts(ready)
+        if ready:
+            self._paused_since = None
+        elif self._paused_since is None:
+            self._paused_since = time.monotonic()
+            self._received_at_pause = self.received_samples
+
+    async def request_samples(self, n: int) -> None:
+        """Ask for one frame of ``n`` samples (§5.2; 11..42 for 24-byte, 11..128 for 8-byte).
+
+        Silent on success and, as in the firmware, switches the meter to continuous sending.
+        """
+        if self._send_request is None:
+            raise MeterCommandError(self.meter, "reqSamples is not available on this stream")
+        limit = max_request_samples(self.measures)
+        if isinstance(n, bool) or not isinstance(n, int) or not 11 <= n <= min(limit, 2000):
+            raise MeterCommandError(
+                self.meter,
+                f"reqSamples: samples={n!r} is not allowed; allowed: 11..{limit} for "
+                f"{self.measures.name} (1029-byte send buffer, §5.2)",
+            )
+        await self._send_request(n)
+        self._paused_since = None  # reqSamples sets rts=true for good (§5.2)
+
+    def buffer_fill_estimate(self) -> BufferFill:
+        """Estimate of the meter's ring-buffer fill while paused (§4.10).
+
+        From rate × time paused minus what arrived since; logs a warning above 50 %.
+        """
+        bytes_per_second = self.rate * self.measures.bytes_per_sample
+        if self._paused_since is None:
+            return BufferFill(0, 0.0, math.inf)
+        elapsed = time.monotonic() - self._paused_since
+        arrived = (self.received_samples - self._received_at_pause) * self.measures.bytes_per_sample
+        filled = max(0, int(bytes_per_second * elapsed) - arrived)
+        fraction = filled / RING_BUFFER_BYTES
+        remaining = max(0.0, (RING_BUFFER_BYTES - filled) / bytes_per_second)
+        if fraction > BUFFER_WARN_FRACTION and not self._warned_fill:
+            self._warned_fill = True
+            logger.warning(
+                "%s: paused meter's ring buffer is about %.0f %% full; it reboots on overflow "
+                "in about %.1f s (§4.10)",
+                self.meter,
+                100 * fraction,
+                remaining,
+            )
+        elif fraction <= BUFFER_WARN_FRACTION:
+            self._warned_fill = False
+        return BufferFill(filled, fraction, remaining)
+
+    # ------------------------------------------------------------------- reconciliation
+
+    def _reconcile(self, ended_by: str, stop: StopReply | None) -> SessionSummary:
+        notes: list[str] = [
+            f"received {self.received_samples} samples in {self.frames} frames",
+        ]
+        if self.missing_declared:
+            notes.append(
+                f"{self.missing_declared} samples declared missing "
+                f"({self.gap_count} packet gaps, {self.corrupt_frames} corrupt frames)"
+            )
+        if self.missing_unsized_gaps:
+            notes.append(f"{self.missing_unsized_gaps} packet gaps of unknown size")
+        if self.late_samples:
+            notes.append(
+                f"{self.late_samples} samples arrived late (already declared missing, kept aside)"
+            )
+        if self.repaired_frames:
+            notes.append(f"{self.repaired_frames} frames had a log line cut out of them (§4.6)")
+        if self.skipped_bytes:
+            notes.append(f"{self.skipped_bytes} bytes skipped to resynchronise")
+        unexplained: int | None = None
+        explained = False
+        device_samples = device_sent = None
+        start_ts = stop_ts = avg_rate = None
+        duration = None
+        if stop is not None and stop.sent_samples is not None:
+            device_samples = stop.samples
+            device_sent = stop.sent_samples
+            start_ts = stop.start_ts
+            stop_ts = stop.stop_ts
+            avg_rate = stop.avg_rate
+            duration = stop.sample_duration_ms
+            unexplained = device_sent - self.received_samples - self.missing_declared
+            explained = unexplained == 0 and not self.missing_unsized_gaps
+            if unexplained == 0:
+                notes.append(
+                    f"device sent {device_sent} = received {self.received_samples} + "
+                    f"declared missing {self.missing_declared}: reconciled"
+                )
+            elif unexplained > 0:
+                notes.append(
+                    f"device sent {device_sent} but only {self.received_samples} received + "
+                    f"{self.missing_declared} declared missing: {unexplained} samples lost "
+                    "without a gap record (e.g. the last datagrams of a UDP stream)"
+                )
+            else:
+                notes.append(
+                    f"received {-unexplained} more samples than the device reports sending "
+                    "(its sent_samples counts bytes the socket accepted, §4.8)"
+                )
+            if device_samples is not None and device_samples != device_sent:
+                notes.append(
+                    f"device produced {device_samples} samples and sent {device_sent} "
+                    "(RTC filler and NTP corrections are counted differently, §4.8, §6.5)"
+                )
+        elif stop is not None:
+            notes.append("the meter said it was not sampling when stopped: no device counts")
+        else:
+            notes.append(f"no stop reply ({ended_by}): the device's counts are unknown")
+        summary = SessionSummary(
+            meter=self.meter,
+            transport=self.transport,
+            measures=self.measures,
+            rate=self.rate,
+            ended_by=ended_by,
+            received_samples=self.received_samples,
+            missing_declared=self.missing_declared,
+            missing_unsized_gaps=self.missing_unsized_gaps,
+            late_samples=self.late_samples,
+            gaps=self.gap_count,
+            corrupt_frames=self.corrupt_frames,
+            repaired_frames=self.repaired_frames,
+            skipped_bytes=self.skipped_bytes,
+            frames=self.frames,
+            device_samples=device_samples,
+            device_sent_samples=device_sent,
+            start_ts=start_ts,
+            stop_ts=stop_ts,
+            sample_duration_ms=duration,
+            avg_rate=avg_rate,
+            unexplained=unexplained,
+            explained=explained,
+            notes=tuple(notes),
+        )
+        if stop is not None and not explained:
+            logger.warning("%s: session summary does not reconcile: %s", self.meter, notes[-1])
+        return summary
+

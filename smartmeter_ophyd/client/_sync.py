@@ -1,0 +1,251 @@
+"""Blocking facade: the same :class:`AsyncMeterClient`, run on a private event-loop thread.
+
+There is one implementation (the asyncio client); :class:`MeterClient` only forwards each
+call to its loop thread and waits for the result with a timeout.  ``close()`` (or leaving
+the ``with`` block) closes the connection, stops the loop and joins the thread: no thread is
+left behind.  Sessions are wrapped too: iterating a :class:`SyncSamplingSession` yields
+:class:`Block` values.
+
+Callbacks given to ``subscribe_logs``/``subscribe_events`` run on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from ..protocol import LogLine
+from ._async import AsyncMeterClient, ClientEvent, SampleConfig
+from ._errors import MeterTimeoutError
+from ._session import Block, BufferFill, SamplingSession, SessionSummary
+
+logger = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
+
+_GRACE_S = 1.0
+"""Extra wait on top of the client's own timeout, so its typed error arrives first."""
+
+
+class _LoopThread:
+    """An event loop running forever on a daemon thread until :meth:`stop`."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, _R], timeout: float | None, what: str,
+            meter: Callable[[], str]) -> _R:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise MeterTimeoutError(meter(), f"{what} did not finish within {timeout} s") from None
+
+    def call(self, fn: Callable[[], _R]) -> _R:
+        async def wrapper() -> _R:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def _blocking(
+    method: Callable[..., Coroutine[Any, Any, _R]],
+) -> Callable[..., _R]:
+    """Turn an ``AsyncMeterClient`` coroutine method into a blocking one of the same name."""
+
+    @functools.wraps(method)
+    def wrapper(self: MeterClient, *args: Any, **kwargs: Any) -> _R:
+        coro = method(self._client, *args, **kwargs)
+        return self._run(coro, method.__name__)
+
+    return wrapper
+
+
+class MeterClient:
+    """Blocking client of one SmartMeter; same methods as :class:`AsyncMeterClient`.
+
+    Each call waits at most ``timeout`` (+1 s) on top of the meter's own timeouts.
+    """
+
+    def __init__(self, host: str, port: int = 54321, **kwargs: Any) -> None:
+        self._thread = _LoopThread(name=f"smartmeter-client {host}:{port}")
+        self._timeout = float(kwargs.get("timeout", 5.0))
+
+        async def build() -> AsyncMeterClient:
+            return AsyncMeterClient(host, port, **kwargs)
+
+        self._client = self._thread.run(build(), None, "setup", lambda: f"{host}:{port}")
+
+    @classmethod
+    def serial(cls, device: str, **kwargs: Any) -> MeterClient:
+        """Blocking client on a serial device (see :meth:`AsyncMeterClient.serial`)."""
+        self = cls.__new__(cls)
+        self._thread = _LoopThread(name=f"smartmeter-client {device}")
+        self._timeout = float(kwargs.get("timeout", 5.0))
+
+        async def build() -> AsyncMeterClient:
+            return AsyncMeterClient.serial(device, **kwargs)
+
+        self._client = self._thread.run(build(), None, "setup", lambda: device)
+        return self
+
+    def _run(self, coro: Coroutine[Any, Any, _R], what: str, timeout: float | None = None) -> _R:
+        limit = (self._timeout if timeout is None else timeout) * 3 + _GRACE_S
+        return self._thread.run(coro, limit, what, lambda: self._client.meter_label)
+
+    # properties read on the loop thread's objects (immutable values)
+    @property
+    def info(self) -> Any:
+        return self._client.info
+
+    @property
+    def meter_label(self) -> str:
+        return self._client.meter_label
+
+    @property
+    def connected(self) -> bool:
+        return self._client.connected
+
+    @property
+    def async_client(self) -> AsyncMeterClient:
+        """The underlying client (use it only from the loop thread)."""
+        return self._client
+
+    def __repr__(self) -> str:
+        return f"<MeterClient {self._client.meter_label}>"
+
+    connect = _blocking(AsyncMeterClient.connect)
+    get_info = _blocking(AsyncMeterClient.get_info)
+    get_voltage = _blocking(AsyncMeterClient.get_voltage)
+    get_current = _blocking(AsyncMeterClient.get_current)
+    get_power = _blocking(AsyncMeterClient.get_power)
+    get_energy = _blocking(AsyncMeterClient.get_energy)
+    get_frequency = _blocking(AsyncMeterClient.get_frequency)
+    get_phase_angle = _blocking(AsyncMeterClient.get_phase_angle)
+    set_name = _blocking(AsyncMeterClient.set_name)
+    set_mqtt_server = _blocking(AsyncMeterClient.set_mqtt_server)
+    set_stream_server = _blocking(AsyncMeterClient.set_stream_server)
+    set_time_server = _blocking(AsyncMeterClient.set_time_server)
+    add_wifi = _blocking(AsyncMeterClient.add_wifi)
+    del_wifi = _blocking(AsyncMeterClient.del_wifi)
+    ntp_sync = _blocking(AsyncMeterClient.ntp_sync)
+    set_calibration = _blocking(AsyncMeterClient.set_calibration)
+    reset_energy = _blocking(AsyncMeterClient.reset_energy)
+    set_daily_restart = _blocking(AsyncMeterClient.set_daily_restart)
+    set_log_level = _blocking(AsyncMeterClient.set_log_level)
+    get_log = _blocking(AsyncMeterClient.get_log)
+    clear_log = _blocking(AsyncMeterClient.clear_log)
+    ade9k_read = _blocking(AsyncMeterClient.ade9k_read)
+    ade9k_write = _blocking(AsyncMeterClient.ade9k_write)
+    restart = _blocking(AsyncMeterClient.restart)
+    factory_reset = _blocking(AsyncMeterClient.factory_reset)
+    basic_reset = _blocking(AsyncMeterClient.basic_reset)
+    probe = _blocking(AsyncMeterClient.probe)
+    keepalive = _blocking(AsyncMeterClient.keepalive)
+    cts = _blocking(AsyncMeterClient.cts)
+    stop = _blocking(AsyncMeterClient.stop)
+    request = _blocking(AsyncMeterClient.request)
+
+    def sample(self, config: SampleConfig | Any = None, /, **settings: Any) -> SyncSamplingSession:
+        """Start sampling (see :meth:`AsyncMeterClient.sample`); returns a blocking session."""
+        session = self._run(self._client.sample(config, **settings), "sample")
+        return SyncSamplingSession(self, session)
+
+    def subscribe_logs(self, callback: Callable[[LogLine], None]) -> Callable[[], None]:
+        """As :meth:`AsyncMeterClient.subscribe_logs`; ``callback`` runs on the loop thread."""
+        unsubscribe = self._thread.call(lambda: self._client.subscribe_logs(callback))
+        return lambda: self._thread.call(unsubscribe)
+
+    def subscribe_events(self, callback: Callable[[ClientEvent], None]) -> Callable[[], None]:
+        unsubscribe = self._thread.call(lambda: self._client.subscribe_events(callback))
+        return lambda: self._thread.call(unsubscribe)
+
+    def close(self) -> None:
+        """Close the connection, stop the loop and join its thread."""
+        if not self._thread.alive:
+            return
+        try:
+            self._run(self._client.close(), "close")
+        finally:
+            self._thread.stop()
+
+    def __enter__(self) -> MeterClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread.alive:
+            logger.warning("MeterClient garbage-collected without close(); stopping its thread")
+            thread.loop.call_soon_threadsafe(thread.loop.stop)
+
+
+class SyncSamplingSession:
+    """Blocking view of a :class:`SamplingSession`; iterating yields :class:`Block` values."""
+
+    def __init__(self, client: MeterClient, session: SamplingSession) -> None:
+        self._client = client
+        self.session = session
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self.session.channels
+
+    @property
+    def summary(self) -> SessionSummary | None:
+        return self.session.summary
+
+    def next_block(self, timeout: float | None = None) -> Block | None:
+        wait = timeout if timeout is not None else self._client._timeout * 4
+        return self._client._run(self.session.next_block(wait), "next_block", wait)
+
+    def __iter__(self) -> Iterator[Block]:
+        while True:
+            block = self.next_block()
+            if block is None:
+                return
+            yield block
+
+    def stop(self) -> SessionSummary:
+        return self._client._run(self.session.stop(), "stop")
+
+    def cts(self, ready: bool) -> None:
+        self._client._run(self.session.cts(ready), "cts")
+
+    def request_samples(self, n: int) -> None:
+        self._client._run(self.session.request_samples(n), "request_samples")
+
+    def buffer_fill_estimate(self) -> BufferFill:
+        return self.session.buffer_fill_estimate()
