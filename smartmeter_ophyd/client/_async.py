@@ -144,6 +144,7 @@ READ_SIZE: Final = 1 << 18
 _SESSION_EVENTS: Final = (Samples, PacketGap, LatePacket, CorruptFrame, RepairedFrame)
 _COMMAND_NAMES: Final = frozenset(COMMANDS)
 _V = TypeVar("_V", bound=ReplyView)
+_C = TypeVar("_C", bound=Command)
 
 
 # ---------------------------------------------------------------------- client events
@@ -197,9 +198,9 @@ class SampleConfig:
 
     def to_command(self, port: int | None = None) -> Sample:
         return Sample(
-            transport=self.transport,  # type: ignore[arg-type]
+            transport=self.transport,
             rate=self.rate,
-            measures=self.measures,  # type: ignore[arg-type]
+            measures=self.measures,
             prefix=self.prefix,
             port=port if port is not None else self.port,
             flow_control=self.flow_control,
@@ -832,6 +833,13 @@ class AsyncMeterClient:
         except CommandError as exc:
             raise MeterCommandError(self.meter_label, str(exc)) from exc
 
+    def _build(self, cls: type[_C], *args: Any, **kwargs: Any) -> _C:
+        """Construct a codec command; its validation error becomes a MeterCommandError."""
+        try:
+            return cls(*args, **kwargs)
+        except CommandError as exc:
+            raise MeterCommandError(self.meter_label, str(exc)) from exc
+
     async def _await_reply(
         self, future: asyncio.Future[Any], what: str, timeout: float | None
     ) -> Any:
@@ -945,77 +953,77 @@ class AsyncMeterClient:
 
     async def get_voltage(self) -> LineValues:
         """RMS voltage per line, V (§3.10)."""
-        return await self._typed(GetVoltage(), LineValues)
+        return await self._typed(self._build(GetVoltage), LineValues)
 
     async def get_current(self) -> LineValues:
         """RMS current per line, mA (§3.10)."""
-        return await self._typed(GetCurrent(), LineValues)
+        return await self._typed(self._build(GetCurrent), LineValues)
 
     async def get_power(self) -> PowerReading:
         """Active/reactive/'apparent' power per line (§3.10; apparent = reactive, §12 #9)."""
-        return await self._typed(GetPower(), PowerReading)
+        return await self._typed(self._build(GetPower), PowerReading)
 
     async def get_energy(self) -> EnergyReading:
         """Energy per line since the last reset, Wh (§3.10; resets the ADE accumulators)."""
-        return await self._typed(GetEnergy(), EnergyReading)
+        return await self._typed(self._build(GetEnergy), EnergyReading)
 
     async def get_frequency(self) -> LineValues:
         """Line frequency per line, Hz (the firmware's ``getPeriod``, §12 #13)."""
-        return await self._typed(GetPeriod(), LineValues)
+        return await self._typed(self._build(GetPeriod), LineValues)
 
     async def get_phase_angle(self) -> LineValues:
         """Voltage-current phase angle per line, degrees (§3.10)."""
-        return await self._typed(GetPhaseAngle(), LineValues)
+        return await self._typed(self._build(GetPhaseAngle), LineValues)
 
     async def set_name(self, name: str) -> MessageReply:
         """Rename the meter (§3.2; at most 19 bytes).  Re-reads the info line afterwards."""
-        reply = await self._typed(SetName(name), MessageReply)
+        reply = await self._typed(self._build(SetName, name), MessageReply)
         with contextlib.suppress(MeterError):
             await self.get_info()
         return reply
 
     async def set_mqtt_server(self, server: str, *, timeout: float | None = None) -> MessageReply:
         """MQTT broker (§3.3; ``"-"`` disables).  The meter tries to connect before replying."""
-        return await self._typed(SetMqttServer(server), MessageReply, timeout)
+        return await self._typed(self._build(SetMqttServer, server), MessageReply, timeout)
 
     async def set_stream_server(self, server: str) -> MessageReply:
         """Host the meter dials on port 54322 every 30 s (§3.4, §7.2; ``"-"`` unsets)."""
-        return await self._typed(SetStreamServer(server), MessageReply)
+        return await self._typed(self._build(SetStreamServer, server), MessageReply)
 
     async def set_time_server(self, server: str, *, timeout: float | None = None) -> MessageReply:
         """NTP server (§3.5); the meter syncs (blocking) before replying."""
-        return await self._typed(SetTimeServer(server), MessageReply, timeout)
+        return await self._typed(self._build(SetTimeServer, server), MessageReply, timeout)
 
     async def add_wifi(self, ssid: str, password: str = "") -> WifiReply:
         """Add a WiFi network (§3.6; the error flag is inverted).  The password is never logged."""
-        return await self._typed(AddWifi(ssid, password), WifiReply)
+        return await self._typed(self._build(AddWifi, ssid, password), WifiReply)
 
     async def del_wifi(self, ssid: str) -> WifiReply:
         """Remove a WiFi network (§3.6)."""
-        return await self._typed(DelWifi(ssid), WifiReply)
+        return await self._typed(self._build(DelWifi, ssid), WifiReply)
 
     async def ntp_sync(self, background: bool = False, *, timeout: float | None = None) -> NtpReply:
         """NTP sync (§3.7; inverted error flag).  ``background`` returns at once."""
-        return await self._typed(NtpSync(background), NtpReply, timeout)
+        return await self._typed(self._build(NtpSync, background), NtpReply, timeout)
 
     async def set_calibration(self, factors: tuple[float, ...] | list[float]) -> MessageReply:
         """Calibration ``[v1,i1,v2,i2,v3,i3]`` (§3.8; stored, never applied)."""
-        return await self._typed(SetCalibration(tuple(factors)), MessageReply)  # type: ignore[arg-type]
+        return await self._typed(self._build(SetCalibration, tuple(factors)), MessageReply)
 
     async def reset_energy(
         self, energy: tuple[float, float, float] | None = None, ts: int | None = None
     ) -> MessageReply:
         """Reset the energy counters (§3.9), optionally to ``energy`` Wh at unix time ``ts``."""
-        return await self._typed(ResetEnergy(energy, ts), MessageReply)
+        return await self._typed(self._build(ResetEnergy, energy, ts), MessageReply)
 
     async def set_daily_restart(self, hour: int, minute: int) -> MessageReply:
         """Reboot daily at local ``hour:minute`` (§3.12); ``hour=-1`` disables."""
-        return await self._typed(SetDailyRestart(hour, minute), MessageReply)
+        return await self._typed(self._build(SetDailyRestart, hour, minute), MessageReply)
 
     async def set_log_level(self, level: LogLevel | str) -> LogLevelReply:
         """This connection's log level (§3.1; not persisted, re-applied on reconnect if it
         was given to the constructor)."""
-        command = SetLogLevel(level)  # type: ignore[arg-type]
+        command = self._build(SetLogLevel, level)
         reply = await self._typed(command, LogLevelReply)
         self._log_level = command.level
         return reply
@@ -1044,18 +1052,18 @@ class AsyncMeterClient:
 
     async def clear_log(self) -> MessageReply:
         """Delete the stored log (§3.11)."""
-        return await self._typed(ClearLog(), MessageReply)
+        return await self._typed(self._build(ClearLog), MessageReply)
 
     async def ade9k_read(self, address: int, size: int = 32) -> int:
         """Read an ADE9000 register (§3.13)."""
-        reply = await self._typed(Ade9kAccess(address, size), Ade9kReply)
+        reply = await self._typed(self._build(Ade9kAccess, address, size), Ade9kReply)
         if reply.reg_value is None:
             raise MeterProtocolError(self.meter_label, "ade9k reply without regValue")
         return reply.reg_value
 
     async def ade9k_write(self, address: int, value: int, size: int = 32) -> Ade9kReply:
         """Write an ADE9000 register; the reply has the old and the re-read value (§3.13)."""
-        return await self._typed(Ade9kAccess(address, size, value), Ade9kReply)
+        return await self._typed(self._build(Ade9kAccess, address, size, value), Ade9kReply)
 
     async def restart(self, *, timeout: float | None = None) -> None:
         """Reboot the meter (§3.15); returns when the connection has dropped."""
@@ -1083,7 +1091,7 @@ class AsyncMeterClient:
     async def cts(self, ready: bool) -> None:
         """Set ready-to-send (§5.1).  Prefer :meth:`SamplingSession.cts`, which also tracks
         the pause for :meth:`SamplingSession.buffer_fill_estimate`."""
-        await self._typed(Cts(ready), MessageReply)
+        await self._typed(self._build(Cts, ready), MessageReply)
 
     async def stop(self, *, timeout: float | None = None) -> StopReply:
         """Send ``stop`` (§4.8) and return the reply.  Stops any session of the meter (also
@@ -1227,7 +1235,7 @@ class AsyncMeterClient:
             await self._typed(Cts(ready), MessageReply)
 
         async def send_request(n: int) -> None:
-            self._send(self._encode(RequestSamples(n, view.measures)))
+            self._send(self._encode(self._build(RequestSamples, n, view.measures)))
 
         session = SamplingSession(
             meter=self.meter_label,
