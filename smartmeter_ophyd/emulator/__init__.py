@@ -1,1 +1,28 @@
-"""(filled by its issue)"""
+"""Firmware-2.2-faithful SmartMeter emulator on real sockets (server role of the codec).
+
+``EmulatedMeter(EmulatorConfig(...))`` is one meter: TCP command port (§2), raw stream port
+(§7.1), UDP and serial (pty) sinks (§4.12, §4.13), stream-server dial-out (§7.2), NTP
+(§6), persistence (§10), and a test-only control channel (``_control``).  Several meters
+share one event loop; ``python -m smartmeter_ophyd.emulator --count N`` runs them.
+
+Deliberate deviations from firmware 2.2 (everything else aims to be byte-exact):
+
+* ``cmd`` echo (§2.9) is the command name unless ``corrupt_cmd_echo`` is set.
+* ``reqSamples`` asking for more than the 1029-byte send buffer is emulated as an ERROR log
+  (``reqSamples: <n> bytes overflow the 1040 byte send buffer``) and a reboot; the firmware
+  corrupts memory.  Frames never include not-yet-written buffer memory (§5.2).
+* Negative sampling rates are refused with ``SamplingRate could not be set to <rate>``.
+* A second ``sample`` during a scheduled countdown replaces the pending start (the
+  firmware may start twice, §6.4 #6); ``type:"FFMPEG"`` is accepted only while a raw
+  stream client is pending and then streams to USB serial (§7.3).
+* MQTT is not implemented yet: every connect attempt fails as without a broker (§8.1),
+  ``type:"MQTT"`` sessions stop at once with ``MQTT Server disconnected while streaming``.
+* A command line without ``\\n`` waits 10 s for its end without stalling the meter (§2.1).
+* The copy of each reply that goes to USB serial (§2.8) is the reply line itself.
+* The ring-buffer wrap-around corruption (§4.10) and the 20–24 character name overflow
+  (§3.2) are not reproduced.
+"""
+
+from ._meter import EmulatedMeter, EmulatorConfig, Truth
+
+__all__ = ["EmulatedMeter", "EmulatorConfig", "Truth"]

@@ -1,0 +1,177 @@
+"""Where a sampling session's frames go: TCP, UDP, Serial, the raw stream port, MQTT (§4, §7).
+
+A sink takes encoded frames (``stride`` bytes each) and reports how many bytes were
+accepted, which is what the stop reply's ``sent_samples`` counts (§4.8).  ``room()`` is the
+back-pressure the firmware gets from a blocking send: the session only moves data out of
+its ring buffer into a sink with room, so an unread client ends in a ring-buffer overflow
+(§4.10) rather than in unbounded queues.
+
+``SINK_FACTORIES`` maps each :class:`Transport` to how it is built; MQTT sampling is a
+later issue and is represented by :class:`MqttSink`, which behaves like the firmware
+without a broker (the session stops with ``MQTT Server disconnected while streaming``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from smartmeter_ophyd.protocol import Transport
+
+from . import _texts as texts
+from ._endpoints import Endpoint, TcpEndpoint
+
+HIGH_WATER_BYTES: Final = 65_536
+"""Unsent bytes a sink may hold before the session stops feeding it (emulates a blocking send)."""
+
+
+class Sink:
+    """Base of all sampling sinks."""
+
+    transport: Transport = Transport.TCP
+    serial_framing = False
+    lost_text = texts.TCP_LOST
+
+    def connected(self) -> bool:
+        raise NotImplementedError
+
+    def room(self) -> int:
+        """Bytes the sink takes now without blocking."""
+        raise NotImplementedError
+
+    def send(self, frames: bytes, stride: int) -> int:
+        """Write whole frames; return accepted bytes."""
+        raise NotImplementedError
+
+    @property
+    def local_ip(self) -> str | None:
+        """Device address seen by the sink (the busy reply quotes it, §2.8); None for Serial."""
+        return None
+
+
+class EndpointSink(Sink):
+    """TCP command connection, raw stream socket or the serial port."""
+
+    def __init__(self, endpoint: Endpoint, transport: Transport) -> None:
+        self.endpoint = endpoint
+        self.transport = transport
+        self.serial_framing = endpoint.kind == "serial"
+
+    def connected(self) -> bool:
+        return self.endpoint.alive
+
+    def room(self) -> int:
+        return max(0, HIGH_WATER_BYTES - self.endpoint.backlog())
+
+    def send(self, frames: bytes, stride: int) -> int:
+        return self.endpoint.write(frames)
+
+    @property
+    def local_ip(self) -> str | None:
+        return self.endpoint.local_ip if isinstance(self.endpoint, TcpEndpoint) else None
+
+
+class UdpSink(Sink):
+    """One frame per datagram to the requester's IP and ``payload.port`` (§4.13).
+
+    The session lives as long as the TCP connection that issued the command (§4.9).
+    """
+
+    transport = Transport.UDP
+    lost_text = texts.UDP_LOST
+
+    def __init__(
+        self,
+        datagrams: asyncio.DatagramTransport,
+        address: tuple[str, int],
+        requester: Endpoint,
+        drop_next: Callable[[], bool],
+    ) -> None:
+        self.datagrams = datagrams
+        self.address = address
+        self.requester = requester
+        self._drop_next = drop_next
+
+    def connected(self) -> bool:
+        return self.requester.alive
+
+    def room(self) -> int:
+        return max(0, HIGH_WATER_BYTES - self.datagrams.get_write_buffer_size())
+
+    def send(self, frames: bytes, stride: int) -> int:
+        accepted = 0
+        for offset in range(0, len(frames), stride):
+            frame = frames[offset : offset + stride]
+            if not self._drop_next():
+                self.datagrams.sendto(frame, self.address)
+            accepted += len(frame)  # a dropped datagram still left the device
+        return accepted
+
+    @property
+    def local_ip(self) -> str | None:
+        return getattr(self.requester, "local_ip", None) or None
+
+
+class MqttSink(Sink):
+    """Placeholder for MQTT sampling (§4.14), a later issue: no broker is ever connected."""
+
+    transport = Transport.MQTT
+    lost_text = texts.MQTT_LOST
+
+    def connected(self) -> bool:
+        return False
+
+    def room(self) -> int:
+        return 0
+
+    def send(self, frames: bytes, stride: int) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class SinkRequest:
+    """What a sink factory gets: the requesting endpoint and the validated payload bits."""
+
+    requester: Endpoint
+    serial: Endpoint | None
+    udp_port: int
+    datagrams: asyncio.DatagramTransport | None
+    drop_next_datagram: Callable[[], bool]
+
+
+def _tcp(req: SinkRequest) -> Sink:
+    return EndpointSink(req.requester, Transport.TCP)
+
+
+def _serial(req: SinkRequest) -> Sink:
+    if req.serial is None:
+        raise RuntimeError("this meter has no serial port")
+    return EndpointSink(req.serial, Transport.SERIAL)
+
+
+def _udp(req: SinkRequest) -> Sink:
+    if req.datagrams is None:
+        raise RuntimeError("UDP socket not open")
+    ip = getattr(req.requester, "peer_ip", "127.0.0.1")
+    return UdpSink(req.datagrams, (ip, req.udp_port), req.requester, req.drop_next_datagram)
+
+
+def _mqtt(req: SinkRequest) -> Sink:
+    return MqttSink()
+
+
+def _ffmpeg(req: SinkRequest) -> Sink:
+    # §7.3: the sink is NOT switched to the stream client; data goes to the previous sink,
+    # which after boot is USB serial.
+    return _serial(req)
+
+
+SINK_FACTORIES: Final[dict[Transport, Callable[[SinkRequest], Sink]]] = {
+    Transport.TCP: _tcp,
+    Transport.UDP: _udp,
+    Transport.SERIAL: _serial,
+    Transport.MQTT: _mqtt,
+    Transport.FFMPEG: _ffmpeg,
+}
