@@ -45,7 +45,9 @@ from typing import Final
 
 import numpy as np
 
-__all__ = ["GRID_EPOCH", "SLOT_S", "Appliance", "GridModel", "GridSnapshot", "hash_u64"]
+__all__ = [
+    "GRID_EPOCH", "SLOT_S", "Appliance", "GridModel", "GridSnapshot", "hash_u64", "mix_u64",
+]
 
 GRID_EPOCH: Final = 1_700_000_000.0
 """Times are taken relative to this whole second to keep phase arithmetic precise."""
@@ -88,6 +90,20 @@ _HASH_START: Final = 0x243F6A8885A308D3
 _GOLDEN_INT: Final = int(_GOLDEN)
 _MIX1_INT: Final = int(_MIX1)
 _MIX2_INT: Final = int(_MIX2)
+
+
+def _turns(tr: np.ndarray, period: float) -> np.ndarray:
+    """Fractional part of ``tr / period``: keeps trig arguments small (fast and exact)."""
+    x = tr * (1.0 / period)
+    return x - np.floor(x)
+
+
+def mix_u64(x: np.ndarray) -> np.ndarray:
+    """One splitmix64 finaliser round on a uint64 array (wraps silently, as intended)."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    return x ^ (x >> np.uint64(31))
 
 
 def _unit_interval(h: np.ndarray) -> np.ndarray:
@@ -194,8 +210,8 @@ class GridModel:
         tr = np.asarray(t_true, dtype=np.float64) - GRID_EPOCH
         (a1, a2), (p1, p2) = self.wander_hz, self.wander_period_s
         cycles = self.nominal_hz * tr
-        cycles += (a1 * p1 / _TWO_PI) * (1.0 - np.cos(tr * (_TWO_PI / p1)))
-        cycles += (a2 * p2 / _TWO_PI) * (1.0 - np.cos(tr * (_TWO_PI / p2)))
+        cycles += (a1 * p1 / _TWO_PI) * (1.0 - np.cos(_TWO_PI * _turns(tr, p1)))
+        cycles += (a2 * p2 / _TWO_PI) * (1.0 - np.cos(_TWO_PI * _turns(tr, p2)))
         return cycles
 
     def frequency(self, t_true: np.ndarray | float) -> np.ndarray:
@@ -204,8 +220,8 @@ class GridModel:
         (a1, a2), (p1, p2) = self.wander_hz, self.wander_period_s
         return (
             self.nominal_hz
-            + a1 * np.sin(tr * (_TWO_PI / p1))
-            + a2 * np.sin(tr * (_TWO_PI / p2))
+            + a1 * np.sin(_TWO_PI * _turns(tr, p1))
+            + a2 * np.sin(_TWO_PI * _turns(tr, p2))
         )
 
     def _fundamental_phasor(self, t_true: np.ndarray) -> np.ndarray:
@@ -216,10 +232,12 @@ class GridModel:
     def envelope(self, t_true: np.ndarray | float) -> np.ndarray:
         """(n, 3) per-line amplitude factor (1 = nominal)."""
         tr = np.atleast_1d(np.asarray(t_true, dtype=np.float64)) - GRID_EPOCH
-        angle = tr[:, None] * (_TWO_PI / self.envelope_period_s) + np.array(
-            [0.0, _LINE_SHIFT, 2 * _LINE_SHIFT]
+        angle = _TWO_PI * _turns(tr, self.envelope_period_s)
+        # sin(a + line*120deg) = sin a cos(line*120deg) + cos a sin(line*120deg)
+        shifts = np.array([0.0, _LINE_SHIFT, 2 * _LINE_SHIFT])
+        return (1.0 + np.asarray(self.unbalance)) + self.envelope_depth * (
+            np.sin(angle)[:, None] * np.cos(shifts) + np.cos(angle)[:, None] * np.sin(shifts)
         )
-        return 1.0 + np.asarray(self.unbalance) + self.envelope_depth * np.sin(angle)
 
     def _envelope_integral(self, t0: np.ndarray, t1: np.ndarray, line: np.ndarray) -> np.ndarray:
         """Integral of the envelope of ``line`` over [t0, t1] (s), element-wise."""
@@ -247,13 +265,43 @@ class GridModel:
         return self._current_from_phasor(t, z, circuit)
 
     def voltage_current(self, t_true: np.ndarray, circuit: int) -> tuple[np.ndarray, np.ndarray]:
-        """Both signals at once (shares the phase computation; what the sampler uses)."""
+        """Both signals at once: ((n, 3) volts, (n, 3) mA)."""
+        both = self.interleaved(t_true, circuit)
+        return both[:, 0::2], both[:, 1::2]
+
+    def interleaved(self, t_true: np.ndarray, circuit: int) -> np.ndarray:
+        """(n, 6) float64 ``v1, i1, v2, i2, v3, i3`` (V, mA): the firmware's full waveform
+        sample layout (§4.2), computed with one phase evaluation and one matrix product per
+        constant load state (what the sampler uses)."""
         t = np.atleast_1d(np.asarray(t_true, dtype=np.float64))
-        z = self._fundamental_phasor(t)
-        powers = self._odd_powers(z, len(_CURRENT_HARMONICS))
-        coef = self._voltage_coefficients
-        volts = (powers[:, : len(_VOLTAGE_HARMONICS)] @ coef).imag * self.envelope(t)
-        return volts, self._current_from_powers(t, powers, circuit)
+        n = t.shape[0]
+        powers = self._odd_powers(self._fundamental_phasor(t), len(_CURRENT_HARMONICS))
+        masks = self._state_masks(t, circuit)
+        out = np.empty((n, 6), dtype=np.float64)
+        if n == 0:
+            return out
+        if masks[0] == masks[-1] and (n < 3 or bool(np.all(masks == masks[0]))):
+            out[:] = (powers @ self._interleaved_coefficients(circuit, int(masks[0]))).imag
+        else:
+            for mask in np.unique(masks):
+                rows = masks == mask
+                out[rows] = (powers[rows] @ self._interleaved_coefficients(circuit, int(mask))).imag
+        out[:, 0::2] *= self.envelope(t)
+        return out
+
+    def _interleaved_coefficients(self, circuit: int, mask: int) -> np.ndarray:
+        """(K, 6) complex: voltage (even columns) and current (odd columns) phasors."""
+        cache = self.__dict__.setdefault("_interleaved_cache", {})
+        key = (circuit, mask)
+        coef = cache.get(key)
+        if coef is None:
+            coef = np.zeros((len(_CURRENT_HARMONICS), 6), dtype=np.complex128)
+            coef[: len(_VOLTAGE_HARMONICS), 0::2] = self._voltage_coefficients
+            coef[:, 1::2] = self._mask_coefficients(circuit, mask)
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = coef
+        return coef
 
     @staticmethod
     def _odd_powers(z: np.ndarray, count: int) -> np.ndarray:
@@ -272,7 +320,8 @@ class GridModel:
     def _current_from_powers(self, t: np.ndarray, powers: np.ndarray, circuit: int) -> np.ndarray:
         masks = self._state_masks(t, circuit)
         out = np.empty((t.shape[0], 3), dtype=np.float64)
-        unique = np.unique(masks) if masks.shape[0] and masks[0] != masks[-1] else masks[:1]
+        constant = masks.shape[0] < 3 or bool(np.all(masks == masks[0]))
+        unique = masks[:1] if constant else np.unique(masks)
         for mask in unique:
             coef = self._mask_coefficients(circuit, int(mask))
             if unique.shape[0] == 1:
