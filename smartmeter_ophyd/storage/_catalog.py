@@ -13,7 +13,8 @@ manage, reachable by name through ``databroker.from_profile`` (= ``tiled.client.
   ``bluesky_tiled_plugins.TiledWriter``.  The root carries the ``CatalogOfBlueskyRuns`` spec, so
   the client offers bluesky search helpers.
 * :func:`connect_server` connects to a ``tiled serve`` process (for example the PostgreSQL
-  backed one of ``scripts/postgres.sh``); :func:`write_server_profile` registers it by name.
+  backed one of ``scripts/postgres.sh``); :func:`write_server_profile` registers it by name (the API key is
+  passed at open time or via ``TILED_API_KEY``: Tiled profiles cannot hold one).
 
 Profiles directory: by default the *user* profile directory Tiled searches
 (``$TILED_PROFILES`` or the platform's ``~/.config/tiled/profiles``).  Tiled reads
@@ -196,22 +197,17 @@ def connect_server(uri: str, api_key: str | None = None) -> Any:
 def write_server_profile(
     profile: str,
     uri: str,
-    api_key: str | None = None,
     *,
     profiles_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Register a Tiled server as a profile (the key goes into the file: keep it private)."""
+    """Register a Tiled server by name.
+
+    Tiled profiles cannot hold an API key (its profile schema forbids one); pass it when
+    opening - ``databroker.from_profile(profile, api_key=key)`` - or set ``TILED_API_KEY``.
+    """
     _check_profile_name(profile)
-    content: dict[str, Any] = {"uri": uri}
-    if api_key is not None:
-        if not api_key.isalnum():
-            raise ValueError("Tiled single-user API keys must be alphanumeric")
-        content["headers"] = {"Authorization": f"Apikey {api_key}"}
     pdir = Path(profiles_dir) if profiles_dir is not None else default_profiles_dir()
-    path = _write_profile(pdir, profile, content)
-    if api_key is not None:
-        path.chmod(0o600)
-    return path
+    return _write_profile(pdir, profile, {"uri": uri})
 
 
 def close_client(client: Any) -> None:
