@@ -641,10 +641,10 @@ class AsyncMeterClient:
 
     def _flush_batch(self) -> None:
         batch = self._session_batch
-        self._session_batch = []
         session = self._session
         if session is not None:
             session._feed(batch)
+            batch.clear()
         else:
             samples = sum(e.values.shape[0] for e in batch if isinstance(e, Samples))
             logger.warning(
@@ -653,6 +653,7 @@ class AsyncMeterClient:
                 len(batch),
                 samples,
             )
+            batch.clear()
 
     def _on_log(self, line: LogLine) -> None:
         if line.text.startswith(OVERFLOW_LOG_TEXT):

@@ -295,7 +295,7 @@ class SamplingSession:
         self._end_error = error
         self._summary = self._reconcile(ended_by, stop)
         if error is not None:
-            logger.warning("%s: sampling session ended: %s", self.meter, error)
+            logger.warning("%s", error)
         self._wakeup.set()
         if self._on_end is not None:
             self._on_end(self)

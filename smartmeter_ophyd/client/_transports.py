@@ -191,8 +191,7 @@ class UdpReceiver(asyncio.DatagramProtocol):
         self.last_datagram_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         if addr[0] != self.meter_host:

@@ -1,0 +1,234 @@
+"""Sampling sessions over every transport, against the emulator, reconciled at stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from smartmeter_ophyd.client import (
+    AsyncMeterClient,
+    MeterCommandError,
+    MeterConnectionError,
+    SampleConfig,
+    StreamServer,
+    open_raw_stream,
+)
+from smartmeter_ophyd.protocol import Measures, Transport
+
+
+async def collect(session, seconds: float):
+    blocks = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            block = await session.next_block(timeout=max(0.05, deadline - time.monotonic()))
+        except TimeoutError:
+            break
+        if block is None:
+            break
+        blocks.append(block)
+    return blocks
+
+
+def check_values(blocks, channels: int) -> np.ndarray:
+    values = np.concatenate([b.values for b in blocks]) if blocks else np.empty((0, channels))
+    assert values.dtype == np.float32 and values.shape[1] == channels
+    assert np.isfinite(values).all()
+    return values
+
+
+async def test_tcp_session_reconciles(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        session = await client.sample(SampleConfig(rate=4000))
+        assert session.channels == Measures.VI.channels
+        blocks = await collect(session, 0.6)
+        summary = await session.stop()
+        blocks += session.drain_nowait()
+        values = check_values(blocks, 6)
+        packets = np.concatenate([b.packets for b in blocks])
+        assert packets[0] == 0 and (np.diff(packets.astype(np.int64)) == 1).all()
+        assert values.shape[0] == summary.received_samples
+        assert summary.ended_by == "stop" and summary.explained
+        assert summary.device_sent_samples == summary.received_samples
+        assert summary.missing_declared == 0 and summary.unexplained == 0
+        assert 3000 < summary.avg_rate < 5000
+        # voltages look like mains (v_l1 within +-400 V, not zero-filled)
+        assert 100 < np.abs(values[:, 0]).max() < 400
+        assert client.session is None
+        assert (await client.get_info()).state == "idle"
+
+
+async def test_udp_session_declares_dropped_datagrams(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        session = await client.sample(transport="UDP", rate=8000, measures="v,i_L1")
+        assert session.reply.port and session.reply.port > 0  # port 0 -> a free one was sent
+        first = await collect(session, 0.3)
+        meter.drop_udp_datagrams(3)
+        rest = await collect(session, 0.4)
+        summary = await session.stop()
+        blocks = first + rest + session.drain_nowait()
+        gaps = [g for b in blocks for g in b.gaps]
+        assert [g.kind for g in gaps] == ["packet-gap"]
+        chunk_samples = session.reply.chunk_size // Measures.VI_L1.bytes_per_sample
+        assert gaps[0].received_packet - gaps[0].expected_packet == 3
+        assert gaps[0].missing_samples == 3 * chunk_samples
+        assert summary.missing_declared == 3 * chunk_samples
+        # device counts the dropped datagrams as sent: sent = received + declared missing
+        assert summary.device_sent_samples == summary.received_samples + summary.missing_declared
+        assert summary.explained, summary.notes
+        check_values(blocks, 2)
+
+
+async def test_udp_port_given_explicitly_is_used(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        import socket
+
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        session = await client.sample(transport=Transport.UDP, rate=1000, port=port)
+        assert session.reply.port == port
+        assert await collect(session, 0.3)
+        await session.stop()
+
+
+async def test_log_line_inside_frame_is_repaired(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        lines = []
+        client.subscribe_logs(lines.append)
+        session = await client.sample(rate=8000)
+        await collect(session, 0.2)
+        meter.inject_log_in_next_frame("NTP synced with conf: 7")
+        await collect(session, 0.3)
+        summary = await session.stop()
+        assert summary.repaired_frames == 1
+        assert any(line.text == "NTP synced with conf: 7" for line in lines)
+        assert summary.explained
+
+
+async def test_garbage_before_frames_is_counted_not_delivered(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        session = await client.sample(rate=8000)
+        await collect(session, 0.2)
+        meter.inject_garbage(b"\x00garbage\xff" * 3)
+        await collect(session, 0.3)
+        summary = await session.stop()
+        assert summary.skipped_bytes >= 30
+        assert summary.explained, summary.notes
+
+
+async def test_flow_control_pause_estimate_and_request(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        session = await client.sample(rate=8000, flow_control=True)
+        await asyncio.sleep(0.3)
+        assert session.drain_nowait() == []  # paused from the start (§5.1)
+        fill = session.buffer_fill_estimate()
+        assert 0.2 * 8000 * 24 < fill.bytes < 0.6 * 8000 * 24
+        assert 0 < fill.fraction < 0.03 and 15 < fill.seconds_to_overflow < 20
+        with pytest.raises(MeterCommandError, match="11..42"):
+            await session.request_samples(43)
+        await session.request_samples(20)
+        blocks = await collect(session, 0.5)
+        # one 20-sample frame, then (rts is now true, §5.2) the backlog in full chunks
+        assert blocks and blocks[0].first_packet == 0 and blocks[0].frame_samples[0] == 20
+        assert blocks[-1].frame_samples[-1] == 42
+        await session.cts(False)
+        session.drain_nowait()
+        await session.cts(True)
+        assert await collect(session, 0.3)
+        summary = await session.stop()
+        assert summary.explained, summary.notes
+
+
+async def test_second_session_refused_locally(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        session = await client.sample(rate=1000)
+        with pytest.raises(MeterCommandError, match="already running"):
+            await client.sample(rate=1000)
+        await session.stop()
+
+
+async def test_connection_drop_mid_session_ends_with_typed_error(meter):
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, reconnect_backoff=(0.2, 1.0)
+    ) as client:
+        events = []
+        client.subscribe_events(events.append)
+        session = await client.sample(rate=8000)
+        received = await collect(session, 0.3)
+        meter.drop_connections()
+        with pytest.raises(MeterConnectionError, match="smartmeter emu .*connection lost"):
+            while await session.next_block(timeout=3.0) is not None:
+                pass
+        assert session.summary.ended_by == "connection lost"
+        assert session.summary.device_sent_samples is None
+        assert session.summary.received_samples >= sum(b.n_samples for b in received)
+        for _ in range(60):
+            if client.connected:
+                break
+            await asyncio.sleep(0.05)
+        assert client.connected
+        assert [type(e).__name__ for e in events][:2] == ["ConnectionLost", "Reconnected"]
+
+
+async def test_overflow_reboot_mid_session(meter):
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, reconnect_backoff=(0.2, 1.0)
+    ) as client:
+        events = []
+        client.subscribe_events(events.append)
+        meter.ring = type(meter.ring)(24 * 4000)  # a small ring buffer: overflow in 0.5 s
+        session = await client.sample(rate=8000, flow_control=True)
+        with pytest.raises(MeterConnectionError):
+            await session.next_block(timeout=5.0)
+        for _ in range(60):
+            if any(type(e).__name__ == "Reconnected" for e in events):
+                break
+            await asyncio.sleep(0.05)
+        reconnected = [e for e in events if type(e).__name__ == "Reconnected"]
+        assert reconnected and reconnected[0].rebooted is True
+
+
+async def test_serial_session_over_pty(serial_meter):
+    client = AsyncMeterClient.serial(serial_meter.serial_path, timeout=3.0)
+    async with client:
+        assert client.info.name == "emuser"
+        assert client.meter_label == f"smartmeter emuser ({serial_meter.serial_path})"
+        assert len((await client.get_voltage()).values) == 3
+        session = await client.sample(transport="Serial", rate=1000)
+        blocks = await collect(session, 0.5)
+        summary = await session.stop()
+        assert blocks and all(b.frame_samples.max() == 5 for b in blocks if b.n_samples)
+        assert summary.explained, summary.notes
+        check_values(blocks + session.drain_nowait(), 6)
+
+
+async def test_raw_stream_port_54322(meter):
+    stream = await open_raw_stream("127.0.0.1", meter.stream_port, name="emu")
+    try:
+        blocks = await collect(stream, 0.5)
+    finally:
+        await stream.close()
+    values = check_values(blocks, 6)
+    assert values.shape[0] == stream.received_samples > 1000
+    assert all(b.packets.size == 0 for b in blocks)
+
+
+async def test_stream_server_dial_in(meter):
+    async with StreamServer("127.0.0.1", 0, timeout=3.0) as server:
+        meter.config.stream_server_port = server.port
+        async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as admin:
+            await admin.set_stream_server("127.0.0.1")
+        dialled = await server.accept(timeout=10.0)
+        try:
+            assert dialled.info.name == "emu"
+            session = await dialled.sample(rate=2000)  # this side must send sample (§7.2)
+            blocks = await collect(session, 0.4)
+            summary = await session.stop()
+            assert blocks and summary.explained
+        finally:
+            await dialled.close()
