@@ -224,10 +224,34 @@ class GridModel:
             + a2 * np.sin(_TWO_PI * _turns(tr, p2))
         )
 
-    def _fundamental_phasor(self, t_true: np.ndarray) -> np.ndarray:
+    def _harmonic_basis(self, t_true: np.ndarray) -> np.ndarray:
+        """(n, 12) Fortran-ordered ``cos(k theta), sin(k theta)`` for k = 1, 3, ..., 11.
+
+        theta is L1's fundamental angle.  Built by rotating by 2 theta (real arithmetic and
+        one cos/sin pair per sample), because ``Im(z^k C) = sin(k theta) Re C + cos(k theta)
+        Im C`` turns every signal into one real matrix product (complex matmul is slow).
+        """
         cycles = self.phase_cycles(t_true)
         cycles -= np.floor(cycles)
-        return np.exp(1j * _TWO_PI * cycles)
+        angle = cycles * _TWO_PI
+        count = len(_CURRENT_HARMONICS)
+        basis = np.empty((angle.shape[0], 2 * count), dtype=np.float64, order="F")
+        c, sn = np.cos(angle), np.sin(angle)
+        basis[:, 0], basis[:, count] = c, sn
+        c2 = c * c - sn * sn
+        s2 = 2.0 * c * sn
+        for col in range(1, count):
+            pc, ps = basis[:, col - 1], basis[:, count + col - 1]
+            basis[:, col] = pc * c2 - ps * s2
+            basis[:, count + col] = ps * c2 + pc * s2
+        return basis
+
+    @staticmethod
+    def _real_coefficients(coef: np.ndarray) -> np.ndarray:
+        """(K, m) complex -> (2K, m) real so that ``basis @ out == Im(z^k @ coef)``."""
+        padded = np.zeros((len(_CURRENT_HARMONICS), coef.shape[1]), dtype=np.complex128)
+        padded[: coef.shape[0]] = coef
+        return np.ascontiguousarray(np.vstack([padded.imag, padded.real]))
 
     def envelope(self, t_true: np.ndarray | float) -> np.ndarray:
         """(n, 3) per-line amplitude factor (1 = nominal)."""
@@ -253,16 +277,15 @@ class GridModel:
     def voltage(self, t_true: np.ndarray) -> np.ndarray:
         """(n, 3) float64 instantaneous volts of L1..L3 at the true instants ``t_true``."""
         t = np.atleast_1d(np.asarray(t_true, dtype=np.float64))
-        z = self._fundamental_phasor(t)
-        powers = self._odd_powers(z, len(_VOLTAGE_HARMONICS))
-        coef = self._voltage_coefficients
-        return (powers @ coef).imag * self.envelope(t)
+        coef = self.__dict__.get("_voltage_real")
+        if coef is None:
+            coef = self._real_coefficients(self._voltage_coefficients)
+            self.__dict__["_voltage_real"] = coef
+        return (self._harmonic_basis(t) @ coef) * self.envelope(t)
 
     def current(self, t_true: np.ndarray, circuit: int) -> np.ndarray:
         """(n, 3) float64 instantaneous mA of the loads of ``circuit`` on L1..L3."""
-        t = np.atleast_1d(np.asarray(t_true, dtype=np.float64))
-        z = self._fundamental_phasor(t)
-        return self._current_from_phasor(t, z, circuit)
+        return self.interleaved(t_true, circuit)[:, 1::2]
 
     def voltage_current(self, t_true: np.ndarray, circuit: int) -> tuple[np.ndarray, np.ndarray]:
         """Both signals at once: ((n, 3) volts, (n, 3) mA)."""
@@ -271,65 +294,38 @@ class GridModel:
 
     def interleaved(self, t_true: np.ndarray, circuit: int) -> np.ndarray:
         """(n, 6) float64 ``v1, i1, v2, i2, v3, i3`` (V, mA): the firmware's full waveform
-        sample layout (§4.2), computed with one phase evaluation and one matrix product per
-        constant load state (what the sampler uses)."""
+        sample layout (§4.2), computed with one phase evaluation and one real matrix product
+        per constant load state (what the sampler uses)."""
         t = np.atleast_1d(np.asarray(t_true, dtype=np.float64))
         n = t.shape[0]
-        powers = self._odd_powers(self._fundamental_phasor(t), len(_CURRENT_HARMONICS))
+        basis = self._harmonic_basis(t)
         masks = self._state_masks(t, circuit)
-        out = np.empty((n, 6), dtype=np.float64)
         if n == 0:
-            return out
+            return np.empty((0, 6), dtype=np.float64)
         if masks[0] == masks[-1] and (n < 3 or bool(np.all(masks == masks[0]))):
-            out[:] = (powers @ self._interleaved_coefficients(circuit, int(masks[0]))).imag
+            out = basis @ self._interleaved_coefficients(circuit, int(masks[0]))
         else:
+            out = np.empty((n, 6), dtype=np.float64)
             for mask in np.unique(masks):
                 rows = masks == mask
-                out[rows] = (powers[rows] @ self._interleaved_coefficients(circuit, int(mask))).imag
+                out[rows] = basis[rows] @ self._interleaved_coefficients(circuit, int(mask))
         out[:, 0::2] *= self.envelope(t)
         return out
 
     def _interleaved_coefficients(self, circuit: int, mask: int) -> np.ndarray:
-        """(K, 6) complex: voltage (even columns) and current (odd columns) phasors."""
+        """(12, 6) real coefficients: voltage (even columns) and current (odd columns)."""
         cache = self.__dict__.setdefault("_interleaved_cache", {})
         key = (circuit, mask)
         coef = cache.get(key)
         if coef is None:
-            coef = np.zeros((len(_CURRENT_HARMONICS), 6), dtype=np.complex128)
-            coef[: len(_VOLTAGE_HARMONICS), 0::2] = self._voltage_coefficients
-            coef[:, 1::2] = self._mask_coefficients(circuit, mask)
+            complex_coef = np.zeros((len(_CURRENT_HARMONICS), 6), dtype=np.complex128)
+            complex_coef[: len(_VOLTAGE_HARMONICS), 0::2] = self._voltage_coefficients
+            complex_coef[:, 1::2] = self._mask_coefficients(circuit, mask)
+            coef = self._real_coefficients(complex_coef)
             if len(cache) > 4096:
                 cache.clear()
             cache[key] = coef
         return coef
-
-    @staticmethod
-    def _odd_powers(z: np.ndarray, count: int) -> np.ndarray:
-        """(n, count) complex: z, z^3, z^5, ..."""
-        out = np.empty((z.shape[0], count), dtype=np.complex128)
-        out[:, 0] = z
-        if count > 1:
-            z2 = z * z
-            for col in range(1, count):
-                np.multiply(out[:, col - 1], z2, out=out[:, col])
-        return out
-
-    def _current_from_phasor(self, t: np.ndarray, z: np.ndarray, circuit: int) -> np.ndarray:
-        return self._current_from_powers(t, self._odd_powers(z, len(_CURRENT_HARMONICS)), circuit)
-
-    def _current_from_powers(self, t: np.ndarray, powers: np.ndarray, circuit: int) -> np.ndarray:
-        masks = self._state_masks(t, circuit)
-        out = np.empty((t.shape[0], 3), dtype=np.float64)
-        constant = masks.shape[0] < 3 or bool(np.all(masks == masks[0]))
-        unique = masks[:1] if constant else np.unique(masks)
-        for mask in unique:
-            coef = self._mask_coefficients(circuit, int(mask))
-            if unique.shape[0] == 1:
-                out[:] = (powers @ coef).imag
-            else:
-                rows = masks == mask
-                out[rows] = (powers[rows] @ coef).imag
-        return out
 
     def _mask_coefficients(self, circuit: int, mask: int) -> np.ndarray:
         """(K, 3) summed current phasors of the appliances in ``mask`` (cached)."""
