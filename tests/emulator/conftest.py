@@ -41,6 +41,7 @@ async def make_meter(ntp_server: NtpServer) -> AsyncIterator[MeterFactory]:
             "ntp_port": ntp_server.port,
             "boot_delay_s": 0.05,
             "serial": False,
+            "stream_server_port": 9,  # nothing listens there unless a test says so
         }
         kwargs.update(overrides)
         meter = EmulatedMeter(EmulatorConfig(**kwargs))
