@@ -8,14 +8,16 @@
 # ntp      a real chronyd serving NTP on 127.0.0.1:<free port>; started with -x, so it never
 #          touches the system clock ("local stratum 8": it answers at once, unsynchronised).
 # mqtt     mosquitto on 127.0.0.1:<free port>, anonymous, own pid/persistence/log files.
-# postgres delegated to scripts/postgres.sh (owned by the storage area) when that file exists.
+# postgres scripts/postgres.sh start var/run/postgres (storage area): a private PostgreSQL
+#          cluster plus a Tiled server on it; skipped if that script does not exist.
 #
 # Everything lives under the runtime directory $SMARTMETER_RUN_DIR (default var/run/, git-ignored).
 # The addresses are written to $SMARTMETER_RUN_DIR/services.env as KEY=VALUE lines, which
 # tests/conftest.py reads:
 #   SMARTMETER_NTP_HOST / SMARTMETER_NTP_PORT     (or SMARTMETER_NTP_MISSING=<debian package>)
 #   SMARTMETER_MQTT_HOST / SMARTMETER_MQTT_PORT   (or SMARTMETER_MQTT_MISSING=<debian package>)
-# plus whatever scripts/postgres.sh leaves in $SMARTMETER_RUN_DIR/postgres.env.
+#   SMARTMETER_POSTGRES_DIR plus postgres.sh's TILED_URI, TILED_API_KEY, TILED_HDF5_DIR,
+#   PG_PORT, PG_URI (when postgres was started)
 #
 # A missing binary is reported but is not an error here (the tests that need it fail or skip
 # with the package name); a binary that is present but does not answer is an error (exit 1).
@@ -60,7 +62,7 @@ sys.exit(0 if len(reply) >= 48 and mode == 4 else 1)
 EOF
 }
 
-probe_mqtt() {  # $1 = port; a TCP connect is enough to know the broker listens
+probe_tcp() {  # $1 = port; a TCP connect is enough to know the broker/server listens
   "$PYTHON" - "$HOST" "$1" <<'EOF'
 import socket, sys
 socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=0.5).close()
@@ -177,7 +179,7 @@ EOF
     # Its own output (e.g. the "should not be run as root" warning) goes next to its log.
     mosquitto -c "$MQTT_CONF" -d </dev/null >>"$MQTT_DIR/mosquitto.out" 2>&1 \
       || die "mqtt: mosquitto refused to start; see $MQTT_DIR/mosquitto.out and mosquitto.log"
-    if wait_until probe_mqtt "$port"; then
+    if wait_until probe_tcp "$port"; then
       echo "SMARTMETER_MQTT_HOST=$HOST" >>"$ENV_FILE.new"
       echo "SMARTMETER_MQTT_PORT=$port" >>"$ENV_FILE.new"
       say "mqtt: mosquitto listens on $HOST:$port (pid $(pid_of "$MQTT_PID"))"
@@ -192,14 +194,19 @@ EOF
 # ---------------------------------------------------------------------------- postgres (delegated)
 
 POSTGRES_SCRIPT="$ROOT/scripts/postgres.sh"
+POSTGRES_DIR="$RUN_DIR/postgres"
 
 start_postgres() {
   if [[ ! -f "$POSTGRES_SCRIPT" ]]; then
-    say "postgres: scripts/postgres.sh not present yet; skipped"
+    say "postgres: scripts/postgres.sh not present; skipped"
     return 0
   fi
-  SMARTMETER_RUN_DIR="$RUN_DIR" bash "$POSTGRES_SCRIPT" start || die "postgres: scripts/postgres.sh start failed"
-  if [[ -f "$RUN_DIR/postgres.env" ]]; then cat "$RUN_DIR/postgres.env" >>"$ENV_FILE.new"; fi
+  # postgres.sh prints its env (with the API key) on stdout: keep it in a log, not on screen.
+  bash "$POSTGRES_SCRIPT" start "$POSTGRES_DIR" >"$RUN_DIR/postgres.log" 2>&1 \
+    || die "postgres: scripts/postgres.sh start failed; see $RUN_DIR/postgres.log"
+  echo "SMARTMETER_POSTGRES_DIR=$POSTGRES_DIR" >>"$ENV_FILE.new"
+  cat "$POSTGRES_DIR/tiled.env" >>"$ENV_FILE.new"
+  say "postgres: PostgreSQL + Tiled at $(sed -n 's/^TILED_URI=//p' "$POSTGRES_DIR/tiled.env")"
 }
 
 # ---------------------------------------------------------------------------- commands
@@ -214,27 +221,42 @@ status() {  # one line; exit 0 only if every service listed in the env file answ
   elif [[ -n "$(env_value SMARTMETER_NTP_MISSING)" ]]; then parts+=("ntp=missing(chrony)"); fi
   if port="$(env_value SMARTMETER_MQTT_PORT)" && [[ -n "$port" ]]; then
     pid="$(pid_of "$MQTT_PID")" || pid="?"
-    if probe_mqtt "$port" 2>/dev/null; then parts+=("mqtt=$HOST:$port ok (pid $pid)")
+    if probe_tcp "$port" 2>/dev/null; then parts+=("mqtt=$HOST:$port ok (pid $pid)")
     else parts+=("mqtt=$HOST:$port DOWN"); ok=1; fi
   elif [[ -n "$(env_value SMARTMETER_MQTT_MISSING)" ]]; then parts+=("mqtt=missing(mosquitto)"); fi
-  if [[ -f "$POSTGRES_SCRIPT" ]] && grep -q '^SMARTMETER_POSTGRES' "$ENV_FILE"; then
-    if SMARTMETER_RUN_DIR="$RUN_DIR" bash "$POSTGRES_SCRIPT" status >/dev/null 2>&1; then
-      parts+=("postgres=ok")
-    else parts+=("postgres=DOWN"); ok=1; fi
+  if [[ -n "$(env_value SMARTMETER_POSTGRES_DIR)" ]]; then
+    local tiled_port pg_port
+    tiled_port="$(env_value TILED_URI | sed -n 's/.*:\([0-9]*\)$/\1/p')"
+    pg_port="$(env_value PG_PORT)"
+    if probe_tcp "$pg_port" 2>/dev/null && probe_tcp "$tiled_port" 2>/dev/null; then
+      parts+=("postgres=$HOST:$pg_port ok tiled=$(env_value TILED_URI) ok")
+    else parts+=("postgres=$HOST:$pg_port/tiled=$(env_value TILED_URI) DOWN"); ok=1; fi
   fi
   say "${parts[*]:-nothing recorded} [env: $ENV_FILE]"
   return "$ok"
 }
 
+all_recorded() {  # $@ = services; true if the env file has an entry for each of them
+  local service
+  for service in "$@"; do
+    case "$service" in
+      ntp) [[ -n "$(env_value SMARTMETER_NTP_PORT)$(env_value SMARTMETER_NTP_MISSING)" ]] ;;
+      mqtt) [[ -n "$(env_value SMARTMETER_MQTT_PORT)$(env_value SMARTMETER_MQTT_MISSING)" ]] ;;
+      postgres) [[ ! -f "$POSTGRES_SCRIPT" || -n "$(env_value SMARTMETER_POSTGRES_DIR)" ]] ;;
+      *) false ;;
+    esac || return 1
+  done
+}
+
 start() {
   local wanted=("$@")
   ((${#wanted[@]})) || wanted=(ntp mqtt postgres)
-  if status >/dev/null 2>&1; then
+  if status >/dev/null 2>&1 && all_recorded "${wanted[@]}"; then
     say "already running"
     status
     return 0
   fi
-  stop_all quiet
+  stop_all
   : >"$ENV_FILE.new"
   local service
   for service in "${wanted[@]}"; do
@@ -245,6 +267,7 @@ start() {
       *) die "unknown service '$service' (expected ntp, mqtt, postgres)" ;;
     esac
   done
+  chmod 600 "$ENV_FILE.new"   # it may hold the Tiled API key
   mv "$ENV_FILE.new" "$ENV_FILE"
   status
 }
@@ -254,8 +277,8 @@ stop_all() {
   stop_pidfile ntp "$CHRONY_PID" "$CHRONY_CONF" &
   stop_pidfile mqtt "$MQTT_PID" "$MQTT_CONF" &
   wait
-  if [[ -f "$POSTGRES_SCRIPT" ]] && [[ -f "$RUN_DIR/postgres.env" || "${1:-}" != quiet ]]; then
-    SMARTMETER_RUN_DIR="$RUN_DIR" bash "$POSTGRES_SCRIPT" stop || say "postgres: stop failed"
+  if [[ -f "$POSTGRES_SCRIPT" && -d "$POSTGRES_DIR" ]]; then
+    bash "$POSTGRES_SCRIPT" stop "$POSTGRES_DIR" >/dev/null || say "postgres: scripts/postgres.sh stop failed"
   fi
   rm -f "$ENV_FILE" "$ENV_FILE.new"
 }

@@ -25,7 +25,8 @@ else
   trap 'bash scripts/services.sh stop >/dev/null || say "services.sh stop failed"' EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
-  bash scripts/services.sh start || { say "scripts/services.sh start failed"; exit 1; }
+  # postgres is not started here: tests/storage/conftest.py runs its own private cluster.
+  bash scripts/services.sh start ntp mqtt || { say "scripts/services.sh start failed"; exit 1; }
 fi
 export SMARTMETER_SERVICES_ENV="$ROOT/var/run/services.env"
 
