@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from emulator_wire import NtpServer, RawClient, _SntpServer, open_client
 
 from smartmeter_ophyd.emulator import EmulatedMeter, EmulatorConfig
+
+from .emulator_wire import NtpServer, RawClient, _SntpServer, open_client
 
 
 @pytest.fixture

@@ -8,9 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
-from emulator_wire import RawClient, open_client
 
 from smartmeter_ophyd.emulator import EmulatedMeter
+
+from .emulator_wire import RawClient, open_client
 
 LONG_TIME = r"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d\.\d{3}"
 

@@ -7,9 +7,9 @@ import json
 import re
 import time
 
-from emulator_wire import LOG_RE, RawClient, open_client
-
 from smartmeter_ophyd.emulator import EmulatedMeter
+
+from .emulator_wire import LOG_RE, RawClient, open_client
 
 INFO_KEYS = [
     "cmd", "type", "version", "compiled", "sys_time", "name", "ip", "mqtt_server",
