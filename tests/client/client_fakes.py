@@ -1,0 +1,86 @@
+"""A scripted fake peer and verbatim firmware bytes for the client tests (§2.5, Appendix B)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from smartmeter_ophyd.emulator._meter import EmulatorConfig
+
+INFO_LINE = (
+    b'Info:{"cmd":"info","type":"smartmeter","version":"2.2","compiled":"Nov  3 2021 18:09:15",'
+    b'"sys_time":"03/02/2021 10:37:07.662","name":"fake","ip":"192.168.0.138","mqtt_server":"-",'
+    b'"stream_server":"-","time_server":"time.google.com","sampling_rate":8000,'
+    b'"buffer_size":3670016,"psram":true,"rtc":true,"state":"idle",'
+    b'"energy":"[0.0000, 0.0000, 0.0000]","dailyReset":"None","calibration":[1,1,1,1,1,1],'
+    b'"ssids":"[]"}\r\n'
+)
+"""protocol.md Appendix B, verbatim (name changed)."""
+
+
+Script = Callable[[bytes], list[bytes]]
+"""Maps one received command line (without ``\\n``) to the byte chunks to send back."""
+
+
+class FakePeer:
+    """A scripted TCP peer: sends ``greeting`` on connect, then answers lines via ``script``."""
+
+    def __init__(self, greeting: bytes, script: Script | None = None, *, close_at_once=False):
+        self.greeting = greeting
+        self.script = script or (lambda line: [])
+        self.close_at_once = close_at_once
+        self.received: list[bytes] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> FakePeer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        if self.close_at_once:
+            writer.close()
+            return
+        writer.write(self.greeting)
+        try:
+            while line := await reader.readline():
+                self.received.append(line.rstrip(b"\n"))
+                for chunk in self.script(line.rstrip(b"\n")):
+                    writer.write(chunk)
+                    await writer.drain()
+                    await asyncio.sleep(0)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def push(self, data: bytes) -> None:
+        for writer in self.writers:
+            writer.write(data)
+
+    async def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def cmd_of(line: bytes) -> str:
+    return str(json.loads(line)["cmd"])
+
+
+
+
+def emulator_config(**overrides: Any) -> EmulatorConfig:
+    settings: dict[str, Any] = {"name": "emu", "boot_delay_s": 0.2, "serial": False}
+    settings.update(overrides)
+    return EmulatorConfig(**settings)
