@@ -247,9 +247,10 @@ class SamplingEngine:
         self.samples_produced = 0
         self._session_serial += 1
         self._noise_key = hash_u64(self.noise_seed, self._session_serial)[0]
-        self._block_start = 0
-        self._block_values = np.zeros((0, 6), dtype="<f4")
-        self._block_times = np.zeros(0)
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if self._decimation is not None:
+            lattice_rate = self._decimation.internal_rate / self._decimation.keep_every
+            self._block_size = int(min(max(64.0, 0.25 * lattice_rate), 8192.0))
         self._truth_values: list[np.ndarray] = []
         self._truth_times: list[np.ndarray] = []
         self._truth_kinds: list[np.ndarray] = []
@@ -413,27 +414,37 @@ class SamplingEngine:
         return (np.rint(raw / lsb) * lsb).astype("<f4")
 
     def _waveform_rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows for ADE sample indices ``keys`` (ascending), served from a look-ahead block.
+        """Rows for ADE sample indices ``keys`` (ascending), served from look-ahead blocks.
 
-        Values are a pure function of the index, so computing a block ahead of time changes
-        nothing but the cost: one grid evaluation per ~0.25 s instead of one per call.
+        Blocks cover fixed index ranges ``[b*B, (b+1)*B)``, so every value is computed in the
+        same block whatever the call pattern: results are bit-identical for any batching,
+        and there is one grid evaluation per ~0.25 s of samples instead of one per call.
         """
-        lo, hi = int(keys[0]), int(keys[-1]) + 1
-        if lo < self._block_start or hi > self._block_start + self._block_values.shape[0]:
+        size = self._block_size
+        first, last = int(keys[0]) // size, int(keys[-1]) // size
+        if first == last:
+            values, times = self._block(first)
+            local = keys - first * size
+            return values[local], times[local]
+        blocks = [self._block(b) for b in range(first, last + 1)]
+        values = np.concatenate([blk[0] for blk in blocks])
+        times = np.concatenate([blk[1] for blk in blocks])
+        local = keys - first * size
+        return values[local], times[local]
+
+    def _block(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+        cached = self._blocks.get(number)
+        if cached is None:
             dec = self._decimation
             assert dec is not None
-            lattice_rate = dec.internal_rate / dec.keep_every
-            size = max(hi - lo, int(min(max(64.0, 0.25 * lattice_rate), 8192.0)))
-            index = np.arange(lo, lo + size, dtype=np.int64)
+            index = np.arange(number * self._block_size, (number + 1) * self._block_size,
+                              dtype=np.int64)
             times = self._true_times(index * (dec.keep_every / dec.internal_rate))
-            self._block_start = lo
-            self._block_values = self._evaluate(times, index)
-            self._block_times = times
-        offset = lo - self._block_start
-        return (
-            self._block_values[offset:offset + (hi - lo)][keys - lo],
-            self._block_times[offset:offset + (hi - lo)][keys - lo],
-        )
+            cached = (self._evaluate(times, index), times)
+            if len(self._blocks) >= 3:
+                del self._blocks[min(self._blocks)]
+            self._blocks[number] = cached
+        return cached
 
     def _noise(self, keys: np.ndarray) -> np.ndarray:
         """(n, 6) triangular noise in (-1, 1), a pure function of (seed, session, key, channel)."""
