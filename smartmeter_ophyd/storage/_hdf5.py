@@ -85,8 +85,12 @@ _METADATA_ATTRS: Final = {
 
 
 def default_chunk_samples(rate: int) -> int:
-    """HDF5 chunk length in samples: ~2 s of data, a power of two in [1024, 65536]."""
-    target = max(1024, min(65536, 2 * rate))
+    """HDF5 chunk length in samples: ~32 s of data, a power of two in [4096, 262144].
+
+    Large chunks matter for read-back through Tiled: its HDF5 adapter reopens the file for
+    every chunk a request touches, so small chunks cost a file open per few kB.
+    """
+    target = max(4096, min(262144, 32 * rate))
     return 1 << (target - 1).bit_length()
 
 
@@ -157,7 +161,14 @@ class WaveformWriter:
         self._closed = False
 
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._file = h5py.File(self.path, "w", libver="latest")
+        # A chunk cache holding a few chunks per dataset keeps partial-chunk flushes in memory.
+        self._file = h5py.File(
+            self.path,
+            "w",
+            libver="latest",
+            rdcc_nbytes=4 * 8 * self.chunk_samples,
+            rdcc_nslots=10007,
+        )
         try:
             self._create_layout()
             self._file.swmr_mode = True
