@@ -104,10 +104,10 @@ def main() -> None:
 
         n = int(args.seconds * RATE)
         meter = BenchMeter("bench", cat.data_directory, n, block=RATE * 60)
-        RE = RunEngine({})
+        engine = RunEngine({})
         counts: dict[str, int] = {}
-        RE.subscribe(lambda name, doc: counts.__setitem__(name, counts.get(name, 0) + 1))
-        RE.subscribe(TiledWriter(client, batch_size=RATE * 600))
+        engine.subscribe(lambda name, doc: counts.__setitem__(name, counts.get(name, 0) + 1))
+        engine.subscribe(TiledWriter(client, batch_size=RATE * 600))
 
         def plan():
             yield from bps.open_run()
@@ -119,7 +119,7 @@ def main() -> None:
             yield from bps.close_run()
 
         cpu0, t0 = time.process_time(), time.perf_counter()
-        (uid,) = RE(plan())
+        (uid,) = engine(plan())
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         size = os.path.getsize(meter.writer.path)
         payload = n * 6 * 4
