@@ -109,6 +109,10 @@ _WAVE_COLUMNS: Final[dict[Measures, slice]] = {
     Measures.VI_L3: slice(4, 6),
 }
 _TRIANGULAR_SIGMA: Final = 1.0 / math.sqrt(6.0)
+_EDGE_S: Final = 5e-7
+"""Time tolerance (s) for "is this instant due / past this RTC edge": absorbs the rounding
+of float64 unix times (0.24 us ulp in this era).  A sample this close before an edge
+counts as on it."""
 _CHANNEL_OFFSETS: Final = np.arange(6, dtype=np.int64)
 
 
@@ -237,7 +241,9 @@ class SamplingEngine:
         self._start_offset = self.clock.offset_at(self.start_true)
         self._drift_ppm = self.clock.drift_ppm
         # Fraction of the meter second at start: RTC second s >= 1 begins s - phi after it.
-        self._phi = self.start_meter_ts - math.floor(self.start_meter_ts)
+        # Kept to the microsecond (the ESP's timer resolution) so that float noise in a
+        # 1.7e9-second timestamp cannot move a sample across an RTC edge.
+        self._phi = round(self.start_meter_ts - math.floor(self.start_meter_ts), 6)
         self._second = 0
         self._next_index = 0 if waveform else 1
         self._count_in_second = 0
@@ -341,15 +347,15 @@ class SamplingEngine:
             if second == 0:
                 return 0
             assert self._decimation is not None
-            ticks = self._boundary(second) * self._decimation.internal_rate
-            return max(0, math.ceil(ticks / self._decimation.keep_every - 1e-9))
+            ticks = (self._boundary(second) - _EDGE_S) * self._decimation.internal_rate
+            return max(0, math.ceil(ticks / self._decimation.keep_every))
         return 0 if second >= 1 else 1
 
     def _due_in_second(self, tau_now: float) -> tuple[np.ndarray, np.ndarray, bool]:
         """(taus, noise keys) of accepted samples of the current second that are due, and
         whether the second's closing RTC interrupt is due too."""
         second = self._second
-        rtc_closes = self.rtc and self._boundary(second + 1) <= tau_now
+        rtc_closes = self.rtc and self._boundary(second + 1) <= tau_now + _EDGE_S
         if self._waveform:
             dec = self._decimation
             assert dec is not None
@@ -359,7 +365,7 @@ class SamplingEngine:
                 limit = min(self._first_index(second + 1), first + self._rate)
             else:
                 limit = self._rate
-            due_last = math.floor(tau_now / step + 1e-9)
+            due_last = math.floor((tau_now + _EDGE_S) / step)
             stop = min(limit, due_last + 1)
             if stop <= self._next_index:
                 return np.zeros(0), np.zeros(0, dtype=np.int64), rtc_closes
@@ -378,8 +384,8 @@ class SamplingEngine:
             limit = self._rate if self.rtc else 2**62
             if self.rtc:
                 # Before the first RTC interrupt the timer runs from the start.
-                limit = min(limit, math.ceil(self._boundary(1) / period - 1e-9) - 1)
-        due_last = math.floor((tau_now - origin) / period + 1e-9)
+                limit = min(limit, math.ceil((self._boundary(1) - _EDGE_S) / period) - 1)
+        due_last = math.floor((tau_now + _EDGE_S - origin) / period)
         stop = min(limit, due_last) + 1
         if stop <= self._next_index:
             return np.zeros(0), np.zeros(0, dtype=np.int64), rtc_closes
