@@ -1,0 +1,120 @@
+"""The test-only control channel: ground truth and fault injection, over its JSON-lines socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smartmeter_ophyd.emulator import EmulatedMeter
+
+from .emulator_wire import Frame, RawClient, open_client
+from .test_conformance_sampling import collect, stop_and_drain
+
+
+class Control:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def __call__(self, op: str, **args: Any) -> dict[str, Any]:
+        self.writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
+        return json.loads(await asyncio.wait_for(self.reader.readline(), 3.0))
+
+
+async def control_of(meter: EmulatedMeter) -> Control:
+    assert meter.control_port is not None
+    return Control(*await asyncio.open_connection("127.0.0.1", meter.control_port))
+
+
+async def test_status_and_truth(make_meter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Ground truth: start instants, offset, counts and the produced samples as .npy."""
+    meter = await make_meter(control_port=0, clock_offset_s=0.25)
+    ctl = await control_of(meter)
+    status = await ctl("status")
+    assert status["ok"] and status["command_port"] == meter.command_port and not status["sampling"]
+    assert (await ctl("truth"))["ok"] is False
+    c = await open_client(meter.command_port)
+    reply = await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 1000}})
+    frames, _ = await collect(c, 0.5)
+    live = await ctl("truth")
+    assert live["active"] is True and live["reported_start_ts"] == reply["startTs"]
+    tail, stop = await stop_and_drain(c)
+    npy = tmp_path / "values.npy"
+    truth = await ctl("truth", npy=str(npy))
+    assert truth["ok"] and truth["active"] is False
+    assert truth["samples_produced"] == stop["samples"] and truth["sent_samples"] == stop["sent_samples"]
+    assert abs(truth["clock_offset_s"]) < 0.01  # NTP at boot removed the 0.25 s error
+    values = np.load(npy)
+    received = np.concatenate([f.samples(6) for f in frames + tail])
+    np.testing.assert_array_equal(values, received)
+    assert (await ctl("nonsense"))["ok"] is False
+    await c.close()
+
+
+async def test_garbage_and_log_in_frame(make_meter) -> None:  # type: ignore[no-untyped-def]
+    """Faults: garbage bytes before the next frame; a log line inside the next frame."""
+    meter = await make_meter(control_port=0)
+    ctl = await control_of(meter)
+    c = await open_client(meter.command_port)
+    await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 1000}})
+    first = await c.read_item()
+    assert isinstance(first, Frame)
+    await ctl("garbage", hex="00ff00ff")
+    await ctl("log_in_frame", text="hello inside")
+    raw = bytearray(c.buffer)
+    c.buffer.clear()
+    while len(raw) < 6000:
+        raw += await asyncio.wait_for(c.reader.read(65536), 2.0)
+    assert b"\x00\xff\x00\xffData:" in raw
+    i = raw.index(b"hello inside")
+    start = raw.rindex(b"Data:", 0, i)
+    (length,) = struct.unpack_from("<H", raw, start + 5)
+    assert start + 11 < i < start + 11 + length  # the log line sits inside the frame
+    await c.close()
+
+
+async def test_drop_udp_stall_and_connections(make_meter) -> None:  # type: ignore[no-untyped-def]
+    """Faults: dropped datagrams leave packet-number gaps; stall delays output; drop kills TCP."""
+    meter = await make_meter(control_port=0)
+    ctl = await control_of(meter)
+    c = await open_client(meter.command_port)
+    received: list[bytes] = []
+
+    class Proto(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            received.append(data)
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Proto, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    await ctl("drop_udp", count=3)
+    await c.command({"cmd": "sample", "payload": {"type": "UDP", "rate": 1000, "port": port}})
+    await asyncio.sleep(0.5)
+    packets = [struct.unpack_from("<I", d, 7)[0] for d in received]
+    assert packets[0] == 3 and packets == list(range(3, 3 + len(packets)))
+    await ctl("stall", seconds=0.6)
+    await asyncio.sleep(0.05)
+    n = len(received)
+    await asyncio.sleep(0.4)
+    assert len(received) == n  # nothing leaves a stalled meter
+    await asyncio.sleep(0.6)
+    assert len(received) > n
+    await ctl("drop_connections")
+    assert await c.closed(timeout=2.0)
+    transport.close()
+
+
+async def test_reboot_via_control(make_meter) -> None:  # type: ignore[no-untyped-def]
+    """Fault: reboot drops the connections; the meter is back on the same port."""
+    meter: EmulatedMeter = await make_meter(control_port=0)
+    ctl = await control_of(meter)
+    c: RawClient = await open_client(meter.command_port)
+    assert (await ctl("reboot"))["ok"]
+    assert await c.closed(timeout=2.0)
+    await asyncio.sleep(0.3)
+    assert (await ctl("status"))["boot_count"] == 2
+    await (await open_client(meter.command_port)).close()
