@@ -184,7 +184,7 @@ class _SntpProtocol(asyncio.DatagramProtocol):
 
 def _ntp_to_unix(packet: bytes) -> float:
     seconds, fraction = struct.unpack_from("!II", packet, 40)
-    return seconds - NTP_UNIX_EPOCH_DELTA + fraction / 2**32
+    return float(seconds - NTP_UNIX_EPOCH_DELTA + fraction / 2**32)
 
 
 async def sntp_sync(

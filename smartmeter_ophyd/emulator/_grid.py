@@ -103,7 +103,8 @@ def mix_u64(x: np.ndarray) -> np.ndarray:
     x = x + _GOLDEN
     x = (x ^ (x >> np.uint64(30))) * _MIX1
     x = (x ^ (x >> np.uint64(27))) * _MIX2
-    return x ^ (x >> np.uint64(31))
+    mixed: np.ndarray = x ^ (x >> np.uint64(31))
+    return mixed
 
 
 def _unit_interval(h: np.ndarray) -> np.ndarray:
@@ -259,18 +260,20 @@ class GridModel:
         angle = _TWO_PI * _turns(tr, self.envelope_period_s)
         # sin(a + line*120deg) = sin a cos(line*120deg) + cos a sin(line*120deg)
         shifts = np.array([0.0, _LINE_SHIFT, 2 * _LINE_SHIFT])
-        return (1.0 + np.asarray(self.unbalance)) + self.envelope_depth * (
+        factor: np.ndarray = (1.0 + np.asarray(self.unbalance)) + self.envelope_depth * (
             np.sin(angle)[:, None] * np.cos(shifts) + np.cos(angle)[:, None] * np.sin(shifts)
         )
+        return factor
 
     def _envelope_integral(self, t0: np.ndarray, t1: np.ndarray, line: np.ndarray) -> np.ndarray:
         """Integral of the envelope of ``line`` over [t0, t1] (s), element-wise."""
         omega = _TWO_PI / self.envelope_period_s
         phase = line * _LINE_SHIFT
         base = 1.0 + np.asarray(self.unbalance)[line]
-        return base * (t1 - t0) + (self.envelope_depth / omega) * (
+        integral: np.ndarray = base * (t1 - t0) + (self.envelope_depth / omega) * (
             np.cos((t0 - GRID_EPOCH) * omega + phase) - np.cos((t1 - GRID_EPOCH) * omega + phase)
         )
+        return integral
 
     # ------------------------------------------------------------------ public signals
 
@@ -281,7 +284,8 @@ class GridModel:
         if coef is None:
             coef = self._real_coefficients(self._voltage_coefficients)
             self.__dict__["_voltage_real"] = coef
-        return (self._harmonic_basis(t) @ coef) * self.envelope(t)
+        volts: np.ndarray = (self._harmonic_basis(t) @ coef) * self.envelope(t)
+        return volts
 
     def current(self, t_true: np.ndarray, circuit: int) -> np.ndarray:
         """(n, 3) float64 instantaneous mA of the loads of ``circuit`` on L1..L3."""
@@ -302,6 +306,7 @@ class GridModel:
         masks = self._state_masks(t, circuit)
         if n == 0:
             return np.empty((0, 6), dtype=np.float64)
+        out: np.ndarray
         if masks[0] == masks[-1] and (n < 3 or bool(np.all(masks == masks[0]))):
             out = basis @ self._interleaved_coefficients(circuit, int(masks[0]))
         else:
@@ -316,7 +321,7 @@ class GridModel:
         """(12, 6) real coefficients: voltage (even columns) and current (odd columns)."""
         cache = self.__dict__.setdefault("_interleaved_cache", {})
         key = (circuit, mask)
-        coef = cache.get(key)
+        coef: np.ndarray | None = cache.get(key)
         if coef is None:
             complex_coef = np.zeros((len(_CURRENT_HARMONICS), 6), dtype=np.complex128)
             complex_coef[: len(_VOLTAGE_HARMONICS), 0::2] = self._voltage_coefficients
@@ -331,7 +336,7 @@ class GridModel:
         """(K, 3) summed current phasors of the appliances in ``mask`` (cached)."""
         cache = self.__dict__.setdefault("_mask_cache", {})
         key = (circuit, mask)
-        coef = cache.get(key)
+        coef: np.ndarray | None = cache.get(key)
         if coef is None:
             loads = self.loads(circuit)
             on = np.array([(mask >> a) & 1 for a in range(len(loads.appliances))], dtype=bool)
@@ -415,7 +420,8 @@ class GridModel:
                  slot: np.ndarray) -> np.ndarray:
         """Whether ``appliance`` is on in ``slot`` (element-wise)."""
         u = _unit_interval(hash_u64(self.seed, circuit, appliance, slot))
-        return (u < loads.duty[appliance]) | loads.always_on[appliance]
+        on: np.ndarray = (u < loads.duty[appliance]) | loads.always_on[appliance]
+        return on
 
     def _slot_on_scalar(self, circuit: int, appliance: int, slot: int) -> bool:
         """Scalar twin of ``_slot_on`` in plain Python integers (cheaper for one key)."""
@@ -431,7 +437,9 @@ class GridModel:
     def _segment(self, circuit: int, tr: float) -> tuple[float, float, int]:
         """(start, end, mask): the interval around ``tr`` (relative to GRID_EPOCH) in which
         no appliance of ``circuit`` switches, and the on-mask there.  Cached."""
-        cache = self.__dict__.setdefault("_segment_cache", {}).setdefault(circuit, [])
+        cache: list[tuple[float, float, int]] = self.__dict__.setdefault(
+            "_segment_cache", {}
+        ).setdefault(circuit, [])
         for seg in cache:
             if seg[0] <= tr < seg[1]:
                 return seg
@@ -559,11 +567,13 @@ class GridModel:
             phase = loads.slot_phase[a]
             first = math.floor((r0 - phase) / SLOT_S)
             last = math.floor((r1 - phase) / SLOT_S)
-            slots = np.arange(first, last + 1, dtype=np.int64)
-            on = self._slot_on(loads, circuit, np.array([a]), slots)
-            starts = np.maximum(slots * SLOT_S + phase, r0)[on] + GRID_EPOCH
-            ends = np.minimum((slots + 1) * SLOT_S + phase, r1)[on] + GRID_EPOCH
-            lines = np.full(starts.shape, loads.line[a])
-            out[loads.line[a]] += loads.power_w[a] * float(
-                np.sum(self._envelope_integral(starts, ends, lines)))
+            # In pieces of at most 2**20 slots (~4 months) to bound memory on long spans.
+            for piece in range(first, last + 1, 1 << 20):
+                slots = np.arange(piece, min(piece + (1 << 20), last + 1), dtype=np.int64)
+                on = self._slot_on(loads, circuit, np.array([a]), slots)
+                starts = np.maximum(slots * SLOT_S + phase, r0)[on] + GRID_EPOCH
+                ends = np.minimum((slots + 1) * SLOT_S + phase, r1)[on] + GRID_EPOCH
+                lines = np.full(starts.shape, loads.line[a])
+                out[loads.line[a]] += loads.power_w[a] * float(
+                    np.sum(self._envelope_integral(starts, ends, lines)))
         return out / 3600.0

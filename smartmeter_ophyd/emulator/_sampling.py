@@ -417,7 +417,8 @@ class SamplingEngine:
                 raw = np.concatenate([snap["voltage_rms"], snap["current_rms"]], axis=1)
                 lsb, sigma = _RMS_LSB, _RMS_NOISE
         raw += self._noise(keys) * (sigma / _TRIANGULAR_SIGMA)
-        return (np.rint(raw / lsb) * lsb).astype("<f4")
+        rows: np.ndarray = (np.rint(raw / lsb) * lsb).astype("<f4")
+        return rows
 
     def _waveform_rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows for ADE sample indices ``keys`` (ascending), served from look-ahead blocks.
