@@ -128,7 +128,14 @@ from ._errors import (
     MeterTimeoutError,
 )
 from ._session import SamplingSession
-from ._transports import Link, UdpReceiver, open_serial_link, open_tcp_link, open_udp_receiver
+from ._transports import (
+    READ_BUFFER_BYTES,
+    Link,
+    UdpReceiver,
+    open_serial_link,
+    open_tcp_link,
+    open_udp_receiver,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +146,7 @@ RELEASE_QUIET_S: Final = 0.2
 """A held last frame is released after the stream was quiet this long (reqSamples, §5.2)."""
 UDP_DRAIN_QUIET_S: Final = 0.25
 UDP_DRAIN_MAX_S: Final = 2.0
-READ_SIZE: Final = 1 << 18
+READ_SIZE: Final = READ_BUFFER_BYTES
 
 _SESSION_EVENTS: Final = (Samples, PacketGap, LatePacket, CorruptFrame, RepairedFrame)
 _COMMAND_NAMES: Final = frozenset(COMMANDS)
@@ -270,7 +277,6 @@ class AsyncMeterClient:
         self._decoder: StreamDecoder | None = None
         self._info: DeviceInfo | None = None
         self._log_level = LogLevel.ALL if _serial else LogLevel.INFO
-        self._receive_task: asyncio.Task[None] | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._waiters: dict[str, _Waiter] = {}
@@ -405,10 +411,10 @@ class AsyncMeterClient:
                     label, f"connected but no info line within {self.timeout} s"
                 )
             try:
-                data = await asyncio.wait_for(link.reader.read(READ_SIZE), remaining)
+                data = await asyncio.wait_for(link.read(), remaining)
             except TimeoutError:
                 continue
-            except OSError as exc:
+            except (OSError, ConnectionError) as exc:
                 raise MeterConnectionError(label, f"connection failed: {exc}") from exc
             if not data:
                 if not received:
@@ -453,10 +459,9 @@ class AsyncMeterClient:
         return view
 
     def _start_background(self) -> None:
-        assert self._link is not None and self._decoder is not None
-        self._receive_task = asyncio.create_task(
-            self._receive_loop(self._link, self._decoder), name=f"receive {self.meter_label}"
-        )
+        link, decoder = self._link, self._decoder
+        assert link is not None and decoder is not None
+        link.attach(lambda data: self._on_data(link, decoder, data))
         if self._keepalive_task is None or self._keepalive_task.done():
             self._keepalive_task = asyncio.create_task(
                 self._keepalive_loop(), name=f"keepalive {self.meter_label}"
@@ -474,13 +479,9 @@ class AsyncMeterClient:
         link = self._link
         if link is not None:
             link.close()
-        if self._receive_task is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._receive_task
-        if link is not None:
             await link.wait_closed()
         self._link = None
-        self._receive_task = self._keepalive_task = self._reconnect_task = None
+        self._keepalive_task = self._reconnect_task = None
 
     async def __aenter__(self) -> AsyncMeterClient:
         await self.connect()
@@ -540,45 +541,47 @@ class AsyncMeterClient:
 
     # ------------------------------------------------------------------ receive loop
 
-    async def _receive_loop(self, link: Link, decoder: StreamDecoder) -> None:
-        reader = link.reader
-        reason = "the meter closed the connection"
-        loop = asyncio.get_running_loop()
+    def _on_data(self, link: Link, decoder: StreamDecoder, data: bytes | memoryview) -> None:
+        """The receive loop's body, called by the link for every chunk (``b""`` = closed)."""
+        if link is not self._link:
+            return
+        if not data:
+            self._finish_link(link, decoder)
+            return
         try:
-            while True:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    break
-                self._last_rx = time.monotonic()
-                self.bytes_received += len(data)
-                decoder.receive_data(data)
-                self._dispatch(decoder.events())
-                if decoder.buffered_bytes and self._release_handle is None:
-                    self._release_handle = loop.call_later(
-                        RELEASE_QUIET_S, self._release_held, decoder
-                    )
-                if (
-                    self.coalesce_s
-                    and self._session is not None
-                    and len(data) < READ_SIZE // 4
-                ):
-                    await asyncio.sleep(self.coalesce_s)
-        except (OSError, ConnectionError) as exc:
-            reason = f"connection error: {exc}"
-        except asyncio.CancelledError:
-            reason = "client cancelled"
-            raise
-        except Exception as exc:  # a bug in dispatch must not hang every waiter
-            logger.exception("%s: receive loop failed", self.meter_label)
-            reason = f"internal error: {exc!r}"
-        finally:
-            if self._release_handle is not None:
-                self._release_handle.cancel()
-                self._release_handle = None
-            with contextlib.suppress(Exception):
-                decoder.receive_data(b"")
-                self._dispatch(decoder.events())
-            self._on_connection_lost(link, reason)
+            self._last_rx = time.monotonic()
+            self.bytes_received += len(data)
+            decoder.receive_data(data)
+            self._dispatch(decoder.events())
+        except Exception:  # a bug in dispatch must not leave every waiter hanging
+            logger.exception("%s: receive path failed; dropping the connection", self.meter_label)
+            link.abort()
+            return
+        loop = asyncio.get_running_loop()
+        if decoder.buffered_bytes and self._release_handle is None:
+            self._release_handle = loop.call_later(RELEASE_QUIET_S, self._release_held, decoder)
+        if self.coalesce_s and self._session is not None and len(data) < READ_SIZE // 4:
+            # Let the kernel gather more bytes: fewer, larger reads (adds coalesce_s latency).
+            link.pause_reading()
+            loop.call_later(self.coalesce_s, link.resume_reading)
+
+    def _finish_link(self, link: Link, decoder: StreamDecoder) -> None:
+        if self._release_handle is not None:
+            self._release_handle.cancel()
+            self._release_handle = None
+        try:
+            decoder.receive_data(b"")
+            self._dispatch(decoder.events())
+        except Exception:
+            logger.exception("%s: decoding the end of the stream failed", self.meter_label)
+        error = link.error
+        if self._closing:
+            reason = "client closed"
+        elif error is None:
+            reason = "the meter closed the connection"
+        else:
+            reason = f"connection error: {error}"
+        self._on_connection_lost(link, reason)
 
     def _release_held(self, decoder: StreamDecoder) -> None:
         self._release_handle = None

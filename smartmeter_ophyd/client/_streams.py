@@ -27,10 +27,10 @@ import numpy as np
 
 from ..protocol import Measures, Samples, SkippedBytes
 from ..protocol._decoder import RawSampleDecoder
-from ._async import READ_SIZE, AsyncMeterClient
+from ._async import AsyncMeterClient
 from ._errors import MeterConnectionError, MeterError, MeterTimeoutError
 from ._session import Block
-from ._transports import Link, TcpLink, open_tcp_link
+from ._transports import Link, TcpLink, open_tcp_link, serve_tcp_links
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,11 @@ class RawStream:
         self._task = asyncio.create_task(self._read_loop(), name=f"raw stream {label}")
 
     async def _read_loop(self) -> None:
-        reader = self._link.reader
         empty_packets = np.empty(0, dtype=np.uint32)
         empty_frames = np.empty(0, dtype=np.int64)
         try:
             while True:
-                data = await reader.read(READ_SIZE)
+                data = await self._link.read()
                 self._decoder.receive_data(data)
                 for event in self._decoder.events():
                     if isinstance(event, Samples):
@@ -162,9 +161,7 @@ class StreamServer:
         self.rejected = 0
 
     async def start(self) -> StreamServer:
-        self._server = await asyncio.start_server(
-            self._on_connect, self.host, self.requested_port, limit=1 << 22
-        )
+        self._server = await serve_tcp_links(self._on_link, self.host, self.requested_port)
         logger.info("stream server listening on %s:%d", self.host, self.port)
         return self
 
@@ -174,26 +171,27 @@ class StreamServer:
         assert self._server is not None, "call start() first"
         return int(self._server.sockets[0].getsockname()[1])
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(self._handshake(TcpLink(reader, writer)))
+    def _on_link(self, link: TcpLink) -> None:
+        task = asyncio.create_task(self._handshake(link))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, link: TcpLink) -> None:
-        peer = link.writer.get_extra_info("peername") or ("?", 0)
-        given = [link]
+        given: list[Link] = [link]
 
         async def opener() -> Link:
             if not given:
                 raise ConnectionError("a dialled-in meter cannot be redialled; it redials itself")
             return given.pop()
 
-        client = AsyncMeterClient(str(peer[0]), int(peer[1]), _opener=opener, **self._client_kwargs)
+        client = AsyncMeterClient(
+            link.peer_host, link.peer_port, _opener=opener, **self._client_kwargs
+        )
         try:
             await client.connect()
         except MeterError as exc:
             self.rejected += 1
-            logger.warning("stream server: rejected %s:%s: %s", peer[0], peer[1], exc)
+            logger.warning("stream server: rejected %s:%s: %s", link.peer_host, link.peer_port, exc)
             link.abort()
             return
         logger.info("stream server: %s dialled in", client.meter_label)

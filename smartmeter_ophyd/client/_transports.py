@@ -1,11 +1,11 @@
 """Byte carriers for the client: TCP, USB serial (pty), UDP datagrams.
 
 These classes only move bytes; decoding stays in :mod:`smartmeter_ophyd.protocol` and the
-request/session logic in :mod:`._async`.  A *link* is a duplex byte stream with an
-``asyncio.StreamReader`` for input and ``write``/``drain``/``close`` for output, whatever
-carries it:
+request/session logic in :mod:`._async`.  A *link* is a duplex byte stream: input is pushed to a sink (or queued for
+:meth:`Link.read` until one is attached), output goes through ``write``/``close``:
 
-* :func:`open_tcp_link` -- the command connection (TCP 54321, or 54322 for raw streams).
+* :func:`open_tcp_link` -- the command connection (TCP 54321, or 54322 for raw streams),
+  read with ``recv_into`` a reused buffer (no allocation per read).
 * :func:`open_serial_link` -- a serial device (the emulator's pty or the real USB port,
   2,000,000 baud) opened with pyserial in raw mode and read with the event loop.
 * :class:`UdpReceiver` -- a bound UDP socket that accepts datagrams only from the meter's
@@ -21,26 +21,88 @@ import contextlib
 import errno
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
+READ_BUFFER_BYTES = 1 << 18
+"""Receive buffer reused for every read (``recv_into``, no per-read allocation)."""
+
+
 class Link:
-    """A duplex byte stream: ``reader`` for input, ``write``/``drain``/``close`` for output."""
+    """A duplex byte stream.
+
+    Input is pushed: before :meth:`attach` the chunks queue up and :meth:`read` returns them
+    (the connect handshake); after it, every chunk goes straight to the sink, which must
+    consume it during the call (it may be a view of a reused buffer).  ``b""`` = closed.
+    """
 
     kind = "link"
 
-    def __init__(self, reader: asyncio.StreamReader, peer_host: str, local_host: str) -> None:
-        self.reader = reader
+    def __init__(self, peer_host: str, local_host: str) -> None:
         self.peer_host = peer_host
         self.local_host = local_host
+        self.error: BaseException | None = None
+        self._early: deque[bytes] = deque()
+        self._eof = False
+        self._sink: Callable[[bytes | memoryview], None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- called by the carrier
+    def _data(self, data: bytes | memoryview) -> None:
+        if self._sink is not None:
+            self._sink(data)
+        else:
+            self._early.append(bytes(data))
+            self._wake()
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if self._eof:
+            return
+        self._eof = True
+        self.error = exc
+        if self._sink is not None:
+            self._sink(b"")
+        else:
+            self._wake()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- used by the client
+    async def read(self) -> bytes:
+        """The next chunk (only before :meth:`attach`); ``b""`` once the peer closed."""
+        while not self._early and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if self._early:
+            return self._early.popleft()
+        if self.error is not None and not isinstance(self.error, EOFError):
+            raise ConnectionError(str(self.error)) from self.error
+        return b""
+
+    def attach(self, sink: Callable[[bytes | memoryview], None]) -> None:
+        """From now on push every chunk (and the final ``b""``) to ``sink``."""
+        self._sink = sink
+        while self._early:
+            sink(self._early.popleft())
+        if self._eof:
+            sink(b"")
 
     def write(self, data: bytes) -> None:
         raise NotImplementedError
 
-    async def drain(self) -> None:
+    def pause_reading(self) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
         raise NotImplementedError
 
     def abort(self) -> None:
@@ -51,46 +113,93 @@ class Link:
         raise NotImplementedError
 
     async def wait_closed(self) -> None:
-        return None
+        await asyncio.shield(self.closed)
 
     @property
     def is_closing(self) -> bool:
         raise NotImplementedError
 
 
+class _TcpProtocol(asyncio.BufferedProtocol):
+    """Reads with ``recv_into`` a reused buffer and pushes views of it to the link."""
+
+    def __init__(self, on_link: Callable[[TcpLink], None] | None = None) -> None:
+        self.link: TcpLink | None = None
+        self._on_link = on_link
+        self._buffer = bytearray(READ_BUFFER_BYTES)
+        self._view = memoryview(self._buffer)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.link = TcpLink(self)
+        if self._on_link is not None:
+            self._on_link(self.link)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self.link is not None
+        self.link._data(self._view[:nbytes])
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.link is not None:
+            self.link._lost(exc)
+
+
 class TcpLink(Link):
     kind = "tcp"
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        local = writer.get_extra_info("sockname") or ("?", 0)
-        super().__init__(reader, str(peer[0]), str(local[0]))
-        self.writer = writer
+    def __init__(self, protocol: _TcpProtocol) -> None:
+        transport = protocol.transport
+        assert transport is not None
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        local = transport.get_extra_info("sockname") or ("?", 0)
+        super().__init__(str(peer[0]), str(local[0]))
+        self.transport = transport
+        self.peer_port = int(peer[1])
 
     def write(self, data: bytes) -> None:
-        self.writer.write(data)
+        if self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.transport.write(data)
 
-    async def drain(self) -> None:
-        await self.writer.drain()
+    def pause_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def abort(self) -> None:
-        self.writer.transport.abort()
+        self.transport.abort()
 
     def close(self) -> None:
-        self.writer.close()
-
-    async def wait_closed(self) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            await self.writer.wait_closed()
+        self.transport.close()
 
     @property
     def is_closing(self) -> bool:
-        return self.writer.is_closing()
+        return self.transport.is_closing()
 
 
-async def open_tcp_link(host: str, port: int, *, read_limit: int = 1 << 22) -> TcpLink:
-    reader, writer = await asyncio.open_connection(host, port, limit=read_limit)
-    return TcpLink(reader, writer)
+async def serve_tcp_links(
+    on_link: Callable[[TcpLink], None], host: str, port: int
+) -> asyncio.Server:
+    """Listen on ``host:port``; every accepted connection is handed over as a link."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _TcpProtocol(on_link), host, port)
+
+
+async def open_tcp_link(host: str, port: int) -> TcpLink:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(_TcpProtocol, host, port)
+    assert protocol.link is not None
+    return protocol.link
 
 
 class SerialLink(Link):
@@ -99,8 +208,7 @@ class SerialLink(Link):
     kind = "serial"
 
     def __init__(self, device: Any, loop: asyncio.AbstractEventLoop, path: str) -> None:
-        reader = asyncio.StreamReader(limit=1 << 22, loop=loop)
-        super().__init__(reader, path, "serial")
+        super().__init__(path, "serial")
         self._device = device
         self._fd: int = device.fileno()
         self._loop = loop
@@ -110,20 +218,22 @@ class SerialLink(Link):
         loop.add_reader(self._fd, self._on_readable)
 
     def _on_readable(self) -> None:
+        error: BaseException | None = None
         try:
-            data = os.read(self._fd, 1 << 16)
+            data = os.read(self._fd, READ_BUFFER_BYTES)
         except BlockingIOError:
             return
         except OSError as exc:
             # EIO: the other side of the pty closed (the emulator went away).
             if exc.errno != errno.EIO:
                 logger.warning("serial %s read failed: %s", self.peer_host, exc)
+                error = exc
             data = b""
         if data:
-            self.reader.feed_data(data)
+            self._data(data)
         else:
             self._loop.remove_reader(self._fd)
-            self.reader.feed_eof()
+            self._lost(error)
 
     def write(self, data: bytes) -> None:
         if self._closed:
@@ -132,7 +242,7 @@ class SerialLink(Link):
         self._flush()
 
     def _flush(self) -> None:
-        while self._pending:
+        while self._pending and not self._closed:
             try:
                 written = os.write(self._fd, self._pending)
             except BlockingIOError:
@@ -140,9 +250,13 @@ class SerialLink(Link):
                 return
             del self._pending[:written]
 
-    async def drain(self) -> None:
-        while self._pending and not self._closed:
-            await asyncio.sleep(0.005)
+    def pause_reading(self) -> None:
+        if not self._closed:
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self._fd, self._on_readable)
 
     def close(self) -> None:
         if self._closed:
@@ -152,8 +266,7 @@ class SerialLink(Link):
             self._loop.remove_reader(self._fd)
         with contextlib.suppress(Exception):
             self._device.close()
-        if not self.reader.at_eof():
-            self.reader.feed_eof()
+        self._lost(None)
 
     @property
     def is_closing(self) -> bool:

@@ -1,0 +1,145 @@
+"""Client ingest cost: CPU seconds per MB received from N meters at 8 kHz × 6 channels.
+
+The emulators run in a CHILD process (``python -m smartmeter_ophyd.emulator``); this process
+is only the client, so ``time.process_time()`` measures the client alone.  Two phases in the
+same run, against the same meters and the same kind of bytes (prefixed TCP frames of
+sampling sessions on the command connections):
+
+1. ``AsyncMeterClient`` x N: connect, ``sample(rate=8000)``, consume every block for
+   ``--seconds``, stop and reconcile.
+2. Baseline: plain sockets, send the same ``sample`` line, then a ``selectors`` loop of
+   ``socket.recv_into`` into a preallocated buffer (no decoding at all) for ``--seconds``.
+
+Prints CPU ms per MB for both and their ratio.  Target: client <= 2 ms CPU per MB.
+``--coalesce`` lets the client sleep briefly after small reads while streaming (fewer, larger
+reads for the same bytes; adds that much latency).
+
+Usage: ``python benchmarks/ingest.py --meters 4 --seconds 10``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import selectors
+import socket
+import subprocess
+import sys
+import time
+
+from smartmeter_ophyd.client import AsyncMeterClient
+from smartmeter_ophyd.protocol import Sample, Transport
+
+MB = 1_000_000
+
+
+def start_emulators(count: int) -> tuple[subprocess.Popen[str], list[dict[str, object]]]:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "smartmeter_ophyd.emulator", "--count", str(count),
+         "--no-serial", "--no-truth", "--boot-delay", "0.2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    meters = [json.loads(child.stdout.readline()) for _ in range(count)]
+    return child, meters
+
+
+async def run_client(ports: list[int], seconds: float, coalesce: float) -> tuple[float, int, list]:
+    clients = [
+        AsyncMeterClient("127.0.0.1", port, timeout=5.0, coalesce_s=coalesce) for port in ports
+    ]
+    for client in clients:
+        await client.connect()
+    received_before = sum(c.bytes_received for c in clients)
+    sessions = [await c.sample(rate=8000) for c in clients]
+
+    async def consume(session) -> int:
+        n = 0
+        async for block in session:
+            n += block.n_samples
+        return n
+
+    consumers = [asyncio.create_task(consume(s)) for s in sessions]
+    cpu0 = time.process_time()
+    bytes0 = sum(c.bytes_received for c in clients)
+    await asyncio.sleep(seconds)
+    cpu = time.process_time() - cpu0
+    nbytes = sum(c.bytes_received for c in clients) - bytes0
+    summaries = [await s.stop() for s in sessions]
+    await asyncio.gather(*consumers)
+    for client in clients:
+        await client.close()
+    del received_before
+    return cpu, nbytes, summaries
+
+
+def run_baseline(ports: list[int], seconds: float) -> tuple[float, int]:
+    sample_line = Sample(transport=Transport.TCP, rate=8000).encode()
+    stop_line = b'{"cmd":"stop"}\n'
+    selector = selectors.DefaultSelector()
+    socks = []
+    for port in ports:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+        socks.append(sock)
+    buffer = bytearray(1 << 18)
+    view = memoryview(buffer)
+    time.sleep(0.3)  # the info line and lifeness lines
+    for sock in socks:
+        while True:
+            try:
+                if not sock.recv_into(view):
+                    break
+            except BlockingIOError:
+                break
+        sock.sendall(sample_line)
+    total = 0
+    cpu0 = time.process_time()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for key, _ in selector.select(0.1):
+            try:
+                total += key.fileobj.recv_into(view)  # type: ignore[union-attr]
+            except BlockingIOError:
+                pass
+    cpu = time.process_time() - cpu0
+    for sock in socks:
+        sock.sendall(stop_line)
+    time.sleep(0.3)
+    for sock in socks:
+        selector.unregister(sock)
+        sock.close()
+    return cpu, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--meters", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--coalesce", type=float, default=0.0,
+                        help="client: sleep this long after a small read while streaming")
+    args = parser.parse_args()
+    child, meters = start_emulators(args.meters)
+    try:
+        ports = [int(m["command_port"]) for m in meters]  # type: ignore[call-overload]
+        cpu, nbytes, summaries = asyncio.run(run_client(ports, args.seconds, args.coalesce))
+        base_cpu, base_bytes = run_baseline(ports, args.seconds)
+    finally:
+        child.terminate()
+        child.wait(10)
+    client_ms_per_mb = 1000 * cpu / (nbytes / MB)
+    base_ms_per_mb = 1000 * base_cpu / (base_bytes / MB)
+    reconciled = sum(1 for s in summaries if s.explained)
+    print(f"meters: {args.meters} x 8000 Hz x 6 ch over loopback TCP, {args.seconds:.0f} s each phase")
+    print(f"client:   {nbytes / MB:8.2f} MB  CPU {cpu:6.3f} s  -> {client_ms_per_mb:6.3f} ms CPU/MB"
+          f"  ({reconciled}/{len(summaries)} sessions reconciled at stop)")
+    print(f"recv_into:{base_bytes / MB:8.2f} MB  CPU {base_cpu:6.3f} s  -> {base_ms_per_mb:6.3f} ms CPU/MB")
+    print(f"ratio client / recv_into: {client_ms_per_mb / base_ms_per_mb:.2f}")
+    print(f"target <= 2 ms CPU per MB: {'met' if client_ms_per_mb <= 2.0 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
