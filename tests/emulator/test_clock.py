@@ -230,9 +230,11 @@ async def test_sync_against_a_real_chronyd(tmp_path: Path) -> None:
             if result is None:
                 await asyncio.sleep(0.25)
         assert result is not None, "chronyd never answered"
-        assert result.confidence_ms == 4
-        assert abs(result.error_s) < 0.002
-        assert clock.now() - time.time() == pytest.approx(result.error_s, abs=0.002)
+        # 2 x 4 ms emulated plus chronyd's own turnaround (longer on a busy host).
+        assert result.rtt_s >= 0.008
+        assert result.confidence_ms == int(result.rtt_s * 1000 / 2) >= 4
+        assert abs(result.error_s) < 0.0015 + (result.rtt_s - 0.008) / 2
+        assert clock.now() - time.time() == pytest.approx(result.error_s, abs=0.001)
         assert abs(result.server_time - time.time()) < 1.0
     finally:
         proc.kill()
