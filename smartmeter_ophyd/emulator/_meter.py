@@ -377,9 +377,7 @@ class EmulatedMeter:
     async def _shutdown(self) -> None:
         """Everything a reboot loses: sockets, sessions, pending connections."""
         self.ready.clear()
-        if self.session is not None:
-            self.last_session = self.session
-        self.session = None
+        self.end_session()  # also closes a raw-stream client
         for server in (self._command_server, self._stream_server):
             if server is not None:
                 server.close()

@@ -98,7 +98,9 @@ class UdpSink(Sink):
         return self.requester.alive
 
     def room(self) -> int:
-        return max(0, HIGH_WATER_BYTES - self.datagrams.get_write_buffer_size())
+        # Selector datagram transports queue when the kernel refuses; typeshed lacks the method.
+        queued = getattr(self.datagrams, "get_write_buffer_size", lambda: 0)()
+        return max(0, HIGH_WATER_BYTES - int(queued))
 
     def send(self, frames: bytes, stride: int) -> int:
         accepted = 0

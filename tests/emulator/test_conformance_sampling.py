@@ -210,3 +210,34 @@ async def test_without_rtc_a_session_stops_after_rate_samples(make_meter) -> Non
     _, stop = await stop_and_drain(c)
     assert stop["samples"] == 100 == stop["sent_samples"]
     await c.close()
+
+
+async def test_mqtt_sampling_without_broker_stops(client: RawClient) -> None:
+    """§4.9/§4.14: MQTT sampling with no broker: accepted, then ERROR and a silent stop."""
+    reply = await client.command({"cmd": "sample", "payload": {"type": "MQTT", "rate": 1}})
+    assert reply["error"] is False and reply["conn_type"] == "MQTT"
+    line = await client.wait_line(lambda x: x.startswith(b"Info:[E]"))
+    assert line.endswith(b": MQTT Server disconnected while streaming")
+    assert (await client.command({"cmd": "info"}))["state"] == "idle"
+
+
+async def test_codec_decoder_reads_the_session_cleanly(client: RawClient, meter: EmulatedMeter) -> None:
+    """§2.3/§4.6: the project's own StreamDecoder (client role) decodes a whole emulated session
+    without skipped bytes, corrupt frames or gaps, and gets exactly the produced samples."""
+    from smartmeter_ophyd.protocol import CorruptFrame, PacketGap, Samples, SkippedBytes
+    from smartmeter_ophyd.protocol._decoder import StreamDecoder
+
+    await client.send({"cmd": "sample", "payload": {"type": "TCP", "rate": 2000, "measures": "v,i_L2"}})
+    raw = bytearray()
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline:
+        raw += await asyncio.wait_for(client.reader.read(65536), 1.0)
+    await client.send({"cmd": "stop"})
+    while b'"cmd":"stop","error":false}\r\n' not in raw:
+        raw += await asyncio.wait_for(client.reader.read(65536), 2.0)
+    decoder = StreamDecoder()
+    decoder.receive_data(bytes(client.buffer) + bytes(raw))
+    events = decoder.events() + decoder.release_pending()
+    assert not [e for e in events if isinstance(e, SkippedBytes | CorruptFrame | PacketGap)]
+    values = np.concatenate([e.values for e in events if isinstance(e, Samples)])
+    np.testing.assert_array_equal(values.reshape(-1, 2), meter.truth().values)  # type: ignore[union-attr]

@@ -118,3 +118,25 @@ async def test_reboot_via_control(make_meter) -> None:  # type: ignore[no-untype
     await asyncio.sleep(0.3)
     assert (await ctl("status"))["boot_count"] == 2
     await (await open_client(meter.command_port)).close()
+
+
+async def test_cli_prints_one_line_per_meter_and_stops_on_sigterm(ntp_server) -> None:  # type: ignore[no-untyped-def]
+    """``python -m smartmeter_ophyd.emulator --count 2``: one JSON line per meter, runs until SIGTERM."""
+    import signal
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smartmeter_ophyd.emulator", "--count", "2", "--name-prefix", "cli",
+        "--time-server", "127.0.0.1", "--ntp-port", str(ntp_server.port), "--control-port", "0",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    lines = [json.loads(await asyncio.wait_for(proc.stdout.readline(), 20)) for _ in range(2)]
+    assert [m["name"] for m in lines] == ["cli000", "cli001"]
+    assert all(m["serial"].startswith("/dev/pts/") and m["control_port"] for m in lines)
+    c = await open_client(lines[1]["command_port"])
+    info = await c.command({"cmd": "info"})
+    assert info["name"] == "cli001"
+    await c.close()
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
