@@ -45,9 +45,13 @@ class Endpoint:
         self.closed = False
         self.bytes_accepted = 0
         self.on_input: Callable[[], None] | None = None
+        self.discard_input = False
+        """Raw stream clients: input is read only to notice the disconnect (§7.1)."""
 
     # -- input
     def _feed(self, data: bytes) -> None:
+        if self.discard_input:
+            return
         if not self._partial:
             self._partial_since = time.monotonic()
         self._partial += data

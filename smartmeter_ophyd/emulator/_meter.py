@@ -761,8 +761,10 @@ class EmulatedMeter:
     def _start_raw_stream(self, ep: TcpEndpoint) -> None:
         """§7.1: an idle meter streams unprefixed 8 kHz VI to a port-54322 client at once."""
         settings = SampleSettings(prefix=False)
+        self.sample_settings = settings  # standardConfig(): info.sampling_rate reads 8000
         self.start_session(settings, EndpointSink(ep, Transport.TCP), None, raw_stream=True)
-        ep.start_reading()  # only to notice the disconnect; input is ignored
+        ep.discard_input = True
+        ep.start_reading()  # only to notice the disconnect
 
     async def _check_scheduled_start(self) -> None:
         p = self.pending_start

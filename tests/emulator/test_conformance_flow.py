@@ -98,3 +98,28 @@ async def test_req_samples_beyond_send_buffer_reboots(meter: EmulatedMeter) -> N
     assert await c.closed()
     await asyncio.sleep(0.3)
     assert meter.boot_count == 2
+
+
+async def test_slot_summary_log(client: RawClient) -> None:
+    """§5.3: with [0, 2] data flows only in even meter seconds; when the slot ends the meter
+    logs INFO 'sent <n> samples' (or WARNING 'not finisched <n> missing')."""
+    import re
+    import time
+
+    await client.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 1000, "slot": [0, 2]}})
+    frames_by_second: dict[int, int] = {}
+    summary = None
+    deadline = time.monotonic() + 3.5
+    while summary is None and time.monotonic() < deadline:
+        item = await client.read_item()
+        if isinstance(item, Frame):
+            second = int(time.time())
+            frames_by_second[second] = frames_by_second.get(second, 0) + 1
+        elif re.search(rb": (sent \d+ samples|not finisched \d+ missing)$", item):
+            summary = item
+    assert summary is not None
+    # frames arrived in even seconds only (allow the boundary jitter of one read)
+    odd = sum(n for s, n in frames_by_second.items() if s % 2)
+    even = sum(n for s, n in frames_by_second.items() if s % 2 == 0)
+    assert even > 0 and odd <= 1
+    await stop_and_drain(client)
