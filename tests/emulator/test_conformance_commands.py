@@ -265,3 +265,21 @@ async def test_factory_and_basic_reset(make_meter, cmd: str, name_kept: bool) ->
     assert info["energy"] == "[0.0000, 0.0000, 0.0000]"
     assert meter.stored.energy_reset_ts == 1600000000
     await c2.close()
+
+
+async def test_daily_restart_fires_when_local_time_matches(client: RawClient, meter: EmulatedMeter) -> None:
+    """§3.12: the minute check restarts the meter at the stored local HH:MM ('Daily restart now!')."""
+    import time as _time
+
+    from smartmeter_ophyd.protocol import format_short_time
+
+    if _time.time() % 60 > 56:
+        await asyncio.sleep(4)
+    hh, mm = format_short_time(_time.time())[-8:-3].split(":")
+    meter.boot_true -= 61  # the first check after boot comes a minute later on the device
+    await client.send({"cmd": "dailyRestart", "hour": int(hh), "minute": int(mm)})
+    line = await client.wait_line(lambda x: b"Daily restart now!" in x)
+    assert line.startswith(b"Info:[I]")
+    assert await client.closed(timeout=2.0)
+    await asyncio.sleep(0.3)
+    assert meter.boot_count == 2
