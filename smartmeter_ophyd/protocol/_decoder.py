@@ -86,6 +86,8 @@ _SEQUENCED_WINDOW: Final = 1 << 16
 the sequence (its header is believed); farther numbers are taken for garbage."""
 _LOG_LINE_RE: Final = re.compile(r"\[([ADIWE])\](\d\d/\d\d \d\d:\d\d:\d\d): ?(.*)\Z", re.DOTALL)
 _PREFIX_BYTES: Final = (DATA_PREFIX, INFO_PREFIX)
+_WINDOW_MIN: Final = 64
+"""Fewest bytes moved from a new chunk to complete a frame or line split across chunks."""
 
 
 def _empty_f32(channels: int) -> npt.NDArray[np.float32]:
@@ -175,13 +177,10 @@ class _Follow:
     consumed: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _FrameLayout:
-    dtype: np.dtype[np.void]
-    head: int
-
-
-_HEAD_MASK: Final = (1 << 56) - 1
+_U64_MASK: Final = (1 << 64) - 1
+_HEADER_WORD_OFFSETS: Final = (0, 3)
+"""A frame header (11 bytes) seen as two overlapping little-endian 64-bit words: bytes 0..7
+(``Data:`` + length + packet byte 0) and bytes 3..10 (``a:`` + length + packet)."""
 _CRLF_U16: Final = int.from_bytes(CRLF, "little")
 
 _FOLLOW_NEED: Final = _Follow(False, True)
@@ -223,8 +222,16 @@ class StreamDecoder:
         self.default_values_per_sample = default_values_per_sample
         self.max_line_bytes = max_line_bytes
         self.max_payload_bytes = max_payload_bytes
-        self._buf = bytearray()
+        # The bytes being decoded are ``_buf[_pos:]`` followed by the chunks in ``_pending``.
+        # ``_buf`` is usually the caller's own ``bytes`` object (decoded in place, no copy);
+        # it is a private bytearray only for a small unconsumed tail, or for a "window": the
+        # tail plus the first ``_moved`` bytes of ``_pending[0]``, just enough to complete the
+        # frame or line that straddles the two chunks.
+        self._buf: bytes | bytearray = b""
         self._pos = 0
+        self._pending: deque[bytes] = deque()
+        self._moved = 0
+        self._want = 0
         self._out: deque[Event] = deque()
         self._eof = False
         self._closed_emitted = False
@@ -236,7 +243,9 @@ class StreamDecoder:
         self._skip_head = bytearray()
         self._skip_reason = ""
         self._skipped_after_eof = 0
-        self._layouts: dict[int, _FrameLayout] = {}
+        self._header_ramp: npt.NDArray[np.uint64] = np.empty((0, 2), dtype=np.uint64)
+        self._packet_ramp: npt.NDArray[np.uint32] = np.empty(0, dtype=np.uint32)
+        self._frame_samples: dict[int, npt.NDArray[np.int64]] = {}
 
     # ------------------------------------------------------------------ public state
 
@@ -252,7 +261,7 @@ class StreamDecoder:
     @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet turned into events."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + sum(map(len, self._pending)) - self._moved
 
     @property
     def max_buffered_bytes(self) -> int:
@@ -285,23 +294,89 @@ class StreamDecoder:
                 raise ProtocolError("receive_data() called after EOF")
             return
         if not data:
+            if self._pending:  # EOF before the events were drained: decide on all bytes
+                self._merge_pending()
             self._eof = True
             return
-        if self._pos:
-            del self._buf[: self._pos]
+        if type(data) is not bytes:  # a mutable buffer could change under us
+            data = bytes(data)
+        if self._pos >= len(self._buf) and not self._pending:
+            self._buf = data  # decoded in place: no copy of the hot path's bytes
             self._pos = 0
-        self._buf += data
+        else:
+            self._pending.append(data)
+
+    def _merge_pending(self) -> None:
+        merged = bytearray(memoryview(self._buf)[self._pos :])
+        first = True
+        for chunk in self._pending:
+            merged += memoryview(chunk)[self._moved if first else 0 :]
+            first = False
+        self._pending.clear()
+        self._buf = merged
+        self._pos = 0
+        self._moved = 0
+
+    def _advance(self) -> bool:
+        """One step, or more bytes moved in from ``_pending``; False when stuck."""
+        if self._step():
+            if self._moved and self._pos >= len(self._buf) - self._moved:
+                self._leave_window()
+            return True
+        return self._refill()
+
+    def _leave_window(self) -> None:
+        """The read position passed into ``_pending[0]``: decode it in place from there."""
+        chunk = self._pending.popleft()
+        self._pos -= len(self._buf) - self._moved
+        self._buf = chunk
+        self._moved = 0
+
+    def _refill(self) -> bool:
+        """The current bytes cannot make progress: bring in more, or keep only the tail."""
+        want, self._want = self._want, 0
+        buf = self._buf
+        rest = len(buf) - self._pos
+        if not self._pending:
+            # Keep only the unconsumed tail (bounded by max_buffered_bytes), never a view
+            # of -- or a reference to -- the caller's whole chunk.
+            if self._pos or not isinstance(buf, bytearray):
+                self._buf = bytearray(memoryview(buf)[self._pos :]) if rest else b""
+                self._pos = 0
+            return False
+        if rest <= 0:
+            if self._moved:
+                self._leave_window()
+            else:
+                self._buf = self._pending.popleft()
+                self._pos = 0
+            return True
+        if not isinstance(buf, bytearray):  # the caller's chunk: copy only its tail
+            buf = self._buf = bytearray(memoryview(buf)[self._pos :])
+        elif self._pos:
+            del buf[: self._pos]
+        self._pos = 0
+        chunk = self._pending[0]
+        # Move what the stuck step asked for, else grow geometrically (lines, repairs).
+        step = max(want, rest, _WINDOW_MIN)
+        start = self._moved
+        buf += memoryview(chunk)[start : start + step]
+        self._moved = min(len(chunk), start + step)
+        if self._moved == len(chunk):  # the whole chunk is in the window now
+            self._pending.popleft()
+            self._moved = 0
+        return True
 
     def next_event(self) -> Event | _NeedData:
         """The next event, or :data:`NEED_DATA` when more bytes are required."""
         while not self._out:
-            if not self._step():
+            if not self._advance():
                 return NEED_DATA
         return self._out.popleft()
 
     def events(self) -> list[Event]:
         """Every event available now (possibly none)."""
-        while self._step():
+        while self._advance():
             pass
         out = list(self._out)
         self._out.clear()
@@ -474,29 +549,6 @@ class StreamDecoder:
 
     # ------------------------------------------------------------------------ frames
 
-    def _frame_dtype(self, length: int, stride: int) -> _FrameLayout:
-        """A structured dtype that views a run of frames as records (cached per length)."""
-        layout = self._layouts.get(length)
-        if layout is None:
-            floats = length // _FLOAT_BYTES
-            names = ["head", "packet", "payload"]
-            formats: list[object] = ["<u8", "<u4", ("<f4", (floats,))]
-            offsets = [0, 7, FRAME_HEADER_SIZE]
-            if self.serial:
-                names.append("crlf")
-                formats.append("<u2")
-                offsets.append(FRAME_HEADER_SIZE + length)
-            dtype = np.dtype(
-                {"names": names, "formats": formats, "offsets": offsets, "itemsize": stride}
-            )
-            # bytes 0..6 = "Data:" + <H length; byte 7 (first packet byte) is masked out
-            head = int.from_bytes(DATA_PREFIX + length.to_bytes(2, "little") + b"\0", "little")
-            layout = _FrameLayout(dtype, head)
-            if len(self._layouts) > 64:
-                self._layouts.clear()
-            self._layouts[length] = layout
-        return layout
-
     def _follow(self, end: int) -> _Follow:
         """What the bytes at ``end`` (just after a payload) say about the frame's extent."""
         buf = self._buf
@@ -520,7 +572,8 @@ class StreamDecoder:
     def _step_frame(self) -> bool:
         buf = self._buf
         pos = self._pos
-        avail = len(buf) - pos
+        end = len(buf)
+        avail = end - pos
         if avail < 7:
             return (
                 self._step_garbage("incomplete frame header at end of stream")
@@ -540,99 +593,111 @@ class StreamDecoder:
             )
         packet = int.from_bytes(buf[pos + 7 : pos + 11], "little")
         payload_end = pos + FRAME_HEADER_SIZE + length
-        if len(buf) < payload_end:
+        # bytes that prove a frame's extent: the serial CRLF, else the next prefix
+        proof = len(CRLF) if self.serial else len(DATA_PREFIX)
+        if end < payload_end:
             if self._eof:
                 return self._truncated_frame(packet, length)
+            self._want = payload_end + proof - end
             return False
         stride = FRAME_HEADER_SIZE + length + (len(CRLF) if self.serial else 0)
         n_avail = avail // stride
         run = 1
-        packets: npt.NDArray[np.uint32] | None = None
         if n_avail >= 2 and self._sequencer.delta(packet) >= 0:
-            run, packets = self._bulk_run(pos, length, stride, n_avail)
+            run = self._bulk_run(pos, packet, length, stride, n_avail)
         last_end = pos + (run - 1) * stride + FRAME_HEADER_SIZE + length
         follow = self._follow(last_end)
         if follow.ok:
-            self._emit_frames(pos, run, length, stride, packets)
+            self._emit_frames(pos, packet, run, length, stride)
             self._pos = last_end + follow.consumed
             return True
         if run > 1:  # the frames before the last one are proven by their successor
-            self._emit_frames(pos, run - 1, length, stride, packets)
+            self._emit_frames(pos, packet, run - 1, length, stride)
             self._pos = pos + (run - 1) * stride
             return True
         if follow.need_data:
-            if self._release:
-                self._emit_frames(pos, 1, length, stride, None)
+            if self._release and not self._pending:
+                self._emit_frames(pos, packet, 1, length, stride)
                 self._pos = payload_end
                 return True
+            self._want = payload_end + proof - end
             return False
         return self._repair_or_corrupt(packet, length)
 
-    def _bulk_run(
-        self, pos: int, length: int, stride: int, n_avail: int
-    ) -> tuple[int, npt.NDArray[np.uint32] | None]:
-        """How many frames from ``pos`` have valid headers of the same length and
-        consecutive packet numbers (vectorised: no per-frame Python loop)."""
-        layout = self._frame_dtype(length, stride)
-        records = np.frombuffer(self._buf, dtype=layout.dtype, count=n_avail, offset=pos)
-        valid = (records["head"] & _HEAD_MASK) == layout.head
-        if self.serial:
-            valid &= records["crlf"] == _CRLF_U16
-        n = n_avail if valid.all() else int(np.argmin(valid))
-        if n <= 1:
-            return 1, None
-        packets = records["packet"][:n].astype(np.uint32)
-        steps_ok = (packets[1:] - packets[:-1]) == 1  # uint32 wraps like the firmware counter
-        if not steps_ok.all():
-            n = int(np.argmin(steps_ok)) + 1
-            packets = packets[:n]
-        return n, packets
+    def _bulk_run(self, pos: int, packet: int, length: int, stride: int, n_avail: int) -> int:
+        """How many frames from ``pos`` (at most ``n_avail``) have valid headers of the same
+        length and consecutive packet numbers -- vectorised, a handful of numpy calls.
 
-    def _frame_values(
-        self, pos: int, run: int, length: int, stride: int
-    ) -> npt.NDArray[np.float32]:
+        Frame ``i``'s two header words (see :data:`_HEADER_WORD_OFFSETS`) minus ``i`` times
+        one packet step must equal frame 0's: that checks prefix, length and numbering at
+        once (the 2**32 wrap of the firmware's counter carries out of the 64-bit word).
+        """
+        headers: npt.NDArray[np.uint64] = np.ndarray(
+            (n_avail, 2), "<u8", self._buf, pos, (stride, _HEADER_WORD_OFFSETS[1])
+        )
+        expected = np.array(
+            (
+                int.from_bytes(DATA_PREFIX + length.to_bytes(2, "little"), "little")
+                + ((packet & 0xFF) << 56),
+                (int.from_bytes(DATA_PREFIX[3:] + length.to_bytes(2, "little"), "little")
+                 + (packet << 32)) & _U64_MASK,
+            ),
+            dtype=np.uint64,
+        )  # fmt: skip
+        matches = headers - self._header_steps(n_avail) == expected
+        if self.serial:  # §4.12: and every frame ends with CRLF
+            crlf: npt.NDArray[np.uint16] = np.ndarray(
+                (n_avail,), "<u2", self._buf, pos + FRAME_HEADER_SIZE + length, (stride,)
+            )
+            matches &= (crlf == _CRLF_U16)[:, None]
+        del headers  # no view of the buffer may outlive the step (bytearray resizes)
+        if matches.all():
+            return n_avail
+        return max(1, int(matches.all(axis=1).argmin()))
+
+    def _header_steps(self, n: int) -> npt.NDArray[np.uint64]:
+        """Row ``i``: how frame ``i``'s header words exceed frame 0's (cached, grown)."""
+        if self._header_ramp.shape[0] < n:
+            steps = np.arange(max(n, 2 * self._header_ramp.shape[0]), dtype=np.uint64)
+            self._header_ramp = np.stack([steps << np.uint64(56), steps << np.uint64(32)], 1)
+            self._packet_ramp = steps.astype(np.uint32)
+        return self._header_ramp[:n]
+
+    def _emit_frames(self, pos: int, first_packet: int, run: int, length: int, stride: int) -> None:
+        """Deliver ``run`` consecutive frames from ``pos``; the one payload copy is here."""
+        floats = length // _FLOAT_BYTES
+        payloads: npt.NDArray[np.float32] = np.ndarray(
+            (run, floats), "<f4", self._buf, pos + FRAME_HEADER_SIZE, (stride, _FLOAT_BYTES)
+        )
+        values = payloads.astype(np.float32, order="C")  # always a copy, never a view
+        del payloads
         if run == 1:
-            flat = np.frombuffer(
-                self._buf, dtype="<f4", count=length // _FLOAT_BYTES, offset=pos + FRAME_HEADER_SIZE
-            ).copy()
-        else:
-            layout = self._frame_dtype(length, stride)
-            records = np.frombuffer(self._buf, dtype=layout.dtype, count=run, offset=pos)
-            flat = records["payload"].reshape(-1)  # strided -> one contiguous copy
-        return flat.reshape(-1, self._vps).astype(np.float32, copy=False)
-
-    def _emit_frames(
-        self,
-        pos: int,
-        run: int,
-        length: int,
-        stride: int,
-        packets: npt.NDArray[np.uint32] | None,
-    ) -> None:
-        values = self._frame_values(pos, run, length, stride)
-        if packets is None or packets.shape[0] != run:
-            if run == 1:
-                first = int.from_bytes(self._buf[pos + 7 : pos + 11], "little")
-                packets = np.array([first], dtype=np.uint32)
-            else:
-                assert packets is not None
-                packets = packets[:run].copy()
-        self._deliver(packets, values, length // (_FLOAT_BYTES * self._vps))
+            packets = np.array([first_packet], dtype=np.uint32)
+        else:  # _bulk_run proved the numbers consecutive (uint32 wraps like the firmware)
+            packets = self._packet_ramp[:run] + np.uint32(first_packet)
+        self._deliver(first_packet, packets, values.reshape(-1, self._vps), floats // self._vps)
 
     def _deliver(
-        self, packets: npt.NDArray[np.uint32], values: npt.NDArray[np.float32], per_frame: int
+        self,
+        first_packet: int,
+        packets: npt.NDArray[np.uint32],
+        values: npt.NDArray[np.float32],
+        per_frame: int,
     ) -> None:
-        first = int(packets[0])
-        if self._sequencer.delta(first) < 0:
+        if self._sequencer.delta(first_packet) < 0:
             # Only single frames reach here late (bulk runs start at a non-late packet).
-            self._emit(LatePacket(first, self._sequencer.expected, values))
+            self._emit(LatePacket(first_packet, self._sequencer.expected, values))
             return
-        gap = self._sequencer.admit(first, int(packets.shape[0]))
+        gap = self._sequencer.admit(first_packet, packets.shape[0])
         if gap is not None:
             self._emit(gap)
-        frame_samples = np.empty(packets.shape[0], dtype=np.int64)
-        frame_samples.fill(per_frame)
-        self._emit(Samples(values, packets, frame_samples))
+        counts = self._frame_samples.get(per_frame)
+        if counts is None or counts.shape[0] < packets.shape[0]:
+            counts = np.full(max(packets.shape[0], 256), per_frame, dtype=np.int64)
+            if len(self._frame_samples) > 16:
+                self._frame_samples.clear()
+            self._frame_samples[per_frame] = counts
+        self._emit(Samples(values, packets, counts[: packets.shape[0]].copy()))
 
     def _repair_or_corrupt(self, packet: int, length: int) -> bool:
         """The bytes after the frame are wrong: cut out an embedded log line (§4.6, §12 #29)
@@ -672,7 +737,10 @@ class StreamDecoder:
         self._emit(RepairedFrame(packet, removed))
         values = np.frombuffer(payload, dtype="<f4").reshape(-1, self._vps).astype(np.float32)
         self._deliver(
-            np.array([packet], dtype=np.uint32), values, length // (_FLOAT_BYTES * self._vps)
+            packet,
+            np.array([packet], dtype=np.uint32),
+            values,
+            length // (_FLOAT_BYTES * self._vps),
         )
         self._emit_line(classify_info_text(text.decode("utf-8", "replace")))
         self._pos = frame_end + tail

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_decoder import SAMPLE_REPLY, comparable, feed, waveform
 
 from smartmeter_ophyd.protocol import (
     CorruptFrame,
@@ -19,6 +18,8 @@ from smartmeter_ophyd.protocol import (
     encode_log_line,
 )
 from smartmeter_ophyd.protocol._decoder import StreamDecoder
+
+from .test_decoder import SAMPLE_REPLY, comparable, feed, waveform
 
 SPF = 5
 CHUNK = SPF * 24
