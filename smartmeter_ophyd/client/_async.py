@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -230,6 +231,19 @@ class _Waiter:
         self.future = future
         self.dump: Reply | UnparsedReply | None = None
         self.on_reply = on_reply
+
+
+_SECRET_PATTERNS: Final = (
+    (re.compile(r'("pwd"\s*:\s*")[^"]*(")'), r"\1***\2"),
+    (re.compile(r"(PW: )[^,\"]*"), r"\1***"),
+)
+
+
+def _redact(text: str) -> str:
+    """Hide WiFi passwords (``pwd`` keys, ``PW:`` in addWifi's msg, §3.6) before logging."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def _describe(command: Command) -> str:
@@ -676,7 +690,9 @@ class AsyncMeterClient:
             loose.dump = event
             return
         self.unmatched_replies += 1
-        logger.warning("%s: unparsable reply line %r", self.meter_label, event.raw[:120])
+        logger.warning(
+            "%s: unparsable reply line %r", self.meter_label, _redact(event.raw[:120])
+        )
 
     def _on_reply(self, reply: Reply) -> None:
         cmd = reply.cmd
@@ -704,11 +720,13 @@ class AsyncMeterClient:
         if waiter is None:
             if cmd == RequestSamples.name and self._session is not None:
                 logger.warning(
-                    "%s: reqSamples refused by the firmware: %s", self.meter_label, reply.raw
+                    "%s: reqSamples refused by the firmware: %s", self.meter_label, reply.raw[:200]
                 )
                 return
             self.unmatched_replies += 1
-            logger.warning("%s: reply nobody waits for: %s", self.meter_label, reply.raw[:200])
+            logger.warning(
+                "%s: reply nobody waits for: %s", self.meter_label, _redact(reply.raw[:200])
+            )
             return
         if waiter.on_reply is not None:
             waiter.on_reply(reply)  # before the waiter is released: it may read waiter.dump
@@ -916,11 +934,12 @@ class AsyncMeterClient:
 
     def _check(self, command: Command, reply: Reply) -> ReplyView:
         view = self._view(command, reply)
-        if isinstance(view, BusyReply):
-            raise MeterBusyError(self.meter_label, command.name, view.message, reply.fields)
-        if not view.succeeded:
-            raise MeterCommandRejected(self.meter_label, command.name, view.message, reply.fields)
-        return view
+        if view.succeeded:
+            return view
+        message = _redact(view.message) if view.message is not None else None
+        fields = {k: ("***" if k == "pwd" else v) for k, v in reply.fields.items()}
+        kind = MeterBusyError if isinstance(view, BusyReply) else MeterCommandRejected
+        raise kind(self.meter_label, command.name, message, fields)
 
     async def _typed(self, command: Command, kind: type[_V], timeout: float | None = None) -> _V:
         view = await self.request(command, timeout=timeout)

@@ -84,3 +84,33 @@ def emulator_config(**overrides: Any) -> EmulatorConfig:
     settings: dict[str, Any] = {"name": "emu", "boot_delay_s": 0.2, "serial": False}
     settings.update(overrides)
     return EmulatorConfig(**settings)
+
+
+NTP_UNIX_EPOCH_DELTA = 2_208_988_800
+
+
+class SntpResponder(asyncio.DatagramProtocol):
+    """Answers every 48-byte SNTP request with the host's clock (transmit timestamp, RFC 4330)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        import struct
+        import time
+
+        now = time.time() + NTP_UNIX_EPOCH_DELTA
+        seconds = int(now)
+        fraction = int((now - seconds) * 2**32)
+        reply = bytearray(48)
+        reply[0] = 0x24  # LI 0, version 4, mode 4 (server)
+        reply[1] = 1
+        struct.pack_into("!II", reply, 32, seconds, fraction)
+        struct.pack_into("!II", reply, 40, seconds, fraction)
+        self.transport.sendto(bytes(reply), addr)  # type: ignore[attr-defined]
+
+
+async def start_sntp() -> tuple[asyncio.DatagramTransport, int]:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(SntpResponder, local_addr=("127.0.0.1", 0))
+    return transport, int(transport.get_extra_info("sockname")[1])  # type: ignore[return-value]

@@ -13,7 +13,7 @@ import pytest
 
 from smartmeter_ophyd.emulator._meter import EmulatedMeter
 
-from .client_fakes import emulator_config
+from .client_fakes import emulator_config, start_sntp
 
 
 @pytest.fixture
@@ -24,6 +24,19 @@ async def meter() -> AsyncIterator[EmulatedMeter]:
         yield emulated
     finally:
         await emulated.stop()
+
+
+@pytest.fixture
+async def synced_meter() -> AsyncIterator[EmulatedMeter]:
+    """A meter whose time server is a local SNTP responder: NTP syncs succeed (§6.2)."""
+    transport, port = await start_sntp()
+    emulated = EmulatedMeter(emulator_config(time_server="127.0.0.1", ntp_port=port))
+    await emulated.start()
+    try:
+        yield emulated
+    finally:
+        await emulated.stop()
+        transport.close()
 
 
 @pytest.fixture

@@ -234,3 +234,14 @@ async def test_async_log_iterator(meter):
         line = await asyncio.wait_for(lines.__anext__(), 3.0)  # lifeness line within ~1 s
         assert isinstance(line, LogLine) and line.level is LogLevel.INFO
         await lines.aclose()
+
+
+async def test_ntp_success_with_inverted_flag_and_log(synced_meter):
+    async with AsyncMeterClient("127.0.0.1", synced_meter.command_port, timeout=3.0) as client:
+        lines = []
+        client.subscribe_logs(lines.append)
+        reply = await client.ntp_sync()  # the firmware says error:true on success (§3.7)
+        assert reply.succeeded and reply.message == "Time synced"
+        assert any(line.text.startswith("NTP synced with conf: ") for line in lines)
+        reply = await client.set_time_server("127.0.0.1")
+        assert reply.value == "127.0.0.1"

@@ -138,3 +138,23 @@ async def test_sample_reply_and_frames_in_one_segment_then_stop():
             assert summary.device_sent_samples == 126 and summary.avg_rate == 4000
     finally:
         await peer.close()
+
+
+async def test_unsolicited_reply_logged_without_password(caplog):
+    stray = (
+        b'Info:{"error":true,"cmd":"addWifi","ssid":"lab","pwd":"hunter2","msg":"New Ap, '
+        b'SSID: lab, PW: hunter2","ssids":"[lab, ]"}\r\n'
+    )
+    peer = await FakePeer(INFO_LINE).start()
+    try:
+        async with AsyncMeterClient("127.0.0.1", peer.port, timeout=2.0) as client:
+            peer.push(stray)
+            for _ in range(40):
+                if client.unmatched_replies:
+                    break
+                await asyncio.sleep(0.02)
+            assert client.unmatched_replies == 1
+    finally:
+        await peer.close()
+    assert "reply nobody waits for" in caplog.text
+    assert "hunter2" not in caplog.text

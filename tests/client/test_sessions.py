@@ -11,6 +11,7 @@ import pytest
 from smartmeter_ophyd.client import (
     AsyncMeterClient,
     MeterCommandError,
+    MeterCommandRejected,
     MeterConnectionError,
     SampleConfig,
     StreamServer,
@@ -232,3 +233,50 @@ async def test_stream_server_dial_in(meter):
             assert blocks and summary.explained
         finally:
             await dialled.close()
+
+
+async def test_scheduled_start(synced_meter):
+    async with AsyncMeterClient("127.0.0.1", synced_meter.command_port, timeout=3.0) as client:
+        with pytest.raises(MeterCommandError, match="20 s ahead"):
+            await client.sample(rate=1000, start_time=int(time.time()) + 60)
+        start = int(time.time()) + 2
+        session = await client.sample(rate=1000, start_time=start)
+        assert session.reply.scheduled is not None and session.reply.scheduled.accepted
+        assert session.reply.start_ts == float(start)
+        assert session.drain_nowait() == []  # still counting down (§6.4)
+        block = await session.next_block(timeout=4.0)
+        assert block.first_packet == 0 and time.time() >= start - 0.1
+        summary = await session.stop()
+        assert summary.explained, summary.notes
+        assert abs(summary.start_ts - start) < 0.05  # the actual start, from the stop reply
+
+
+async def test_unsynced_meter_refuses_scheduled_start(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        # the meter's clock never synced: its "now" is far off and the start is refused (§6.4)
+        with pytest.raises(MeterCommandRejected, match="Cannot start sampling in"):
+            await client.sample(rate=1000, start_time=int(time.time()) + 2)
+        assert client.session is None
+
+
+async def test_restart_mid_session_reports_what_changed(meter):
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, reconnect_backoff=(0.2, 1.0)
+    ) as client:
+        events = []
+        client.subscribe_events(events.append)
+        session = await client.sample(rate=4000)
+        assert (await client.get_info()).state == "busy"  # info is not busy-checked
+        await collect(session, 0.2)
+        await client.restart()
+        with pytest.raises(MeterConnectionError, match="connection lost"):
+            while await session.next_block(timeout=3.0) is not None:
+                pass
+        for _ in range(80):
+            if any(type(e).__name__ == "Reconnected" for e in events):
+                break
+            await asyncio.sleep(0.05)
+        reconnected = next(e for e in events if type(e).__name__ == "Reconnected")
+        assert reconnected.rebooted is True
+        assert reconnected.changes["sampling_rate"] == (4000, 8000)
+        assert reconnected.current.state == "idle"
