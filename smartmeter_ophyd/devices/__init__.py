@@ -1,1 +1,21 @@
-"""(filled by its issue)"""
+"""ophyd devices: :class:`SmartMeter` (readings, settings, fly scans into HDF5 + catalog).
+
+* :class:`SmartMeter` - one meter; ``bluesky.protocols`` implemented directly (Readable,
+  Triggerable, Configurable, Stageable, Preparable, Flyable, Collectable, WritesStreamAssets).
+* :class:`FlyConfig` - what ``prepare`` takes (also as a plain mapping).
+* :class:`ProgressStatus` - the ``complete()`` status; feeds ``ProgressBarManager``.
+"""
+
+from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
+from ._smartmeter import FlyError, GapStream, RunSummary, SmartMeter, summary_dict
+
+__all__ = [
+    "FLOW_CONTROL_MODES",
+    "FlyConfig",
+    "FlyError",
+    "GapStream",
+    "ProgressStatus",
+    "RunSummary",
+    "SmartMeter",
+    "summary_dict",
+]

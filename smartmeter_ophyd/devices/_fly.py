@@ -1,0 +1,221 @@
+"""Fly-scan settings and the progress-reporting status of a SmartMeter flyer.
+
+* :class:`FlyConfig` - what one fly scan samples (rate, measures, transport, flow control,
+  length, scheduled start).  :meth:`FlyConfig.from_value` accepts a ``FlyConfig`` or a mapping
+  (what ``bps.prepare(meter, {...})`` passes) and validates everything with the codec's
+  ``Sample`` command **before** anything is sent to the meter.
+* :class:`ProgressStatus` - an ophyd ``DeviceStatus`` whose watchers receive ``current``,
+  ``initial``, ``target`` and ``unit`` (bluesky's ``ProgressBarManager`` then draws a real bar;
+  plain ``DeviceStatus`` only reports the name).
+
+Limits: ``duration_s`` is converted to a sample count with the nominal rate (bursty rates
+deliver ``rate`` samples per second too, §4.3); a fly with neither ``duration_s`` nor
+``n_samples`` runs until ``stop()`` and its progress has no target.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Final
+
+from ophyd.status import DeviceStatus
+
+from ..client import MeterCommandError, SampleConfig
+from ..protocol import CommandError, Measures, Sample, Transport
+
+FLOW_CONTROL_MODES: Final = ("none", "cts")
+
+_PLACEHOLDER_UDP_PORT: Final = 1
+"""Validation only: the client binds the real UDP port at kickoff."""
+
+
+def coerce_measures(value: Any) -> Measures:
+    """A ``Measures`` from a member, its name (``"VI"``) or a firmware string (``"v,i_L1"``)."""
+    if isinstance(value, Measures):
+        return value
+    if isinstance(value, str) and value.upper() in Measures.__members__:
+        return Measures[value.upper()]
+    return Sample(measures=value).measures  # raises CommandError naming the allowed values
+
+
+def coerce_transport(value: Any) -> Transport:
+    if isinstance(value, Transport):
+        return value
+    if isinstance(value, str):
+        for member in Transport:
+            if value.upper() in (member.name, member.value.upper()):
+                return member
+    return Sample(transport=value).transport  # raises CommandError
+
+
+@dataclass(frozen=True, slots=True)
+class FlyConfig:
+    """Settings of one fly scan of one meter (§4.1).
+
+    ``flow_control``: ``"none"`` or ``"cts"`` (the meter starts paused and the device resumes
+    it at once, §5.1).  ``duration_s`` or ``n_samples`` (not both) bounds the fly: when the
+    target is reached the device sends ``stop``; the meter's tail (§4.8) may add samples and
+    they are all recorded.  ``start_time`` (integer unix seconds, 0.5..20 s ahead, §6.4)
+    schedules the start on the meter's clock.
+    """
+
+    rate: int = 8000
+    measures: Measures | str = Measures.VI
+    transport: Transport | str = Transport.TCP
+    flow_control: str = "none"
+    duration_s: float | None = None
+    n_samples: int | None = None
+    start_time: int | None = None
+    prefix: bool = True
+
+    @property
+    def target_samples(self) -> int | None:
+        """Samples after which the device stops the meter (None: until ``stop()``)."""
+        if self.n_samples is not None:
+            return self.n_samples
+        if self.duration_s is not None:
+            return max(1, math.ceil(self.duration_s * self.rate))
+        return None
+
+    def sample_config(self) -> SampleConfig:
+        return SampleConfig(
+            transport=self.transport,
+            rate=self.rate,
+            measures=self.measures,
+            prefix=self.prefix,
+            flow_control=self.flow_control == "cts",
+            start_time=self.start_time,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (for documents and logs)."""
+        measures = self.measures.reported if isinstance(self.measures, Measures) else self.measures
+        transport = self.transport.value if isinstance(self.transport, Transport) else self.transport
+        return {
+            "rate": self.rate,
+            "measures": measures,
+            "transport": transport,
+            "flow_control": self.flow_control,
+            "duration_s": self.duration_s,
+            "n_samples": self.n_samples,
+            "start_time": self.start_time,
+            "prefix": self.prefix,
+        }
+
+    @classmethod
+    def from_value(cls, value: FlyConfig | Mapping[str, Any], meter: str) -> FlyConfig:
+        """Validate ``value``; errors are :class:`MeterCommandError` naming ``meter``."""
+        if isinstance(value, FlyConfig):
+            settings = {f.name: getattr(value, f.name) for f in fields(cls)}
+        elif isinstance(value, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise MeterCommandError(
+                    meter, f"prepare: unknown settings {unknown}; allowed: {sorted(known)}"
+                )
+            settings = dict(value)
+        else:
+            raise MeterCommandError(
+                meter,
+                f"prepare: expected a FlyConfig or a mapping, not {type(value).__name__}",
+            )
+        try:
+            config = cls(**settings)
+            return config._validated()
+        except CommandError as exc:
+            raise MeterCommandError(meter, f"prepare: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise MeterCommandError(meter, f"prepare: {exc}") from exc
+
+    def _validated(self) -> FlyConfig:
+        measures = coerce_measures(self.measures)
+        transport = coerce_transport(self.transport)
+        if self.flow_control not in FLOW_CONTROL_MODES:
+            raise ValueError(
+                f"flow_control={self.flow_control!r} is not allowed; allowed: {FLOW_CONTROL_MODES}"
+            )
+        if self.duration_s is not None and self.n_samples is not None:
+            raise ValueError("give duration_s or n_samples, not both")
+        if self.duration_s is not None and (
+            isinstance(self.duration_s, bool)
+            or not isinstance(self.duration_s, int | float)
+            or not math.isfinite(self.duration_s)
+            or self.duration_s <= 0
+        ):
+            raise ValueError(f"duration_s={self.duration_s!r} must be a positive number of seconds")
+        if self.n_samples is not None and (
+            isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int) or self.n_samples <= 0
+        ):
+            raise ValueError(f"n_samples={self.n_samples!r} must be a positive integer")
+        # The codec's own checks: rate vs measures (§4.3), booleans, start time type (§6.4).
+        Sample(
+            transport=transport,
+            rate=self.rate,
+            measures=measures,
+            prefix=self.prefix,
+            port=_PLACEHOLDER_UDP_PORT if transport is Transport.UDP else None,
+            flow_control=self.flow_control == "cts",
+            start_time=self.start_time,
+        )
+        return replace(self, measures=measures, transport=transport)
+
+
+class ProgressStatus(DeviceStatus):
+    """A ``DeviceStatus`` that tells its watchers how many samples are done out of how many.
+
+    Watchers are called with ``name``, ``current``, ``initial`` (0), ``target`` (when known),
+    ``unit`` ("samples") and ``time_elapsed``, as ``bluesky.utils.ProgressBar`` expects.
+    """
+
+    def __init__(self, device: Any, *, target: int | None, **kwargs: Any) -> None:
+        self._progress_lock = threading.Lock()
+        self._current = 0
+        self._target = target
+        self._started = time.monotonic()
+        super().__init__(device, **kwargs)
+
+    @property
+    def current(self) -> int:
+        return self._current
+
+    @property
+    def target(self) -> int | None:
+        return self._target
+
+    def _payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "name": self.device.name,
+            "current": self._current,
+            "initial": 0,
+            "unit": "samples",
+            "time_elapsed": time.monotonic() - self._started,
+        }
+        if self._target is not None:
+            payload["target"] = self._target
+        return payload
+
+    def report(self, current: int) -> None:
+        """Tell the watchers that ``current`` samples are done."""
+        with self._progress_lock:
+            self._current = int(current)
+            watchers = list(self._watchers)
+            payload = self._payload()
+        for watcher in watchers:
+            watcher(**payload)
+
+    def watch(self, func: Callable[..., None]) -> None:
+        with self._progress_lock:
+            self._watchers.append(func)
+            payload = self._payload()
+        func(**payload)
+
+    def _settled(self) -> None:
+        # ophyd's default sends only fraction=0.0, which a progress bar shows as "no progress".
+        payload = self._payload()
+        for watcher in list(self._watchers):
+            watcher(**payload)
