@@ -151,6 +151,7 @@ READ_SIZE: Final = READ_BUFFER_BYTES
 
 _SESSION_EVENTS: Final = (Samples, PacketGap, LatePacket, CorruptFrame, RepairedFrame)
 _COMMAND_NAMES: Final = frozenset(COMMANDS)
+_LOOSE: Final = "<commands with a corrupted cmd echo>"
 _V = TypeVar("_V", bound=ReplyView)
 _C = TypeVar("_C", bound=Command)
 
@@ -310,6 +311,7 @@ class AsyncMeterClient:
         self._overflow_seen = False
         self._release_handle: asyncio.TimerHandle | None = None
         self._drop_waiters: list[asyncio.Future[None]] = []
+        self._stale: dict[str, int] = {}
         self.unmatched_replies = 0
         self.bytes_received = 0
 
@@ -399,6 +401,7 @@ class AsyncMeterClient:
             raise
         self._link = link
         self._decoder = decoder
+        self._stale.clear()
         self._info = info
         self._last_rx = time.monotonic()
         self._expect_drop = False
@@ -618,6 +621,8 @@ class AsyncMeterClient:
                 continue
             if kind is LogLine:
                 assert isinstance(event, LogLine)
+                if batch and not event.text:
+                    self._flush_batch()  # a lifeness line may end the session (see _on_log)
                 self._on_log(event)
                 continue
             if batch:
@@ -673,6 +678,13 @@ class AsyncMeterClient:
             batch.clear()
 
     def _on_log(self, line: LogLine) -> None:
+        session = self._session
+        if not line.text and session is not None and session.frames and not session.stop_requested:
+            # Lifeness lines are only sent while idle (§2.6): the session that was streaming
+            # to us was stopped elsewhere (another client's stop, §4.8); no stop reply comes.
+            if self._decoder is not None:
+                self._decoder.end_session()
+            session._finish(ended_by="stopped elsewhere")
         if line.text.startswith(OVERFLOW_LOG_TEXT):
             self._overflow_seen = True
             logger.error("%s: %s -- the meter reboots now (§4.10)", self.meter_label, line.text)
@@ -717,6 +729,15 @@ class AsyncMeterClient:
                 waiter = None  # the final getLog line comes only after the dump
             elif cmd == loose.name or cmd not in _COMMAND_NAMES:
                 waiter = loose
+        stale_key = _LOOSE if waiter is not None and waiter is loose else cmd
+        if stale_key is not None and self._stale.get(stale_key):
+            self._stale[stale_key] -= 1
+            logger.warning(
+                "%s: late reply to an earlier timed-out request discarded: %s",
+                self.meter_label,
+                _redact(reply.raw[:200]),
+            )
+            return
         if waiter is None:
             if cmd == RequestSamples.name and self._session is not None:
                 logger.warning(
@@ -902,6 +923,12 @@ class AsyncMeterClient:
             logger.debug("%s: sent %s", self.meter_label, _describe(command))
             try:
                 return await self._await_reply(future, name, timeout)  # type: ignore[no-any-return]
+            except MeterTimeoutError:
+                # Replies come in request order on a connection: if this one still arrives it
+                # must not answer the next request of the same kind (no request ids, §2.8).
+                key = name if reliable else _LOOSE
+                self._stale[key] = self._stale.get(key, 0) + 1
+                raise
             finally:
                 if reliable and self._waiters.get(name) is waiter:
                     del self._waiters[name]

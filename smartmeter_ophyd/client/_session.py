@@ -123,7 +123,8 @@ class SessionSummary:
     measures: Measures
     rate: int
     ended_by: str
-    """``"stop"`` (stop reply received), ``"connection lost"``, ``"closed"`` or ``"error"``."""
+    """``"stop"`` (our stop reply), ``"stopped elsewhere"`` (the meter went idle without
+    telling us: another client's stop), ``"connection lost"`` or ``"closed"``."""
     received_samples: int
     missing_declared: int
     missing_unsized_gaps: int
@@ -182,6 +183,7 @@ class SamplingSession:
         self._wakeup = asyncio.Event()
         self._end_error: BaseException | None = None
         self._ended = False
+        self.stop_requested = False
         self._summary: SessionSummary | None = None
         self._stop_reply: StopReply | None = None
         self._backlog = 0
@@ -361,6 +363,7 @@ class SamplingSession:
         Blocks not consumed yet stay available to :meth:`next_block` / iteration.
         """
         if not self._ended:
+            self.stop_requested = True
             if self._send_stop is None:
                 raise MeterCommandError(self.meter, "this stream cannot be stopped by command")
             try:

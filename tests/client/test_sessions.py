@@ -280,3 +280,46 @@ async def test_restart_mid_session_reports_what_changed(meter):
         assert reconnected.rebooted is True
         assert reconnected.changes["sampling_rate"] == (4000, 8000)
         assert reconnected.current.state == "idle"
+
+
+async def test_session_stopped_by_another_client_ends_cleanly(meter):
+    async with (
+        AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as owner,
+        AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as other,
+    ):
+        session = await owner.sample(rate=2000)
+        await collect(session, 0.2)
+        stop = await other.stop()  # stop works from any connection (§4.8)
+        assert stop.succeeded and stop.sent_samples > 0
+        blocks = await collect(session, 3.0)
+        assert not session.active
+        summary = session.summary
+        assert summary.ended_by == "stopped elsewhere" and summary.device_sent_samples is None
+        assert summary.received_samples == stop.sent_samples  # every sent sample arrived
+        assert await session.next_block() is None
+        assert owner.session is None
+        assert (await owner.get_voltage()).values  # the connection is fine
+        del blocks
+
+
+async def test_late_reply_after_timeout_does_not_answer_the_next_request():
+    from .client_fakes import INFO_LINE, FakePeer
+
+    voltage = b'Info:{"error":false,"cmd":"getVoltage","voltage":[%d,2,3],"unit":"V"}\r\n'
+    calls = []
+
+    def answer(line: bytes) -> list[bytes]:
+        calls.append(line)
+        if len(calls) == 1:
+            return []  # the first request stalls: its reply comes late, before the second's
+        return [voltage % 1, voltage % 2]
+
+    peer = await FakePeer(INFO_LINE, answer).start()
+    try:
+        async with AsyncMeterClient("127.0.0.1", peer.port, timeout=0.3) as client:
+            with pytest.raises(TimeoutError):
+                await client.get_voltage()
+            reply = await client.get_voltage()
+            assert reply.values[0] == 2.0  # not the late reply (1) to the timed-out request
+    finally:
+        await peer.close()
