@@ -98,7 +98,7 @@ class EmbeddedCatalog:
     def client(self) -> Any:
         """A tiled client over this catalog (opened through the profile on first use)."""
         if self._client is None:
-            self._client = open_catalog(self.profile)
+            self._client = self.open()
         return self._client
 
     def open(self) -> Any:

@@ -140,9 +140,12 @@ def _dataset(
     attrs: Mapping[str, Any],
 ) -> xr.Dataset:
     index = np.arange(first_index, first_index + times.shape[0], dtype=np.int64)
+    # No pandas index on "time": building one copies and sorts-checks every timestamp, which
+    # cost as much as the read itself; use .sel after ds.set_xindex("time") if needed.
+    coords = xr.Coordinates({"time": ("time", times), "sample_index": ("time", index)}, indexes={})
     return xr.Dataset(
         {k: ("time", v) for k, v in columns.items()},
-        coords={"time": ("time", times), "sample_index": ("time", index)},
+        coords=coords,
         attrs={"first_index": first_index, **attrs},
     )
 
