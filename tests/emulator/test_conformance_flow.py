@@ -112,14 +112,13 @@ async def test_slot_summary_log(client: RawClient) -> None:
     deadline = time.monotonic() + 3.5
     while summary is None and time.monotonic() < deadline:
         item = await client.read_item()
-        if isinstance(item, Frame):
-            second = int(time.time())
-            frames_by_second[second] = frames_by_second.get(second, 0) + 1
-        elif re.search(rb": (sent \d+ samples|not finisched \d+ missing)$", item):
+        now = time.time()
+        if isinstance(item, Frame) and 0.25 < now % 1 < 0.95:  # clear of read lag at boundaries
+            frames_by_second[int(now)] = frames_by_second.get(int(now), 0) + 1
+        elif isinstance(item, bytes) and re.search(rb": (sent \d+ samples|not finisched \d+ missing)$", item):
             summary = item
     assert summary is not None
-    # frames arrived in even seconds only (allow the boundary jitter of one read)
     odd = sum(n for s, n in frames_by_second.items() if s % 2)
     even = sum(n for s, n in frames_by_second.items() if s % 2 == 0)
-    assert even > 0 and odd <= 1
+    assert even > 0 and odd == 0
     await stop_and_drain(client)

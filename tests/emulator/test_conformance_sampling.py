@@ -90,7 +90,7 @@ async def test_sample_reply_and_frames_match_ground_truth(client: RawClient, met
                      "unit": "V,mA,V,mA,V,mA"}
     assert re.fullmatch(r"\d+\.\d{3}", reply["startTs"])
     assert abs(float(reply["startTs"]) - t_before) < 0.5
-    frames, lines = await collect(client, 1.3)
+    frames, lines = await collect(client, 1.5)
     tail, stop = await stop_and_drain(client)
     frames += tail
     assert [f.packet for f in frames] == list(range(len(frames)))
@@ -101,8 +101,8 @@ async def test_sample_reply_and_frames_match_ground_truth(client: RawClient, met
     data = np.concatenate([f.samples(6) for f in frames])
     assert stop["samples"] == stop["sent_samples"] == len(data)
     assert stop["start_ts"] == reply["startTs"] and stop["ip"] == "127.0.0.1"
-    assert abs(stop["avg_rate"] - 8000) < 80
-    assert abs(stop["sample_duration"] / 1000 * 8000 - stop["samples"]) < 100
+    assert abs(stop["avg_rate"] - 8000) < 160
+    assert abs(stop["sample_duration"] / 1000 * 8000 - stop["samples"]) < 200
     truth = meter.truth()
     assert truth is not None and not truth.active
     np.testing.assert_array_equal(data, truth.values)

@@ -77,17 +77,21 @@ async def test_scheduled_start_outside_window(client: RawClient) -> None:
     assert 2**32 - 6000 < delta < 2**32
 
 
-async def test_scheduled_latched_start_streams_waveform(client: RawClient) -> None:
+async def test_scheduled_latched_start_streams_waveform(client: RawClient, meter: EmulatedMeter) -> None:
     """§6.4 step 4 / §12 #23: a scheduled p,q start delivers raw v,i values under p,q labels."""
     at = int(time.time()) + 2
     reply = await client.command(
         {"cmd": "sample", "payload": {"type": "TCP", "rate": 50, "measures": "p,q", "time": at}})
     assert reply["measures"] == "p,p,p,q,q,q" and reply["error"] is False
-    await collect(client, at - time.time() + 0.6)
+    frames, _ = await collect(client, at - time.time() + 1.2)
     tail, _ = await stop_and_drain(client)
-    # Voltage samples of a sine swing through both signs; power values would not.
-    data = np.concatenate([f.samples(6) for f in tail])
-    assert (data[:, 0] < -50).any() or (data[:, 0] > 50).any()
+    data = np.concatenate([f.samples(6) for f in frames + tail])
+    np.testing.assert_array_equal(data, meter.truth().values)  # type: ignore[union-attr]
+    # Columns 0, 2, 4 are the three instantaneous line voltages: they nearly cancel and one
+    # of them is always near its peak -- three active powers would do neither.
+    volts = data[:, [0, 2, 4]].astype(np.float64)
+    assert np.all(np.abs(volts).max(axis=1) > 250)
+    assert np.all(np.abs(volts.sum(axis=1)) < 60)
 
 
 async def test_ntp_during_sampling_corrects_rate(client: RawClient, ntp_server: NtpServer) -> None:
