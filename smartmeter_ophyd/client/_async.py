@@ -207,9 +207,9 @@ class SampleConfig:
 
     def to_command(self, port: int | None = None) -> Sample:
         return Sample(
-            transport=self.transport,
+            transport=self.transport,  # type: ignore[arg-type]  # Sample coerces strings
             rate=self.rate,
-            measures=self.measures,
+            measures=self.measures,  # type: ignore[arg-type]
             prefix=self.prefix,
             port=port if port is not None else self.port,
             flow_control=self.flow_control,
@@ -568,7 +568,7 @@ class AsyncMeterClient:
         try:
             self._last_rx = time.monotonic()
             self.bytes_received += len(data)
-            decoder.receive_data(data)
+            decoder.receive_data(data)  # type: ignore[arg-type]  # a view of the read buffer
             self._dispatch(decoder.events())
         except Exception:  # a bug in dispatch must not leave every waiter hanging
             logger.exception("%s: receive path failed; dropping the connection", self.meter_label)
@@ -944,6 +944,12 @@ class AsyncMeterClient:
         """
         if isinstance(command, Info):
             return await self.get_info(timeout=timeout)
+        if isinstance(command, Sample):
+            raise MeterCommandError(
+                self.meter_label, "start sampling with sample(), which returns the session"
+            )
+        if isinstance(command, Stop):
+            return await self.stop(timeout=timeout)
         if command.reboots:
             await self._reboot(command, timeout)
             return None
@@ -1152,7 +1158,10 @@ class AsyncMeterClient:
             await session.stop()
             assert session._stop_reply is not None
             return session._stop_reply
-        return await self._typed(Stop(), StopReply, timeout)
+        command = Stop()
+        view = self._check(command, await self.request_reply(command, timeout=timeout))
+        assert isinstance(view, StopReply)
+        return view
 
     # ------------------------------------------------------------------- sampling
 

@@ -274,7 +274,7 @@ class SerialLink(Link):
 
 
 async def open_serial_link(path: str, baudrate: int = 2_000_000) -> SerialLink:
-    import serial  # pyserial; imported lazily so TCP-only users do not need it
+    import serial  # type: ignore[import-untyped]  # pyserial, only needed for serial links
 
     device = serial.Serial()
     device.port = path

@@ -245,3 +245,15 @@ async def test_ntp_success_with_inverted_flag_and_log(synced_meter):
         assert any(line.text.startswith("NTP synced with conf: ") for line in lines)
         reply = await client.set_time_server("127.0.0.1")
         assert reply.value == "127.0.0.1"
+
+
+async def test_generic_request_with_codec_commands(meter):
+    from smartmeter_ophyd.protocol import GetPeriod, Info, Sample, SetLogLevel
+
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        assert isinstance(await client.request(Info()), DeviceInfo)
+        frequency = await client.request(GetPeriod())
+        assert isinstance(frequency, LineValues) and frequency.unit == "Hz"
+        await client.request(SetLogLevel(LogLevel.DEBUG))
+        with pytest.raises(MeterCommandError, match="sample()"):
+            await client.request(Sample(rate=1000))

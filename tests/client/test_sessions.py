@@ -323,3 +323,22 @@ async def test_late_reply_after_timeout_does_not_answer_the_next_request():
             assert reply.values[0] == 2.0  # not the late reply (1) to the timed-out request
     finally:
         await peer.close()
+
+
+async def test_udp_datagrams_from_other_hosts_are_ignored(meter):
+    import socket
+
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        session = await client.sample(transport="UDP", rate=1000)
+        await collect(session, 0.2)
+        intruder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        intruder.bind(("127.0.0.2", 0))  # another loopback address: not the meter
+        try:
+            forged = b"Data:" + (24).to_bytes(2, "little") + (10**6).to_bytes(4, "little")
+            intruder.sendto(forged + bytes(24), ("127.0.0.1", session.reply.port))
+        finally:
+            intruder.close()
+        blocks = await collect(session, 0.3)
+        summary = await session.stop()
+        assert not any(b.gaps for b in blocks)  # a forged packet number would make a gap
+        assert summary.gaps == 0 and summary.explained, summary.notes
