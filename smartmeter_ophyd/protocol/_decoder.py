@@ -631,29 +631,31 @@ class StreamDecoder:
         Frame ``i``'s two header words (see :data:`_HEADER_WORD_OFFSETS`) minus ``i`` times
         one packet step must equal frame 0's: that checks prefix, length and numbering at
         once (the 2**32 wrap of the firmware's counter carries out of the 64-bit word).
+        Frame 0 itself is valid: the caller read its prefix, length and packet number.
         """
+        buf = self._buf
+        # one strided copy makes the header words aligned and our own (no buffer view lives on)
         headers: npt.NDArray[np.uint64] = np.ndarray(
-            (n_avail, 2), "<u8", self._buf, pos, (stride, _HEADER_WORD_OFFSETS[1])
-        )
-        expected = np.array(
-            (
-                int.from_bytes(DATA_PREFIX + length.to_bytes(2, "little"), "little")
-                + ((packet & 0xFF) << 56),
-                (int.from_bytes(DATA_PREFIX[3:] + length.to_bytes(2, "little"), "little")
-                 + (packet << 32)) & _U64_MASK,
-            ),
-            dtype=np.uint64,
-        )  # fmt: skip
-        matches = headers - self._header_steps(n_avail) == expected
+            (n_avail, 2), "<u8", buf, pos, (stride, _HEADER_WORD_OFFSETS[1])
+        ).copy()
+        headers -= self._header_steps(n_avail)
+        for column, offset in enumerate(_HEADER_WORD_OFFSETS):  # 1-D scalar subtractions
+            headers[:, column] -= int.from_bytes(buf[pos + offset : pos + offset + 8], "little")
+        # now all zero where frame i has the right prefix, length and packet number
+        crlf_bad: npt.NDArray[np.bool_] | None = None
         if self.serial:  # §4.12: and every frame ends with CRLF
-            crlf: npt.NDArray[np.uint16] = np.ndarray(
-                (n_avail,), "<u2", self._buf, pos + FRAME_HEADER_SIZE + length, (stride,)
+            crlf_bad = (
+                np.ndarray(
+                    (n_avail,), "<u2", self._buf, pos + FRAME_HEADER_SIZE + length, (stride,)
+                )
+                != _CRLF_U16
             )
-            matches &= (crlf == _CRLF_U16)[:, None]
-        del headers  # no view of the buffer may outlive the step (bytearray resizes)
-        if matches.all():
+        if not np.count_nonzero(headers) and (crlf_bad is None or not crlf_bad.any()):
             return n_avail
-        return max(1, int(matches.all(axis=1).argmin()))
+        bad = (headers[:, 0] | headers[:, 1]) != 0
+        if crlf_bad is not None:
+            bad |= crlf_bad
+        return max(1, int(bad.argmax()))
 
     def _header_steps(self, n: int) -> npt.NDArray[np.uint64]:
         """Row ``i``: how frame ``i``'s header words exceed frame 0's (cached, grown)."""
@@ -674,7 +676,7 @@ class StreamDecoder:
         if run == 1:
             packets = np.array([first_packet], dtype=np.uint32)
         else:  # _bulk_run proved the numbers consecutive (uint32 wraps like the firmware)
-            packets = self._packet_ramp[:run] + np.uint32(first_packet)
+            packets = self._packet_ramp[:run] + first_packet
         self._deliver(first_packet, packets, values.reshape(-1, self._vps), floats // self._vps)
 
     def _deliver(
@@ -684,13 +686,18 @@ class StreamDecoder:
         values: npt.NDArray[np.float32],
         per_frame: int,
     ) -> None:
-        if self._sequencer.delta(first_packet) < 0:
+        sequencer = self._sequencer
+        n_frames = packets.shape[0]
+        if first_packet == sequencer.expected:  # the steady case: no gap, not late
+            sequencer.expected = (first_packet + n_frames) % _PACKET_MODULUS
+        elif sequencer.delta(first_packet) < 0:
             # Only single frames reach here late (bulk runs start at a non-late packet).
-            self._emit(LatePacket(first_packet, self._sequencer.expected, values))
+            self._emit(LatePacket(first_packet, sequencer.expected, values))
             return
-        gap = self._sequencer.admit(first_packet, packets.shape[0])
-        if gap is not None:
-            self._emit(gap)
+        else:
+            gap = sequencer.admit(first_packet, n_frames)
+            if gap is not None:
+                self._emit(gap)
         counts = self._frame_samples.get(per_frame)
         if counts is None or counts.shape[0] < packets.shape[0]:
             counts = np.full(max(packets.shape[0], 256), per_frame, dtype=np.int64)
