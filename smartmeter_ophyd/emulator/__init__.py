@@ -19,6 +19,11 @@ Deliberate deviations from firmware 2.2 (everything else aims to be byte-exact):
   ``type:"MQTT"`` sessions stop at once with ``MQTT Server disconnected while streaming``.
 * A command line without ``\\n`` waits 10 s for its end without stalling the meter (§2.1).
 * The copy of each reply that goes to USB serial (§2.8) is the reply line itself.
+* A meter built with ``serial=False`` answers ``type:"Serial"`` with
+  ``Unsupported sampling type: Serial``.
+* Not emitted: ``MISSED <n> SAMPLES`` / ``Loop <n>s behind`` (the engine never falls
+  behind), the serial-only debug prints of reqSamples/OTA/WiFi events (§4.12), the 5 s MQTT
+  status, mDNS announcements.
 * The ring-buffer wrap-around corruption (§4.10) and the 20–24 character name overflow
   (§3.2) are not reproduced.
 """

@@ -155,7 +155,8 @@ class SerialEndpoint(Endpoint):
 
     The pty stays across emulated reboots (the USB bridge is a separate chip).  Bytes the
     kernel will not take (nobody reading) are queued up to a limit and then dropped, as a
-    USB serial bridge without an open host port drops them.
+    USB serial bridge without an open host port drops them; the UART itself never applies
+    back-pressure for long, so a serial session never overflows the ring buffer.
     """
 
     kind = "serial"
@@ -171,6 +172,7 @@ class SerialEndpoint(Endpoint):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer_armed = False
         self.local_ip = ""
+        self.dropped_bytes = 0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -201,7 +203,10 @@ class SerialEndpoint(Endpoint):
         if self.closed:
             return 0
         if len(self._out) + len(data) > self.MAX_QUEUED:
-            return 0
+            # The UART still sends these bytes; it is the host side that loses them.
+            self.dropped_bytes += len(data)
+            logger.debug("serial %s: nobody reading, %d bytes lost", self.path, len(data))
+            return len(data)
         self._out += data
         self._flush()
         return len(data)
