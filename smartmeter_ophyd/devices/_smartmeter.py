@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
 from ophyd import Component as Cpt
 from ophyd import Device, Kind, Signal
 from ophyd.status import DeviceStatus, Status
@@ -118,7 +119,10 @@ class MeterReadback(Signal):
         raise ReadOnlyError(f"{self.name} is read from the meter and cannot be written")
 
     def _update(self, value: Any, timestamp: float | None = None) -> None:
-        super().put(value, timestamp=timestamp if timestamp is not None else time.time())
+        super().put(
+            np.asarray(value, dtype=np.float64) if isinstance(self, MeterArraySignal) else value,
+            timestamp=timestamp if timestamp is not None else time.time(),
+        )
 
 
 class MeterArraySignal(MeterReadback):
