@@ -8,7 +8,8 @@
 * :func:`open_raw_stream` -- the port-54322 raw stream (§7.1);
   :class:`StreamServer` -- accept meters that dial in (§7.2).
 
-Errors all derive from :class:`MeterError` and name the meter.
+Log texts that carry readings (NTP confidence, rate corrections, overflow) have parsers
+(:func:`ntp_confidence_ms`, :func:`sampling_correction`, ...).  Errors all derive from :class:`MeterError` and name the meter.
 """
 
 from ._async import (
@@ -26,6 +27,16 @@ from ._errors import (
     MeterError,
     MeterProtocolError,
     MeterTimeoutError,
+)
+from ._logtext import (
+    NtpOffset,
+    RateReport,
+    missed_samples,
+    ntp_confidence_ms,
+    ntp_offset,
+    overflow_lost_samples,
+    rate_report,
+    sampling_correction,
 )
 from ._session import Block, BufferFill, Gap, SamplingSession, SessionSummary
 from ._streams import RawStream, StreamServer, open_raw_stream
@@ -46,6 +57,8 @@ __all__ = [
     "MeterError",
     "MeterProtocolError",
     "MeterTimeoutError",
+    "NtpOffset",
+    "RateReport",
     "RawStream",
     "Reconnected",
     "SampleConfig",
@@ -53,5 +66,11 @@ __all__ = [
     "SessionSummary",
     "StreamServer",
     "SyncSamplingSession",
+    "missed_samples",
+    "ntp_confidence_ms",
+    "ntp_offset",
     "open_raw_stream",
+    "overflow_lost_samples",
+    "rate_report",
+    "sampling_correction",
 ]
