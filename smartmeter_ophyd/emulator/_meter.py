@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from smartmeter_ophyd.protocol import (
+    CRLF,
+    FRAME_HEADER_SIZE,
     RING_BUFFER_BYTES,
     LogLevel,
     Measures,
@@ -834,7 +836,7 @@ class EmulatedMeter:
         """
         chunk, readable = s.chunk, self.ring.readable
         serial = sink.serial_framing
-        stride = chunk + (11 if s.settings.prefix else 0) + (2 if serial else 0)
+        stride = chunk + (FRAME_HEADER_SIZE if s.settings.prefix else 0) + (len(CRLF) if serial else 0)
         if final:
             n_frames = readable // chunk
         else:
