@@ -639,23 +639,25 @@ class StreamDecoder:
             (n_avail, 2), "<u8", buf, pos, (stride, _HEADER_WORD_OFFSETS[1])
         ).copy()
         headers -= self._header_steps(n_avail)
-        for column, offset in enumerate(_HEADER_WORD_OFFSETS):  # 1-D scalar subtractions
-            headers[:, column] -= int.from_bytes(buf[pos + offset : pos + offset + 8], "little")
-        # now all zero where frame i has the right prefix, length and packet number
+        # Now a frame is valid iff its row equals frame 0's, i.e. the row before it.  In the
+        # flat view element j and j + 2 are the same word of consecutive frames.
+        flat = headers.reshape(-1)
+        differs = flat[2:] != flat[:-2]
         crlf_bad: npt.NDArray[np.bool_] | None = None
         if self.serial:  # §4.12: and every frame ends with CRLF
             crlf_bad = (
-                np.ndarray(
-                    (n_avail,), "<u2", self._buf, pos + FRAME_HEADER_SIZE + length, (stride,)
-                )
+                np.ndarray((n_avail,), "<u2", buf, pos + FRAME_HEADER_SIZE + length, (stride,))
                 != _CRLF_U16
             )
-        if not np.count_nonzero(headers) and (crlf_bad is None or not crlf_bad.any()):
+        if not np.count_nonzero(differs) and (crlf_bad is None or not crlf_bad.any()):
             return n_avail
-        bad = (headers[:, 0] | headers[:, 1]) != 0
-        if crlf_bad is not None:
-            bad |= crlf_bad
-        return max(1, int(bad.argmax()))
+        first_bad = n_avail
+        rows_differ = differs[0::2] | differs[1::2]  # index k: frame k + 1 vs frame k
+        if rows_differ.any():
+            first_bad = int(rows_differ.argmax()) + 1
+        if crlf_bad is not None and crlf_bad.any():
+            first_bad = min(first_bad, int(crlf_bad.argmax()))
+        return max(1, first_bad)
 
     def _header_steps(self, n: int) -> npt.NDArray[np.uint64]:
         """Row ``i``: how frame ``i``'s header words exceed frame 0's (cached, grown)."""
