@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+SCHEDULED_STOP_MARGIN_S: Final = 0.3
+SCHEDULED_WAIT_MAX_S: Final = 21.0
 BUFFER_WARN_FRACTION: Final = 0.5
 """Warn when a paused meter's ring buffer is estimated above this fill (overflow reboots, §4.10)."""
 
@@ -360,12 +362,16 @@ class SamplingSession:
     async def stop(self) -> SessionSummary:
         """Send ``stop``, keep decoding frames until the stop reply, and reconcile (§4.8).
 
-        Blocks not consumed yet stay available to :meth:`next_block` / iteration.
+        Blocks not consumed yet stay available to :meth:`next_block` / iteration.  A
+        scheduled start cannot be cancelled (``stop`` during the countdown is refused and the
+        meter starts anyway, §6.4, §12 #24): before its start time this waits for the start
+        (at most ~20 s) and then stops, so the meter is not left sampling to nobody.
         """
         if not self._ended:
             self.stop_requested = True
             if self._send_stop is None:
                 raise MeterCommandError(self.meter, "this stream cannot be stopped by command")
+            await self._await_scheduled_start()
             try:
                 reply = await self._send_stop()
             except MeterConnectionError as exc:
@@ -373,9 +379,25 @@ class SamplingSession:
                 raise
             if self._drain is not None:
                 await self._drain()
-            self._finish(ended_by="stop", stop=reply)
+            self._finish(ended_by="stop" if reply.succeeded else "stopped elsewhere", stop=reply)
         assert self._summary is not None
         return self._summary
+
+    async def _await_scheduled_start(self) -> None:
+        scheduled = getattr(self.reply, "scheduled", None)
+        start_ts = self.reply.start_ts
+        if scheduled is None or not start_ts or self.frames:
+            return
+        # start_ts is the meter's (NTP-synced) clock; the host clock is assumed close to it.
+        wait = min(start_ts - time.time() + SCHEDULED_STOP_MARGIN_S, SCHEDULED_WAIT_MAX_S)
+        if wait > 0:
+            logger.warning(
+                "%s: a scheduled start cannot be cancelled (§6.4); stopping %.1f s from now, "
+                "just after it starts",
+                self.meter,
+                wait,
+            )
+            await asyncio.sleep(wait)
 
     # ---------------------------------------------------------------------- flow control
 

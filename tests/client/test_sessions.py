@@ -342,3 +342,15 @@ async def test_udp_datagrams_from_other_hosts_are_ignored(meter):
         summary = await session.stop()
         assert not any(b.gaps for b in blocks)  # a forged packet number would make a gap
         assert summary.gaps == 0 and summary.explained, summary.notes
+
+
+async def test_stop_during_countdown_waits_for_the_start(synced_meter):
+    async with AsyncMeterClient("127.0.0.1", synced_meter.command_port, timeout=3.0) as client:
+        start = int(time.time()) + 2
+        session = await client.sample(rate=1000, start_time=start)
+        summary = await session.stop()  # immediately: the countdown cannot be cancelled
+        assert time.time() >= start
+        assert summary.ended_by == "stop" and summary.device_sent_samples is not None
+        assert summary.explained, summary.notes
+        await asyncio.sleep(0.5)
+        assert (await client.get_info()).state == "idle"  # not left sampling to nobody
