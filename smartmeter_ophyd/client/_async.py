@@ -302,6 +302,7 @@ class AsyncMeterClient:
         self._probe_waiters: list[asyncio.Future[None]] = []
         self._session: SamplingSession | None = None
         self._session_batch: list[Event] = []
+        self._handshake_rest: list[Event] = []
         self._log_subscribers: list[Callable[[LogLine], None]] = []
         self._event_subscribers: list[Callable[[ClientEvent], None]] = []
         self._last_rx = 0.0
@@ -410,7 +411,10 @@ class AsyncMeterClient:
         return info
 
     async def _read_info_line(self, link: Link, decoder: StreamDecoder) -> Reply:
-        """Read until the info line; everything before it must be log/plain lines (serial)."""
+        """Read until the info line (TCP: the first line, §2.1; serial: we asked for it).
+
+        Events decoded after the info line in the same read are kept for dispatch.
+        """
         label = self.meter_label
         deadline = time.monotonic() + self.timeout
         received = 0
@@ -449,11 +453,13 @@ class AsyncMeterClient:
             if len(head) < 64:
                 head += data[: 64 - len(head)]
             decoder.receive_data(data)
-            for event in decoder.events():
+            events = decoder.events()
+            for index, event in enumerate(events):
                 if isinstance(event, Reply) and event.cmd == "info":
+                    self._handshake_rest = events[index + 1 :]
                     return event
-                if isinstance(event, LogLine | PlainLine | DebugLine) and self._serial:
-                    continue
+                if self._serial:
+                    continue  # the serial line carries whatever ran before we opened it
                 if isinstance(event, LogLine):
                     continue  # a log line may precede the info line on a reconnect race
                 raise MeterProtocolError(
@@ -478,6 +484,9 @@ class AsyncMeterClient:
     def _start_background(self) -> None:
         link, decoder = self._link, self._decoder
         assert link is not None and decoder is not None
+        rest, self._handshake_rest = self._handshake_rest, []
+        if rest:
+            self._dispatch(rest)
         link.attach(lambda data: self._on_data(link, decoder, data))
         if self._keepalive_task is None or self._keepalive_task.done():
             self._keepalive_task = asyncio.create_task(
