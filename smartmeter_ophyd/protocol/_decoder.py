@@ -20,13 +20,21 @@ frame line up, else the frame becomes :class:`CorruptFrame` (samples declared mi
 delivered) and the decoder resynchronises on the next prefix.  Every byte that is neither a
 line nor a frame is reported in one :class:`SkippedBytes` per run of garbage.
 
-Performance: in steady streams runs of equal-size frames are validated and decoded in bulk
-with numpy (one reshape, vectorised header checks, ``np.diff`` for continuity) and delivered
-as a single :class:`Samples` event; there is no per-frame Python loop.
+Performance: the caller's ``bytes`` are decoded in place -- no chunk is appended to an
+internal buffer; only a frame or line that straddles two chunks is completed in a small
+private window, and only the unconsumed tail (at most one frame or line) is copied when the
+events have been drained.  In steady streams runs of equal-size frames are validated in bulk
+(one aligned copy of the headers, one compare of each frame's header words with the previous
+frame's: prefix, length and consecutive packet numbers at once) and their payloads copied
+out with one strided numpy copy into a single :class:`Samples` event; there is no per-frame
+Python loop.  A run ends at a log line, a gap, or the end of a chunk; ``benchmarks/decode.py``
+measures the throughput.
 
 Limits: the buffer holds at most one line (``max_line_bytes``) or one frame plus an embedded
 log line (``max_payload_bytes`` + ~1 KiB) after the caller drained the events; larger
-declared lengths are treated as garbage.  Packet numbers are compared modulo 2**32.
+declared lengths are treated as garbage.  Chunks fed without draining the events in between
+are kept by reference (not copied) until the events are drained.  Packet numbers are
+compared modulo 2**32.
 Unprefixed sample data on the *command* connection (``prefix: false`` with ``type: TCP``)
 cannot be framed and ends up as :class:`SkippedBytes`; use :class:`RawSampleDecoder` on a
 socket that only carries raw samples.
@@ -288,7 +296,13 @@ class StreamDecoder:
     # ------------------------------------------------------------------------ input
 
     def receive_data(self, data: bytes) -> None:
-        """Feed bytes; ``b""`` signals EOF (the peer closed)."""
+        """Feed bytes; ``b""`` signals EOF (the peer closed).
+
+        ``bytes`` are decoded in place and must not be changed afterwards (they cannot be);
+        any other buffer (``bytearray``, ``memoryview``) is copied first.  Samples never
+        share memory with ``data``, and no reference to it is kept once the events have
+        been drained.
+        """
         if self._eof:
             if data:
                 raise ProtocolError("receive_data() called after EOF")
@@ -296,6 +310,7 @@ class StreamDecoder:
         if not data:
             if self._pending:  # EOF before the events were drained: decide on all bytes
                 self._merge_pending()
+            self._want = 0
             self._eof = True
             return
         if type(data) is not bytes:  # a mutable buffer could change under us
@@ -305,6 +320,14 @@ class StreamDecoder:
             self._pos = 0
         else:
             self._pending.append(data)
+            buf = self._buf
+            if self._want and len(self._pending) == 1 and isinstance(buf, bytearray):
+                # complete the frame the tail is waiting for (and the bytes proving it) now
+                if self._pos:
+                    del buf[: self._pos]
+                    self._pos = 0
+                self._extend_window(buf, self._want)
+            self._want = 0
 
     def _merge_pending(self) -> None:
         merged = bytearray(memoryview(self._buf)[self._pos :])
@@ -343,6 +366,7 @@ class StreamDecoder:
             if self._pos or not isinstance(buf, bytearray):
                 self._buf = bytearray(memoryview(buf)[self._pos :]) if rest else b""
                 self._pos = 0
+            self._want = want if rest else 0  # receive_data() moves that much at once
             return False
         if rest <= 0:
             if self._moved:
@@ -356,16 +380,19 @@ class StreamDecoder:
         elif self._pos:
             del buf[: self._pos]
         self._pos = 0
-        chunk = self._pending[0]
         # Move what the stuck step asked for, else grow geometrically (lines, repairs).
-        step = max(want, rest, _WINDOW_MIN)
+        self._extend_window(buf, max(want, rest, _WINDOW_MIN))
+        return True
+
+    def _extend_window(self, window: bytearray, n: int) -> None:
+        """Append the next ``n`` bytes of ``_pending[0]`` to the window ``_buf``."""
+        chunk = self._pending[0]
         start = self._moved
-        buf += memoryview(chunk)[start : start + step]
-        self._moved = min(len(chunk), start + step)
+        window += memoryview(chunk)[start : start + n]
+        self._moved = min(len(chunk), start + n)
         if self._moved == len(chunk):  # the whole chunk is in the window now
             self._pending.popleft()
             self._moved = 0
-        return True
 
     def next_event(self) -> Event | _NeedData:
         """The next event, or :data:`NEED_DATA` when more bytes are required."""
