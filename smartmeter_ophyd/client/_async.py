@@ -1158,6 +1158,15 @@ class AsyncMeterClient:
         the pause for :meth:`SamplingSession.buffer_fill_estimate`."""
         await self._typed(self._build(Cts, ready), MessageReply)
 
+    async def request_samples(self, n: int) -> None:
+        """``reqSamples`` for this connection's running session (§5.2); see
+        :meth:`SamplingSession.request_samples`."""
+        if self._session is None:
+            raise MeterCommandError(
+                self.meter_label, "reqSamples needs a running sampling session on this client"
+            )
+        await self._session.request_samples(n)
+
     async def stop(self, *, timeout: float | None = None) -> StopReply:
         """Send ``stop`` (§4.8) and return the reply.  Stops any session of the meter (also
         one started by another client, or the port-54322 stream); this client's own session

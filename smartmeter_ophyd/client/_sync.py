@@ -172,6 +172,7 @@ class MeterClient:
     probe = _blocking(AsyncMeterClient.probe)
     keepalive = _blocking(AsyncMeterClient.keepalive)
     cts = _blocking(AsyncMeterClient.cts)
+    request_samples = _blocking(AsyncMeterClient.request_samples)
     stop = _blocking(AsyncMeterClient.stop)
     request = _blocking(AsyncMeterClient.request)
 

@@ -132,7 +132,7 @@ async def test_flow_control_pause_estimate_and_request(meter):
         assert 0 < fill.fraction < 0.03 and 15 < fill.seconds_to_overflow < 20
         with pytest.raises(MeterCommandError, match="11..42"):
             await session.request_samples(43)
-        await session.request_samples(20)
+        await client.request_samples(20)  # the client-level form of session.request_samples
         blocks = await collect(session, 0.5)
         # one 20-sample frame, then (rts is now true, §5.2) the backlog in full chunks
         assert blocks and blocks[0].first_packet == 0 and blocks[0].frame_samples[0] == 20
