@@ -268,6 +268,7 @@ def run_demo(args: argparse.Namespace) -> list[str]:
                 t_first = float(node[f"{meter.name}_time"][0])
                 gaps = read_gaps(run, f"{meter.name}_gaps")
                 summary = summaries[meter.name]
+                assert summary is not None  # the fly succeeded, so it was reconciled
                 lines.append(
                     f"  {meter.name}: {n} samples in the catalog ({summary.received_samples} "
                     f"received, meter sent {summary.device_sent_samples}), "
