@@ -10,7 +10,9 @@
   (``scripts/postgres.sh`` starts one backed by PostgreSQL).
 * :func:`read_stream`, :func:`time_window`, :func:`gap_grid` (+ HDF5 variants) - read-back.
 
-Use ``bluesky_tiled_plugins.TiledWriter`` (never ``bluesky.callbacks.tiled_writer``).
+Write documents with :func:`make_tiled_writer` (a ``bluesky_tiled_plugins.TiledWriter`` with
+:class:`CompactHDF5Consolidator` installed for HDF5: upstream's consolidator keeps one dict entry
+per sample, see ``_consolidator.py``); never ``bluesky.callbacks.tiled_writer``.
 """
 
 from ._catalog import (
@@ -21,6 +23,12 @@ from ._catalog import (
     open_catalog,
     setup_embedded_catalog,
     write_server_profile,
+)
+from ._consolidator import (
+    CompactHDF5Consolidator,
+    install_compact_consolidator,
+    make_tiled_writer,
+    uninstall_compact_consolidator,
 )
 from ._documents import (
     HDF5_MIMETYPE,
@@ -61,6 +69,7 @@ __all__ = [
     "HDF5_MIMETYPE",
     "PACKET_FIELDS",
     "UNKNOWN_MISSING",
+    "CompactHDF5Consolidator",
     "EmbeddedCatalog",
     "GapAssets",
     "StreamAssets",
@@ -73,6 +82,8 @@ __all__ = [
     "gap_data_keys",
     "gap_grid",
     "gap_key",
+    "install_compact_consolidator",
+    "make_tiled_writer",
     "nan_grid",
     "open_catalog",
     "read_gaps",
@@ -86,5 +97,6 @@ __all__ = [
     "time_spacing",
     "time_window",
     "time_window_hdf5",
+    "uninstall_compact_consolidator",
     "write_server_profile",
 ]

@@ -144,7 +144,7 @@ class StreamAssets(_DatasetStream):
             chunk: int | None = writer.chunk_samples
 
             def index() -> int:
-                return writer.samples_written if writer.closed else writer.flush()
+                return writer.flush_if_open()
         else:
             path = os.path.abspath(os.fspath(source))
             with h5py.File(path, "r", libver="latest", swmr=True) as f:
@@ -191,8 +191,7 @@ class GapAssets(_DatasetStream):
             path, meter = writer.path, writer.meter_name
 
             def index() -> int:
-                if not writer.closed:
-                    writer.flush()
+                writer.flush_if_open()
                 return writer.gaps_written
         else:
             path = os.path.abspath(os.fspath(source))

@@ -346,6 +346,14 @@ class WaveformWriter:
             self._flushed = self._on_disk
             return self._flushed
 
+    def flush_if_open(self) -> int:
+        """:meth:`flush` while open, then :attr:`samples_written` (atomic w.r.t. :meth:`close`).
+
+        For ``get_index`` of a flyer whose feeder thread may close the writer at any moment.
+        """
+        with self._lock:
+            return self._flushed if self._closed else self.flush()
+
     def close(self, stop_summary: Mapping[str, Any] | None = None) -> None:
         """Flush, store the stop reply (§4.8) as JSON, and close the file.  Idempotent."""
         with self._lock:

@@ -21,7 +21,6 @@ import h5py
 import numpy as np
 import pytest
 from bluesky import RunEngine
-from bluesky_tiled_plugins import TiledWriter
 from event_model import DocumentNames, schema_validators
 from ophyd import Device
 from ophyd.status import DeviceStatus, Status
@@ -36,6 +35,7 @@ from smartmeter_ophyd.storage import (
     connect_server,
     gap_data_keys,
     gap_grid,
+    make_tiled_writer,
     read_gaps,
     read_stream,
     stream_data_keys,
@@ -168,7 +168,7 @@ def run_and_check_documents(client: Any, meter: TestMeter) -> str:
     docs: list[tuple[str, dict[str, Any]]] = []
     RE = RunEngine({})
     RE.subscribe(lambda name, doc: docs.append((name, doc)))
-    RE.subscribe(TiledWriter(client))
+    RE.subscribe(make_tiled_writer(client))
     (uid,) = RE(fly(meter))
     names = [n for n, _ in docs]
     assert names[0] == "start" and names[-1] == "stop"
