@@ -858,7 +858,12 @@ class AsyncMeterClient:
                     self._last_tx = now
                 except (OSError, ConnectionError) as exc:
                     logger.info("%s: keep-alive failed: %s", self.meter_label, exc)
-            expect_traffic = self._log_level <= LogLevel.INFO or self._session is not None
+            session = self._session
+            # Lifeness/rate logs reach connections at INFO or below (§2.6, §4.7); otherwise
+            # only a session that is sending (not paused, no slots, §5) keeps the line busy.
+            expect_traffic = self._log_level <= LogLevel.INFO or (
+                session is not None and session.streaming
+            )
             if expect_traffic and now - self._last_rx > self.liveness_timeout_s:
                 logger.warning(
                     "%s: nothing received for %.1f s; declaring the connection dead",

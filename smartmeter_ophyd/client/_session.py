@@ -311,6 +311,13 @@ class SamplingSession:
         return not self._ended
 
     @property
+    def streaming(self) -> bool:
+        """True while the meter is expected to send continuously (not paused, no slots)."""
+        if self._ended or self._paused_since is not None or self.reply.slot is not None:
+            return False
+        return self.reply.scheduled is None or bool(self.frames)  # not still counting down
+
+    @property
     def summary(self) -> SessionSummary | None:
         """The reconciliation, once the session has ended (None while it runs)."""
         return self._summary

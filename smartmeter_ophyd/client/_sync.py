@@ -229,6 +229,8 @@ class SyncSamplingSession:
         return self.session.summary
 
     def next_block(self, timeout: float | None = None) -> Block | None:
+        """The next block (None at the end); waits at most ``timeout`` (default 4 × the
+        client's timeout) and raises :class:`MeterTimeoutError` -- also while paused."""
         wait = timeout if timeout is not None else self._client._timeout * 4
         return self._client._run(self.session.next_block(wait), "next_block", wait)
 

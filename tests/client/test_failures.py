@@ -147,3 +147,18 @@ def test_sync_facade_refused_leaves_no_thread(no_thread_left):
     with pytest.raises(MeterConnectionError, match="smartmeter lab-2"):
         client.connect()
     client.close()
+
+
+async def test_quiet_but_healthy_connection_is_not_declared_dead(meter):
+    events = []
+    client = AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=2.0, keepalive_s=0.2, liveness_timeout_s=0.6
+    )
+    client.subscribe_events(events.append)
+    async with client:
+        await client.set_log_level("warning")  # no lifeness lines any more (§2.6)
+        await asyncio.sleep(1.2)
+        session = await client.sample(rate=1000, flow_control=True)  # paused: no data (§5.1)
+        await asyncio.sleep(1.2)
+        assert client.connected and not events
+        await session.stop()
