@@ -51,11 +51,10 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
 from ophyd import Component as Cpt
 from ophyd import Device, Kind, Signal
 from ophyd.status import DeviceStatus, Status
@@ -119,25 +118,42 @@ class MeterReadback(Signal):
         raise ReadOnlyError(f"{self.name} is read from the meter and cannot be written")
 
     def _update(self, value: Any, timestamp: float | None = None) -> None:
-        super().put(
-            np.asarray(value, dtype=np.float64) if isinstance(self, MeterArraySignal) else value,
-            timestamp=timestamp if timestamp is not None else time.time(),
-        )
+        super().put(value, timestamp=timestamp if timestamp is not None else time.time())
 
 
-class MeterArraySignal(MeterReadback):
-    """A per-line (L1, L2, L3) reading with units in ``describe()``."""
+class LineValue(MeterReadback):
+    """One line's value of a reading: a float, described with the units of its parent."""
 
-    def __init__(self, *args: Any, units: str = "", **kwargs: Any) -> None:
-        super().__init__(*args, value=[math.nan] * 3, **kwargs)
-        self._units = units
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, value=math.nan, **kwargs)
 
     def describe(self) -> dict[str, dict[str, Any]]:
         desc = super().describe()
-        desc[self.name].update(
-            {"dtype": "array", "shape": [3], "dtype_numpy": "<f8", "units": self._units}
-        )
+        units = getattr(self.parent, "units", "")
+        desc[self.name].update({"dtype": "number", "shape": [], "dtype_numpy": "<f8",
+                                "units": units})
         return desc
+
+
+class LineReadings(Device):
+    """A per-line (L1, L2, L3) reading as three scalar signals.
+
+    Scalars, not a 3-element array: TiledWriter stores arrays of <= 16 elements in its
+    table as their text repr, while scalar fields become real float columns.
+    """
+
+    l1 = Cpt(LineValue, kind=Kind.hinted)
+    l2 = Cpt(LineValue, kind=Kind.hinted)
+    l3 = Cpt(LineValue, kind=Kind.hinted)
+
+    def __init__(self, *args: Any, units: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.units = units
+
+    def _update(self, values: Sequence[float], timestamp: float | None = None) -> None:
+        now = timestamp if timestamp is not None else time.time()
+        for signal, value in zip((self.l1, self.l2, self.l3), values, strict=True):
+            signal._update(float(value), now)
 
 
 class MeterSetting(Signal):
@@ -404,14 +420,14 @@ class SmartMeter(Device):
     """
 
     # readings (trigger/read)
-    voltage = Cpt(MeterArraySignal, units="V", kind=Kind.hinted)
-    current = Cpt(MeterArraySignal, units="mA", kind=Kind.hinted)
-    active_power = Cpt(MeterArraySignal, units="W", kind=Kind.normal)
-    reactive_power = Cpt(MeterArraySignal, units="var", kind=Kind.normal)
-    apparent_power = Cpt(MeterArraySignal, units="VA", kind=Kind.normal)
-    energy = Cpt(MeterArraySignal, units="Wh", kind=Kind.normal)
-    frequency = Cpt(MeterArraySignal, units="Hz", kind=Kind.normal)
-    phase_angle = Cpt(MeterArraySignal, units="deg", kind=Kind.normal)
+    voltage = Cpt(LineReadings, units="V", kind=Kind.hinted)
+    current = Cpt(LineReadings, units="mA", kind=Kind.hinted)
+    active_power = Cpt(LineReadings, units="W", kind=Kind.normal)
+    reactive_power = Cpt(LineReadings, units="var", kind=Kind.normal)
+    apparent_power = Cpt(LineReadings, units="VA", kind=Kind.normal)
+    energy = Cpt(LineReadings, units="Wh", kind=Kind.normal)
+    frequency = Cpt(LineReadings, units="Hz", kind=Kind.normal)
+    phase_angle = Cpt(LineReadings, units="deg", kind=Kind.normal)
 
     # writable settings (sent on set/put)
     meter_name = Cpt(
