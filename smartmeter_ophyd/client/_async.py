@@ -1215,8 +1215,18 @@ class AsyncMeterClient:
             start_time = config.start_time
         else:
             wanted_port = config.port
-            transport = Transport(config.transport)
+            try:
+                transport = Transport(config.transport)
+            except ValueError:
+                raise MeterCommandError(
+                    self.meter_label,
+                    f"sample: transport={config.transport!r} is not allowed; allowed: "
+                    + ", ".join(t.value for t in Transport if t is not Transport.FFMPEG),
+                ) from None
             start_time = config.start_time
+        problem = self._transport_problem(transport)
+        if problem is not None:
+            raise MeterCommandError(self.meter_label, problem)
         if start_time is not None:
             try:
                 check_start_window(start_time, time.time())
@@ -1246,6 +1256,19 @@ class AsyncMeterClient:
                 receiver.close()
             raise
         return session
+
+    def _transport_problem(self, transport: Transport) -> str | None:
+        """Why this connection could not receive a session over ``transport`` (None: it can)."""
+        if transport is Transport.MQTT:
+            return (
+                "MQTT sampling publishes one message per sample to the broker (§4.14); this "
+                "client does not subscribe to MQTT -- use TCP, UDP or Serial"
+            )
+        if self._serial and transport is not Transport.SERIAL:
+            return f"on a serial connection sample with transport Serial, not {transport.value}"
+        if not self._serial and transport is Transport.SERIAL:
+            return "Serial data goes to the USB port: use AsyncMeterClient.serial(device)"
+        return None
 
     async def _start_session(self, command: Sample, receiver: UdpReceiver | None) -> SamplingSession:
         created: list[SamplingSession] = []

@@ -257,3 +257,14 @@ async def test_generic_request_with_codec_commands(meter):
         await client.request(SetLogLevel(LogLevel.DEBUG))
         with pytest.raises(MeterCommandError, match="sample()"):
             await client.request(Sample(rate=1000))
+
+
+async def test_sample_transports_this_connection_cannot_receive(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        with pytest.raises(MeterCommandError, match="MQTT"):
+            await client.sample(transport="MQTT", rate=1)
+        with pytest.raises(MeterCommandError, match="serial"):
+            await client.sample(transport="Serial", rate=1000)
+        with pytest.raises(MeterCommandError, match="transport='Carrier pigeon'"):
+            await client.sample(transport="Carrier pigeon", rate=1000)
+        assert (await client.get_info()).state == "idle"
