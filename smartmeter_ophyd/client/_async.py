@@ -1225,6 +1225,11 @@ class AsyncMeterClient:
                 ) from None
             start_time = config.start_time
         problem = self._transport_problem(transport)
+        if problem is None and not config.prefix and transport is not Transport.UDP:
+            problem = (
+                "prefix=False on a command connection cannot be framed (text lines interleave "
+                "with the samples, §4.6, §4.12); use the raw stream (open_raw_stream) or UDP"
+            )
         if problem is not None:
             raise MeterCommandError(self.meter_label, problem)
         if start_time is not None:

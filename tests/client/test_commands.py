@@ -268,3 +268,5 @@ async def test_sample_transports_this_connection_cannot_receive(meter):
         with pytest.raises(MeterCommandError, match="transport='Carrier pigeon'"):
             await client.sample(transport="Carrier pigeon", rate=1000)
         assert (await client.get_info()).state == "idle"
+        with pytest.raises(MeterCommandError, match="prefix=False"):
+            await client.sample(rate=1000, prefix=False)

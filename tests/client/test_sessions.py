@@ -354,3 +354,14 @@ async def test_stop_during_countdown_waits_for_the_start(synced_meter):
         assert summary.explained, summary.notes
         await asyncio.sleep(0.5)
         assert (await client.get_info()).state == "idle"  # not left sampling to nobody
+
+
+async def test_udp_without_prefix(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        session = await client.sample(transport="UDP", rate=2000, prefix=False)
+        blocks = await collect(session, 0.4)
+        summary = await session.stop()
+        blocks += session.drain_nowait()
+        assert blocks and all(b.packets.size == 0 for b in blocks)  # no numbering, no gaps
+        assert summary.received_samples == sum(b.n_samples for b in blocks)
+        assert summary.explained, summary.notes
