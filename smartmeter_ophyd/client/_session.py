@@ -41,7 +41,7 @@ from ..protocol import (
 from ._errors import MeterCommandError, MeterConnectionError, MeterTimeoutError
 
 if TYPE_CHECKING:
-    from ..protocol._replies import SampleReply, StopReply
+    from ..protocol import SampleReply, StopReply
 
 logger = logging.getLogger(__name__)
 

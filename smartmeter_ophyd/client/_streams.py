@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..protocol import Measures, Samples, SkippedBytes
-from ..protocol._decoder import RawSampleDecoder
+from ..protocol import Measures, RawSampleDecoder, Samples, SkippedBytes
 from ._async import AsyncMeterClient
 from ._errors import MeterConnectionError, MeterError, MeterTimeoutError
 from ._session import Block
