@@ -39,7 +39,7 @@ import enum
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, TypeVar
 
 from ._errors import CommandError
@@ -529,7 +529,7 @@ class AddWifi(Command):
     """
 
     ssid: str
-    pwd: str = ""
+    pwd: str = field(default="", repr=False)  # a secret: never in reprs or logs
 
     name: ClassVar[str] = "addWifi"
     error_inverted = True

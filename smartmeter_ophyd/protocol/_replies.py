@@ -406,7 +406,7 @@ class WifiReply(ReplyView):
     outcome: WifiOutcome
     ssids: tuple[str, ...]
     ssid: str | None
-    pwd: str | None
+    pwd: str | None = field(repr=False)  # the firmware echoes the password; keep it out of reprs
 
 
 @dataclass(frozen=True, slots=True)
@@ -641,12 +641,18 @@ def _energy(reply: Reply) -> EnergyReading:
     )
 
 
+_PASSWORD_IN_MESSAGE: Final = re.compile(r"PW: .*$")
+
+
 def _wifi(reply: Reply) -> WifiReply:
     f = reply.fields
     outcome = _wifi_outcome(_str(f, "msg"))
     ssids = _str(f, "ssids")
+    base = _base(reply, outcome in _WIFI_SUCCESS)
+    if base["message"]:  # "New Ap, SSID: <s>, PW: <p>" (§3.6) carries the password
+        base["message"] = _PASSWORD_IN_MESSAGE.sub("PW: ***", base["message"])
     return WifiReply(
-        **_base(reply, outcome in _WIFI_SUCCESS),
+        **base,
         outcome=outcome,
         ssids=tuple(parse_bracket_list(ssids)) if ssids is not None else (),
         ssid=_str(f, "ssid"),

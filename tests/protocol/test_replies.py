@@ -427,3 +427,14 @@ def test_empty_log_dump_and_not_a_dump() -> None:
 )
 def test_bracket_lists(text: str, items: list[str]) -> None:
     assert parse_bracket_list(text) == items
+
+
+def test_wifi_password_stays_out_of_reprs() -> None:
+    """Issue #3: WiFi passwords never appear in logs or repr (the firmware echoes them, §3.6)."""
+    command = AddWifi("lab", "hunter2")
+    assert "hunter2" not in repr(command) and b"hunter2" in command.encode()
+    line = ('{"error":true,"cmd":"addWifi","ssid":"lab","pwd":"hunter2",'
+            '"msg":"New Ap, SSID: lab, PW: hunter2","ssids":"[lab, ]"}')
+    view = parse_reply(Reply(json.loads(line), line), "addWifi")
+    assert view.succeeded and "hunter2" not in repr(view)
+    assert view.message == "New Ap, SSID: lab, PW: ***"
