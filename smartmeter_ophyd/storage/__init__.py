@@ -8,7 +8,8 @@
 * :func:`setup_embedded_catalog` - in-process Tiled catalog registered as a profile, so
   ``databroker.from_profile(name)`` opens it; :func:`connect_server` for ``tiled serve``
   (``scripts/postgres.sh`` starts one backed by PostgreSQL).
-* :func:`read_stream`, :func:`time_window`, :func:`gap_grid` (+ HDF5 variants) - read-back.
+* :func:`read_stream`, :func:`time_window`, :func:`gap_grid` (+ HDF5 variants) - read-back;
+  :func:`stream_nodes` lists a stream's arrays with shapes and data sources in one request.
 
 Write documents with :func:`make_tiled_writer` (a ``bluesky_tiled_plugins.TiledWriter`` with
 :class:`CompactHDF5Consolidator` installed for HDF5: upstream's consolidator keeps one dict entry
@@ -51,6 +52,8 @@ from ._hdf5 import (
 )
 from ._readback import (
     GRID_VIEW_LABEL,
+    ReadAccess,
+    StreamNode,
     find_time_key,
     gap_grid,
     nan_grid,
@@ -58,6 +61,7 @@ from ._readback import (
     read_gaps_hdf5,
     read_stream,
     search_sorted,
+    stream_nodes,
     time_window,
     time_window_hdf5,
 )
@@ -68,11 +72,13 @@ __all__ = [
     "GRID_VIEW_LABEL",
     "HDF5_MIMETYPE",
     "PACKET_FIELDS",
+    "ReadAccess",
     "UNKNOWN_MISSING",
     "CompactHDF5Consolidator",
     "EmbeddedCatalog",
     "GapAssets",
     "StreamAssets",
+    "StreamNode",
     "WaveformWriter",
     "close_client",
     "connect_server",
@@ -94,6 +100,7 @@ __all__ = [
     "search_sorted",
     "setup_embedded_catalog",
     "stream_data_keys",
+    "stream_nodes",
     "time_spacing",
     "time_window",
     "time_window_hdf5",

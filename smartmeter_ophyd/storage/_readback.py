@@ -7,11 +7,25 @@ one second of it.
   dimension carries the meter's **absolute time** as coordinate (TiledWriter names the
   dimension ``time`` but gives it no coordinate; the time is the ``<prefix>_time`` key) and a
   ``sample_index`` coordinate.
-* :func:`time_window` - the samples with ``t0 <= time < t1`` through the catalog.  The window
-  is located by searching the time array with a few *partial* reads (interpolation search with
-  a bisection fallback; the time array is non-decreasing by construction), then each channel's
-  ``ArrayClient`` is sliced, so only the window travels.  :func:`time_window_hdf5` does the same
-  directly on a meter file.
+* :func:`time_window` - the samples with ``t0 <= time < t1`` through the catalog.  One search
+  request fetches every child of the stream container with its structure, links and data
+  sources (``container[key]`` costs a request per key, ``container.items()`` far more).  Then
+  either
+
+  - ``access="asset"``: the catalog's data source names a local ``file://`` HDF5 asset and
+    dataset; those are read with h5py, bounded by the **catalog's** shape (rows the catalog does
+    not know yet are never returned).  This is what ``"auto"`` picks when every needed asset is
+    a readable local file - the embedded catalog always, a server on the same host usually;
+  - ``access="http"``: Tiled's ``/array/full`` endpoint, one request per key for the window,
+    ``application/octet-stream`` with ``Accept-Encoding: identity`` (Tiled's default
+    negotiation picks blosc2, whose compression of float data runs on the server's event loop
+    and was 60 % of a large read's time) and no dask graph.
+
+  The window is located by searching the time array with a few *partial* reads (interpolation
+  search with a bisection fallback; the time array is non-decreasing by construction); over
+  HTTP the time window is read once around the interpolated bounds and, when both bounds fall
+  inside it, that read also delivers the window's times.  :func:`time_window_hdf5` does the
+  same directly on a meter file.
 * :func:`nan_grid` / :func:`gap_grid` - the **explicitly labelled** regular-grid view: every
   sample-clock position gets a row and positions lost in a declared gap are NaN (the stored
   data never contain NaN or fill values).  Times of missing positions are interpolated between
@@ -29,7 +43,9 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+from urllib.parse import quote, unquote, urlparse
 
 import h5py
 import numpy as np
@@ -43,6 +59,10 @@ logger = logging.getLogger(__name__)
 
 GRID_VIEW_LABEL: Final = "regular grid; NaN marks samples declared missing in the gaps table"
 _SEARCH_WINDOW: Final = 4096
+_LOCATE_MARGIN: Final = 65536
+"""Samples read beyond the interpolated window bounds over HTTP (absorbs gaps' offsets)."""
+
+ReadAccess = Literal["auto", "asset", "http"]
 
 ReadRange = Callable[[int, int], npt.NDArray[np.float64]]
 
@@ -165,6 +185,124 @@ def read_stream(run: Any, stream: str = "meter", prefix: str | None = None) -> x
     return ds
 
 
+@dataclass(frozen=True)
+class StreamNode:
+    """One array of a stream container as the catalog describes it (from one search request)."""
+
+    key: str
+    full_url: str
+    """Tiled ``/array/full`` link."""
+    shape: tuple[int, ...]
+    """Shape the catalog declares (rows past it are not part of the run yet)."""
+    dtype: np.dtype[Any]
+    hdf5_asset: tuple[str, str] | None
+    """``(local path, dataset)`` when the data source is one ``file://`` HDF5 asset."""
+
+
+def _local_hdf5_asset(data_sources: Sequence[Mapping[str, Any]] | None) -> tuple[str, str] | None:
+    if not data_sources or len(data_sources) != 1:
+        return None
+    source = data_sources[0]
+    assets = source.get("assets") or []
+    dataset = (source.get("parameters") or {}).get("dataset")
+    if source.get("mimetype") != "application/x-hdf5" or len(assets) != 1 or not dataset:
+        return None
+    if (source.get("parameters") or {}).get("slice"):
+        return None  # a sliced view of the dataset: leave it to Tiled
+    uri = urlparse(assets[0]["data_uri"])
+    if uri.scheme != "file" or uri.netloc not in ("", "localhost"):
+        return None
+    return unquote(uri.path), str(dataset)
+
+
+def stream_nodes(node: Any, stream: str | None = None) -> dict[str, StreamNode]:
+    """Every array child of a Tiled container with structure, link and data source (one request).
+
+    ``node`` is a tiled container client: the stream container itself (``run["meter"]``), or
+    the run with ``stream`` naming the child container (saves the request that opening
+    ``run[stream]`` costs).  Pages are followed.
+    """
+    from tiled.client.utils import handle_error
+    from tiled.structures.array import ArrayStructure
+
+    http = node.context.http_client
+    url: str | None = node.item["links"]["search"]
+    if stream is not None:
+        url = f"{url}/{quote(stream, safe='')}"
+    params: dict[str, Any] | None = {
+        "fields": ["structure_family", "structure", "data_sources"],
+        "include_data_sources": True,
+        "page[limit]": 300,
+    }
+    nodes: dict[str, StreamNode] = {}
+    while url:
+        page = handle_error(http.get(url, params=params)).json()
+        for item in page["data"]:
+            attrs = item["attributes"]
+            if attrs.get("structure_family") != "array":
+                continue
+            structure = ArrayStructure.from_json(attrs["structure"])
+            nodes[item["id"]] = StreamNode(
+                key=item["id"],
+                full_url=item["links"]["full"],
+                shape=tuple(int(d) for d in structure.shape),
+                dtype=np.dtype(structure.data_type.to_numpy_dtype()),
+                hdf5_asset=_local_hdf5_asset(attrs.get("data_sources")),
+            )
+        url, params = page.get("links", {}).get("next"), None
+    return nodes
+
+
+def _http_reader(http: Any, node: StreamNode) -> ReadRange:
+    from tiled.client.utils import handle_error
+
+    def read(a: int, b: int) -> npt.NDArray[Any]:
+        a, b = max(0, a), min(node.shape[0], b)
+        if b <= a:
+            return np.empty(0, dtype=node.dtype)
+        response = http.get(
+            node.full_url,
+            params={"slice": f"{a}:{b}", "expected_shape": str(b - a)},
+            headers={"Accept": "application/octet-stream", "Accept-Encoding": "identity"},
+        )
+        return np.frombuffer(handle_error(response).content, dtype=node.dtype)
+
+    return read
+
+
+def _usable_asset(node: StreamNode) -> bool:
+    return node.hdf5_asset is not None and os.access(node.hdf5_asset[0], os.R_OK)
+
+
+def _locate_over_http(
+    read: ReadRange, n: int, t0: float, t1: float
+) -> tuple[int, int, npt.NDArray[np.float64]]:
+    """``(i0, i1, time[i0:i1])`` with as few requests as possible (usually 3)."""
+    if n == 0:
+        return 0, 0, np.empty(0, dtype=np.float64)
+    t_first, t_last = float(read(0, 1)[0]), float(read(n - 1, n)[0])
+    span = t_last - t_first
+    if span > 0 and np.isfinite(t0) and np.isfinite(t1):
+        g0 = int((max(t0, t_first) - t_first) / span * (n - 1))
+        g1 = int((min(t1, t_last) - t_first) / span * (n - 1)) + 1
+    else:
+        g0, g1 = 0, n
+    a, b = max(0, g0 - _LOCATE_MARGIN), min(n, g1 + _LOCATE_MARGIN)
+    times = np.asarray(read(a, b))
+    p0 = int(np.searchsorted(times, t0, side="left"))
+    p1 = int(np.searchsorted(times, t1, side="left"))
+    inside0 = 0 < p0 < len(times) or (p0 == 0 and a == 0) or (p0 == len(times) and b == n)
+    inside1 = 0 < p1 < len(times) or (p1 == 0 and a == 0) or (p1 == len(times) and b == n)
+    if inside0 and inside1:
+        return a + p0, a + p1, times[p0:p1]
+    logger.debug("time window [%r, %r) not inside the interpolated read; searching", t0, t1)
+    i0 = a + p0 if inside0 else search_sorted(read, n, t0, "left")
+    i1 = a + p1 if inside1 else search_sorted(read, n, t1, "left")
+    if a <= i0 and i1 <= b:
+        return i0, i1, times[i0 - a : i1 - a]
+    return i0, i1, np.asarray(read(i0, i1)) if i1 > i0 else np.empty(0, dtype=np.float64)
+
+
 def time_window(
     run: Any,
     t0: float,
@@ -172,23 +310,81 @@ def time_window(
     stream: str = "meter",
     prefix: str | None = None,
     keys: Sequence[str] | None = None,
+    *,
+    access: ReadAccess = "auto",
 ) -> xr.Dataset:
-    """Samples with ``t0 <= time < t1`` of a catalog run, reading only that window."""
+    """Samples with ``t0 <= time < t1`` of a catalog run, reading only that window.
+
+    ``access`` (see the module docstring): ``"asset"`` reads the HDF5 files the catalog
+    references (bounded by the catalog's shapes), ``"http"`` goes through Tiled's array
+    endpoint, ``"auto"`` uses assets when all needed ones are readable local files.
+    ``attrs["access"]`` says which was used.
+    """
     _check_window(t0, t1)
-    container = run[stream]
-    all_keys = _stream_keys(container)
+    if access not in ("auto", "asset", "http"):
+        raise ValueError(f"access must be 'auto', 'asset' or 'http', got {access!r}")
+    nodes = stream_nodes(run, stream)
+    all_keys = list(nodes)
     time_key = find_time_key(all_keys, prefix)
-    time_array = container[time_key]
-    n = int(time_array.shape[0])
+    wanted = [time_key, *_channel_keys(all_keys, time_key, keys)]
+    n = nodes[time_key].shape[0]
+    short = [k for k in wanted if nodes[k].shape[0] < n]
+    if short:
+        raise ValueError(
+            f"stream {stream!r}: keys {short} have fewer rows than {time_key!r} ({n}); "
+            "the catalog is inconsistent"
+        )
+    use_assets = access == "asset" or (
+        access == "auto" and all(_usable_asset(nodes[k]) for k in wanted)
+    )
+    attrs = {"time_key": time_key, "stream": stream}
+    if use_assets:
+        missing = [k for k in wanted if nodes[k].hdf5_asset is None]
+        if missing:
+            raise ValueError(f"keys {missing} of stream {stream!r} have no local HDF5 asset")
+        i0, i1, times, columns = _read_assets(nodes, wanted, n, t0, t1)
+        return _dataset(columns, times, i0, {**attrs, "access": "asset"})
+    http = run.context.http_client
+    i0, i1, times = _locate_over_http(_http_reader(http, nodes[time_key]), n, t0, t1)
+    columns = {
+        k: _http_reader(http, nodes[k])(i0, i1) if i1 > i0 else np.empty(0, nodes[k].dtype)
+        for k in wanted[1:]
+    }
+    return _dataset(columns, times, i0, {**attrs, "access": "http"})
 
-    def read(a: int, b: int) -> npt.NDArray[np.float64]:
-        return np.asarray(time_array[a:b])
 
-    i0 = search_sorted(read, n, t0, "left")
-    i1 = search_sorted(read, n, t1, "left")
-    columns = {k: np.asarray(container[k][i0:i1]) for k in _channel_keys(all_keys, time_key, keys)}
-    times = read(i0, i1) if i1 > i0 else np.empty(0, dtype=np.float64)
-    return _dataset(columns, times, i0, {"time_key": time_key, "stream": stream})
+def _read_assets(
+    nodes: Mapping[str, StreamNode], wanted: Sequence[str], n: int, t0: float, t1: float
+) -> tuple[int, int, npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
+    """Window located and read in the catalog-referenced HDF5 files (first key is time)."""
+    files: dict[str, h5py.File] = {}
+    try:
+
+        def dataset(key: str) -> h5py.Dataset:
+            path, name = nodes[key].hdf5_asset  # type: ignore[misc]
+            if path not in files:
+                files[path] = h5py.File(path, "r", libver="latest", swmr=True)
+            ds = files[path][name]
+            if ds.shape[0] < nodes[key].shape[0]:
+                raise ValueError(
+                    f"{path}:{name} has {ds.shape[0]} rows but the catalog declares "
+                    f"{nodes[key].shape[0]} for {key!r}"
+                )
+            return ds
+
+        tds = dataset(wanted[0])
+
+        def read(a: int, b: int) -> npt.NDArray[np.float64]:
+            return np.asarray(tds[a:b])
+
+        i0 = search_sorted(read, n, t0, "left")
+        i1 = search_sorted(read, n, t1, "left")
+        times = read(i0, i1) if i1 > i0 else np.empty(0, dtype=np.float64)
+        columns = {k: np.asarray(dataset(k)[i0:i1]) for k in wanted[1:]}
+    finally:
+        for f in files.values():
+            f.close()
+    return i0, i1, times, columns
 
 
 def read_gaps(run: Any, stream: str = "meter_gaps", prefix: str | None = None) -> dict[str, Any]:

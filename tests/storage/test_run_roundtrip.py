@@ -181,6 +181,11 @@ def run_and_check_documents(client: Any, meter: TestMeter) -> str:
     return uid
 
 
+def ref_all_i_l2(path: str) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["i_l2"][()]
+
+
 def check_run(run: Any, meter: TestMeter) -> None:
     values, positions, gap_index = expected_data(meter.seed)
     ds = read_stream(run, "meter")
@@ -200,17 +205,28 @@ def check_run(run: Any, meter: TestMeter) -> None:
     # a window straddling the gap, through the catalog and directly, against numpy on the file
     t0, t1 = START_TS + 0.7, START_TS + 0.9
     win = time_window(run, t0, t1, "meter")
+    assert win.attrs["access"] == "asset"  # the catalog's HDF5 assets are local files here
     direct = time_window_hdf5(path, t0, t1)
     with h5py.File(path, "r") as f:
         t_all = f["time"][()]
         sel = (t_all >= t0) & (t_all < t1)
         ref = {ch: f[ch][()][sel] for ch in m.channels}
-    assert win.sizes["time"] == int(sel.sum()) > 0
-    assert win.attrs["first_index"] == direct.attrs["first_index"] == int(np.argmax(sel))
-    for ch in m.channels:
-        assert np.array_equal(win[f"{meter.name}_{ch}"].values, ref[ch])
-        assert np.array_equal(direct[ch].values, ref[ch])
-    assert np.array_equal(win["time"].values, t_all[sel])
+    for view in (win, time_window(run, t0, t1, "meter", access="http")):
+        assert view.sizes["time"] == int(sel.sum()) > 0
+        assert view.attrs["first_index"] == direct.attrs["first_index"] == int(np.argmax(sel))
+        for ch in m.channels:
+            assert np.array_equal(view[f"{meter.name}_{ch}"].values, ref[ch])
+            assert np.array_equal(direct[ch].values, ref[ch])
+        assert np.array_equal(view["time"].values, t_all[sel])
+    # channel subset, windows at and beyond both ends, empty window: http == asset == numpy
+    t_end = float(t_all[-1])
+    for lo, hi in ((START_TS - 1, START_TS + 0.01), (t_end - 0.01, t_end + 1), (t0, t0)):
+        want = (t_all >= lo) & (t_all < hi)
+        for access in ("http", "asset"):
+            view = time_window(run, lo, hi, "meter", keys=[f"{meter.name}_i_l2"], access=access)
+            assert list(view.data_vars) == [f"{meter.name}_i_l2"]
+            assert np.array_equal(view[f"{meter.name}_i_l2"].values, ref_all_i_l2(path)[want])
+            assert np.array_equal(view["time"].values, t_all[want])
 
     grid = gap_grid(run, "meter", t0=t0, t1=t1)
     assert grid.attrs["view"] == GRID_VIEW_LABEL
