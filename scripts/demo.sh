@@ -9,9 +9,4 @@ cd "$ROOT"
 
 bash scripts/setup.sh
 
-if [[ ! -f smartmeter_ophyd/demo.py && ! -f smartmeter_ophyd/demo/__main__.py ]]; then
-  echo "demo: smartmeter_ophyd.demo is not written yet; until it lands, see" >&2
-  echo "demo: docs/how-to/run-the-emulator.md to run emulated meters by hand" >&2
-  exit 1
-fi
 exec "$ROOT/.venv/bin/python" -m smartmeter_ophyd.demo "$@"
