@@ -97,7 +97,7 @@ class CompactHDF5Consolidator(HDF5Consolidator):
         """The mapping as ``(seq_start, index_start, length)`` runs, in arrival order."""
         return tuple(self._runs)
 
-    @property  # type: ignore[override]
+    @property
     def _seqnums_to_indices_map(self) -> dict[int, int]:
         """Upstream's dict, materialised on demand (O(rows): for inspection only)."""
         mapping: dict[int, int] = {}
@@ -115,7 +115,7 @@ class CompactHDF5Consolidator(HDF5Consolidator):
     @property
     def has_skips(self) -> bool:
         """As upstream: more rows than seq_nums mapped to them."""
-        return self._num_rows > self.mapped_seqnums
+        return bool(self._num_rows > self.mapped_seqnums)
 
     # -- StreamDatum -----------------------------------------------------------------------
 

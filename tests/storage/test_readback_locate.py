@@ -1,4 +1,5 @@
-"""Locating a time window over HTTP: few requests when interpolation is right, exact otherwise."""
+"""time_window internals: locating a window over HTTP (few requests, exact) and which catalog
+data sources may be read directly as local HDF5 assets."""
 
 from __future__ import annotations
 
@@ -54,3 +55,58 @@ def test_locate_outside_and_unbounded() -> None:
         assert (i0, i1) == (np.searchsorted(times, t0), np.searchsorted(times, t1))
         assert np.array_equal(got, times[i0:i1])
     assert _locate_over_http(CountingReader(times[:0]), 0, 0.0, 1.0)[:2] == (0, 0)
+
+
+def _source(uri: str, **changes) -> dict:
+    source = {
+        "mimetype": "application/x-hdf5",
+        "parameters": {"dataset": "/v_l1", "swmr": True},
+        "assets": [{"data_uri": uri}],
+    }
+    source.update(changes)
+    return source
+
+
+def test_only_single_local_file_hdf5_sources_are_read_as_assets() -> None:
+    from smartmeter_ophyd.storage._readback import _local_hdf5_asset
+
+    assert _local_hdf5_asset([_source("file://localhost/data/a%20b.h5")]) == (
+        "/data/a b.h5",
+        "/v_l1",
+    )
+    assert _local_hdf5_asset([_source("file:///data/a.h5")]) == ("/data/a.h5", "/v_l1")
+    for sources in (
+        None,
+        [],
+        [_source("file://otherhost/data/a.h5")],
+        [_source("s3://bucket/a.h5")],
+        [_source("file:///a.h5", mimetype="multipart/related;type=application/x-hdf5")],
+        [_source("file:///a.h5", parameters={"dataset": "/v", "slice": ["0:10"]})],
+        [_source("file:///a.h5"), _source("file:///b.h5")],
+        [_source("file:///a.h5", assets=[{"data_uri": "file:///a.h5"}] * 2)],
+    ):
+        assert _local_hdf5_asset(sources) is None, sources
+
+
+def test_asset_reads_stop_at_the_catalogs_shape(tmp_path) -> None:
+    import h5py
+
+    from smartmeter_ophyd.storage import StreamNode
+    from smartmeter_ophyd.storage._readback import _read_assets
+
+    path = tmp_path / "m.h5"
+    times = _times(300, 20, 1000)
+    with h5py.File(path, "w") as f:
+        f["time"] = times
+        f["v"] = np.arange(1000, dtype=np.float32)
+
+    def node(key: str, dataset: str, rows: int, dtype: str) -> StreamNode:
+        return StreamNode(key, "unused", (rows,), np.dtype(dtype), (str(path), dataset))
+
+    nodes = {"m_time": node("m_time", "/time", 600, "<f8"), "m_v": node("m_v", "/v", 600, "<f4")}
+    i0, i1, got_t, cols = _read_assets(nodes, ["m_time", "m_v"], 600, -np.inf, np.inf)
+    assert (i0, i1) == (0, 600)  # rows 600..999 exist in the file but not yet in the catalog
+    assert np.array_equal(got_t, times[:600]) and np.array_equal(cols["m_v"], np.arange(600))
+    nodes["m_v"] = node("m_v", "/v", 1200, "<f4")
+    with pytest.raises(ValueError, match="catalog declares 1200"):
+        _read_assets(nodes, ["m_time", "m_v"], 600, -np.inf, np.inf)
