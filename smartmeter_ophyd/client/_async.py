@@ -27,6 +27,22 @@ Liveness: ``!`` keep-alives (never ``?``, which answers with a line, §2.2) ever
 while traffic is expected (an idle meter sends a lifeness line every second to connections
 at level INFO or below, §2.6; a sampling meter logs its rate every second, §4.7).
 
+Read batching (CPU cost of ingest): at 8 kHz x 6 channels a meter sends ~195 kB/s in TCP
+segments of a few kB, and waking the event loop per segment costs far more CPU than decoding
+the bytes.  While a TCP session on this connection streams at full rate, the client raises
+the socket's receive low-water mark (``SO_RCVLOWAT``; Linux epoll honours it for TCP) to
+``batch_s`` seconds of data (at most 256 KiB), so the loop wakes about once per ``batch_s`` per
+meter.  Streams slower than 16 KiB per ``batch_s`` (e.g. 8 kHz VI is ~192 kB/s; below ~2.7 kHz
+at the default) are never batched, and neither are paused, slotted or not-yet-started ones.  The trade-off is latency: samples reach the session up to ~``batch_s``
+later (default 0.25 s; a stream that stalls or slows is noticed by a ``batch_s`` timer and
+delivered within ~3 x ``batch_s``).  Replies stay prompt: the mark is dropped to 1 before every
+command is sent (``stop``, ``cts``, ``reqSamples``, ...) and is raised again only when no reply
+is awaited, the session is not stopping and the last ``batch_s`` brought at least half a batch.
+Connection loss is never delayed (the kernel signals EOF/errors regardless of the mark).
+``batch_s=0`` disables batching; carriers that cannot batch (serial) ignore it.  The older
+``coalesce_s`` (pause reading after a small read) still works but costs a pause/resume and a
+timer per read.
+
 Limits: one sampling session per connection (the meter samples once at a time).  A session
 stopped by *another* client ends without this client seeing the stop reply; the stream just
 goes quiet.
@@ -142,6 +158,15 @@ OVERFLOW_LOG_TEXT: Final = "Overflow during ringBuffer write"
 """The ERROR log a meter sends (maybe) just before its overflow reboot (§4.10)."""
 RELEASE_QUIET_S: Final = 0.2
 """A held last frame is released after the stream was quiet this long (reqSamples, §5.2)."""
+DEFAULT_BATCH_S: Final = 0.25
+"""Default read batching while streaming: wake about this often per meter (adds this latency)."""
+BATCH_MIN_BYTES: Final = 16 * 1024
+BATCH_MAX_BYTES: Final = 256 * 1024
+"""Bounds of the receive low-water mark while batching (the read buffer is 256 KiB)."""
+HOUSEKEEPING_MIN_S: Final = 0.02
+HOUSEKEEPING_MAX_S: Final = 2.0
+BATCH_STALL_FACTOR: Final = 1.5
+"""Drop the low-water mark when no read came for this many ``batch_s`` (stall, slow-down)."""
 UDP_DRAIN_QUIET_S: Final = 0.25
 UDP_DRAIN_MAX_S: Final = 2.0
 READ_SIZE: Final = READ_BUFFER_BYTES
@@ -255,6 +280,7 @@ class AsyncMeterClient:
     ``name`` labels the meter in errors and logs until the info line supplies the real name.
     ``timeout`` bounds every wait (connect, replies); ``keepalive_s`` paces ``!`` keep-alives.
     ``log_level`` (if given) is set on every (re)connect; the firmware default is INFO.
+    ``batch_s`` batches reads of a full-rate TCP session (module docstring; 0 disables).
     """
 
     def __init__(
@@ -270,6 +296,7 @@ class AsyncMeterClient:
         reconnect_backoff: tuple[float, float] = (0.5, 30.0),
         log_level: LogLevel | None = None,
         coalesce_s: float = 0.0,
+        batch_s: float = DEFAULT_BATCH_S,
         _opener: Callable[[], Awaitable[Link]] | None = None,
         _serial: bool = False,
     ) -> None:
@@ -281,6 +308,9 @@ class AsyncMeterClient:
         self.reconnect = reconnect
         self.reconnect_backoff = reconnect_backoff
         self.coalesce_s = coalesce_s
+        if batch_s < 0:
+            raise ValueError(f"batch_s must be >= 0, got {batch_s!r}")
+        self.batch_s = batch_s
         self._configured_name = name
         self._wanted_log_level = log_level
         self._opener = _opener or (lambda: open_tcp_link(host, port))
@@ -308,10 +338,17 @@ class AsyncMeterClient:
         self._expect_drop = False
         self._overflow_seen = False
         self._release_handle: asyncio.TimerHandle | None = None
+        self._batch_handle: asyncio.TimerHandle | None = None
+        self._batch_mark = 0
+        self._low_water_dropped_at = 0.0
+        self.batch_raises = 0
+        """How often read batching was switched on (for tests and diagnostics)."""
         self._drop_waiters: list[asyncio.Future[None]] = []
         self._stale: dict[str, int] = {}
         self.unmatched_replies = 0
         self.bytes_received = 0
+        self.reads = 0
+        """Chunks the receive loop handled (``bytes_received / reads``: bytes per wake-up)."""
 
     # ------------------------------------------------------------------- identity
 
@@ -574,24 +611,33 @@ class AsyncMeterClient:
         try:
             self._last_rx = time.monotonic()
             self.bytes_received += len(data)
+            self.reads += 1
             decoder.receive_data(data)  # type: ignore[arg-type]  # a view of the read buffer
             self._dispatch(decoder.events())
         except Exception:  # a bug in dispatch must not leave every waiter hanging
             logger.exception("%s: receive path failed; dropping the connection", self.meter_label)
             link.abort()
             return
-        loop = asyncio.get_running_loop()
-        if decoder.buffered_bytes and self._release_handle is None:
-            self._release_handle = loop.call_later(RELEASE_QUIET_S, self._release_held, decoder)
+        if link.receive_low_water > 1:
+            # Batching: the next batch proves the held frame.  Re-arm the stall deadline
+            # here, in a wake-up that happens anyway, instead of waking for a periodic check.
+            if self._batch_handle is not None:
+                self._batch_handle.cancel()
+            self._batch_handle = asyncio.get_running_loop().call_later(
+                BATCH_STALL_FACTOR * self.batch_s, self._batch_stalled
+            )
+        elif self._release_handle is None and decoder.buffered_bytes:
+            self._arm_release(decoder)
         if self.coalesce_s and self._session is not None and len(data) < READ_SIZE // 4:
             # Let the kernel gather more bytes: fewer, larger reads (adds coalesce_s latency).
             link.pause_reading()
-            loop.call_later(self.coalesce_s, link.resume_reading)
+            asyncio.get_running_loop().call_later(self.coalesce_s, link.resume_reading)
 
     def _finish_link(self, link: Link, decoder: StreamDecoder) -> None:
         if self._release_handle is not None:
             self._release_handle.cancel()
             self._release_handle = None
+        self._stop_batching(link)
         try:
             decoder.receive_data(b"")
             self._dispatch(decoder.events())
@@ -606,17 +652,107 @@ class AsyncMeterClient:
             reason = f"connection error: {error}"
         self._on_connection_lost(link, reason)
 
+    def _arm_release(self, decoder: StreamDecoder) -> None:
+        self._release_handle = asyncio.get_running_loop().call_later(
+            RELEASE_QUIET_S, self._release_held, decoder
+        )
+
     def _release_held(self, decoder: StreamDecoder) -> None:
         self._release_handle = None
         if decoder is not self._decoder or not decoder.buffered_bytes:
             return
-        quiet = time.monotonic() - self._last_rx
+        link = self._link
+        if link is not None and link.receive_low_water > 1:
+            return  # batching: more bytes are coming; dropping the mark re-arms this timer
+        # quiet since the last read, or since batching ended (its bytes are read first)
+        quiet = time.monotonic() - max(self._last_rx, self._low_water_dropped_at)
         if quiet >= RELEASE_QUIET_S:
             self._dispatch(decoder.release_pending())
         else:
             self._release_handle = asyncio.get_running_loop().call_later(
                 RELEASE_QUIET_S - quiet, self._release_held, decoder
             )
+
+    # ------------------------------------------------------------------ read batching
+
+    def _start_batching(self, session: SamplingSession) -> None:
+        """Watch a TCP session on this connection; batch its reads while it streams."""
+        if not self.batch_s or self._serial or session.transport is Transport.UDP:
+            return
+        self._schedule_batch_tick()
+
+    def _schedule_batch_tick(self) -> None:
+        if self._batch_handle is not None:
+            self._batch_handle.cancel()
+        self._batch_mark = self.bytes_received
+        self._batch_handle = asyncio.get_running_loop().call_later(self.batch_s, self._batch_tick)
+
+    def _stop_batching(self, link: Link | None) -> None:
+        if self._batch_handle is not None:
+            self._batch_handle.cancel()
+            self._batch_handle = None
+        if link is not None and link.receive_low_water > 1 and link.set_receive_low_water(1):
+            self._low_water_dropped_at = time.monotonic()
+
+    def _drop_low_water(self, link: Link) -> None:
+        """Back to a wake-up per arrival (a reply is due, or the stream stalled or slowed);
+        the periodic check raises the mark again when the stream is back at full rate."""
+        if link.receive_low_water <= 1 or not link.set_receive_low_water(1):
+            return
+        self._low_water_dropped_at = time.monotonic()
+        decoder = self._decoder
+        if decoder is not None and self._release_handle is None and decoder.buffered_bytes:
+            self._arm_release(decoder)  # a held last frame with nothing behind it (§5.2)
+        session = self._session
+        if session is not None and session.active:
+            self._schedule_batch_tick()
+        elif self._batch_handle is not None:
+            self._batch_handle.cancel()
+            self._batch_handle = None
+
+    def _batch_stalled(self) -> None:
+        """No batch for ``BATCH_STALL_FACTOR * batch_s``: read whatever is waiting."""
+        self._batch_handle = None
+        link = self._link
+        if link is not None:
+            self._drop_low_water(link)
+
+    def _batch_bytes(self, session: SamplingSession) -> int:
+        """``batch_s`` of the session's nominal byte rate, at most 256 KiB; 0 when that is
+        under 16 KiB (a slow stream: batching would add more than ``batch_s`` of latency)."""
+        wanted = int(session.rate * session.measures.bytes_per_sample * self.batch_s)
+        return 0 if wanted < BATCH_MIN_BYTES else min(BATCH_MAX_BYTES, wanted)
+
+    def _awaiting_reply(self) -> bool:
+        return bool(
+            self._waiters or self._loose or self._info_waiters or self._probe_waiters
+            or self._drop_waiters
+        )
+
+    def _batch_tick(self) -> None:
+        """Every ``batch_s`` while a session runs unbatched: raise the receive low-water
+        mark once the stream is at full rate and nothing waits for a reply."""
+        self._batch_handle = None
+        session, link = self._session, self._link
+        if session is None or not session.active or link is None or link.is_closing:
+            return
+        received = self.bytes_received - self._batch_mark
+        batch = self._batch_bytes(session)
+        if (
+            batch
+            and link.receive_low_water <= 1
+            and received >= batch // 2  # not paused or slowed down (scheduled start, §5)
+            and session.streaming
+            and not session.stop_requested
+            and not self._awaiting_reply()
+            and link.set_receive_low_water(batch)
+        ):
+            self.batch_raises += 1
+            self._batch_handle = asyncio.get_running_loop().call_later(
+                BATCH_STALL_FACTOR * self.batch_s, self._batch_stalled
+            )
+            return
+        self._schedule_batch_tick()
 
     def _dispatch(self, events: list[Event]) -> None:
         batch = self._session_batch
@@ -842,9 +978,16 @@ class AsyncMeterClient:
             self._publish(Reconnected(self.meter_label, previous, info, changes, rebooted, attempts))
             return
 
+    def _housekeeping_delay(self) -> float:
+        """Sleep until the next keep-alive or liveness deadline (not a fixed tick: every
+        wake-up of an otherwise idle loop costs CPU), at most ``HOUSEKEEPING_MAX_S``."""
+        now = time.monotonic()
+        due = min(self._last_tx + self.keepalive_s, self._last_rx + self.liveness_timeout_s)
+        return min(HOUSEKEEPING_MAX_S, max(HOUSEKEEPING_MIN_S, due - now + HOUSEKEEPING_MIN_S))
+
     async def _keepalive_loop(self) -> None:
         while not self._closing:
-            await asyncio.sleep(min(self.keepalive_s, 1.0))
+            await asyncio.sleep(self._housekeeping_delay())
             link = self._link
             if link is None or link.is_closing:
                 continue
@@ -875,6 +1018,8 @@ class AsyncMeterClient:
         link = self._link
         if link is None or link.is_closing:
             raise MeterConnectionError(self.meter_label, "not connected")
+        if link.receive_low_water > 1:
+            self._drop_low_water(link)  # whatever answers must not wait for a full batch
         try:
             link.write(data)
         except (OSError, ConnectionError) as exc:
@@ -1294,7 +1439,9 @@ class AsyncMeterClient:
             raise MeterProtocolError(self.meter_label, f"unusable sample reply: {reply.raw}")
         assert isinstance(view, SampleReply)
         session = created[0]
-        if receiver is not None:
+        if receiver is None:
+            self._start_batching(session)
+        else:
             self._session = session
             decoder = DatagramDecoder(
                 view.measures.values_per_sample, view.chunk_size, bool(view.prefix)
@@ -1320,6 +1467,7 @@ class AsyncMeterClient:
         def ended(session: SamplingSession) -> None:
             if self._session is session:
                 self._session = None
+                self._stop_batching(self._link)
             if receiver is not None:
                 receiver.close()
 

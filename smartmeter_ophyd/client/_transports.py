@@ -5,7 +5,9 @@ request/session logic in :mod:`._async`.  A *link* is a duplex byte stream: inpu
 :meth:`Link.read` until one is attached), output goes through ``write``/``close``:
 
 * :func:`open_tcp_link` -- the command connection (TCP 54321, or 54322 for raw streams),
-  read with ``recv_into`` a reused buffer (no allocation per read).
+  read with ``recv_into`` a reused buffer (no allocation per read).  Its receive low-water
+  mark (``SO_RCVLOWAT``) can be raised so that the event loop wakes once per batch of bytes
+  instead of once per TCP segment (see :meth:`Link.set_receive_low_water`).
 * :func:`open_serial_link` -- a serial device (the emulator's pty or the real USB port,
   2,000,000 baud) opened with pyserial in raw mode and read with the event loop.
 * :class:`UdpReceiver` -- a bound UDP socket that accepts datagrams only from the meter's
@@ -21,6 +23,7 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -109,6 +112,18 @@ class Link:
         """Close at once, discarding unsent bytes (used when the peer seems dead)."""
         self.close()
 
+    @property
+    def receive_low_water(self) -> int:
+        """Bytes the kernel gathers before the loop is woken (1: every arrival)."""
+        return 1
+
+    def set_receive_low_water(self, nbytes: int) -> bool:
+        """Ask to be woken only once ``nbytes`` are readable; False if the carrier cannot.
+
+        Setting it back to 1 wakes the loop at once if any byte is waiting.
+        """
+        return nbytes <= 1
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -162,6 +177,33 @@ class TcpLink(Link):
         super().__init__(str(peer[0]), str(local[0]))
         self.transport = transport
         self.peer_port = int(peer[1])
+        self._socket: Any = transport.get_extra_info("socket")  # asyncio TransportSocket
+        self._low_water = 1
+
+    @property
+    def receive_low_water(self) -> int:
+        return self._low_water
+
+    def set_receive_low_water(self, nbytes: int) -> bool:
+        # Linux's epoll honours SO_RCVLOWAT for TCP readability, and lowering it signals
+        # readability at once if bytes are waiting; a non-blocking recv still returns fewer
+        # bytes than the mark, so EOF and errors are never held back.
+        nbytes = max(1, nbytes)
+        if nbytes == self._low_water:
+            return True
+        sock = self._socket
+        if sock is None or self.transport.is_closing():
+            if nbytes > 1:
+                return False
+            self._low_water = 1  # nothing more will be read anyway
+            return True
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+        except (OSError, AttributeError) as exc:
+            logger.debug("SO_RCVLOWAT %d not accepted: %s", nbytes, exc)
+            return nbytes <= 1
+        self._low_water = nbytes
+        return True
 
     def write(self, data: bytes) -> None:
         if self.transport.is_closing():

@@ -1,0 +1,144 @@
+"""Read batching (SO_RCVLOWAT) of a full-rate TCP session, against the emulator.
+
+The mark must be raised only while the stream runs at full rate, dropped before every
+command (replies stay prompt), dropped when the stream stalls (liveness), and never lose
+or hold back samples: every session here reconciles with the meter's own counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from smartmeter_ophyd.client import AsyncMeterClient, SampleConfig
+from smartmeter_ophyd.client._async import BATCH_MIN_BYTES
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="SO_RCVLOWAT batching is Linux epoll behaviour"
+)
+
+BATCH_S = 0.5
+"""Long enough that a reply waiting for a full batch would be obvious (>= 0.5 s late)."""
+PROMPT_S = 0.3
+
+
+async def wait_batching(client: AsyncMeterClient, raises: int = 1, limit: float = 4.0) -> None:
+    """Until the client has raised its low-water mark ``raises`` times and it is up."""
+    deadline = time.monotonic() + limit
+    while client.batch_raises < raises or not client._link or client._link.receive_low_water <= 1:
+        assert time.monotonic() < deadline, "read batching never switched on"
+        await asyncio.sleep(0.05)
+
+
+async def consume(session, into: list) -> None:
+    async for block in session:
+        into.append(block)
+
+
+def check_contiguous(blocks, summary) -> None:
+    packets = np.concatenate([b.packets for b in blocks])
+    assert packets[0] == 0 and (np.diff(packets.astype(np.int64)) == 1).all()
+    assert sum(b.n_samples for b in blocks) == summary.received_samples
+
+
+async def test_batched_session_is_lossless_and_stop_is_prompt(meter):
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, batch_s=BATCH_S
+    ) as client:
+        session = await client.sample(SampleConfig(rate=8000))
+        blocks: list = []
+        consumer = asyncio.create_task(consume(session, blocks))
+        await wait_batching(client)
+        reads, received = client.reads, client.bytes_received
+        await asyncio.sleep(1.2)
+        per_read = (client.bytes_received - received) / max(1, client.reads - reads)
+        assert per_read >= BATCH_MIN_BYTES  # the loop wakes per batch, not per segment
+        started = time.monotonic()
+        summary = await session.stop()
+        stop_took = time.monotonic() - started
+        await consumer
+        assert stop_took < PROMPT_S, f"stop reply waited {stop_took:.2f} s behind the batch"
+        assert client._link is not None and client._link.receive_low_water == 1
+        assert summary.ended_by == "stop" and summary.explained
+        assert summary.device_sent_samples == summary.received_samples
+        check_contiguous(blocks, summary)
+
+
+async def test_commands_stay_prompt_and_batching_resumes(meter):
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, batch_s=BATCH_S
+    ) as client:
+        session = await client.sample(SampleConfig(rate=8000))
+        blocks: list = []
+        consumer = asyncio.create_task(consume(session, blocks))
+        for round_ in range(1, 3):
+            await wait_batching(client, raises=round_)
+            started = time.monotonic()
+            info = await client.get_info()
+            assert time.monotonic() - started < PROMPT_S
+            assert info.is_smartmeter
+            started = time.monotonic()
+            await session.cts(True)
+            assert time.monotonic() - started < PROMPT_S
+        summary = await session.stop()
+        await consumer
+        assert client.batch_raises >= 2 and summary.explained
+        check_contiguous(blocks, summary)
+
+
+async def test_stalled_stream_is_read_without_waiting_for_a_batch(meter):
+    """Another client stops the meter: the stream stalls below the mark; the stall timer
+    drops it, the tail is read, the idle lifeness line ends the session -- nothing lost."""
+    async with (
+        AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0, batch_s=BATCH_S) as ours,
+        AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as other,
+    ):
+        session = await ours.sample(SampleConfig(rate=8000))
+        blocks: list = []
+        consumer = asyncio.create_task(consume(session, blocks))
+        await wait_batching(ours)
+        stop_reply = await other.stop()
+        await asyncio.wait_for(consumer, 3 * BATCH_S + 2.5)
+        summary = session.summary
+        assert summary is not None and summary.ended_by == "stopped elsewhere"
+        assert ours._link is not None and ours._link.receive_low_water == 1
+        assert stop_reply.sent_samples == summary.received_samples
+        check_contiguous(blocks, summary)
+
+
+async def test_slow_stream_is_not_batched(meter):
+    """1 kHz is ~24 kB/s: 0.5 s of it is under the 16 KiB minimum batch, so no batching
+    (it would hold samples back for longer than batch_s)."""
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, batch_s=BATCH_S
+    ) as client:
+        session = await client.sample(SampleConfig(rate=1000))
+        blocks: list = []
+        consumer = asyncio.create_task(consume(session, blocks))
+        await asyncio.sleep(4 * BATCH_S)
+        assert client.batch_raises == 0
+        summary = await session.stop()
+        await consumer
+        assert summary.explained
+        check_contiguous(blocks, summary)
+
+
+async def test_batching_off(meter):
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, batch_s=0
+    ) as client:
+        session = await client.sample(SampleConfig(rate=8000))
+        await asyncio.sleep(3 * BATCH_S)
+        assert client.batch_raises == 0
+        assert client._link is not None and client._link.receive_low_water == 1
+        summary = await session.stop()
+        assert summary.explained
+
+
+def test_negative_batch_is_refused():
+    with pytest.raises(ValueError, match="batch_s"):
+        AsyncMeterClient("127.0.0.1", 1, batch_s=-0.1)
