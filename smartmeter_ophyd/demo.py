@@ -47,9 +47,12 @@ NTP_DELTA: Final = 2_208_988_800
 
 
 class _SntpServer(asyncio.DatagramProtocol):
-    """Answers every 48-byte SNTP request with the host clock (stratum 1)."""
+    """Answers every 48-byte SNTP request with the host clock + ``offset_s`` (stratum 1)."""
 
     transport: asyncio.DatagramTransport | None = None
+
+    def __init__(self, offset_s: float = 0.0) -> None:
+        self.offset_s = offset_s
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -57,7 +60,7 @@ class _SntpServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) < 48 or self.transport is None:
             return
-        now = time.time() + NTP_DELTA
+        now = time.time() + self.offset_s + NTP_DELTA
         secs = int(now)
         frac = int((now - secs) * 2**32)
         reply = bytearray(48)
@@ -75,17 +78,34 @@ class EmulatedMeters:
     Use as a context manager; ``meters[i].command_port`` is where a :class:`SmartMeter`
     connects.  ``call(fn)`` runs ``fn()`` on the loop thread (for ground truth and fault
     injection, which the emulator only allows from its own loop).
+
+    ``ntp_offsets_s`` (one per meter) gives each meter its own SNTP server that is off by
+    that many seconds: after its NTP sync (§6.2) the meter's clock is off by about as much,
+    as for meters synced to different, imperfect time servers.  Default: one shared server
+    on the host clock.  ``**config`` goes to every meter's ``EmulatorConfig``.
     """
 
-    def __init__(self, count: int, *, name_prefix: str = "demo", **config: Any) -> None:
+    def __init__(
+        self,
+        count: int,
+        *,
+        name_prefix: str = "demo",
+        ntp_offsets_s: Sequence[float] | None = None,
+        **config: Any,
+    ) -> None:
+        if ntp_offsets_s is not None and len(ntp_offsets_s) != count:
+            raise ValueError(
+                f"ntp_offsets_s has {len(ntp_offsets_s)} entries for {count} emulated meters"
+            )
         self.count = count
         self.name_prefix = name_prefix
         self.config = config
+        self.ntp_offsets_s = tuple(ntp_offsets_s) if ntp_offsets_s is not None else None
         self.meters: list[Any] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="emulated meters",
                                         daemon=True)
-        self._ntp: asyncio.DatagramTransport | None = None
+        self._ntp: list[asyncio.DatagramTransport] = []
 
     def __enter__(self) -> EmulatedMeters:
         self._thread.start()
@@ -96,19 +116,26 @@ class EmulatedMeters:
             raise
         return self
 
+    async def _sntp_server(self, offset_s: float) -> int:
+        transport, _ = await self._loop.create_datagram_endpoint(
+            lambda: _SntpServer(offset_s), local_addr=("127.0.0.1", 0)
+        )
+        self._ntp.append(transport)
+        return int(transport.get_extra_info("sockname")[1])
+
     async def _start(self) -> None:
         from .emulator import EmulatedMeter, EmulatorConfig
 
-        transport, _ = await self._loop.create_datagram_endpoint(
-            _SntpServer, local_addr=("127.0.0.1", 0)
-        )
-        self._ntp = transport
-        ntp_port = transport.get_extra_info("sockname")[1]
+        if self.ntp_offsets_s is None:
+            shared = await self._sntp_server(0.0)
+            ntp_ports = [shared] * self.count
+        else:
+            ntp_ports = [await self._sntp_server(offset) for offset in self.ntp_offsets_s]
         for i in range(self.count):
             settings: dict[str, Any] = {
                 "name": f"{self.name_prefix}{i + 1}",
                 "time_server": "127.0.0.1",
-                "ntp_port": ntp_port,
+                "ntp_port": ntp_ports[i],
                 "boot_delay_s": 0.05,
                 "serial": False,
                 "stream_server_port": 9,
@@ -136,8 +163,8 @@ class EmulatedMeters:
             for meter in self.meters:
                 with contextlib.suppress(Exception):
                     await meter.stop()
-            if self._ntp is not None:
-                self._ntp.close()
+            for transport in self._ntp:
+                transport.close()
 
         if self._thread.is_alive():
             with contextlib.suppress(Exception):

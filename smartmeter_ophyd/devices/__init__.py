@@ -4,13 +4,17 @@
   Triggerable, Configurable, Stageable, Preparable, Flyable, Collectable, WritesStreamAssets).
 * :class:`FlyConfig` - what ``prepare`` takes (also as a plain mapping).
 * :class:`ProgressStatus` - the ``complete()`` status; feeds ``ProgressBarManager``.
+* :class:`CtsPolicy` / :class:`FlowStats` - back-pressure of ``flow_control="cts"`` flies.
 """
 
+from ._flow import CtsPolicy, FlowStats
 from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
 from ._smartmeter import FlyError, GapStream, RunSummary, SmartMeter, summary_dict
 
 __all__ = [
     "FLOW_CONTROL_MODES",
+    "CtsPolicy",
+    "FlowStats",
     "FlyConfig",
     "FlyError",
     "GapStream",

@@ -85,6 +85,7 @@ from ..protocol import (
     Transport,
 )
 from ..storage import GapAssets, StreamAssets, WaveformWriter, gap_data_keys, stream_data_keys
+from ._flow import CtsGovernor, CtsPolicy, FlowStats
 from ._fly import FlyConfig, ProgressStatus, coerce_measures, coerce_transport
 
 logger = logging.getLogger(__name__)
@@ -493,6 +494,7 @@ class SmartMeter(Device):
         data_directory: str | os.PathLike[str],
         timeout: float = 5.0,
         reconnect: bool = True,
+        cts_policy: CtsPolicy | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__("", name=name, **kwargs)
@@ -501,6 +503,10 @@ class SmartMeter(Device):
         self.timeout = float(timeout)
         self.reconnect = reconnect
         self.data_directory = Path(data_directory)
+        self.cts_policy = cts_policy or CtsPolicy()
+        """When a ``flow_control="cts"`` fly pauses and resumes the meter (see ``_flow``)."""
+        self.last_flow_stats: FlowStats | None = None
+        """What flow control did in the last ``cts`` fly (None for other flies)."""
         self._client: MeterClient | None = None
         self._client_lock = threading.Lock()
         self._fly_config: FlyConfig | None = None
@@ -779,7 +785,10 @@ class SmartMeter(Device):
     def _fly(self, config: FlyConfig, started: DeviceStatus, done: ProgressStatus) -> None:
         label = self.meter_label
         session: SyncSamplingSession | None = None
+        governor: CtsGovernor | None = None
         target = config.target_samples
+        consumed = 0
+        self.last_flow_stats = None
         try:
             if not self.connected:
                 self.connect()
@@ -792,7 +801,10 @@ class SmartMeter(Device):
             self.sampling_reply._update(json.dumps(_jsonable(reply.raw_fields)))
             self._open_writer(reply, client.info)
             if config.flow_control == "cts":
-                session.cts(True)  # flowCtr sessions start paused (§5.1)
+                # flowCtr sessions start paused (§5.1); the governor resumes at once and then
+                # keeps the host backlog bounded without letting the meter overflow (§4.10).
+                governor = CtsGovernor(session, lambda: consumed, self.cts_policy, name=self.name)
+                governor.start()
             writer = self._writer
             assert writer is not None
             first_wait = self.timeout * 4
@@ -802,19 +814,31 @@ class SmartMeter(Device):
             last_data = time.monotonic()
             stop_sent = False
             summary: SessionSummary | None = None
+
+            def send_stop() -> SessionSummary:
+                if governor is not None:
+                    self.last_flow_stats = governor.close()
+                assert session is not None
+                return session.stop()
+
             while True:
                 if not stop_sent and self._stop_requested.is_set():
-                    summary = session.stop()
+                    summary = send_stop()
                     stop_sent = True
+                if governor is not None and governor.error is not None:
+                    raise governor.error
                 try:
                     block = session.next_block(BLOCK_POLL_S)
                 except MeterTimeoutError:
                     if stop_sent:
                         continue
-                    if time.monotonic() - last_data > silence_limit:
+                    paused = governor is not None and governor.paused
+                    if not paused and time.monotonic() - last_data > silence_limit:
                         raise MeterTimeoutError(
                             label, f"no sample data for {silence_limit:.1f} s during the fly"
                         ) from None
+                    if paused:
+                        last_data = time.monotonic()
                     continue
                 if block is None:
                     break
@@ -826,6 +850,7 @@ class SmartMeter(Device):
                     writer.append(block.values, block.packets, block.frame_samples)
                     if not started.done:
                         started.set_finished()
+                consumed += block.n_samples
                 done.report(writer.samples_appended)
                 if (
                     not stop_sent
@@ -833,13 +858,17 @@ class SmartMeter(Device):
                     and writer.samples_appended + session.session.missing_declared >= target
                 ):
                     logger.info("%s: %d samples reached; stopping the meter", label, target)
-                    summary = session.stop()
+                    summary = send_stop()
                     stop_sent = True
+            if governor is not None and self.last_flow_stats is None:
+                self.last_flow_stats = governor.close()  # the session ended without our stop
             if summary is None:
                 summary = session.summary
             assert summary is not None
             self._finish(summary, started, done)
         except BaseException as exc:
+            if governor is not None and self.last_flow_stats is None:
+                self.last_flow_stats = governor.close()
             self._fail(exc, session, started, done)
         finally:
             self._session = None

@@ -1,0 +1,192 @@
+"""Fly modes of the SmartMeter flyer against the emulator: UDP, scheduled start, cts
+back-pressure, and two meters sharing a scheduled start.
+
+Ground truth is the emulator's (``truth()``: every row it produced, its clock offset at the
+start, the start it reported) and, for flow control, its ring buffer read on its own loop.
+Recordings are read back from the device's HDF5 file.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+from smartmeter_ophyd.demo import EmulatedMeters
+from smartmeter_ophyd.devices import CtsPolicy, SmartMeter
+from smartmeter_ophyd.protocol import RING_BUFFER_BYTES, Measures
+from smartmeter_ophyd.storage import read_packets
+
+RATE = 8000
+CHANNELS = Measures.VI.channels
+
+
+def recorded(path: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """(samples (n, 6) float32, file attributes) of a device HDF5 file."""
+    with h5py.File(path, "r") as f:
+        values = np.stack([f[ch][()] for ch in CHANNELS], axis=1)
+        attrs = dict(f.attrs)
+        gaps = {k: f["gaps"][k][()] for k in f["gaps"]}
+    attrs["gaps"] = gaps
+    return values, attrs
+
+
+def assert_matches_truth(meter: SmartMeter, truth: Any) -> np.ndarray:
+    """Every sample the meter sent is recorded exactly once, bit for bit, in order.
+
+    Frames are matched to the truth by packet number (a missing packet would be a gap row
+    and its samples absent); returns the recorded values.
+    """
+    summary = meter.last_summary
+    assert summary is not None and summary.explained, summary
+    assert summary.device_sent_samples == truth.sent_samples
+    values, attrs = recorded(meter.hdf5_path)
+    assert values.dtype == np.float32
+    packets = read_packets(meter.hdf5_path)
+    chunk = int(meter.last_sample_reply.chunk_size) // Measures.VI.bytes_per_sample
+    expected = np.concatenate([
+        truth.values[p * chunk: p * chunk + n]
+        for p, n in zip(packets["packet"], np.diff(np.append(packets["first_sample"], len(values))),
+                        strict=True)
+    ])
+    assert np.array_equal(values.view(np.uint32), expected.view(np.uint32))
+    assert len(values) + summary.missing_declared == truth.sent_samples
+    assert len(attrs["gaps"]["sample_index"]) == summary.gaps + summary.corrupt_frames
+    return values
+
+
+@pytest.fixture
+def make_meter(tmp_path: Path):
+    made: list[SmartMeter] = []
+
+    def make(port: int, name: str = "m1", **kwargs: Any) -> SmartMeter:
+        meter = SmartMeter("127.0.0.1", port, name=name, data_directory=tmp_path / "hdf5",
+                           timeout=2.0, **kwargs)
+        made.append(meter)
+        meter.connect()
+        return meter
+
+    yield make
+    for meter in made:
+        meter.destroy()
+
+
+def test_udp_fly_records_every_datagram(emulated, make_meter) -> None:
+    meter = make_meter(emulated.meters[0].command_port)
+    meter.prepare({"rate": RATE, "transport": "UDP", "n_samples": RATE})
+    meter.kickoff().wait(10)
+    meter.complete().wait(20)
+    summary = meter.last_summary
+    assert summary.transport.value == "UDP" and summary.ended_by == "stop"
+    assert meter.last_sample_reply.chunk_size == 504  # one ≤512-byte frame per datagram (§4.13)
+    values = assert_matches_truth(meter, emulated.truth(0))
+    assert len(values) >= RATE
+
+
+def test_scheduled_start_fly_starts_on_the_meters_second(emulated, make_meter) -> None:
+    meter = make_meter(emulated.meters[0].command_port)
+    start_time = int(time.time()) + 2
+    meter.prepare({"rate": RATE, "n_samples": RATE // 2, "start_time": start_time})
+    kicked = meter.kickoff()
+    finished_at: list[float] = []
+    kicked.add_callback(lambda status: finished_at.append(time.time()))
+    kicked.wait(start_time - time.time() + 10)
+    # kickoff is done at the first sample, which the meter takes at its start_time (§6.4)
+    assert finished_at and finished_at[0] >= start_time - 0.05
+    meter.complete().wait(20)
+    truth = emulated.truth(0)
+    summary = meter.last_summary
+    # §6.4: the firmware starts ≈ 1 ms before the requested second and says so at stop
+    assert truth.reported_start_ts == f"{summary.start_ts:.3f}"
+    assert abs(truth.meter_start_ts - summary.start_ts) < 0.001
+    assert start_time - 0.002 <= summary.start_ts <= start_time
+    assert meter.last_sample_reply.start_ts == start_time
+    _, attrs = recorded(meter.hdf5_path)
+    assert attrs["start_ts"] == start_time  # the sample reply's startTs "<time>.000"
+    assert_matches_truth(meter, truth)
+
+
+def test_cts_back_pressure_pauses_and_resumes_without_loss(emulated, make_meter) -> None:
+    policy = CtsPolicy(pause_backlog_s=0.25, resume_backlog_s=0.05, max_fill=0.01, poll_s=0.01)
+    meter = make_meter(emulated.meters[0].command_port, cts_policy=policy)
+    emulator = emulated.meters[0]
+    fills: list[int] = []
+    watching = threading.Event()
+
+    def watch_ring() -> None:  # ground truth: the emulated meter's ring buffer, on its loop
+        while not watching.is_set():
+            fills.append(emulated.call(lambda: emulator.ring.readable))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch_ring, daemon=True)
+    watcher.start()
+    try:
+        meter.prepare({"rate": RATE, "flow_control": "cts", "n_samples": 3 * RATE})
+        meter.kickoff().wait(10)
+        status = meter.complete()
+        # a consumer slower than the meter: every progress report takes 40 ms
+        status.watch(lambda **kw: time.sleep(0.04))
+        status.wait(30)
+    finally:
+        watching.set()
+        watcher.join(10)
+    stats = meter.last_flow_stats
+    assert stats is not None
+    # both ways out of a pause happened: the consumer caught up, or the meter's buffer filled
+    assert stats.pauses >= 2 and stats.resumes_on_backlog >= 1 and stats.resumes_on_fill >= 1
+    assert policy.max_fill <= stats.max_fill <= 2 * policy.max_fill
+    real_max = max(fills) / RING_BUFFER_BYTES
+    assert real_max <= 2 * policy.max_fill <= 0.5  # never near the overflow reboot (§4.10)
+    assert real_max > 0.5 * policy.max_fill  # the meter really held data back while paused
+    truth = emulated.truth(0)
+    assert meter.last_summary.ended_by == "stop"
+    assert_matches_truth(meter, truth)
+    assert meter.last_summary.missing_declared == 0
+
+
+def test_cts_policy_refuses_unsafe_fill() -> None:
+    with pytest.raises(ValueError, match="overflow"):
+        CtsPolicy(max_fill=0.6)
+    with pytest.raises(ValueError, match="below"):
+        CtsPolicy(pause_backlog_s=1.0, resume_backlog_s=1.0)
+
+
+def test_two_meters_share_a_scheduled_start_and_line_up(tmp_path, make_meter) -> None:
+    # Each meter syncs to its own time server, off by a known amount (§6.2): after the NTP
+    # sync before the scheduled start (§6.4) their clocks differ by about 2.5 ms = 20 samples.
+    with EmulatedMeters(2, name_prefix="sync", ntp_offsets_s=(-0.0010, 0.0015)) as emulated:
+        meters = [make_meter(m.command_port, name=m.name) for m in emulated.meters]
+        start_time = int(time.time()) + 2
+        for meter in meters:
+            meter.prepare({"rate": RATE, "n_samples": RATE, "start_time": start_time})
+        kicked = [meter.kickoff() for meter in meters]
+        for status in kicked:
+            status.wait(start_time - time.time() + 10)
+        for meter in meters:
+            meter.complete().wait(20)
+        truths = [emulated.truth(i) for i in range(2)]
+    summaries = [m.last_summary for m in meters]
+    assert summaries[0].start_ts == summaries[1].start_ts  # same scheduled second
+    assert abs(summaries[0].start_ts - start_time) <= 0.002
+    recordings = [assert_matches_truth(m, t) for m, t in zip(meters, truths, strict=True)]
+    for truth, configured in zip(truths, (-0.0010, 0.0015), strict=True):
+        assert abs(truth.clock_offset_s - configured) < 0.001  # the NTP setup did what we meant
+
+    # x_b[n] = x_a[n + L] with L = (offset_a - offset_b) * rate: find L by cross-correlation
+    v_a = recordings[0][:RATE, 0].astype(np.float64)
+    v_b = recordings[1][:RATE, 0].astype(np.float64)
+    half_period = RATE // 50 // 2  # lags within +-half a 50 Hz cycle are unambiguous
+    lags = np.arange(-half_period + 1, half_period)
+    core = slice(half_period, RATE - half_period)
+    score = np.array([np.dot(v_b[core], v_a[core.start + lag: core.stop + lag]) for lag in lags])
+    best = int(np.argmax(score))
+    y0, y1, y2 = score[best - 1: best + 2]
+    measured = lags[best] + 0.5 * (y0 - y2) / (y0 - 2 * y1 + y2)  # parabolic refinement
+    expected = (truths[0].clock_offset_s - truths[1].clock_offset_s) * RATE
+    assert abs(expected) > 10  # a real offset, not a trivial zero
+    assert abs(measured - expected) < 1.0, (measured, expected)
