@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -170,7 +171,9 @@ def cmd_record(args: argparse.Namespace) -> int:
         reply = session.session.reply
         start_ts = reply.start_ts if reply.start_ts else time.time()
         metadata = {"name": info.name if info else "", "host": args.address[0],
-                    "version": info.version if info else "", "sample_reply": reply.raw_fields}
+                    "firmware": info.version if info else "",
+                    "compiled": info.compiled if info else "",
+                    "sampling_reply": reply.raw_fields}
         with WaveformWriter(args.output, reply.measures, args.rate, start_ts, metadata) as writer:
             for block in session:
                 _store(writer, block)
@@ -240,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                "logs": cmd_logs, "record": cmd_record}[args.command]
     try:
         return handler(args)
+    except BrokenPipeError:  # e.g. `smartmeter info HOST | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MeterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -409,7 +409,14 @@ def read_gaps(run: Any, stream: str = "meter_gaps", prefix: str | None = None) -
         if not prefixes:
             return {f: np.empty(0, dtype=np.int64) for f in GAP_FIELDS}
         prefix = prefixes.pop()
-    return {f: np.asarray(container[gap_key(prefix, f)][:], dtype=np.int64) for f in GAP_FIELDS}
+    if not keys:
+        # Declared but never written: no StreamDatum came, i.e. the meter recorded no gap
+        # (the RunEngine gives every external key a datum as soon as any key gets one).
+        return {f: np.empty(0, dtype=np.int64) for f in GAP_FIELDS}
+    wanted = [gap_key(prefix, f) for f in GAP_FIELDS]
+    if any(key not in keys for key in wanted):
+        raise KeyError(f"no gap keys of meter {prefix!r} in {stream!r} (keys: {sorted(keys)})")
+    return {f: np.asarray(container[key][:], dtype=np.int64) for f, key in zip(GAP_FIELDS, wanted, strict=True)}
 
 
 def gap_grid(

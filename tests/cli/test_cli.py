@@ -83,6 +83,9 @@ def test_record_writes_every_sample_the_meter_sent(emulator: dict[str, object],
         summary = json.loads(f.attrs["stop_summary"]) if "stop_summary" in f.attrs else None
         v1 = f["v_l1"][:]
         t = f["time"][:]
+        identity = {key: f.attrs[key] for key in ("firmware", "compiled", "sampling_reply")}
+    assert identity["firmware"] == "2.2" and identity["compiled"]
+    assert json.loads(identity["sampling_reply"])["cmd"] == "sample"
     assert v1.shape[0] >= 4000
     assert summary is not None and summary["device_sent_samples"] == v1.shape[0]
     assert np.allclose(np.diff(t), 1 / 4000, rtol=0, atol=1e-6)  # float64 at ~1.8e9 s
@@ -111,3 +114,11 @@ def test_bad_input_is_refused_before_the_meter_is_touched(emulator: dict[str, ob
 def test_unreachable_meter_names_the_address(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "127.0.0.1:9", "--timeout", "1"]) == 1
     assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(emulator: dict[str, object]) -> None:
+    result = subprocess.run(
+        f"{PYTHON} -m smartmeter_ophyd.cli info {address(emulator)} | head -1",
+        shell=True, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "{"
+    assert "Traceback" not in result.stderr
