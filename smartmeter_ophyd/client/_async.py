@@ -33,15 +33,18 @@ the bytes.  While a TCP session on this connection streams at full rate, the cli
 the socket's receive low-water mark (``SO_RCVLOWAT``; Linux epoll honours it for TCP) to
 ``batch_s`` seconds of data (at most 256 KiB), so the loop wakes about once per ``batch_s`` per
 meter.  Streams slower than 16 KiB per ``batch_s`` (e.g. 8 kHz VI is ~192 kB/s; below ~2.7 kHz
-at the default) are never batched, and neither are paused, slotted or not-yet-started ones.  The trade-off is latency: samples reach the session up to ~``batch_s``
-later (default 0.25 s; a stream that stalls or slows is noticed by a ``batch_s`` timer and
-delivered within ~3 x ``batch_s``).  Replies stay prompt: the mark is dropped to 1 before every
-command is sent (``stop``, ``cts``, ``reqSamples``, ...) and is raised again only when no reply
-is awaited, the session is not stopping and the last ``batch_s`` brought at least half a batch.
-Connection loss is never delayed (the kernel signals EOF/errors regardless of the mark).
-``batch_s=0`` disables batching; carriers that cannot batch (serial) ignore it.  The older
-``coalesce_s`` (pause reading after a small read) still works but costs a pause/resume and a
-timer per read.
+at the default) are never batched, and neither are paused, slotted or not-yet-started ones.
+
+The trade-off is latency: samples (and log lines) reach the session up to ``batch_s`` later
+(default 0.25 s).  A stream that stalls or slows below the mark is read after
+``1.5 * batch_s`` without a batch (the mark drops to 1 and stays there until the stream is
+back at full rate; a frame held for proof follows ``RELEASE_QUIET_S`` later).  Replies stay
+prompt: the mark drops to 1 before every command is sent (``stop``, ``cts``, ``reqSamples``,
+``info``...), and it is raised again only when no reply is awaited, the session is not
+stopping and the last ``batch_s`` brought at least half a batch.  Connection loss is never
+delayed (the kernel reports EOF and errors regardless of the mark).  ``batch_s=0`` disables
+batching; serial and UDP sessions are not batched.  The older ``coalesce_s`` (pause reading
+after a small read) still works but costs a pause/resume and a timer per read.
 
 Limits: one sampling session per connection (the meter samples once at a time).  A session
 stopped by *another* client ends without this client seeing the stop reply; the stream just
