@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from smartmeter_ophyd.client import AsyncMeterClient, SampleConfig
+from smartmeter_ophyd.client import AsyncMeterClient, MeterConnectionError, SampleConfig
 from smartmeter_ophyd.client._async import BATCH_MIN_BYTES
 
 pytestmark = pytest.mark.skipif(
@@ -142,3 +142,86 @@ async def test_batching_off(meter):
 def test_negative_batch_is_refused():
     with pytest.raises(ValueError, match="batch_s"):
         AsyncMeterClient("127.0.0.1", 1, batch_s=-0.1)
+
+
+async def test_meter_stall_drops_the_mark_and_batching_resumes(meter):
+    """The meter's loop blocks for 1 s (> 1.5 x batch_s): the mark drops; the backlog it then
+    writes at once brings batching back; no frame is lost or declared missing."""
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, batch_s=BATCH_S
+    ) as client:
+        session = await client.sample(SampleConfig(rate=8000))
+        blocks: list = []
+        consumer = asyncio.create_task(consume(session, blocks))
+        await wait_batching(client)
+        dropped: list[float] = []
+        link = client._link
+        assert link is not None
+        meter.stall_output(1.0)
+        stalled_at = time.monotonic()
+        while link.receive_low_water > 1:
+            assert time.monotonic() - stalled_at < 2.0, "the mark stayed up through a stall"
+            await asyncio.sleep(0.02)
+        dropped.append(time.monotonic() - stalled_at)
+        await wait_batching(client, raises=2)
+        summary = await session.stop()
+        await consumer
+        assert dropped[0] < 1.6 * BATCH_S + 0.3
+        assert summary.explained and summary.missing_declared == 0
+        check_contiguous(blocks, summary)
+
+
+async def test_connection_drop_is_seen_at_once_while_batched(meter):
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, batch_s=BATCH_S, reconnect=False
+    ) as client:
+        session = await client.sample(SampleConfig(rate=8000))
+        blocks: list = []
+        consumer = asyncio.create_task(consume(session, blocks))
+        await wait_batching(client)
+        dropped_at = time.monotonic()
+        meter.drop_connections()
+        with pytest.raises(MeterConnectionError):
+            await consumer
+        assert time.monotonic() - dropped_at < PROMPT_S
+        assert session.summary is not None and session.summary.ended_by == "connection lost"
+        assert sum(b.n_samples for b in blocks) == session.summary.received_samples
+
+
+async def test_log_line_inside_a_frame_is_repaired_while_batched(meter):
+    """Held frames are proven by the next batch, never released unverified (§4.6)."""
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, batch_s=BATCH_S
+    ) as client:
+        session = await client.sample(SampleConfig(rate=8000))
+        blocks: list = []
+        consumer = asyncio.create_task(consume(session, blocks))
+        await wait_batching(client)
+        for _ in range(3):
+            meter.inject_log_in_next_frame("batched read repair test")
+            await asyncio.sleep(0.4)
+        summary = await session.stop()
+        await consumer
+        assert summary.repaired_frames == 3 and summary.corrupt_frames == 0
+        assert summary.explained and summary.skipped_bytes == 0
+        check_contiguous(blocks, summary)
+
+
+async def test_scheduled_start_batches_only_once_streaming(synced_meter):
+    async with AsyncMeterClient(
+        "127.0.0.1", synced_meter.command_port, timeout=3.0, batch_s=BATCH_S
+    ) as client:
+        start = int(time.time()) + 2
+        session = await client.sample(SampleConfig(rate=8000, start_time=start))
+        blocks: list = []
+        consumer = asyncio.create_task(consume(session, blocks))
+        while time.time() < start - 0.3:
+            assert client.batch_raises == 0  # counting down: nothing to batch
+            await asyncio.sleep(0.1)
+        await wait_batching(client, limit=3.0)
+        started = time.monotonic()
+        summary = await session.stop()
+        assert time.monotonic() - started < PROMPT_S
+        await consumer
+        assert summary.explained
+        check_contiguous(blocks, summary)
