@@ -48,6 +48,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import uuid
@@ -73,6 +74,7 @@ from ..client import (
 from ..protocol import (
     CommandError,
     DeviceInfo,
+    LogLine,
     Measures,
     SampleReply,
     SetCalibration,
@@ -93,6 +95,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT: Final = 54321
 BLOCK_POLL_S: Final = 0.25
 """How often the consumer thread wakes without data to look at stop requests."""
+
+OTHER_CLIENT_LOG: Final = re.compile(r"Client with IP (\S+) connected on port (\d+)")
+"""§2.1: the meter tells connected clients about every new one (text of an INFO log)."""
 
 READING_UNITS: Final = {
     "voltage": "V",
@@ -517,6 +522,7 @@ class SmartMeter(Device):
         self._complete_status: ProgressStatus | None = None
         self._consumer: threading.Thread | None = None
         self._stop_requested = threading.Event()
+        self._other_clients: list[str] = []
         self.last_summary: SessionSummary | None = None
         self.last_sample_reply: SampleReply | None = None
         self.gap_stream = GapStream(self)
@@ -786,6 +792,8 @@ class SmartMeter(Device):
         label = self.meter_label
         session: SyncSamplingSession | None = None
         governor: CtsGovernor | None = None
+        client: MeterClient | None = None
+        unsubscribe: Callable[[], None] | None = None
         target = config.target_samples
         consumed = 0
         self.last_flow_stats = None
@@ -794,6 +802,8 @@ class SmartMeter(Device):
                 self.connect()
             client = self.client
             label = self.meter_label
+            self._other_clients = []
+            unsubscribe = client.subscribe_logs(self._watch_other_clients)
             session = client.sample(config.sample_config())
             self._session = session
             reply = session.session.reply
@@ -872,6 +882,17 @@ class SmartMeter(Device):
             self._fail(exc, session, started, done)
         finally:
             self._session = None
+            if unsubscribe is not None and client is self._client and client.connected:
+                try:
+                    unsubscribe()
+                except Exception as exc:  # only bookkeeping; the fly's outcome stands
+                    logger.warning("%s: could not unsubscribe from logs: %s", label, exc)
+
+    def _watch_other_clients(self, line: LogLine) -> None:
+        """Runs on the client's loop: remember other connections opened during the fly."""
+        match = OTHER_CLIENT_LOG.fullmatch(line.text)
+        if match is not None:
+            self._other_clients.append(f"{match.group(1)}:{match.group(2)}")
 
     def _finish(self, summary: SessionSummary, started: DeviceStatus, done: ProgressStatus) -> None:
         writer = self._writer
@@ -889,10 +910,27 @@ class SmartMeter(Device):
             started.set_exception(
                 FlyError(self.meter_label, f"the fly ended before any sample arrived ({summary.ended_by})")
             )
+        if writer.samples_appended != summary.received_samples:
+            # The client counted them on arrival; the consumer never got them (see report:
+            # a blocking next_block that times out while its block is in transit drops it).
+            done.set_exception(FlyError(
+                self.meter_label,
+                f"the client received {summary.received_samples} samples but only "
+                f"{writer.samples_appended} reached {writer.path}: samples were lost between the "
+                "client and this device's consumer",
+            ))
+            return
         if not summary.explained:
-            done.set_exception(
-                FlyError(self.meter_label, "samples not accounted for: " + "; ".join(summary.notes))
-            )
+            reason = "samples not accounted for: " + "; ".join(summary.notes)
+            if summary.ended_by == "stopped elsewhere":
+                # §4.8: any connection may stop the meter; its reply goes to that connection only.
+                others = ", ".join(self._other_clients) or "none seen (it may have connected earlier)"
+                reason = (
+                    "the meter stopped sampling without this device asking: another connection "
+                    f"sent stop (§4.8); other clients that connected during the fly: {others}; "
+                    + reason
+                )
+            done.set_exception(FlyError(self.meter_label, reason))
             return
         logger.info("%s: fly complete: %s", self.meter_label, "; ".join(summary.notes))
         done.set_finished()
