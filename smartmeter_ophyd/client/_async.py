@@ -629,7 +629,11 @@ class AsyncMeterClient:
             self._batch_handle = asyncio.get_running_loop().call_later(
                 BATCH_STALL_FACTOR * self.batch_s, self._batch_stalled
             )
-        elif self._release_handle is None and decoder.buffered_bytes:
+        elif decoder.buffered_bytes:
+            # Due RELEASE_QUIET_S after this read: re-armed here (a wake-up that happens
+            # anyway) rather than firing every RELEASE_QUIET_S while the stream runs.
+            if self._release_handle is not None:
+                self._release_handle.cancel()
             self._arm_release(decoder)
         if self.coalesce_s and self._session is not None and len(data) < READ_SIZE // 4:
             # Let the kernel gather more bytes: fewer, larger reads (adds coalesce_s latency).
@@ -785,7 +789,7 @@ class AsyncMeterClient:
                         if not future.done():
                             future.set_result(None)
                     self._probe_waiters.clear()
-                else:
+                elif logger.isEnabledFor(logging.DEBUG):  # meter_label is built per call
                     logger.debug("%s: %s", self.meter_label, event.text)
             elif kind is SkippedBytes:
                 assert isinstance(event, SkippedBytes)
@@ -800,7 +804,8 @@ class AsyncMeterClient:
                 )
             elif kind is DebugLine:
                 assert isinstance(event, DebugLine)
-                logger.debug("%s: serial debug: %s", self.meter_label, event.text)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("%s: serial debug: %s", self.meter_label, event.text)
             elif kind is ConnectionClosed:
                 pass
         if batch:
