@@ -13,6 +13,8 @@ import time
 import pytest
 
 from smartmeter_ophyd.client import MeterClient, MeterTimeoutError, SampleConfig
+from smartmeter_ophyd.demo import EmulatedMeters
+from smartmeter_ophyd.devices import SmartMeter
 
 
 @pytest.mark.xfail(
@@ -49,3 +51,43 @@ def test_next_block_never_loses_a_block_when_the_loop_stalls(emulated) -> None:
         assert taken == summary.received_samples
     finally:
         client.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "client: a reconnecting client does not check that it reached the same meter; after "
+        "its meter went away and another meter took the (ephemeral) port, its stop() stops that "
+        "meter's fly (the 'no stop reply (stopped elsewhere)' symptom). Fix in "
+        "smartmeter_ophyd/client/_async.py (_reconnect_loop): refuse a reconnect whose info line "
+        "names another meter (name/ip/compiled changed) or at least never send commands on it"
+    ),
+)
+def test_a_stale_client_on_a_reused_port_cannot_stop_another_fly(tmp_path) -> None:
+    with EmulatedMeters(1, name_prefix="gone") as old:
+        port = old.meters[0].command_port
+        stale = MeterClient("127.0.0.1", port, timeout=1.0, reconnect=True,
+                            reconnect_backoff=(0.05, 0.1))
+        stale.connect()
+    meter = None
+    try:
+        with EmulatedMeters(1, name_prefix="fresh", command_port=port) as new:
+            meter = SmartMeter("127.0.0.1", port, name="m1", data_directory=tmp_path, timeout=2.0)
+            meter.connect()
+            meter.prepare({"rate": 8000, "n_samples": 16000})
+            meter.kickoff().wait(10)
+            deadline = time.monotonic() + 5
+            while not (stale.connected and stale.info.name == "fresh1"):
+                assert time.monotonic() < deadline, "the stale client did not reconnect"
+                time.sleep(0.05)
+            try:
+                stale.stop()  # e.g. a cleanup of the stale client's owner
+            except Exception:
+                pass  # refusing is the fix
+            meter.complete().wait(20)
+            assert meter.last_summary.ended_by == "stop"
+            assert new.truth(0).sent_samples == meter.last_summary.received_samples
+    finally:
+        stale.close()
+        if meter is not None:
+            meter.destroy()
