@@ -56,8 +56,9 @@ def coerce_transport(value: Any) -> Transport:
 class FlyConfig:
     """Settings of one fly scan of one meter (§4.1).
 
-    ``flow_control``: ``"none"`` or ``"cts"`` (the meter starts paused and the device resumes
-    it at once, §5.1).  ``duration_s`` or ``n_samples`` (not both) bounds the fly: when the
+    ``flow_control``: ``"none"`` or ``"cts"`` (the meter starts paused, §5.1; the device
+    resumes it at once and then pauses/resumes it to bound the host-side backlog without
+    letting the meter's ring buffer near overflow, see :class:`~._flow.CtsPolicy`).  ``duration_s`` or ``n_samples`` (not both) bounds the fly: when the
     target is reached the device sends ``stop``; the meter's tail (§4.8) may add samples and
     they are all recorded.  ``start_time`` (integer unix seconds, 0.5..20 s ahead, §6.4)
     schedules the start on the meter's clock.

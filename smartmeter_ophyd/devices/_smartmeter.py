@@ -5,7 +5,7 @@ directly (duck typing, no ``ophyd.flyers`` helpers) so a later port to ophyd-asy
 
 * **Readable / Triggerable** (count/step scans): ``trigger()`` asks the meter for its per-line
   RMS voltage (V) and current (mA), active/reactive/apparent power (W/var/VA), energy (Wh),
-  frequency (Hz) and phase angle (deg); each is a 3-element array signal (L1, L2, L3).  The
+  frequency (Hz) and phase angle (deg); each is three scalar signals (``l1``/``l2``/``l3``).  The
   firmware puts no time in these replies (§3.10), so each reading's timestamp is the **host's
   receive time**.  ``getPower``'s apparent power equals the reactive power (§12 #9) and
   ``getEnergy`` resets the ADE accumulators (§12 #11); both are passed through as sent.
@@ -36,8 +36,23 @@ asked for.  Everything the meter sends is recorded - nothing is dropped - and th
 summary accounts for every sample.  Gaps become rows of the gaps table (never zero-filled);
 a late packet (UDP, already declared missing) is logged and not inserted.
 
+Flow control: ``flow_control="cts"`` flies are governed by :class:`~._flow.CtsGovernor`
+(``cts_policy``): the meter is paused while the host-side backlog is large and resumed
+before its ring buffer nears the overflow reboot (§4.10, §5.1); ``last_flow_stats`` says
+what happened.
+
+Failures name their cause: a fly that another connection stopped (§4.8: the meter goes
+idle, no stop reply reaches this device) fails with the clients the meter announced during
+the fly (§2.1); samples the client received that never reached the consumer fail the fly
+instead of leaving a short file behind a reconciled summary.
+
 Threads: the client runs on its own event-loop thread; each fly runs one consumer thread
-that pulls blocks and writes HDF5.  ``destroy()``/``close()`` stops both.
+that pulls blocks and writes HDF5 (plus a governor thread for ``cts``).  ``destroy()``/
+``close()`` stops them all.
+
+Scheduled starts (§6.4): the HDF5 time axis starts at the sample reply's ``startTs`` (the
+scheduled second); the firmware actually starts about 1 ms earlier and says so in the stop
+reply's ``start_ts`` (in ``stop_summary``), which a later storage change could apply.
 """
 
 from __future__ import annotations
@@ -882,7 +897,7 @@ class SmartMeter(Device):
             self._fail(exc, session, started, done)
         finally:
             self._session = None
-            if unsubscribe is not None and client is self._client and client.connected:
+            if unsubscribe is not None and client is not None and client is self._client and client.connected:
                 try:
                     unsubscribe()
                 except Exception as exc:  # only bookkeeping; the fly's outcome stands
