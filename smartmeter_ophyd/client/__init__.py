@@ -25,6 +25,7 @@ from ._errors import (
     MeterCommandRejected,
     MeterConnectionError,
     MeterError,
+    MeterIdentityError,
     MeterProtocolError,
     MeterTimeoutError,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "MeterCommandRejected",
     "MeterConnectionError",
     "MeterError",
+    "MeterIdentityError",
     "MeterProtocolError",
     "MeterTimeoutError",
     "NtpOffset",

@@ -141,6 +141,7 @@ from ._errors import (
     MeterCommandRejected,
     MeterConnectionError,
     MeterError,
+    MeterIdentityError,
     MeterProtocolError,
     MeterTimeoutError,
 )
@@ -340,6 +341,10 @@ class AsyncMeterClient:
         self._closing = False
         self._expect_drop = False
         self._overflow_seen = False
+        self._name_after_reboot: str | None = None
+        """The name our own factoryReset gives the meter (a reconnect may find it renamed)."""
+        self._refusal: str | None = None
+        """Why the client will not reconnect (it found another meter at the address)."""
         self._release_handle: asyncio.TimerHandle | None = None
         self._batch_handle: asyncio.TimerHandle | None = None
         self._batch_mark = 0
@@ -415,7 +420,7 @@ class AsyncMeterClient:
         self._start_background()
         return info
 
-    async def _establish(self) -> DeviceInfo:
+    async def _establish(self, same_meter_as: DeviceInfo | None = None) -> DeviceInfo:
         label = self.meter_label
         try:
             link = await asyncio.wait_for(self._opener(), self.timeout)
@@ -432,6 +437,16 @@ class AsyncMeterClient:
                 self._last_tx = time.monotonic()
             reply = await self._read_info_line(link, decoder)
             info = self._parse_info(reply)
+            if same_meter_as is not None and info.name not in (
+                same_meter_as.name, self._name_after_reboot
+            ):
+                where = self.host if self._serial else f"{self.host}:{self.port}"
+                raise MeterIdentityError(
+                    label,
+                    f"{where} now answers as meter {info.name!r}, not "
+                    f"{same_meter_as.name!r} (another meter took the address, or it was "
+                    "renamed); not reconnecting, so no command reaches the wrong meter",
+                )
             self._log_level = LogLevel.ALL if self._serial else LogLevel.INFO
         except BaseException:
             link.abort()
@@ -439,6 +454,7 @@ class AsyncMeterClient:
             raise
         self._link = link
         self._decoder = decoder
+        self._name_after_reboot = None
         self._stale.clear()
         self._info = info
         self._last_rx = time.monotonic()
@@ -965,7 +981,12 @@ class AsyncMeterClient:
             attempts += 1
             await asyncio.sleep(delay)
             try:
-                info = await self._establish()
+                info = await self._establish(same_meter_as=previous)
+            except MeterIdentityError as exc:
+                self._refusal = exc.detail
+                logger.error("%s: %s", self.meter_label, exc.detail)
+                self._publish(ConnectionLost(self.meter_label, exc.detail, expected=False))
+                return
             except MeterError as exc:
                 logger.info(
                     "%s: reconnect attempt %d failed: %s", self.meter_label, attempts, exc.detail
@@ -1025,7 +1046,7 @@ class AsyncMeterClient:
     def _send(self, data: bytes) -> None:
         link = self._link
         if link is None or link.is_closing:
-            raise MeterConnectionError(self.meter_label, "not connected")
+            raise MeterConnectionError(self.meter_label, self._refusal or "not connected")
         if link.receive_low_water > 1:
             self._drop_low_water(link)  # whatever answers must not wait for a full batch
         try:
@@ -1152,6 +1173,8 @@ class AsyncMeterClient:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._drop_waiters.append(future)
         self._expect_drop = True
+        if isinstance(command, FactoryReset):
+            self._name_after_reboot = FactoryReset.FACTORY_NAME
         self._send(data)
         logger.info("%s: sent %s; the meter reboots", self.meter_label, command.name)
         await self._await_reply(future, f"{command.name} (connection drop)", timeout)

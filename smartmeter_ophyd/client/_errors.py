@@ -34,6 +34,10 @@ class MeterConnectionError(MeterError, ConnectionError):
     """The connection could not be made or was lost."""
 
 
+class MeterIdentityError(MeterConnectionError):
+    """A reconnect reached a different meter at the same address; the client stays away."""
+
+
 class MeterTimeoutError(MeterError, TimeoutError):
     """A reply (or data) did not arrive within its timeout."""
 

@@ -12,6 +12,7 @@ Callbacks given to ``subscribe_logs``/``subscribe_events`` run on the loop threa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import threading
@@ -219,6 +220,7 @@ class SyncSamplingSession:
     def __init__(self, client: MeterClient, session: SamplingSession) -> None:
         self._client = client
         self.session = session
+        self._pending: concurrent.futures.Future[Block | None] | None = None
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -230,9 +232,26 @@ class SyncSamplingSession:
 
     def next_block(self, timeout: float | None = None) -> Block | None:
         """The next block (None at the end); waits at most ``timeout`` (default 4 × the
-        client's timeout) and raises :class:`MeterTimeoutError` -- also while paused."""
+        client's timeout) and raises :class:`MeterTimeoutError` -- also while paused.
+
+        If the loop thread is too slow to answer in time, the request is *not* cancelled
+        (a block it already took off the session would be lost): it stays pending and the
+        next call returns its result first, so blocks are never dropped nor reordered.
+        """
         wait = timeout if timeout is not None else self._client._timeout * 4
-        return self._client._run(self.session.next_block(wait), "next_block", wait)
+        future = self._pending
+        self._pending = None
+        if future is None:
+            future = asyncio.run_coroutine_threadsafe(
+                self.session.next_block(wait), self._client._thread.loop
+            )
+        try:
+            return future.result(wait * 3 + _GRACE_S)
+        except concurrent.futures.TimeoutError:
+            self._pending = future
+            raise MeterTimeoutError(
+                self._client.meter_label, f"next_block did not finish within {wait} s"
+            ) from None
 
     def __iter__(self) -> Iterator[Block]:
         while True:

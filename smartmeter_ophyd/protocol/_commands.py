@@ -801,6 +801,8 @@ class FactoryReset(Command):
     busy_checked = False
     expects_reply = False
     reboots = True
+    FACTORY_NAME: ClassVar[str] = "smartmeterX"
+    """The name the meter comes back with (§3.15)."""
 
 
 @dataclass(frozen=True, slots=True)
