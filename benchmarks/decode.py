@@ -6,10 +6,11 @@ the events after each piece as a receive loop does.  The reference is
 ``numpy.frombuffer(payload, '<f4').copy()`` over the same number of payload bytes, measured in
 the same run (best of N).  Target: ratio >= 0.5 at 256 KiB pieces.
 
-Two piece sizes are reported: 256 KiB is what asyncio's selector transport hands a busy
-client per ``recv`` (its read size), 64 KiB a smaller socket read loop.
+Three piece sizes are reported: 256 KiB is what asyncio's selector transport hands a busy
+client per ``recv`` (its read size), 64 KiB a smaller socket read loop, 16 KiB the smallest
+read the client's ``SO_RCVLOWAT`` batching makes (there the per-read fixed cost dominates).
 
-Run: ``.venv/bin/python benchmarks/decode.py [--mb 50] [--repeat 5] [--piece 262144 65536]``
+Run: ``.venv/bin/python benchmarks/decode.py [--mb 50] [--repeat 5] [--piece 262144 65536 16384]``
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=50.0, help="stream size in MB")
     parser.add_argument("--repeat", type=int, default=5, help="best of N")
     parser.add_argument(
-        "--piece", type=int, nargs="+", default=[262144, 65536], help="bytes per receive_data"
+        "--piece", type=int, nargs="+", default=[262144, 65536, 16384], help="bytes per receive_data"
     )
     args = parser.parse_args()
 

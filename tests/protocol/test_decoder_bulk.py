@@ -216,7 +216,7 @@ def test_a_mutable_buffer_may_be_reused_after_receive_data() -> None:
     decoder = StreamDecoder()
     scratch = bytearray(len(stream))
     scratch[:] = stream
-    decoder.receive_data(scratch)  # type: ignore[arg-type]  # e.g. a recv_into buffer
+    decoder.receive_data(scratch)  # e.g. a recv_into buffer
     scratch[:] = bytes(len(stream))
     decoder.receive_data(b"")
     np.testing.assert_array_equal(all_values(decoder.events()), values)
@@ -233,4 +233,48 @@ def test_release_pending_never_releases_a_frame_that_later_chunks_repair() -> No
     decoder.receive_data(stream[declared_end:])
     events = decoder.release_pending()
     assert "RepairedFrame" in kinds(events)
+    np.testing.assert_array_equal(all_values(events), values)
+
+
+@pytest.mark.parametrize("as_view", [False, True])
+@pytest.mark.parametrize("read_bytes", [5 * 1019 + 37, 16 * 1024, 64 * 1024 + 3])
+def test_steady_reads_each_yield_exactly_one_samples_event(read_bytes: int, as_view: bool) -> None:
+    """The frame held back for its successor's prefix is joined with the next read and
+    decoded in the same bulk run: one Samples event per read once warm, not two."""
+    n_frames = 40 * read_bytes // 1019
+    values = waveform(n_frames * SPF)
+    stream = SAMPLE_REPLY + frames(0, values)
+    pieces = _cut(stream, [read_bytes])
+    decoder = StreamDecoder()
+    scratch = bytearray(read_bytes)  # one receive buffer reused for every read, as a client does
+    per_read: list[int] = []
+    delivered = []
+    for piece in pieces:
+        if as_view:
+            scratch[: len(piece)] = piece
+            decoder.receive_data(memoryview(scratch)[: len(piece)])
+            scratch[:] = bytes(read_bytes)  # the next read overwrites the buffer
+        else:
+            decoder.receive_data(piece)
+        events = decoder.events()
+        per_read.append(sum(isinstance(e, Samples) for e in events))
+        delivered.extend(events)
+        assert decoder.buffered_bytes <= decoder.max_buffered_bytes
+    delivered.extend(decoder.release_pending())
+    assert per_read[1:-1] == [1] * (len(pieces) - 2)  # the first read carries the reply
+    np.testing.assert_array_equal(all_values(delivered), values)
+    assert sum((e.packets.tolist() for e in samples_of(delivered)), []) == list(range(n_frames))
+
+
+def test_a_chunk_smaller_than_the_tail_is_appended_not_rejoined() -> None:
+    """Byte-wise feeding behind a held frame: the decoder appends to its own tail (no
+    reference to the caller's bytes kept) and still decodes like the whole stream."""
+    stream, values = _session(6)
+    decoder = StreamDecoder()
+    events = feed(decoder, [stream[:2100]], eof=False)
+    small = [stream[i : i + 3] for i in range(2100, len(stream), 3)]
+    references = [sys.getrefcount(piece) for piece in small]
+    events += feed(decoder, small)
+    assert [sys.getrefcount(piece) for piece in small] == references
+    assert comparable(events) == comparable(feed(StreamDecoder(), [stream]))
     np.testing.assert_array_equal(all_values(events), values)
