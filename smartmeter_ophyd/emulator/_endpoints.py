@@ -111,6 +111,21 @@ class TcpEndpoint(Endpoint):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader_task: asyncio.Task[None] | None = None
+        # The stream protocol keeps the reason the connection died (a reset, a broken pipe)
+        # in a future that only wait_closed() retrieves; unretrieved, asyncio reports it as
+        # "Future exception was never retrieved".  Watch it from the start.
+        self._close_watch = asyncio.get_running_loop().create_task(self._watch_close())
+
+    async def _watch_close(self) -> None:
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError) as exc:
+            # A reset or broken pipe is an ordinary disconnect: the firmware just finds the
+            # client gone on its 100 ms poll (§2.1, §4.9).
+            logger.debug(
+                "%s %s:%d: connection lost: %r", self.kind, self.peer_ip, self.peer_port, exc
+            )
+        self.eof = True
 
     def start_reading(self) -> None:
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
@@ -122,8 +137,8 @@ class TcpEndpoint(Endpoint):
                 if not data:
                     break
                 self._feed(data)
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError) as exc:  # a reset: a disconnect like any other
+            logger.debug("%s %s:%d: read failed: %r", self.kind, self.peer_ip, self.peer_port, exc)
         self.eof = True
 
     def write(self, data: bytes) -> int:
@@ -143,6 +158,9 @@ class TcpEndpoint(Endpoint):
         self.closed = True
         if self._reader_task is not None:
             self._reader_task.cancel()
+        # Not waited for: cancelling also cancels the protocol's close future, so no reset
+        # arriving after this can be left unretrieved.
+        self._close_watch.cancel()
         transport = self.writer.transport
         if abort:
             transport.abort()

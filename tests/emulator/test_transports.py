@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import os
 import re
+import socket
 import struct
 import time
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +49,42 @@ async def test_udp_sampling(client: RawClient, meter: EmulatedMeter) -> None:
     data = np.concatenate([np.frombuffer(d[11:], dtype="<f4").reshape(-1, 6) for d in proto.received])
     assert len(data) == stop["sent_samples"] == stop["samples"]
     np.testing.assert_array_equal(data, meter.truth().values)  # type: ignore[union-attr]
+
+
+async def test_client_reset_while_sampling_is_an_ordinary_disconnect(meter: EmulatedMeter) -> None:
+    """§2.1/§4.9: a client that resets its connection (SO_LINGER 0) mid-session is found gone
+    on the 100 ms poll like one that closed ('Client disconnected'); the reset is retrieved, so asyncio reports no unretrieved
+    exception, neither through the loop's exception handler nor its logger."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    asyncio_records: list[logging.LogRecord] = []
+    capture = logging.Handler(logging.DEBUG)
+    capture.emit = asyncio_records.append  # type: ignore[method-assign]
+    logging.getLogger("asyncio").addHandler(capture)
+    try:
+        watcher = await open_client(meter.command_port)
+        resetter = await open_client(meter.command_port)
+        await resetter.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 32000}})
+        await asyncio.sleep(0.3)  # not reading: the meter's send backlog builds up
+        peer_port = resetter.writer.get_extra_info("sockname")[1]
+        sock = resetter.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        resetter.writer.transport.abort()  # close with linger 0: the peer gets an RST
+        gone = await watcher.wait_line(lambda x: b"Client disconnected" in x)
+        assert gone.endswith(f"Client disconnected 127.0.0.1 port {peer_port}".encode())
+        del resetter, sock
+        for _ in range(3):  # let every callback run and every dead future be finalised
+            await asyncio.sleep(0.05)
+            gc.collect()
+        assert (await watcher.command({"cmd": "getPeriod"}))["cmd"] == "getPeriod"
+        await watcher.close()
+    finally:
+        logging.getLogger("asyncio").removeHandler(capture)
+        loop.set_exception_handler(previous_handler)
+    messages = [str(c.get("message")) for c in reported] + [r.getMessage() for r in asyncio_records]
+    assert not [m for m in messages if "never retrieved" in m or "exception" in m.lower()], messages
 
 
 async def test_udp_requester_disconnect_stops(meter: EmulatedMeter) -> None:
