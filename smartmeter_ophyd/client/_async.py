@@ -631,7 +631,7 @@ class AsyncMeterClient:
             self._last_rx = time.monotonic()
             self.bytes_received += len(data)
             self.reads += 1
-            decoder.receive_data(data)  # type: ignore[arg-type]  # a view of the read buffer
+            decoder.receive_data(data)  # a view of the read buffer
             self._dispatch(decoder.events())
         except Exception:  # a bug in dispatch must not leave every waiter hanging
             logger.exception("%s: receive path failed; dropping the connection", self.meter_label)
