@@ -247,7 +247,9 @@ class SyncSamplingSession:
             )
         try:
             return future.result(wait * 3 + _GRACE_S)
-        except concurrent.futures.TimeoutError:
+        except TimeoutError:  # also concurrent.futures.TimeoutError (the same class since 3.11)
+            if future.done():
+                raise  # the session's own MeterTimeoutError: the request is over
             self._pending = future
             raise MeterTimeoutError(
                 self._client.meter_label, f"next_block did not finish within {wait} s"

@@ -77,19 +77,6 @@ def test_a_stale_client_on_a_reused_port_cannot_stop_another_fly(tmp_path) -> No
             meter.destroy()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MeterTimeoutError,
-    reason=(
-        "client regression (fb2a6ca): SyncSamplingSession.next_block catches "
-        "concurrent.futures.TimeoutError - which is the builtin TimeoutError that "
-        "MeterTimeoutError subclasses - so the coroutine's OWN poll timeout is taken for a "
-        "slow loop: the finished future is kept as pending and re-raised on every later call; "
-        "the consumer never gets another block and every TCP fly dies with 'no sample data'. "
-        "Fix in _sync.py: on that exception re-raise it when future.done() (nothing pending), "
-        "keep the future only when the wait itself timed out"
-    ),
-)
 def test_next_block_after_its_own_poll_timeout_still_delivers(emulated) -> None:
     client = MeterClient("127.0.0.1", emulated.meters[0].command_port, timeout=2.0)
     try:
