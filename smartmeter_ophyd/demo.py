@@ -7,7 +7,7 @@
    ``startTs`` is a real time;
 2. sets up the embedded Tiled catalog under ``<directory>/catalog`` registered as the Tiled
    profile ``smartmeter-demo`` (profiles in ``<directory>/profiles``);
-3. runs :func:`fly_meters` with a RunEngine and ``bluesky_tiled_plugins.TiledWriter``: all
+3. runs :func:`fly_meters` with a RunEngine and a ``TiledWriter`` (``make_tiled_writer``): all
    meters in ONE run; meters sharing a rate share one stream (the RunEngine collects them to
    ``min(get_index())``), per-meter gap streams, and a final ``meter_summary`` stream;
 4. reads the run back through ``databroker.from_profile`` and prints a short summary.
@@ -257,9 +257,14 @@ def _connected(meters: Sequence[SmartMeter]) -> Iterator[None]:
 def run_demo(args: argparse.Namespace) -> list[str]:
     """Do the job; return the lines of the human summary."""
     from bluesky import RunEngine
-    from bluesky_tiled_plugins import TiledWriter
 
-    from .storage import close_client, open_catalog, read_gaps, setup_embedded_catalog
+    from .storage import (
+        close_client,
+        make_tiled_writer,
+        open_catalog,
+        read_gaps,
+        setup_embedded_catalog,
+    )
 
     t0 = time.monotonic()
     directory = args.directory.resolve()
@@ -276,7 +281,7 @@ def run_demo(args: argparse.Namespace) -> list[str]:
             ]
             with _connected(meters):
                 engine = RunEngine({})
-                engine.subscribe(TiledWriter(catalog.client))
+                engine.subscribe(make_tiled_writer(catalog.client))
                 config = FlyConfig(rate=args.rate, duration_s=args.seconds)
                 (uid,) = engine(fly_meters(meters, config, md={"purpose": "smartmeter-ophyd demo"}))
                 summaries = {m.name: m.last_summary for m in meters}

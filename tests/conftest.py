@@ -12,8 +12,11 @@ conftest.py files.
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,3 +115,44 @@ def ntp_server(services: Services) -> tuple[str, int]:
 def mqtt_broker(services: Services) -> tuple[str, int]:
     """``(host, port)`` of a real mosquitto broker on 127.0.0.1 (anonymous)."""
     return services.address("mqtt")
+
+
+# ------------------------------------------------------------------ catalogs (storage, devices)
+
+POSTGRES_SH = Path(__file__).resolve().parents[1] / "scripts" / "postgres.sh"
+
+
+@pytest.fixture(scope="session")
+def embedded_catalog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One embedded Tiled catalog for the whole session (start-up takes seconds), registered
+    as a private profile so ``databroker.from_profile`` opens it."""
+    from smartmeter_ophyd.storage import setup_embedded_catalog
+
+    root = tmp_path_factory.mktemp("embedded")
+    catalog = setup_embedded_catalog(
+        root / "catalog", profile=f"smartmeter-test-{os.getpid()}", profiles_dir=root / "profiles"
+    )
+    yield catalog
+    catalog.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[dict[str, str]]:
+    """``scripts/postgres.sh``: a private PostgreSQL cluster + ``tiled serve`` on ephemeral
+    ports, shared by every test of the session; its ``tiled.env`` as a dict."""
+    if not (glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb")):
+        _unavailable("PostgreSQL server binaries are not installed (Debian package postgresql)")
+    # Under /tmp with mode 755: the cluster runs as user postgres, which cannot enter
+    # pytest's private (0700) temp directories.
+    base = tempfile.mkdtemp(prefix="smartmeter-pg-", dir="/tmp")
+    os.chmod(base, 0o755)
+    proc = subprocess.run(
+        [str(POSTGRES_SH), "start", base], capture_output=True, text=True, timeout=180
+    )
+    try:
+        if proc.returncode != 0:
+            pytest.fail(f"scripts/postgres.sh start failed:\n{proc.stdout}\n{proc.stderr}")
+        yield dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    finally:
+        subprocess.run([str(POSTGRES_SH), "stop", base], capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)

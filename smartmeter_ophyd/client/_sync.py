@@ -201,7 +201,11 @@ class MeterClient:
             self._thread.stop()
 
     def __enter__(self) -> MeterClient:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            self.close()  # __exit__ will not run: do not leave the loop thread behind
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:

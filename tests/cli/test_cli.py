@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,8 +113,10 @@ def test_bad_input_is_refused_before_the_meter_is_touched(emulator: dict[str, ob
 
 
 def test_unreachable_meter_names_the_address(capsys: pytest.CaptureFixture[str]) -> None:
+    threads = set(threading.enumerate())
     assert main(["info", "127.0.0.1:9", "--timeout", "1"]) == 1
     assert "127.0.0.1:9" in capsys.readouterr().err
+    assert set(threading.enumerate()) <= threads  # the client's loop thread was joined
 
 
 def test_output_into_a_closed_pipe_is_not_an_error(emulator: dict[str, object]) -> None:

@@ -20,14 +20,19 @@ import h5py
 import numpy as np
 import pytest
 from bluesky import RunEngine
-from bluesky_tiled_plugins import TiledWriter
 from event_model import DocumentNames, schema_validators
 
 from smartmeter_ophyd.client import MeterBusyError, MeterCommandError, MeterConnectionError
 from smartmeter_ophyd.demo import EmulatedMeters, fly_meters, main
 from smartmeter_ophyd.devices import FlyConfig, SmartMeter
 from smartmeter_ophyd.protocol import Measures
-from smartmeter_ophyd.storage import close_client, connect_server, read_gaps, read_stream
+from smartmeter_ophyd.storage import (
+    close_client,
+    connect_server,
+    make_tiled_writer,
+    read_gaps,
+    read_stream,
+)
 
 RATE = 8000
 SECONDS = 2.0
@@ -38,7 +43,7 @@ def run_with_validation(client: Any, plan: Any) -> tuple[str, list[tuple[str, di
     docs: list[tuple[str, dict[str, Any]]] = []
     engine = RunEngine({})
     engine.subscribe(lambda name, doc: docs.append((name, doc)))
-    engine.subscribe(TiledWriter(client))
+    engine.subscribe(make_tiled_writer(client))
     (uid,) = engine(plan)
     for name, doc in docs:
         schema_validators[DocumentNames[name]].validate(doc)
@@ -66,6 +71,7 @@ def check_fly_run(run: Any, meter: SmartMeter, emulated: EmulatedMeters,
     assert abs(t[0] - summary.start_ts) < 1e-6
     np.testing.assert_allclose(np.diff(t), 1 / RATE, rtol=0, atol=1e-6)
     assert len(read_gaps(run, "m1_gaps")["sample_index"]) == 0
+    assert len(read_gaps(run, "m1_gaps", prefix="m1")["sample_index"]) == 0  # gap-free run
 
     # per-run metadata in the catalog: start document, summary stream, its configuration
     start = run.start
@@ -91,14 +97,14 @@ def check_fly_run(run: Any, meter: SmartMeter, emulated: EmulatedMeters,
     assert len({d["indices"]["stop"] for d in datums}) > 2
 
 
-def test_fly_into_embedded_catalog_bit_for_bit(emulated, device_catalog) -> None:
+def test_fly_into_embedded_catalog_bit_for_bit(emulated, embedded_catalog) -> None:
     meter = SmartMeter("127.0.0.1", emulated.meters[0].command_port, name="m1",
-                       data_directory=device_catalog.data_directory, timeout=2.0)
+                       data_directory=embedded_catalog.data_directory, timeout=2.0)
     try:
         meter.connect()
         config = FlyConfig(rate=RATE, measures=Measures.VI, duration_s=SECONDS)
-        uid, docs = run_with_validation(device_catalog.client, fly_meters([meter], config))
-        client = databroker.from_profile(device_catalog.profile)
+        uid, docs = run_with_validation(embedded_catalog.client, fly_meters([meter], config))
+        client = databroker.from_profile(embedded_catalog.profile)
         try:
             check_fly_run(client[uid], meter, emulated, docs)
         finally:
@@ -122,8 +128,8 @@ def test_fly_into_postgres_tiled_server(emulated, postgres_server) -> None:
         meter.destroy()
 
 
-def test_count_readings_land_in_catalog(meter, device_catalog) -> None:
-    uid, docs = run_with_validation(device_catalog.client, bp.count([meter], num=2))
+def test_count_readings_land_in_catalog(meter, embedded_catalog) -> None:
+    uid, docs = run_with_validation(embedded_catalog.client, bp.count([meter], num=2))
     (descriptor,) = [d for n, d in docs if n == "descriptor"]
     keys = descriptor["data_keys"]
     lines = ("l1", "l2", "l3")
@@ -134,7 +140,7 @@ def test_count_readings_land_in_catalog(meter, device_catalog) -> None:
     assert descriptor["configuration"]["m1"]["data"]["m1_firmware_version"] == "2.2"
     events = [d for n, d in docs if n in ("event", "event_page")]
     assert events
-    client = databroker.from_profile(device_catalog.profile)
+    client = databroker.from_profile(embedded_catalog.profile)
     try:
         primary = client[uid]["primary"].read()
 
