@@ -153,10 +153,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def _store(writer: Any, block: Any) -> None:
     for gap in block.gaps:  # declared missing, never filled
-        if gap.kind == "packet-gap":
-            writer.record_gap(gap.expected_packet, gap.received_packet, gap.missing_samples)
-        elif gap.kind == "corrupt-frame":
-            writer.record_gap(gap.received_packet, gap.received_packet + 1, gap.missing_samples)
+        if (span := gap.missing_packets) is not None:
+            writer.record_gap(*span, gap.missing_samples)
     writer.append(block.values, block.packets, block.frame_samples)
 
 

@@ -69,6 +69,19 @@ class Gap:
     detail: str = ""
     late_values: npt.NDArray[np.float32] | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def missing_packets(self) -> tuple[int, int] | None:
+        """The packet numbers ``[first, stop)`` this record declares missing, for gap tables.
+
+        A corrupt frame declares its own packet; a late packet declares nothing (an earlier
+        packet gap already declared its samples missing).
+        """
+        if self.kind == "late-packet" or self.expected_packet is None:
+            return None
+        if self.kind == "corrupt-frame" or self.received_packet is None:
+            return self.expected_packet, self.expected_packet + 1
+        return self.expected_packet, self.received_packet
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Block:

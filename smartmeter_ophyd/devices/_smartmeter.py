@@ -790,18 +790,15 @@ class SmartMeter(Device):
     def _record_gap(self, gap: Gap) -> None:
         writer = self._writer
         assert writer is not None
-        if gap.kind == "late-packet":
+        span = gap.missing_packets
+        if span is None:
             logger.warning(
                 "%s: late packet %s (%d samples) already declared missing; not inserted",
                 self.meter_label, gap.received_packet,
                 0 if gap.late_values is None else gap.late_values.shape[0],
             )
             return
-        expected = gap.expected_packet if gap.expected_packet is not None else -1
-        received = gap.received_packet if gap.received_packet is not None else expected + 1
-        if received <= expected:  # a corrupt frame: its own packet number is missing
-            received = expected + 1
-        writer.record_gap(expected, received, gap.missing_samples)
+        writer.record_gap(*span, gap.missing_samples)
 
     def _fly(self, config: FlyConfig, started: DeviceStatus, done: ProgressStatus) -> None:
         label = self.meter_label

@@ -53,14 +53,12 @@ from ._measures import (
     measures_from_input,
     rate_problem,
 )
+from ._wire import COMMAND_MAX_SIZE
 
 PROBE: Final = b"?\n"
 """Answered with ``Info:Setup done`` and nothing else (§2.2)."""
 KEEPALIVE: Final = b"!\n"
 """Ignored by the firmware, no reply (§2.2)."""
-
-COMMAND_MAX_BYTES: Final = 600
-"""The firmware reads a line into a 600-byte buffer and truncates the rest (§2.2)."""
 
 MAX_NAME_BYTES: Final = 19
 """mDNS name: 20-24 bytes pass the firmware check but overflow the 20-byte field (§3.2)."""
@@ -211,10 +209,10 @@ class Command:
         line = json.dumps(
             self.to_json(), separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode("utf-8")
-        if len(line) >= COMMAND_MAX_BYTES:
+        if len(line) >= COMMAND_MAX_SIZE:
             raise CommandError(
                 f"{self.name}: encoded command is {len(line)} bytes; the firmware truncates "
-                f"lines at {COMMAND_MAX_BYTES} bytes (§2.2)"
+                f"lines at {COMMAND_MAX_SIZE} bytes (§2.2)"
             )
         return line + b"\n"
 

@@ -365,3 +365,11 @@ async def test_udp_without_prefix(meter):
         assert blocks and all(b.packets.size == 0 for b in blocks)  # no numbering, no gaps
         assert summary.received_samples == sum(b.n_samples for b in blocks)
         assert summary.explained, summary.notes
+
+
+def test_gap_records_name_the_packets_they_declare_missing() -> None:
+    from smartmeter_ophyd.client import Gap
+
+    assert Gap("packet-gap", 5, 9, 168).missing_packets == (5, 9)
+    assert Gap("corrupt-frame", 7, 7, 42).missing_packets == (7, 8)  # its own packet
+    assert Gap("late-packet", 9, 6, 0).missing_packets is None  # declared by an earlier gap
