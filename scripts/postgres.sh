@@ -36,7 +36,8 @@ find_pg_bin() {
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
 as_pg() {  # run a command as the cluster owner
-    if [[ $EUID -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+    # From /: user postgres may not be able to enter the checkout (e.g. a clone under /root).
+    if [[ $EUID -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 cmd="${1:-}"; shift || true
