@@ -50,9 +50,14 @@ Threads: the client runs on its own event-loop thread; each fly runs one consume
 that pulls blocks and writes HDF5 (plus a governor thread for ``cts``).  ``destroy()``/
 ``close()`` stops them all.
 
-Scheduled starts (§6.4): the HDF5 time axis starts at the sample reply's ``startTs`` (the
-scheduled second); the firmware actually starts about 1 ms earlier and says so in the stop
-reply's ``start_ts`` (in ``stop_summary``), which a later storage change could apply.
+Scheduled starts (§6.4): the sample reply's ``startTs`` is only the scheduled second; the
+firmware starts about 1 ms earlier and reports the real start as ``start_ts`` in the stop
+reply (§6.4 step 5, §4.8).  As soon as the stop reply arrives - before the tail is written,
+the file is closed and the last collect - the device moves the HDF5 time origin there
+(:meth:`~smartmeter_ophyd.storage.WaveformWriter.rebase_start`), so the file and the catalog
+serve the meter's real sample times.  For an immediate start both values are the same (§4.4)
+and nothing changes.  Without a stop reply (stopped elsewhere, connection lost) the origin
+stays the reply's ``startTs``.
 """
 
 from __future__ import annotations
@@ -841,7 +846,9 @@ class SmartMeter(Device):
                 if governor is not None:
                     self.last_flow_stats = governor.close()
                 assert session is not None
-                return session.stop()
+                stopped = session.stop()
+                self._apply_actual_start(stopped, scheduled=config.start_time is not None)
+                return stopped
 
             while True:
                 if not stop_sent and self._stop_requested.is_set():
@@ -887,11 +894,11 @@ class SmartMeter(Device):
             if summary is None:
                 summary = session.summary
             assert summary is not None
-            self._finish(summary, started, done)
+            self._finish(summary, started, done, scheduled=config.start_time is not None)
         except BaseException as exc:
             if governor is not None and self.last_flow_stats is None:
                 self.last_flow_stats = governor.close()
-            self._fail(exc, session, started, done)
+            self._fail(exc, session, started, done, scheduled=config.start_time is not None)
         finally:
             self._session = None
             if unsubscribe is not None and client is not None and client is self._client and client.connected:
@@ -906,10 +913,33 @@ class SmartMeter(Device):
         if match is not None:
             self._other_clients.append(f"{match.group(1)}:{match.group(2)}")
 
-    def _finish(self, summary: SessionSummary, started: DeviceStatus, done: ProgressStatus) -> None:
+    def _apply_actual_start(self, summary: SessionSummary, *, scheduled: bool) -> None:
+        """Move the file's time origin to the stop reply's ``start_ts`` (§6.4 step 5, §4.8).
+
+        A no-op when it equals the sample reply's ``startTs`` (immediate starts, §4.4) or when
+        there was no stop reply.
+        """
+        writer = self._writer
+        actual = summary.start_ts
+        if writer is None or writer.closed or actual is None or not math.isfinite(actual):
+            return
+        if actual == writer.start_ts:
+            return
+        if not scheduled:
+            logger.warning(
+                "%s: the stop reply's start_ts %.3f differs from the sample reply's startTs "
+                "%.3f of an immediate start (§4.4 says they match); using the stop reply's",
+                self.meter_label, actual, writer.start_ts,
+            )
+        writer.rebase_start(actual)
+
+    def _finish(
+        self, summary: SessionSummary, started: DeviceStatus, done: ProgressStatus, *, scheduled: bool
+    ) -> None:
         writer = self._writer
         assert writer is not None
         self.last_summary = summary
+        self._apply_actual_start(summary, scheduled=scheduled)
         as_dict = summary_dict(summary)
         writer.close(as_dict)
         self.stop_summary._update(json.dumps(as_dict))
@@ -953,6 +983,8 @@ class SmartMeter(Device):
         session: SyncSamplingSession | None,
         started: DeviceStatus,
         done: ProgressStatus,
+        *,
+        scheduled: bool,
     ) -> None:
         logger.warning("%s: fly failed: %s", self.meter_label, exc)
         if session is not None and session.summary is None and self.connected:
@@ -972,6 +1004,8 @@ class SmartMeter(Device):
                         self._record_gap(gap)
                     if block.n_samples:
                         writer.append(block.values, block.packets, block.frame_samples)
+                if self.last_summary is not None:
+                    self._apply_actual_start(self.last_summary, scheduled=scheduled)
                 writer.close(summary_dict(self.last_summary) if self.last_summary else None)
             except Exception as close_exc:
                 logger.warning("%s: closing %s failed: %s", self.meter_label, writer.path, close_exc)

@@ -24,7 +24,16 @@ samples received, and a gap is a row in ``/gaps``.  Only the explicitly labelled
 File attributes: ``meter_name``, ``meter_host``, ``firmware``, ``compiled``,
 ``sampling_reply`` (JSON of the ``sample`` reply, §4.4), ``stop_summary`` (JSON of the
 ``stop`` reply, §4.8, written by :meth:`WaveformWriter.close`), ``measures``, ``rate``,
-``start_ts``, ``time_model``, ``sample_spacing_s``, ``time_exact``, ``format_version``.
+``start_ts``, ``start_ts_reply``, ``start_ts_source``, ``time_model``, ``sample_spacing_s``,
+``time_exact``, ``format_version``.
+
+Time origin: ``start_ts`` is the origin ``/time`` is computed from.  It starts as the sample
+reply's ``startTs`` (``start_ts_reply``; ``start_ts_source = "sample reply startTs"``), which
+is the real start of an immediate session (§4.4) but only the *scheduled* second of a
+scheduled one: the firmware starts ≈1 ms earlier and reports the real start as ``start_ts`` in
+the stop reply (§6.4 step 5, §4.8).  :meth:`WaveformWriter.rebase_start` then moves the origin:
+it rewrites the ``/time`` rows already written and sets ``start_ts`` and ``start_ts_source``;
+``start_ts_reply`` keeps the reply's value.
 
 Time model (``time[i]``): let ``j = i + (missing samples declared before i)`` be the sample's
 position on the meter's sample clock and ``r`` the rate.  Then
@@ -72,6 +81,10 @@ PACKETS_GROUP: Final = "packets"
 GAPS_GROUP: Final = "gaps"
 GAP_FIELDS: Final = ("sample_index", "expected_packet", "received_packet", "missing_samples")
 PACKET_FIELDS: Final = ("first_sample", "packet")
+START_SOURCE_REPLY: Final = "sample reply startTs"
+"""``start_ts_source`` of a file whose origin is the sample reply's ``startTs`` (§4.4)."""
+START_SOURCE_STOP_REPLY: Final = "stop reply start_ts"
+"""``start_ts_source`` after :meth:`WaveformWriter.rebase_start` with the stop reply's value."""
 UNKNOWN_MISSING: Final = -1
 """Value of ``/gaps/missing_samples`` when the decoder could not tell how many samples were lost."""
 
@@ -211,6 +224,8 @@ class WaveformWriter:
         attrs["units"] = json.dumps(list(self.units))
         attrs["rate"] = self.rate
         attrs["start_ts"] = self.start_ts
+        attrs["start_ts_reply"] = self.start_ts
+        attrs["start_ts_source"] = START_SOURCE_REPLY
         attrs["time_model"] = self.time_model
         attrs["sample_spacing_s"] = self.spacing
         attrs["time_exact"] = True
@@ -329,6 +344,46 @@ class WaveformWriter:
                     received - 1,
                     "unknown" if missing < 0 else missing,
                 )
+
+    def rebase_start(self, actual_start_ts: float, source: str = START_SOURCE_STOP_REPLY) -> bool:
+        """Move the time origin to ``actual_start_ts``; True if ``/time`` changed.
+
+        For scheduled starts, whose reply ``startTs`` is the scheduled second, not the start
+        (§6.4 step 5): the ``/time`` rows already written are recomputed in chunks with the
+        gap-aware time model (SWMR readers see them after the flush this does), later rows use
+        the new origin, ``start_ts``/``start_ts_source`` are updated and ``start_ts_reply``
+        keeps the reply's value.  The same origin again is a no-op.
+        """
+        actual = float(actual_start_ts)
+        if not math.isfinite(actual):
+            raise ValueError(
+                f"smartmeter {self.meter_name}: the actual start_ts must be finite, "
+                f"not {actual_start_ts!r}"
+            )
+        with self._lock:
+            self._check_open()
+            if actual == self.start_ts:
+                return False
+            previous = self.start_ts
+            self.start_ts = actual
+            for first in range(0, self._on_disk, self.chunk_samples):
+                last = min(first + self.chunk_samples, self._on_disk)
+                self._time_ds[first:last] = self._times(first, last)
+            self._time_ds.flush()
+            self._file.attrs["start_ts"] = actual
+            self._file.attrs["start_ts_source"] = source
+            rewritten = self._on_disk
+        logger.info(
+            "smartmeter %s: time origin moved from %.3f to %.3f (%+.3f ms, %s); "
+            "%d time rows rewritten",
+            self.meter_name,
+            previous,
+            actual,
+            (actual - previous) * 1e3,
+            source,
+            rewritten,
+        )
+        return True
 
     def flush(self) -> int:
         """Write buffered rows, SWMR-flush all datasets; return :attr:`samples_written`."""

@@ -3,7 +3,8 @@ back-pressure, and two meters sharing a scheduled start.
 
 Ground truth is the emulator's (``truth()``: every row it produced, its clock offset at the
 start, the start it reported) and, for flow control, its ring buffer read on its own loop.
-Recordings are read back from the device's HDF5 file.
+Recordings are read back from the device's HDF5 file (and, for the scheduled start, through
+the catalog too).
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import databroker
 import h5py
 import numpy as np
 import pytest
+from bluesky import RunEngine
 
-from smartmeter_ophyd.demo import EmulatedMeters
+from smartmeter_ophyd.demo import EmulatedMeters, fly_meters
 from smartmeter_ophyd.devices import CtsPolicy, FlyError, SmartMeter
 from smartmeter_ophyd.protocol import RING_BUFFER_BYTES, Measures
-from smartmeter_ophyd.storage import read_packets
+from smartmeter_ophyd.storage import (
+    close_client,
+    make_tiled_writer,
+    read_packets,
+    read_stream,
+    time_window,
+)
 
 RATE = 8000
 NTP_OFFSETS = (-0.0025, 0.0025)
@@ -92,27 +101,56 @@ def test_udp_fly_records_every_datagram(emulated, make_meter) -> None:
     assert len(values) >= RATE
 
 
-def test_scheduled_start_fly_starts_on_the_meters_second(emulated, make_meter) -> None:
-    meter = make_meter(emulated.meters[0].command_port)
-    start_time = int(time.time()) + 2
-    meter.prepare({"rate": RATE, "n_samples": RATE // 2, "start_time": start_time})
-    kicked = meter.kickoff()
-    finished_at: list[float] = []
-    kicked.add_callback(lambda status: finished_at.append(time.time()))
-    kicked.wait(start_time - time.time() + 10)
-    # kickoff is done at the first sample, which the meter takes at its start_time (§6.4)
-    assert finished_at and finished_at[0] >= start_time - 0.05
-    meter.complete().wait(20)
+def test_scheduled_start_fly_starts_on_the_meters_second(emulated, embedded_catalog) -> None:
+    meter = SmartMeter("127.0.0.1", emulated.meters[0].command_port, name="m1",
+                       data_directory=embedded_catalog.data_directory, timeout=2.0)
+    engine = RunEngine({})
+    engine.subscribe(make_tiled_writer(embedded_catalog.client))
+    commands: list[tuple[str, float]] = []
+    engine.msg_hook = lambda msg: commands.append((msg.command, time.time()))
+    try:
+        meter.connect()
+        start_time = int(time.time()) + 2
+        config = {"rate": RATE, "n_samples": RATE // 2, "start_time": start_time}
+        (uid,) = engine(fly_meters([meter], config))
+    finally:
+        meter.destroy()
+    # kickoff is done at the first sample, which the meter takes at its start_time (§6.4):
+    # the plan moves on to "complete" only then
+    completed_at = next(t for command, t in commands if command == "complete")
+    assert completed_at >= start_time - 0.05
     truth = emulated.truth(0)
     summary = meter.last_summary
     # §6.4: the firmware starts ≈ 1 ms before the requested second and says so at stop
     assert truth.reported_start_ts == f"{summary.start_ts:.3f}"
     assert abs(truth.meter_start_ts - summary.start_ts) < 0.001
-    assert start_time - 0.002 <= summary.start_ts <= start_time
+    assert start_time - 0.002 <= summary.start_ts < start_time
     assert meter.last_sample_reply.start_ts == start_time
-    _, attrs = recorded(meter.hdf5_path)
-    assert attrs["start_ts"] == start_time  # the sample reply's startTs "<time>.000"
+    values, attrs = recorded(meter.hdf5_path)
     assert_matches_truth(meter, truth)
+    # the time axis starts at the meter's real start, not at the reply's "<time>.000"
+    assert attrs["start_ts_reply"] == start_time
+    assert attrs["start_ts"] == summary.start_ts
+    assert attrs["start_ts_source"] == "stop reply start_ts"
+    expected = truth.meter_start_ts + np.arange(len(values)) / RATE  # gap-free, uniform rate
+    with h5py.File(meter.hdf5_path, "r") as f:
+        file_times = f["time"][()]
+    np.testing.assert_allclose(file_times, expected, rtol=0, atol=1e-6)
+
+    # ... and the catalog serves the same corrected times (it reads the HDF5 file)
+    client = databroker.from_profile(embedded_catalog.profile)
+    try:
+        run = client[uid]
+        ds = read_stream(run, "meter", prefix="m1")
+        np.testing.assert_allclose(ds["time"].values, expected, rtol=0, atol=1e-6)
+        assert abs(ds["time"].values[0] - truth.meter_start_ts) < 1e-6
+        first_ms = time_window(run, truth.meter_start_ts - 1.0, truth.meter_start_ts + 0.001,
+                               "meter", prefix="m1")
+        assert first_ms.attrs["first_index"] == 0
+        assert first_ms.sizes["time"] == RATE // 1000  # the 8 samples of the first millisecond
+        assert abs(first_ms["time"].values[0] - truth.meter_start_ts) < 1e-6
+    finally:
+        close_client(client)
 
 
 @pytest.mark.parametrize(

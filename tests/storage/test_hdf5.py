@@ -61,6 +61,65 @@ def test_gap_shifts_time_and_grid_has_nan(tmp_path) -> None:
     assert not np.isnan(ds["v_l1"].values).any()
 
 
+def _model_times(start: float, rate: int, positions: np.ndarray) -> np.ndarray:
+    """The documented time model, written out independently of the writer (§4.3)."""
+    dec = decimation(rate)
+    spacing = 1 / rate if dec.uniform else dec.keep_every / dec.internal_rate
+    return start + positions // rate + (positions % rate) * spacing
+
+
+@pytest.mark.parametrize("rate", [1000, 128])  # uniform and bursty (§4.3)
+def test_rebase_start_rewrites_written_times_and_moves_later_ones(tmp_path, rate) -> None:
+    reply_start, actual_start = 1_700_000_100.0, 1_700_000_099.999  # §6.4: ≈1 ms early
+    w = WaveformWriter(tmp_path / "r.h5", Measures.VI_L1, rate, reply_start, {"name": "sched"},
+                       chunk_samples=64)
+    block = np.arange(100, dtype=np.float32).repeat(2).reshape(100, 2)
+    w.append(block)  # 100 rows: on disk over two chunks
+    w.record_gap(3, 5, 40)
+    w.append(block[:30])  # 30 rows after the gap, still buffered
+    w.flush()
+    w.append(block[:10])  # buffered when the origin moves
+    with h5py.File(w.path, "r", libver="latest", swmr=True) as reader:
+        before = reader["time"][()]
+        np.testing.assert_allclose(before[:2], _model_times(reply_start, rate, np.arange(2)),
+                                   rtol=0, atol=1e-9)
+        assert w.rebase_start(actual_start) is True
+        reader["time"].refresh()
+        seen_live = reader["time"][()]  # an open SWMR reader sees the rewritten rows
+    w.record_gap(7, 8, 5)
+    w.append(block[:20])  # after the move
+    assert w.rebase_start(actual_start) is False  # same origin: nothing to do
+    w.close()
+
+    positions = np.arange(160)
+    positions[100:] += 40
+    positions[140:] += 5
+    expected = _model_times(actual_start, rate, positions)
+    with h5py.File(w.path, "r") as f:
+        times = f["time"][()]
+        attrs = dict(f.attrs)
+    assert times.shape == (160,)
+    np.testing.assert_allclose(times, expected, rtol=0, atol=1e-6)
+    assert times[0] == actual_start
+    np.testing.assert_allclose(seen_live, expected[: len(seen_live)], rtol=0, atol=1e-6)
+    assert len(seen_live) == 130  # the flushed rows
+    assert attrs["start_ts"] == actual_start
+    assert attrs["start_ts_reply"] == reply_start
+    assert attrs["start_ts_source"] == "stop reply start_ts"
+    assert w.start_ts == actual_start
+
+
+def test_rebase_start_refuses_bad_origin_and_closed_file(tmp_path) -> None:
+    w = WaveformWriter(tmp_path / "x.h5", Measures.VI_L1, 8000, 5.0, {"name": "lab-3"})
+    with h5py.File(w.path, "r", libver="latest", swmr=True) as reader:
+        assert reader.attrs["start_ts_source"] == "sample reply startTs"
+    with pytest.raises(ValueError, match="lab-3.*finite"):
+        w.rebase_start(float("nan"))
+    w.close()
+    with pytest.raises(RuntimeError, match="lab-3.*closed"):
+        w.rebase_start(4.999)
+
+
 def test_bad_input_names_the_meter(tmp_path) -> None:
     w = WaveformWriter(tmp_path / "e.h5", Measures.VI, 8000, 0.0, {"name": "lab-9"})
     with pytest.raises(TypeError, match="lab-9.*float32"):
