@@ -6,7 +6,7 @@ one second of it.
 * :func:`read_stream` - a run's samples stream as an ``xarray.Dataset`` whose ``time``
   dimension carries the meter's **absolute time** as coordinate (TiledWriter names the
   dimension ``time`` but gives it no coordinate; the time is the ``<prefix>_time`` key) and a
-  ``sample_index`` coordinate.
+  ``sample_index`` coordinate; ``prefix=`` picks one meter of a shared stream.
 * :func:`time_window` - the samples with ``t0 <= time < t1`` through the catalog.  One search
   request fetches every child of the stream container with its structure, links and data
   sources (``container[key]`` costs a request per key, ``container.items()`` far more).  Then
@@ -99,9 +99,30 @@ def _prefix_of(time_key: str) -> str:
     return time_key[: -len(TIME_KEY_SUFFIX) - 1]
 
 
-def _channel_keys(keys: Sequence[str], time_key: str, wanted: Sequence[str] | None) -> list[str]:
+def _meter_keys(keys: Sequence[str], time_key: str) -> list[str]:
+    """The data keys (``<prefix>_<channel>``) of the meter whose time key is ``time_key``.
+
+    In a stream shared by several meters, keys of a meter whose name extends this one's
+    (``lab_b_v_l1`` next to ``lab_time`` when ``lab_b_time`` exists) belong to that meter.
+    """
     prefix = _prefix_of(time_key) + "_"
-    own = [k for k in keys if k.startswith(prefix) and k != time_key]
+    others = [
+        _prefix_of(k) + "_"
+        for k in keys
+        if k != time_key
+        and k.startswith(prefix)
+        and k.endswith(f"_{TIME_KEY_SUFFIX}")
+        and GAP_KEY_INFIX not in k
+    ]
+    return [
+        k
+        for k in keys
+        if k.startswith(prefix) and k != time_key and not any(k.startswith(o) for o in others)
+    ]
+
+
+def _channel_keys(keys: Sequence[str], time_key: str, wanted: Sequence[str] | None) -> list[str]:
+    own = _meter_keys(keys, time_key)
     if wanted is None:
         return own
     missing = [k for k in wanted if k not in keys]
@@ -180,9 +201,21 @@ def _dataset(
 
 
 def read_stream(run: Any, stream: str = "meter", prefix: str | None = None) -> xr.Dataset:
-    """A whole stream as ``xarray.Dataset`` with absolute ``time`` as coordinate."""
-    ds = run[stream].read()
-    time_key = find_time_key([str(k) for k in ds.data_vars], prefix)
+    """A whole stream as ``xarray.Dataset`` with absolute ``time`` as coordinate.
+
+    With ``prefix`` (a meter's name) only that meter's data keys are read, with its
+    ``<prefix>_time`` as the coordinate - what a stream shared by several meters needs.
+    Without it every key of the stream is returned, and the stream must hold exactly one
+    time key (else ``ValueError`` asking for ``prefix``).
+    """
+    container = run[stream]
+    if prefix is None:
+        ds = container.read()
+        time_key = find_time_key([str(k) for k in ds.data_vars], prefix)
+    else:
+        keys = _stream_keys(container)
+        time_key = find_time_key(keys, prefix)
+        ds = container.read(variables=[*_meter_keys(keys, time_key), time_key])
     times = np.asarray(ds[time_key].values)
     ds = ds.drop_vars(time_key).assign_coords(
         time=("time", times), sample_index=("time", np.arange(times.shape[0], dtype=np.int64))

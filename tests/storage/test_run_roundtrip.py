@@ -258,6 +258,51 @@ def test_embedded_catalog_roundtrip_via_profile(embedded_catalog) -> None:
         close_client(client)
 
 
+def test_shared_stream_reads_one_meter_by_prefix(embedded_catalog) -> None:
+    # "lab_b" extends "lab": its keys start with "lab_" but are not lab's
+    meters = [
+        TestMeter(name=name, directory=embedded_catalog.data_directory, seed=seed)
+        for name, seed in (("lab", 7), ("lab_b", 8))
+    ]
+
+    def fly_shared():
+        yield from bps.open_run()
+        yield from bps.declare_stream(*meters, name="meter", collect=True)
+        yield from bps.kickoff_all(*meters, wait=True)
+        yield from bps.collect_while_completing(meters, meters, flush_period=0.02,
+                                                stream_name="meter")
+        yield from bps.close_run()
+
+    engine = RunEngine({})
+    engine.subscribe(make_tiled_writer(embedded_catalog.client))
+    (uid,) = engine(fly_shared())
+    client = databroker.from_profile(embedded_catalog.profile)
+    try:
+        run = client[uid]
+        channels = Measures.VI.channels
+        for meter in meters:
+            values, positions, _ = expected_data(meter.seed)
+            own = [f"{meter.name}_{ch}" for ch in channels]
+            ds = read_stream(run, "meter", prefix=meter.name)
+            assert sorted(ds.data_vars) == sorted(own)
+            assert ds.attrs["time_key"] == f"{meter.name}_time"
+            got = np.stack([ds[k].values for k in own], axis=1)
+            assert np.array_equal(got.view(np.uint32), values.view(np.uint32))
+            np.testing.assert_allclose(ds["time"].values, START_TS + positions / RATE,
+                                       rtol=0, atol=1e-6)
+            for access in ("asset", "http"):
+                win = time_window(run, START_TS, START_TS + 0.01, "meter", prefix=meter.name,
+                                  access=access)
+                assert sorted(win.data_vars) == sorted(own)
+                assert np.array_equal(win[own[0]].values, values[: RATE // 100, 0])
+        # without prefix: every key, and the time key is ambiguous
+        with pytest.raises(ValueError, match="pass prefix="):
+            read_stream(run, "meter")
+        assert len(run["meter"].read().data_vars) == 2 * (len(channels) + 1)
+    finally:
+        close_client(client)
+
+
 def test_postgres_server_roundtrip(postgres_server, tmp_path) -> None:
     uri, key = postgres_server["TILED_URI"], postgres_server["TILED_API_KEY"]
     hdf5_dir = Path(postgres_server["TILED_HDF5_DIR"])
