@@ -59,10 +59,15 @@ class _LoopThread:
         try:
             return future.result(timeout)
         except TimeoutError:
+            if future.done():
+                raise  # the coroutine's own timeout error (MeterTimeoutError is a TimeoutError)
             future.cancel()
             raise MeterTimeoutError(meter(), f"{what} did not finish within {timeout} s") from None
 
     def call(self, fn: Callable[[], _R]) -> _R:
+        if threading.current_thread() is self._thread:
+            return fn()
+
         async def wrapper() -> _R:
             return fn()
 
@@ -71,11 +76,50 @@ class _LoopThread:
     def stop(self) -> None:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join()
+            if threading.current_thread() is not self._thread:
+                self._thread.join()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+
+class SharedLoop:
+    """The one event-loop thread that every :class:`MeterClient` of this process runs on.
+
+    Meters cost sockets and a few tasks, not threads: a run of 50 meters has one loop
+    thread.  The thread starts with the first client and stops (and is joined) when the
+    last client closes, so nothing is left behind between runs.
+    """
+
+    _lock = threading.Lock()
+    _thread: _LoopThread | None = None
+    _users = 0
+
+    @classmethod
+    def acquire(cls) -> _LoopThread:
+        with cls._lock:
+            if cls._thread is None or not cls._thread.alive:
+                cls._thread = _LoopThread(name="smartmeter-clients")
+                cls._users = 0
+            cls._users += 1
+            return cls._thread
+
+    @classmethod
+    def release(cls, thread: _LoopThread) -> None:
+        with cls._lock:
+            if thread is not cls._thread:
+                thread.stop()
+                return
+            cls._users -= 1
+            if cls._users > 0:
+                return
+            cls._thread = None
+        thread.stop()
 
 
 def _blocking(
@@ -98,7 +142,8 @@ class MeterClient:
     """
 
     def __init__(self, host: str, port: int = 54321, **kwargs: Any) -> None:
-        self._thread = _LoopThread(name=f"smartmeter-client {host}:{port}")
+        self._thread = SharedLoop.acquire()
+        self._closed = False
         self._timeout = float(kwargs.get("timeout", 5.0))
 
         async def build() -> AsyncMeterClient:
@@ -110,7 +155,8 @@ class MeterClient:
     def serial(cls, device: str, **kwargs: Any) -> MeterClient:
         """Blocking client on a serial device (see :meth:`AsyncMeterClient.serial`)."""
         self = cls.__new__(cls)
-        self._thread = _LoopThread(name=f"smartmeter-client {device}")
+        self._thread = SharedLoop.acquire()
+        self._closed = False
         self._timeout = float(kwargs.get("timeout", 5.0))
 
         async def build() -> AsyncMeterClient:
@@ -140,6 +186,18 @@ class MeterClient:
     def async_client(self) -> AsyncMeterClient:
         """The underlying client (use it only from the loop thread)."""
         return self._client
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the client runs on (shared by every client of this process)."""
+        return self._thread.loop
+
+    def submit(self, coro: Coroutine[Any, Any, _R]) -> concurrent.futures.Future[_R]:
+        """Run ``coro`` on the client's loop; the future completes with its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._thread.loop)
+
+    def in_loop_thread(self) -> bool:
+        return threading.current_thread() is self._thread.thread
 
     def __repr__(self) -> str:
         return f"<MeterClient {self._client.meter_label}>"
@@ -192,13 +250,15 @@ class MeterClient:
         return lambda: self._thread.call(unsubscribe)
 
     def close(self) -> None:
-        """Close the connection, stop the loop and join its thread."""
-        if not self._thread.alive:
+        """Close the connection; the last client of the process also stops the loop thread."""
+        if self._closed:
             return
+        self._closed = True
         try:
-            self._run(self._client.close(), "close")
+            if self._thread.alive:
+                self._run(self._client.close(), "close")
         finally:
-            self._thread.stop()
+            SharedLoop.release(self._thread)
 
     def __enter__(self) -> MeterClient:
         try:
@@ -212,10 +272,8 @@ class MeterClient:
         self.close()
 
     def __del__(self) -> None:
-        thread = getattr(self, "_thread", None)
-        if thread is not None and thread.alive:
-            logger.warning("MeterClient garbage-collected without close(); stopping its thread")
-            thread.loop.call_soon_threadsafe(thread.loop.stop)
+        if not getattr(self, "_closed", True):
+            logger.warning("MeterClient garbage-collected without close()")
 
 
 class SyncSamplingSession:
