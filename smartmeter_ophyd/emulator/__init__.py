@@ -2,8 +2,11 @@
 
 ``EmulatedMeter(EmulatorConfig(...))`` is one meter: TCP command port (§2), raw stream port
 (§7.1), UDP and serial (pty) sinks (§4.12, §4.13), stream-server dial-out (§7.2), NTP
-(§6), persistence (§10), and a test-only control channel (``_control``).  Several meters
-share one event loop; ``python -m smartmeter_ophyd.emulator --count N`` runs them.
+(§6), persistence (§10), and a test-only control channel (``_control``: ground truth,
+clock steps, network delay, faults).  Several meters share one event loop;
+``python -m smartmeter_ophyd.emulator --count N`` runs them.  ``EmulatorFleet`` runs N meters
+and their SNTP responder on a private loop thread for synchronous code (tests, demos,
+benchmarks), with per-meter clock and network settings.
 
 Deliberate deviations from firmware 2.2 (everything else aims to be byte-exact):
 
@@ -28,6 +31,16 @@ Deliberate deviations from firmware 2.2 (everything else aims to be byte-exact):
   (§3.2) are not reproduced.
 """
 
+from ._control import Corrections, SampleTimes
+from ._fleet import EmulatorFleet, SntpResponder
 from ._meter import EmulatedMeter, EmulatorConfig, Truth
 
-__all__ = ["EmulatedMeter", "EmulatorConfig", "Truth"]
+__all__ = [
+    "Corrections",
+    "EmulatedMeter",
+    "EmulatorConfig",
+    "EmulatorFleet",
+    "SampleTimes",
+    "SntpResponder",
+    "Truth",
+]

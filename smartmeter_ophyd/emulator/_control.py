@@ -1,20 +1,31 @@
-"""Test-only control channel, outside the wire protocol: ground truth and fault injection.
+"""Test-only control channel, outside the wire protocol: ground truth, clock/network, faults.
 
 A JSON-lines TCP server on its own port (one per meter).  Each request is one JSON object
 with an ``op``; each answer is one JSON line ``{"ok": true, ...}`` or
-``{"ok": false, "error": "..."}``.  The same operations exist as methods of
-:class:`EmulatedMeter` for in-process tests.
+``{"ok": false, "error": "smartmeter <name>: ..."}`` naming the meter and the problem.  The
+same operations exist in-process: as methods of :class:`EmulatedMeter`, the typed views
+:func:`sample_times` and :func:`corrections` below, and :class:`EmulatorFleet`'s methods.
 
 | op | arguments | effect / answer |
 |---|---|---|
 | ``status`` | — | name, ports, sampling, boot_count, time_valid |
 | ``truth`` | ``npy`` (optional path) | ground truth of the current/last session; writes the produced samples to ``npy`` |
+| ``clock`` | — | ``clock_error_s`` (meter clock minus true time now), ``drift_ppm``, ``synced`` |
+| ``step_clock`` | ``delta_s`` | the meter's clock jumps by ``delta_s``; answers ``clock_error_s`` |
+| ``set_network`` | ``delay_s``, ``jitter_s`` (each optional) | one-way delay/jitter to the time server; answers both |
+| ``ntp_history`` | — | ``history``: every SNTP sync of this meter (true time, true error after, confidence, rtt) |
+| ``sample_times`` | ``index`` or ``start``/``stop``; ``npz`` (optional path) | ``true_times`` and ``kinds`` of delivered rows (NaN → null); with ``npz`` written there instead |
+| ``corrections`` | — | row indices of §6.5 duplicates and §4.10 fillers, true instants of dropped samples, pending count |
 | ``drop_connections`` | — | every TCP connection dies at once |
 | ``stall`` | ``seconds`` | the meter's loop stops for that long (data piles up in the ring buffer) |
 | ``reboot`` | — | as ``restart`` |
 | ``garbage`` | ``hex`` | these bytes precede the next data frame |
 | ``log_in_frame`` | ``text`` | an INFO log line is written in the middle of the next data frame |
 | ``drop_udp`` | ``count`` | the next ``count`` UDP datagrams are not sent |
+
+Rows are numbered as delivered: index ``i`` is the ``i``-th sample row the meter put into its
+ring buffer in this session (fillers and correction duplicates included, §4.10, §6.5), which
+is the ``i``-th row a client receives when nothing is lost.
 """
 
 from __future__ import annotations
@@ -23,14 +34,99 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._sampling import KIND_DUPLICATE, KIND_FILLER, SessionTruth
 
 if TYPE_CHECKING:
     from ._meter import EmulatedMeter
 
 logger = logging.getLogger(__name__)
+
+MAX_JSON_ROWS = 100_000
+"""``sample_times`` answers at most this many rows as JSON; larger ranges need ``npz``."""
+
+
+# ----------------------------------------------------------------- typed ground truth
+@dataclass(frozen=True)
+class SampleTimes:
+    """True instants of delivered rows ``start .. start + len(true_times)``."""
+
+    start: int
+    true_times: np.ndarray
+    """float64 unix seconds (true time); NaN for a filler copying a value from before the
+    session (§4.10)."""
+    kinds: np.ndarray
+    """uint8 per row: 0 sample, 1 correction duplicate (§6.5), 2 RTC filler (§4.10)."""
+
+
+@dataclass(frozen=True)
+class Corrections:
+    """What the firmware's corrections did to the delivered rows of one session."""
+
+    duplicates: np.ndarray
+    """Row indices of the second copies stored by positive NTP corrections (§6.5)."""
+    fillers: np.ndarray
+    """Row indices of copies appended by the RTC interrupt for missing samples (§4.10)."""
+    dropped_true_times: np.ndarray
+    """True instants of samples not stored because of negative NTP corrections (§6.5)."""
+    pending: int
+    """Corrections queued by NTP syncs but not applied (yet, or before the session ended):
+    positive = duplicates to come, negative = drops."""
+
+
+def session_truth(meter: EmulatedMeter) -> SessionTruth:
+    """The sampling engine's ground truth of the current or last session."""
+    s = meter.session or meter.last_session
+    if s is None:
+        raise LookupError(f"smartmeter {meter.name}: no sampling session has run yet")
+    return s.engine.truth()
+
+
+def sample_times(meter: EmulatedMeter, start: int = 0, stop: int | None = None) -> SampleTimes:
+    """True instants of delivered rows ``[start, stop)`` (Python slice bounds, no negatives)."""
+    truth = session_truth(meter)
+    n = int(truth.true_times.shape[0])
+    end = n if stop is None else int(stop)
+    if not 0 <= int(start) <= end <= n:
+        raise IndexError(
+            f"smartmeter {meter.name}: rows [{start}, {stop}) are outside the {n} rows "
+            "produced in this session"
+        )
+    return SampleTimes(int(start), truth.true_times[start:end].copy(), truth.kinds[start:end].copy())
+
+
+def corrections(meter: EmulatedMeter) -> Corrections:
+    truth = session_truth(meter)
+    s = meter.session or meter.last_session
+    assert s is not None
+    return Corrections(
+        duplicates=np.flatnonzero(truth.kinds == KIND_DUPLICATE),
+        fillers=np.flatnonzero(truth.kinds == KIND_FILLER),
+        dropped_true_times=np.asarray(truth.dropped_true_times, dtype=float),
+        pending=s.engine.pending_correction,
+    )
+
+
+# ------------------------------------------------------------------------ JSON ops
+def _floats(values: np.ndarray) -> list[float | None]:
+    return [None if math.isnan(v) else v for v in values.tolist()]
+
+
+def _number(meter: EmulatedMeter, req: dict[str, Any], key: str, default: Any = ...) -> Any:
+    value = req.get(key, default)
+    if value is ...:
+        raise ValueError(f"smartmeter {meter.name}: op {req['op']!r} needs {key!r}")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"smartmeter {meter.name}: {key!r} must be a number, not {value!r}")
+    return value
 
 
 def truth_dict(meter: EmulatedMeter, npy: str | None = None) -> dict[str, Any]:
@@ -55,8 +151,61 @@ def _status(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _clock(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "clock_error_s": meter.clock_error_s(),
+        "drift_ppm": meter.clock.drift_ppm,
+        "synced": meter.clock.synced,
+    }
+
+
+def _step_clock(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
+    return {"clock_error_s": meter.step_clock(_number(meter, req, "delta_s"))}
+
+
+def _set_network(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
+    delay, jitter = meter.set_network(
+        _number(meter, req, "delay_s", None), _number(meter, req, "jitter_s", None)
+    )
+    return {"delay_s": delay, "jitter_s": jitter}
+
+
+def _sample_times(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
+    if "index" in req:
+        start = int(_number(meter, req, "index"))
+        stop: int | None = start + 1
+    else:
+        start = int(_number(meter, req, "start", 0))
+        stop_value = _number(meter, req, "stop", None)
+        stop = None if stop_value is None else int(stop_value)
+    times = sample_times(meter, start, stop)
+    out: dict[str, Any] = {"start": times.start, "stop": times.start + len(times.true_times)}
+    if (path := req.get("npz")) is not None:
+        np.savez(str(path), true_times=times.true_times, kinds=times.kinds)
+        out["npz"] = path
+        return out
+    if len(times.true_times) > MAX_JSON_ROWS:
+        raise ValueError(
+            f"smartmeter {meter.name}: {len(times.true_times)} rows exceed {MAX_JSON_ROWS} "
+            "per JSON answer; ask a smaller range or give 'npz'"
+        )
+    out["true_times"] = _floats(times.true_times)
+    out["kinds"] = times.kinds.tolist()
+    return out
+
+
+def _corrections(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
+    c = corrections(meter)
+    return {
+        "duplicates": c.duplicates.tolist(),
+        "fillers": c.fillers.tolist(),
+        "dropped_true_times": _floats(c.dropped_true_times),
+        "pending": c.pending,
+    }
+
+
 def _stall(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
-    meter.stall_output(float(req["seconds"]))
+    meter.stall_output(float(_number(meter, req, "seconds")))
     return {}
 
 
@@ -71,7 +220,7 @@ def _log_in_frame(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
 
 
 def _drop_udp(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
-    meter.drop_udp_datagrams(int(req["count"]))
+    meter.drop_udp_datagrams(int(_number(meter, req, "count")))
     return {}
 
 
@@ -85,9 +234,7 @@ def _reboot(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-OPS: dict[str, Callable[[EmulatedMeter, dict[str, Any]], dict[str, Any]]] = {
-    "status": _status,
-    "truth": lambda m, r: truth_dict(m, r.get("npy")),
+FAULTS: dict[str, Callable[[EmulatedMeter, dict[str, Any]], dict[str, Any]]] = {
     "drop_connections": _drop_connections,
     "stall": _stall,
     "reboot": _reboot,
@@ -95,6 +242,28 @@ OPS: dict[str, Callable[[EmulatedMeter, dict[str, Any]], dict[str, Any]]] = {
     "log_in_frame": _log_in_frame,
     "drop_udp": _drop_udp,
 }
+"""The fault injections (shared by the control channel and ``EmulatorFleet.inject``)."""
+
+OPS: dict[str, Callable[[EmulatedMeter, dict[str, Any]], dict[str, Any]]] = {
+    "status": _status,
+    "truth": lambda m, r: truth_dict(m, r.get("npy")),
+    "clock": _clock,
+    "step_clock": _step_clock,
+    "set_network": _set_network,
+    "sample_times": _sample_times,
+    "corrections": _corrections,
+    **FAULTS,
+}
+
+
+def run_op(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
+    """Run one control request; raises ``LookupError``/``ValueError``/... naming the problem."""
+    op = OPS.get(req.get("op"))  # type: ignore[arg-type]
+    if op is None:
+        raise ValueError(
+            f"smartmeter {meter.name}: unknown control op {req.get('op')!r}; ops: {sorted(OPS)}"
+        )
+    return op(meter, req)
 
 
 class ControlServer:
@@ -136,12 +305,19 @@ class ControlServer:
             writer.close()
 
     def handle(self, line: bytes) -> dict[str, Any]:
+        name = self.meter.name
         try:
             req = json.loads(line)
-            op = OPS[req["op"]]
-        except (ValueError, KeyError, TypeError):
-            return {"ok": False, "error": f"bad control request {line[:200]!r}; ops: {sorted(OPS)}"}
+        except ValueError:
+            return {"ok": False, "error": f"smartmeter {name}: control request is not JSON: "
+                                          f"{line[:200]!r}"}
+        if not isinstance(req, dict):
+            return {"ok": False, "error": f"smartmeter {name}: control request must be an "
+                                          f"object with an 'op', not {line[:200]!r}"}
         try:
-            return {"ok": True, **op(self.meter, req)}
-        except (LookupError, ValueError, OSError, RuntimeError) as exc:
-            return {"ok": False, "error": str(exc)}
+            return {"ok": True, **run_op(self.meter, req)}
+        except (LookupError, ValueError, TypeError, OSError, RuntimeError) as exc:
+            text = str(exc)
+            if not text.startswith("smartmeter "):
+                text = f"smartmeter {name}: {req.get('op')}: {text}"
+            return {"ok": False, "error": text}

@@ -967,6 +967,41 @@ class EmulatedMeter:
         np.save(Path(path), truth.values)
         return int(truth.values.shape[0])
 
+    # ------------------------------------------------------- test-only clock and network
+    def clock_error_s(self) -> float:
+        """Ground truth: the meter's clock minus true time now (s)."""
+        return self.clock.offset_at(self.clock.true_now())
+
+    def step_clock(self, delta_s: float) -> float:
+        """Fault: the meter's clock jumps by ``delta_s`` now, as a wrong manual set would.
+
+        The next NTP sync (§6.2) sets it right again; a running session keeps its sample
+        lattice and only reacts through the §6.5 correction.  Returns :meth:`clock_error_s`.
+        """
+        delta = float(delta_s)
+        if not -1e6 < delta < 1e6:
+            raise ValueError(f"smartmeter {self.name}: clock step {delta_s!r} s is not plausible")
+        clock = self.clock
+        now = clock.true_now()
+        synced = clock.synced
+        clock.step_to(clock.meter_time(now) + delta, at_true=now)
+        clock.synced = synced
+        return self.clock_error_s()
+
+    def set_network(
+        self, delay_s: float | None = None, jitter_s: float | None = None
+    ) -> tuple[float, float]:
+        """Change the emulated one-way delay/jitter to the time server; returns both now."""
+        delay = self.network.delay_s if delay_s is None else float(delay_s)
+        jitter = self.network.jitter_s if jitter_s is None else float(jitter_s)
+        if not (0.0 <= delay < 10.0 and 0.0 <= jitter < 10.0):
+            raise ValueError(
+                f"smartmeter {self.name}: network delay {delay_s!r} s and jitter {jitter_s!r} s "
+                "must be >= 0 and < 10"
+            )
+        self.network.delay_s, self.network.jitter_s = delay, jitter
+        return delay, jitter
+
 
 def _chunk_transport(settings: SampleSettings, sink: Sink) -> Transport:
     if settings.transport in (Transport.UDP, Transport.SERIAL):

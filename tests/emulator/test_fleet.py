@@ -1,0 +1,174 @@
+"""EmulatorFleet over real sockets: lifecycle, its SNTP responder, per-meter clocks and network."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from smartmeter_ophyd.emulator import EmulatorFleet
+from smartmeter_ophyd.protocol import client_request, offset_and_delay, parse_server_reply
+
+from .emulator_wire import open_client
+from .test_conformance_sampling import stop_and_drain
+
+CONF = re.compile(rb"NTP synced with conf: (\d+)")
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _sntp_offset(address: tuple[str, int]) -> tuple[float, float]:
+    """One SNTP exchange as a host client makes it: (offset, delay) in seconds."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2.0)
+        sent = time.time()
+        sock.sendto(client_request(sent), address)
+        data = sock.recv(512)
+        received = time.time()
+    reply = parse_server_reply(data, sent)
+    return offset_and_delay(sent, reply.receive, reply.transmit, received)
+
+
+@pytest.fixture
+def fleet3() -> Iterator[EmulatorFleet]:
+    """3 meters off by -500/0/+500 ms with drifts -50/0/+50 ppm; the last 20 ms from NTP."""
+    with EmulatorFleet(
+        [
+            {"clock_offset_s": -0.5, "drift_ppm": -50.0},
+            {},
+            {"clock_offset_s": 0.5, "drift_ppm": 50.0, "network_delay_s": 0.02},
+        ],
+        name_prefix="fleet",
+    ) as fleet:
+        yield fleet
+
+
+async def _conf_after_ntp(port: int) -> int:
+    """Send ``{"cmd": "ntp"}`` and return the confidence the meter logs (§6.2)."""
+    c = await open_client(port)
+    try:
+        await c.send({"cmd": "ntp"})
+        line = await c.wait_line(lambda b: CONF.search(b) is not None)
+        match = CONF.search(line)
+        assert match is not None
+        return int(match.group(1))
+    finally:
+        await c.close()
+
+
+async def _start_ts_minus_true_start(port: int, fleet: EmulatorFleet, i: int) -> float:
+    """Start a 1 kHz session: the meter's reported ``startTs`` minus the true start instant."""
+    c = await open_client(port)
+    try:
+        sent = time.time()
+        reply = await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 1000}})
+        received = time.time()
+        start_ts = float(reply["startTs"])
+        truth = fleet.truth(i)
+        assert sent - 0.001 <= truth.true_start <= received + 0.001
+        await stop_and_drain(c)
+        return start_ts - truth.true_start
+    finally:
+        await c.close()
+
+
+def test_start_close_leaves_no_threads_or_sockets() -> None:
+    """close() ends the loop thread and closes every socket the fleet opened."""
+    threads, fds = set(threading.enumerate()), _open_fds()
+    fleet = EmulatorFleet(2)
+    fleet.start()
+    assert fleet.names == ["meter1", "meter2"]
+    assert len(set(threading.enumerate()) - threads) == 1
+    for host, port in fleet.addresses:
+        with socket.create_connection((host, port), timeout=2) as s:
+            assert s.recv(4096).startswith(b'Info:{"cmd":"info"')
+    addresses = fleet.addresses + [a for a in fleet.control_addresses if a is not None]
+    with pytest.raises(RuntimeError, match="already started"):
+        fleet.start()
+    fleet.close()
+    fleet.close()
+    assert set(threading.enumerate()) == threads
+    assert _open_fds() == fds
+    for address in addresses:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=2).close()
+    with pytest.raises(RuntimeError, match="not running"):
+        fleet.clock_error_s(0)
+
+
+def test_bad_settings_are_refused_naming_the_meter() -> None:
+    with pytest.raises(ValueError, match=r"meter 1 \(meter2\): unknown settings \['offset'\]"):
+        EmulatorFleet([{}, {"offset": 1.0}])
+    with pytest.raises(ValueError, match="at least one meter"):
+        EmulatorFleet([])
+
+
+def test_sntp_responder_serves_the_configured_offset() -> None:
+    """A host SNTP client measures the responder's offset within 1 ms, also after a change."""
+    with EmulatorFleet(1, time_offset_s=0.3) as fleet:
+        offset, delay = _sntp_offset(fleet.sntp_address)
+        assert abs(offset - 0.3) < 0.001 and 0 <= delay < 0.01
+        fleet.time_offset_s = -0.3
+        offset, _ = _sntp_offset(fleet.sntp_address)
+        assert abs(offset + 0.3) < 0.001
+        assert fleet.time_offset_s == -0.3
+
+
+async def test_per_meter_clock_offsets_survive_boot(fleet3: EmulatorFleet) -> None:
+    """-500/0/+500 ms after start, as the meters' own startTs shows; drift reaches the clock;
+    the next NTP sync sets each clock right again."""
+    for i, expected in enumerate((-0.5, 0.0, 0.5)):
+        error = await _start_ts_minus_true_start(fleet3.ports[i], fleet3, i)
+        assert abs(error - expected) < 0.002, (i, error)
+        assert fleet3.truth(i).drift_ppm == (-50.0, 0.0, 50.0)[i]
+    assert await _conf_after_ntp(fleet3.ports[0]) <= 1  # default: 0.5 ms each way
+    assert abs(await _start_ts_minus_true_start(fleet3.ports[0], fleet3, 0)) < 0.002
+
+
+async def test_network_delay_sets_the_ntp_confidence(fleet3: EmulatorFleet) -> None:
+    """20 ms one-way delay to the time server: the meter logs ``NTP synced with conf: 20``;
+    set_network at run time changes it."""
+    # half the round trip, truncated to ms: the loop's own latency may add a millisecond
+    assert 20 <= await _conf_after_ntp(fleet3.ports[2]) <= 21
+    assert fleet3.set_network(2, delay_s=0.005) == (0.005, 0.0)
+    assert 5 <= await _conf_after_ntp(fleet3.ports[2]) <= 6
+    assert await _conf_after_ntp(fleet3.ports[1]) <= 1
+    with pytest.raises(ValueError, match="smartmeter fleet3: network delay -1"):
+        fleet3.set_network("fleet3", delay_s=-1)
+
+
+async def test_step_clock_moves_the_reported_time(fleet3: EmulatorFleet) -> None:
+    """A clock step shows in the meter's own startTs by the step (ms resolution)."""
+    before = await _start_ts_minus_true_start(fleet3.ports[1], fleet3, 1)
+    error = fleet3.step_clock(1, 0.25)
+    assert abs(error - fleet3.clock_error_s(1)) < 1e-4
+    after = await _start_ts_minus_true_start(fleet3.ports[1], fleet3, 1)
+    assert abs(after - before - 0.25) < 0.002
+
+
+async def test_own_time_server_keeps_a_meter_off_across_syncs() -> None:
+    """``time_server_offset_s``: every NTP sync leaves that meter off by the server's offset."""
+    with EmulatorFleet([{}, {"time_server_offset_s": 0.3}]) as fleet:
+        assert await _conf_after_ntp(fleet.ports[1]) <= 1
+        error = await _start_ts_minus_true_start(fleet.ports[1], fleet, 1)
+        assert abs(error - 0.3) < 0.002
+        assert abs(await _start_ts_minus_true_start(fleet.ports[0], fleet, 0)) < 0.002
+
+
+async def test_inject_reaches_the_meter() -> None:
+    """inject() runs the control channel's faults; an unknown fault is refused by name."""
+    with EmulatorFleet(1) as fleet:
+        c = await open_client(fleet.ports[0])
+        fleet.inject(0, "drop_connections")
+        assert await c.closed(timeout=2.0)
+        with pytest.raises(ValueError, match="unknown fault 'explode'"):
+            fleet.inject("meter1", "explode")
+        with pytest.raises(KeyError, match="no emulated meter named 'meter9'"):
+            fleet.inject("meter9", "reboot")
