@@ -140,3 +140,78 @@ async def test_cli_prints_one_line_per_meter_and_stops_on_sigterm(ntp_server) ->
     await c.close()
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def _ntp_conf(c: RawClient) -> int:
+    """Send ``{"cmd": "ntp"}``; the confidence the meter logs (§6.2)."""
+    await c.send({"cmd": "ntp"})
+    line = await c.wait_line(lambda b: b"NTP synced with conf: " in b)
+    return int(line.rsplit(b"conf: ", 1)[1].split(b"\r")[0])
+
+
+async def test_clock_step_and_network_ops(make_meter) -> None:  # type: ignore[no-untyped-def]
+    """step_clock shows in the meter's own startTs; set_network in its NTP confidence."""
+    meter = await make_meter(control_port=0)
+    ctl = await control_of(meter)
+    clock = await ctl("clock")
+    assert clock["ok"] and clock["synced"] is True and abs(clock["clock_error_s"]) < 0.002
+    stepped = await ctl("step_clock", delta_s=-0.4)
+    assert stepped["ok"] and abs(stepped["clock_error_s"] - clock["clock_error_s"] + 0.4) < 1e-4
+    c = await open_client(meter.command_port)
+    reply = await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 1000}})
+    truth = await ctl("truth")
+    assert abs(float(reply["startTs"]) - truth["true_start"] - stepped["clock_error_s"]) < 0.002
+    await stop_and_drain(c)
+    assert await ctl("set_network", delay_s=0.02) == {"ok": True, "delay_s": 0.02, "jitter_s": 0.0}
+    assert 20 <= await _ntp_conf(c) <= 21  # half the 40 ms round trip, truncated to ms
+    assert abs((await ctl("clock"))["clock_error_s"]) < 0.002  # the sync set the clock right
+    assert (await ctl("set_network", jitter_s=0.001))["delay_s"] == 0.02
+    for op, args, problem in [
+        ("step_clock", {}, "op 'step_clock' needs 'delta_s'"),
+        ("step_clock", {"delta_s": "1"}, "'delta_s' must be a number, not '1'"),
+        ("step_clock", {"delta_s": 1e9}, "clock step 1000000000.0 s is not plausible"),
+        ("set_network", {"delay_s": -1}, "network delay -1 s"),
+        ("no_such_op", {}, "unknown control op 'no_such_op'"),
+    ]:
+        answer = await ctl(op, **args)
+        assert answer["ok"] is False and answer["error"].startswith(f"smartmeter {meter.name}: ")
+        assert problem in answer["error"], answer
+    await c.close()
+
+
+async def test_sample_times_and_corrections(make_meter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A clock 50 ms behind at the start makes the in-session NTP queue +10 samples (§6.5):
+    the duplicate the control channel names is the one repeated row the client receives."""
+    meter = await make_meter(control_port=0)
+    ctl = await control_of(meter)
+    assert (await ctl("corrections"))["ok"] is False  # no session yet
+    await ctl("step_clock", delta_s=-0.05)
+    c = await open_client(meter.command_port)
+    await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 1000}})
+    await c.send({"cmd": "ntp"})
+    frames, lines = await collect(c, 1.2)
+    assert any(b"Correcting: 10 samples" in line for line in lines), lines
+    tail, _ = await stop_and_drain(c)
+    received = np.concatenate([f.samples(6) for f in frames + tail])
+    repeated = np.flatnonzero(np.all(received[1:] == received[:-1], axis=1)) + 1
+    corr = await ctl("corrections")
+    assert corr["ok"] and corr["duplicates"] == repeated.tolist() and len(repeated) == 1
+    assert corr["pending"] == 9 and corr["dropped_true_times"] == [] and corr["fillers"] == []
+    d = int(repeated[0])
+    pair = await ctl("sample_times", start=d - 1, stop=d + 1)
+    assert pair["kinds"] == [0, 1] and pair["true_times"][0] == pair["true_times"][1]
+    truth = await ctl("truth")
+    first = await ctl("sample_times", index=0)
+    assert first["start"] == 0 and first["stop"] == 1
+    assert abs(first["true_times"][0] - truth["true_start"]) < 1e-6
+    step = await ctl("sample_times", start=1, stop=4)
+    assert np.allclose(np.diff(step["true_times"]), 1e-3, rtol=0, atol=1e-6)  # float64 unix ulp
+    n = len(received)
+    npz = tmp_path / "times.npz"
+    whole = await ctl("sample_times", npz=str(npz))
+    assert whole["stop"] == n and "true_times" not in whole
+    with np.load(npz) as data:
+        assert data["true_times"].shape == (n,) and np.flatnonzero(data["kinds"]).tolist() == [d]
+    beyond = await ctl("sample_times", start=n + 1)
+    assert beyond["ok"] is False and f"outside the {n} rows" in beyond["error"]
+    await c.close()
