@@ -9,7 +9,9 @@
   :class:`StreamServer` -- accept meters that dial in (§7.2).
 
 Log texts that carry readings (NTP confidence, rate corrections, overflow) have parsers
-(:func:`ntp_confidence_ms`, :func:`sampling_correction`, ...).  Errors all derive from :class:`MeterError` and name the meter.
+(:func:`ntp_confidence_ms`, :func:`sampling_correction`, ...); :class:`SyncRecordAssembler`
+joins the lines of one NTP sync into a :class:`SyncRecord` (§6.5).  Errors all derive from
+:class:`MeterError` and name the meter.
 """
 
 from ._async import (
@@ -30,20 +32,29 @@ from ._errors import (
     MeterTimeoutError,
 )
 from ._logtext import (
+    CORRECT_SAMPLING_THRESHOLD_S,
     NtpOffset,
     RateReport,
+    SampleCounts,
+    SyncRecord,
+    SyncRecordAssembler,
     missed_samples,
+    ntp_average_rate,
     ntp_confidence_ms,
     ntp_offset,
+    ntp_sample_counts,
     overflow_lost_samples,
     rate_report,
     sampling_correction,
+    sync_from_timestamp,
+    sync_to_timestamp,
 )
 from ._session import Block, BufferFill, Gap, SamplingSession, SessionSummary
 from ._streams import RawStream, StreamServer, open_raw_stream
 from ._sync import MeterClient, SyncSamplingSession
 
 __all__ = [
+    "CORRECT_SAMPLING_THRESHOLD_S",
     "AsyncMeterClient",
     "Block",
     "BufferFill",
@@ -64,15 +75,22 @@ __all__ = [
     "RawStream",
     "Reconnected",
     "SampleConfig",
+    "SampleCounts",
     "SamplingSession",
     "SessionSummary",
     "StreamServer",
+    "SyncRecord",
+    "SyncRecordAssembler",
     "SyncSamplingSession",
     "missed_samples",
+    "ntp_average_rate",
     "ntp_confidence_ms",
     "ntp_offset",
+    "ntp_sample_counts",
     "open_raw_stream",
     "overflow_lost_samples",
     "rate_report",
     "sampling_correction",
+    "sync_from_timestamp",
+    "sync_to_timestamp",
 ]
