@@ -37,6 +37,11 @@ class _LoopThread:
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
+        # One I/O thread for blocking work of every meter (HDF5 writes): threads do not grow
+        # with the number of meters.
+        self.loop.set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-io")
+        )
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -51,6 +56,7 @@ class _LoopThread:
             if pending:
                 self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
             self.loop.close()
 
     def run(self, coro: Coroutine[Any, Any, _R], timeout: float | None, what: str,

@@ -1,47 +1,40 @@
 """Host-side back-pressure for ``flow_control="cts"`` flies (§5.1, §4.10).
 
-Intent: a consumer that falls behind (slow disk, slow progress callbacks) should not grow
-host memory without bound, and it must never push the meter into its ring-buffer overflow,
-which reboots the meter and loses the session (§4.10).  :class:`CtsGovernor` is a small
-thread that, every ``poll_s``:
+Intent: a consumer that falls behind (slow disk, slow callbacks) should not grow host memory
+without bound, and it must never push the meter into its ring-buffer overflow, which reboots
+the meter and loses the session (§4.10).  :class:`CtsGovernor` decides, each time the fly
+controller asks (every ``poll_s``):
 
-* **pauses** the meter (``cts false``) when the host-side backlog - samples the client
-  received that the consumer has not taken yet - reaches ``pause_backlog_s`` seconds of
-  samples, but only once the meter has caught up after the previous resume (its ring
-  buffer then holds at most a couple of chunks, so the client's pause-time estimate is
-  honest);
-* **resumes** it (``cts true``) when the backlog is down to ``resume_backlog_s`` seconds, or
-  - whatever the backlog - when the client's :meth:`buffer_fill_estimate` of the paused
-  meter's ring buffer reaches ``max_fill`` (at most 50 %).  Resuming flushes the meter's
-  whole backlog to the host (§5.1), so the meter is always protected and the host absorbs
-  the excess.
+* **pause** (``cts false``) when the host-side backlog - samples the client received that
+  the writer has not taken yet - reaches ``pause_backlog_s`` seconds of samples, but only
+  once the meter has caught up after the previous resume (its ring buffer then holds at
+  most a couple of chunks, so the pause-time fill estimate is honest);
+* **resume** (``cts true``) when the backlog is down to ``resume_backlog_s`` seconds, or -
+  whatever the backlog - when the estimated fill of the paused meter's ring buffer reaches
+  ``max_fill`` (at most 50 %).  Resuming flushes the meter's whole backlog to the host
+  (§5.1), so the meter is always protected and the host absorbs the excess.
 
-The governor runs on its own thread so a consumer stuck in one long operation cannot keep
-the meter paused.  Nothing is dropped: pausing only moves where samples wait.
+The governor is a plain state machine (no thread, no I/O, no clock of its own): the caller
+passes the time and the counts and sends the command it returns.  Nothing is dropped:
+pausing only moves where samples wait.
 
-Limits: the fill estimate is rate x paused time minus what arrived (the client's), so it is
+Limits: the fill estimate is rate x paused time minus what arrived (the session's), so it is
 off by the bytes in flight when the pause took effect (a few hundred kB at most on a LAN);
 ``max_fill`` defaults to 25 % to leave that margin and the time of one poll.  "Caught up"
-after a resume is judged from the host clock over that short window only, so crystal drift
-does not accumulate.  Bursty rates (§4.3) deliver a second's samples at once; the
-backlog bounds are then compared with bursts of ``rate`` samples.
+after a resume is judged over that short window only, so crystal drift does not accumulate.
+Bursty rates (§4.3) deliver a second's samples at once; the backlog bounds are then
+compared with bursts of ``rate`` samples.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from ..client import MeterError
-
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from ..client import SyncSamplingSession
+    from ..client import BufferFill
 
 logger = logging.getLogger(__name__)
 
@@ -91,41 +84,30 @@ class FlowStats:
 
 
 class CtsGovernor:
-    """Pauses/resumes one ``cts`` session from its own thread (see the module docstring).
+    """When to pause and resume one ``cts`` session (see the module docstring).
 
-    ``consumed()`` returns how many samples the consumer has taken from the session so far.
-    Start with :meth:`start` after the session exists (the meter starts paused, §5.1: the
-    governor resumes it at once); end with :meth:`close` before sending ``stop``.
+    Construct it when the paused session exists (§5.1: ``flowCtr`` sessions start paused),
+    call :meth:`released` once the meter was resumed, then :meth:`decide` every ``poll_s``
+    and tell it what was sent with :meth:`paused_at` / :meth:`resumed_at`.
     """
 
     def __init__(
-        self,
-        session: SyncSamplingSession,
-        consumed: Callable[[], int],
-        policy: CtsPolicy,
-        *,
-        name: str,
+        self, policy: CtsPolicy, *, rate: int, chunk_samples: int, bytes_per_sample: int,
+        label: str,
     ) -> None:
-        self._session = session
-        self._consumed = consumed
-        self._policy = policy
-        live = session.session
-        self._rate = max(1, int(live.rate))
-        self._label = live.meter
+        self.policy = policy
+        self._bytes_per_sample = bytes_per_sample
+        self._label = label
+        self._rate = max(1, int(rate))
         self._pause_at = max(1, int(policy.pause_backlog_s * self._rate))
         self._resume_at = int(policy.resume_backlog_s * self._rate)
-        self._tolerance = max(int(CATCH_UP_TOLERANCE_S * self._rate), 2 * live.reply.chunk_size)
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"{name} cts", daemon=True)
-        self.error: BaseException | None = None
-        # state
-        self._paused = True  # flowCtr sessions start paused (§5.1)
-        self._paused_since = time.monotonic()
+        self._tolerance = max(int(CATCH_UP_TOLERANCE_S * self._rate), 2 * chunk_samples)
+        self.paused = True
+        self._paused_since: float | None = None
         self._caught_up = True
         self._resume_t = 0.0
         self._resume_received = 0
         self._resume_fill_samples = 0
-        # statistics
         self._pauses = 0
         self._resumes_backlog = 0
         self._resumes_fill = 0
@@ -133,25 +115,58 @@ class CtsGovernor:
         self._max_backlog = 0
         self._max_fill = 0.0
 
-    @property
-    def paused(self) -> bool:
-        return self._paused
+    def decide(
+        self, now: float, *, received: int, consumed: int, fill: BufferFill
+    ) -> tuple[bool, str, int] | None:
+        """The ``cts`` value to send now, why, and the fill in samples (None: nothing)."""
+        backlog = received - consumed
+        self._max_backlog = max(self._max_backlog, backlog)
+        if self.paused:
+            self._max_fill = max(self._max_fill, fill.fraction)
+            fill_samples = fill.bytes // self._bytes_per_sample
+            if fill.fraction >= self.policy.max_fill:
+                logger.info(
+                    "%s: resuming with %d samples still unwritten: the paused meter's ring "
+                    "buffer is about %.0f %% full (§4.10)",
+                    self._label, backlog, 100 * fill.fraction,
+                )
+                self._resumes_fill += 1
+                return True, "fill", fill_samples
+            if backlog <= self._resume_at:
+                self._resumes_backlog += 1
+                return True, "backlog", fill_samples
+            return None
+        if not self._caught_up:
+            expected = self._resume_fill_samples + self._rate * (now - self._resume_t)
+            if received - self._resume_received >= expected - self._tolerance:
+                self._caught_up = True
+        if self._caught_up and backlog >= self._pause_at:
+            logger.info("%s: pausing the meter (cts false): %d samples not written yet",
+                        self._label, backlog)
+            return False, "backlog", 0
+        return None
 
-    def start(self) -> None:
-        self._resume(reason="start", fill_samples=0)
-        self._thread.start()
+    def paused_at(self, now: float) -> None:
+        self.paused = True
+        self._paused_since = now
+        self._pauses += 1
 
-    def close(self) -> FlowStats:
-        """Stop governing (the meter is left as it is: ``stop`` flushes regardless, §4.8)."""
-        self._closing.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-        return self.stats()
+    def resumed_at(self, now: float, *, received_before: int, fill_samples: int) -> None:
+        """The meter was resumed; ``received_before`` was counted before ``cts true`` was sent
+        (its flush may arrive before the reply)."""
+        if self._paused_since is not None:
+            self._paused_total += now - self._paused_since
+        self.paused = False
+        self._paused_since = None
+        self._caught_up = False
+        self._resume_t = now
+        self._resume_received = received_before
+        self._resume_fill_samples = fill_samples
 
-    def stats(self) -> FlowStats:
+    def stats(self, now: float) -> FlowStats:
         paused = self._paused_total
-        if self._paused:
-            paused += time.monotonic() - self._paused_since
+        if self.paused and self._paused_since is not None:
+            paused += now - self._paused_since
         return FlowStats(
             pauses=self._pauses,
             resumes_on_backlog=self._resumes_backlog,
@@ -160,69 +175,3 @@ class CtsGovernor:
             max_backlog_samples=self._max_backlog,
             max_fill=self._max_fill,
         )
-
-    # ------------------------------------------------------------------ the thread
-
-    def _run(self) -> None:
-        try:
-            while not self._closing.wait(self._policy.poll_s):
-                if not self._session.session.active:
-                    return
-                self._step()
-        except MeterError as exc:
-            # The session is failing (connection lost, ...): the consumer reports it.
-            if self._session.session.active and not self._closing.is_set():
-                self.error = exc
-                logger.warning("%s: flow control stopped: %s", self._label, exc)
-        except Exception as exc:  # a bug here must not hang the fly
-            self.error = exc
-            logger.exception("%s: flow control failed", self._label)
-
-    def _step(self) -> None:
-        live = self._session.session
-        received = live.received_samples
-        backlog = received - self._consumed()
-        self._max_backlog = max(self._max_backlog, backlog)
-        if self._paused:
-            fill = self._session.buffer_fill_estimate()
-            self._max_fill = max(self._max_fill, fill.fraction)
-            if fill.fraction >= self._policy.max_fill:
-                logger.info(
-                    "%s: resuming with %d samples still unconsumed: the paused meter's ring "
-                    "buffer is about %.0f %% full (§4.10)",
-                    self._label, backlog, 100 * fill.fraction,
-                )
-                self._resumes_fill += 1
-                self._resume(reason="fill", fill_samples=fill.bytes // live.measures.bytes_per_sample)
-            elif backlog <= self._resume_at:
-                self._resumes_backlog += 1
-                self._resume(reason="backlog", fill_samples=fill.bytes // live.measures.bytes_per_sample)
-            return
-        if not self._caught_up:
-            expected = self._resume_fill_samples + self._rate * (time.monotonic() - self._resume_t)
-            if received - self._resume_received >= expected - self._tolerance:
-                self._caught_up = True
-        if self._caught_up and backlog >= self._pause_at:
-            self._pause(backlog)
-
-    def _pause(self, backlog: int) -> None:
-        logger.info("%s: pausing the meter (cts false): %d samples not consumed yet",
-                    self._label, backlog)
-        self._session.cts(False)
-        self._paused = True
-        self._paused_since = time.monotonic()
-        self._pauses += 1
-
-    def _resume(self, *, reason: str, fill_samples: int) -> None:
-        # taken before the request: the meter's flush may arrive before the cts reply
-        received = self._session.session.received_samples
-        now = time.monotonic()
-        self._session.cts(True)
-        if reason != "start":
-            self._paused_total += now - self._paused_since
-            logger.info("%s: resuming the meter (cts true, %s)", self._label, reason)
-        self._paused = False
-        self._caught_up = False
-        self._resume_t = now
-        self._resume_received = received
-        self._resume_fill_samples = fill_samples

@@ -1,7 +1,7 @@
 """Fly-scan settings and the progress-reporting status of a SmartMeter flyer.
 
 * :class:`FlyConfig` - what one fly scan samples (rate, measures, transport, flow control,
-  length, scheduled start).  :meth:`FlyConfig.from_value` accepts a ``FlyConfig`` or a mapping
+  length, scheduled start, time slot, who releases a paused start).  :meth:`FlyConfig.from_value` accepts a ``FlyConfig`` or a mapping
   (what ``bps.prepare(meter, {...})`` passes) and validates everything with the codec's
   ``Sample`` command **before** anything is sent to the meter.
 * :class:`ProgressStatus` - an ophyd ``DeviceStatus`` whose watchers receive ``current``,
@@ -25,20 +25,30 @@ from typing import Any, Final
 from ophyd.status import DeviceStatus
 
 from ..client import MeterCommandError, SampleConfig
-from ..protocol import CommandError, Measures, Sample, Transport
+from ..protocol import CommandError, Measures, Sample, Transport, max_request_samples
 
-FLOW_CONTROL_MODES: Final = ("none", "cts")
+FLOW_CONTROL_MODES: Final = ("none", "cts", "reqSamples")
+RELEASE_MODES: Final = ("meter", "plan")
 
 _PLACEHOLDER_UDP_PORT: Final = 1
 """Validation only: the client binds the real UDP port at kickoff."""
 
 
 def coerce_measures(value: Any) -> Measures:
-    """A ``Measures`` from a member, its name (``"VI"``) or a firmware string (``"v,i_L1"``)."""
+    """A ``Measures`` from a member, its name (``"VI"``), a firmware input string
+    (``"v,i_L1"``, ``"p,q"``) or the string the meter reports (``"p,p,p,q,q,q"``).
+
+    Only the name is checked here; whether the rate suits the measures is the ``Sample``
+    command's check (§4.3, §4.11), done by :meth:`FlyConfig.from_value`.
+    """
     if isinstance(value, Measures):
         return value
-    if isinstance(value, str) and value.upper() in Measures.__members__:
-        return Measures[value.upper()]
+    if isinstance(value, str):
+        if value.upper() in Measures.__members__:
+            return Measures[value.upper()]
+        for member in Measures:
+            if value == member.reported or value in member.spec.accepted_inputs:
+                return member
     return Sample(measures=value).measures  # raises CommandError naming the allowed values
 
 
@@ -56,12 +66,25 @@ def coerce_transport(value: Any) -> Transport:
 class FlyConfig:
     """Settings of one fly scan of one meter (§4.1).
 
-    ``flow_control``: ``"none"`` or ``"cts"`` (the meter starts paused, §5.1; the device
-    resumes it at once and then pauses/resumes it to bound the host-side backlog without
-    letting the meter's ring buffer near overflow, see :class:`~._flow.CtsPolicy`).  ``duration_s`` or ``n_samples`` (not both) bounds the fly: when the
-    target is reached the device sends ``stop``; the meter's tail (§4.8) may add samples and
-    they are all recorded.  ``start_time`` (integer unix seconds, 0.5..20 s ahead, §6.4)
-    schedules the start on the meter's clock.
+    ``flow_control``:
+
+    * ``"none"``: the meter streams freely;
+    * ``"cts"``: the meter starts paused (``flowCtr``, §5.1); the device resumes it (at
+      ``kickoff``, or when the plan releases it with ``release="plan"``) and then pauses and
+      resumes it to bound the host-side backlog without letting the meter's ring buffer near
+      overflow (:class:`~._flow.CtsPolicy`);
+    * ``"reqSamples"``: the meter starts paused and the host pulls: ``reqSamples`` of
+      ``request_size`` samples (11..42 for 24-byte measures, 11..128 for 8-byte: the 1029-byte
+      send buffer, §5.2), each followed by ``cts false`` because ``reqSamples`` switches
+      continuous sending on (§5.2); whatever arrives in between is recorded.
+
+    ``duration_s`` or ``n_samples`` (not both) bounds the fly: when the target is reached the
+    device sends ``stop``; the meter's tail (§4.8) may add samples and they are all recorded.
+    ``start_time`` (integer unix seconds, 0.5..20 s ahead, §6.4) schedules the start on the
+    meter's clock; ``prepare`` then arms the meter.  ``release="plan"`` (with ``"cts"``) arms a
+    paused meter in ``prepare`` and releases it in ``kickoff``, so a plan can release several
+    meters together.  ``slot=(slot, slots)`` makes the meter send only in the seconds where
+    ``second % slots == slot`` (§5.3).
     """
 
     rate: int = 8000
@@ -72,6 +95,19 @@ class FlyConfig:
     n_samples: int | None = None
     start_time: int | None = None
     prefix: bool = True
+    slot: tuple[int, int] | None = None
+    release: str = "meter"
+    request_size: int | None = None
+
+    @property
+    def arms_in_prepare(self) -> bool:
+        """Whether ``prepare`` sends ``sample`` (a scheduled start or a plan-released one)."""
+        return self.start_time is not None or self.release == "plan"
+
+    @property
+    def starts_paused(self) -> bool:
+        """The meter holds its samples until the host says so (§5.1, §5.2, §5.3)."""
+        return self.flow_control in ("cts", "reqSamples") or self.slot is not None
 
     @property
     def target_samples(self) -> int | None:
@@ -88,7 +124,8 @@ class FlyConfig:
             rate=self.rate,
             measures=self.measures,
             prefix=self.prefix,
-            flow_control=self.flow_control == "cts",
+            flow_control=self.flow_control in ("cts", "reqSamples"),
+            slot=self.slot,
             start_time=self.start_time,
         )
 
@@ -105,6 +142,9 @@ class FlyConfig:
             "n_samples": self.n_samples,
             "start_time": self.start_time,
             "prefix": self.prefix,
+            "slot": list(self.slot) if self.slot is not None else None,
+            "release": self.release,
+            "request_size": self.request_size,
         }
 
     @classmethod
@@ -153,17 +193,42 @@ class FlyConfig:
             isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int) or self.n_samples <= 0
         ):
             raise ValueError(f"n_samples={self.n_samples!r} must be a positive integer")
-        # The codec's own checks: rate vs measures (§4.3), booleans, start time type (§6.4).
+        if self.release not in RELEASE_MODES:
+            raise ValueError(f"release={self.release!r} is not allowed; allowed: {RELEASE_MODES}")
+        if self.release == "plan" and self.flow_control != "cts":
+            raise ValueError(
+                f"release='plan' needs flow_control='cts' (the meter waits paused until the "
+                f"plan sends cts, §5.1), not flow_control={self.flow_control!r}"
+            )
+        slot = None if self.slot is None else tuple(self.slot)
+        if self.flow_control == "reqSamples":
+            limit = max_request_samples(measures)
+            size = self.request_size
+            if isinstance(size, bool) or not isinstance(size, int) or not 11 <= size <= limit:
+                raise ValueError(
+                    f"request_size={size!r} is not allowed for flow_control='reqSamples' with "
+                    f"{measures.name}; allowed: 11..{limit} samples (the 1029-byte send "
+                    "buffer, §5.2)"
+                )
+            if measures.latched:
+                raise ValueError(
+                    f"flow_control='reqSamples' does not work with latched measures "
+                    f"{measures.name} (§5.2)"
+                )
+        elif self.request_size is not None:
+            raise ValueError("request_size is only used with flow_control='reqSamples'")
+        # The codec's own checks: rate vs measures (§4.3), booleans, slots, start time (§6.4).
         Sample(
             transport=transport,
             rate=self.rate,
             measures=measures,
             prefix=self.prefix,
             port=_PLACEHOLDER_UDP_PORT if transport is Transport.UDP else None,
-            flow_control=self.flow_control == "cts",
+            flow_control=self.flow_control in ("cts", "reqSamples"),
+            slot=slot,  # type: ignore[arg-type]
             start_time=self.start_time,
         )
-        return replace(self, measures=measures, transport=transport)
+        return replace(self, measures=measures, transport=transport, slot=slot)
 
 
 class ProgressStatus(DeviceStatus):

@@ -429,6 +429,18 @@ class WaveformWriter:
             len(self._gaps),
         )
 
+    def abandon(self) -> None:
+        """Close the file without flushing (after a write error: the disk refuses more)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._buffered = 0
+            try:
+                self._file.close()
+            except Exception as exc:  # closing what could not be written may fail too
+                logger.warning("smartmeter %s: closing %s failed: %s", self.meter_name, self.path, exc)
+
     def __enter__(self) -> WaveformWriter:
         return self
 

@@ -154,14 +154,14 @@ def test_scheduled_start_fly_starts_on_the_meters_second(emulated, embedded_cata
 
 
 @pytest.mark.parametrize(
-    "max_fill, way_out",
+    "max_fill, way_out, stall_s",
     [
-        (0.25, "backlog"),  # the consumer catches up long before the meter fills
-        (0.01, "fill"),  # the consumer is still stuck when the meter holds 1 %: resume anyway
+        (0.25, "backlog", 0.3),  # the consumer catches up long before the meter fills
+        (0.01, "fill", 0.8),  # the consumer is still stuck when the meter holds 1 %: resume anyway
     ],
 )
 def test_cts_back_pressure_pauses_and_resumes_without_loss(
-    emulated, make_meter, max_fill: float, way_out: str
+    emulated, make_meter, max_fill: float, way_out: str, stall_s: float
 ) -> None:
     policy = CtsPolicy(pause_backlog_s=0.25, resume_backlog_s=0.05, max_fill=max_fill, poll_s=0.01)
     meter = make_meter(emulated.meters[0].command_port, cts_policy=policy)
@@ -174,7 +174,7 @@ def test_cts_back_pressure_pauses_and_resumes_without_loss(
             fills.append(emulated.call(lambda: emulator.ring.readable))
             time.sleep(0.01)
 
-    stalls = [0.3] * 4  # the consumer stalls 0.3 s on each of its first reports, then keeps up
+    stalls = [stall_s] * 4  # the writer stalls on each of its first progress reports, then keeps up
 
     def slow_progress_bar(**kwargs: Any) -> None:
         if stalls:
@@ -220,8 +220,13 @@ def test_two_meters_share_a_scheduled_start_and_line_up(tmp_path, make_meter) ->
     with EmulatedMeters(2, name_prefix="sync", ntp_offsets_s=NTP_OFFSETS) as emulated:
         meters = [make_meter(m.command_port, name=m.name) for m in emulated.meters]
         start_time = int(time.time()) + 2
-        for meter in meters:
+        armed = [
             meter.prepare({"rate": RATE, "n_samples": RATE, "start_time": start_time})
+            for meter in meters
+        ]
+        for status in armed:  # prepare arms a scheduled start: the meter accepted it
+            status.wait(5)
+        assert [m.last_sample_reply.start_ts for m in meters] == [start_time] * 2
         kicked = [meter.kickoff() for meter in meters]
         for status in kicked:
             status.wait(start_time - time.time() + 10)
