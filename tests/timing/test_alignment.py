@@ -1,0 +1,210 @@
+"""Post-hoc alignment against the ground truth of simulated meters on the grid model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from smartmeter_ophyd.emulator._grid import GridModel
+from smartmeter_ophyd.timing import (
+    Alignment,
+    AlignmentError,
+    Waveform,
+    align,
+    align_pair,
+    apply_alignment,
+)
+
+from ._signals import T0, SimMeter, simulate, true_offset
+
+RESIDUAL_LIMIT_S = 10e-6
+
+
+def wave(m: SimMeter) -> Waveform:
+    return Waveform(m.name, m.time, m.voltage)
+
+
+def window_truth(a: Alignment, meter: SimMeter, reference: SimMeter) -> np.ndarray:
+    """True offset at each piece's midpoint (interpolated between the meter's samples)."""
+    mid = 0.5 * (a.window_start + a.window_end) - T0
+    return np.interp(mid, meter.rel_time, true_offset(meter, reference))
+
+
+def sample_residual(a: Alignment, meter: SimMeter, reference: SimMeter) -> np.ndarray:
+    """Per meter sample: aligned stamp minus the reference's stamp for the same instant."""
+    aligned = apply_alignment(meter.time, a) - T0
+    return aligned - reference.recorded_rel(meter.true_rel)
+
+
+@pytest.fixture(scope="module")
+def three_meters() -> tuple[dict[str, SimMeter], dict[str, Alignment]]:
+    meters = {
+        "a": simulate("a", offset_s=-0.6e-3, drift_ppm=-50.0, start_rel=0.0104, seed=1,
+                      duration_s=40.0),
+        "b": simulate("b", offset_s=0.0, drift_ppm=0.0, start_rel=0.0, seed=2,
+                      duration_s=40.0),
+        "c": simulate("c", offset_s=1.7e-3, drift_ppm=50.0, start_rel=0.0231, seed=3,
+                      duration_s=40.0),
+    }
+    return meters, align([wave(m) for m in meters.values()], "b")
+
+
+def test_three_meters_at_8khz_meet_10us_and_coverage(three_meters) -> None:
+    meters, result = three_meters
+    ref = meters["b"]
+    assert set(result) == {"a", "c"}
+    raw = {name: np.abs(true_offset(m, ref)) for name, m in meters.items() if name != "b"}
+    assert min(float(r.min()) for r in raw.values()) > 0.5e-3
+    assert float(np.abs(true_offset(meters["a"], meters["c"])).min()) > 1e-3
+    covered = []
+    for name in ("a", "c"):
+        a = result[name]
+        assert a.meter == name and a.reference == "b"
+        assert len(a) >= 39, a.notes
+        error = a.offset_s - window_truth(a, meters[name], ref)
+        assert np.abs(error).max() <= RESIDUAL_LIMIT_S
+        covered.extend(np.abs(error) <= a.uncertainty_s)
+        # Every sample of every window, read back through the helper.
+        residual = sample_residual(a, meters[name], ref)
+        assert np.abs(residual).max() <= RESIDUAL_LIMIT_S
+        # Drift of +-50 ppm against the reference is followed inside each window.
+        assert np.median(a.drift) == pytest.approx(meters[name].drift_ppm * 1e-6, abs=2e-7)
+        assert a.correlation.min() > 0.99999
+        assert a.n_samples.sum() > 0.97 * meters[name].voltage.size
+        assert np.all(np.isfinite(a.uncertainty_s)) and np.all(a.uncertainty_s > 0)
+    assert np.mean(covered) >= 0.95
+
+
+def test_coverage_is_honest_when_noise_dominates() -> None:
+    """With noisy meters the uncertainty is set by the scatter, and still covers."""
+    ref = simulate("ref", offset_s=0.0, drift_ppm=20.0, seed=11, noise_v=8.0, duration_s=60)
+    m = simulate("m", offset_s=2.3e-3, drift_ppm=-40.0, start_rel=0.0057, seed=12,
+                 noise_v=8.0, duration_s=60)
+    a = align_pair(wave(m), wave(ref))
+    error = a.offset_s - window_truth(a, m, ref)
+    assert np.median(a.uncertainty_s) > 5 * np.median(0.5 * np.spacing(a.window_end))
+    assert np.mean(np.abs(error) <= a.uncertainty_s) >= 0.95
+    assert np.abs(error).max() <= RESIDUAL_LIMIT_S
+
+
+@pytest.mark.parametrize(("kind", "n", "sign"), [("dup", 1, 1), ("drop", 3, -1)])
+def test_duplicated_or_dropped_samples_become_located_steps(kind: str, n: int, sign: int) -> None:
+    ref = simulate("ref", offset_s=0.0, drift_ppm=-20.0, seed=21, duration_s=12)
+    m = simulate("m", offset_s=1.3e-3, drift_ppm=45.0, start_rel=0.0123, seed=22,
+                 duration_s=12, edits=((kind, 5.537, n),))
+    a = align_pair(wave(m), wave(ref))
+    steps = np.isfinite(a.break_step_s)
+    assert np.count_nonzero(steps) == 1
+    assert a.break_step_s[steps][0] == pytest.approx(sign * n / 8000, abs=1e-6)
+    truth = true_offset(m, ref)
+    jump = int(np.flatnonzero(np.abs(np.diff(truth)) > 50e-6)[0]) + 1
+    lo, hi = a.breaks[steps][0] - T0
+    assert m.rel_time[jump - 1] <= hi and lo <= m.rel_time[jump]  # within one sample
+    residual = sample_residual(a, m, ref)
+    assert np.abs(residual).max() <= RESIDUAL_LIMIT_S
+    error = a.offset_s - window_truth(a, m, ref)
+    assert np.abs(error).max() <= RESIDUAL_LIMIT_S
+    assert np.all(np.abs(error) <= a.uncertainty_s)
+
+
+def test_gaps_split_windows_and_are_never_bridged() -> None:
+    ref = simulate("ref", offset_s=0.0, drift_ppm=0.0, seed=31, duration_s=12,
+                   edits=(("nan", 8.42, 4),))
+    m = simulate("m", offset_s=-1.4e-3, drift_ppm=30.0, start_rel=0.004, seed=32,
+                 duration_s=12, edits=(("gap", 3.71, 2400),))
+    a = align_pair(wave(m), wave(ref))
+    assert not np.isfinite(a.break_step_s).any()
+    assert len(a.breaks) == 2
+    gap_lo, gap_hi = a.breaks[0] - T0
+    assert gap_hi - gap_lo == pytest.approx(2401 / 8000, abs=1e-6)
+    # No window piece reaches into a gap.
+    for lo, hi in a.breaks:
+        assert not np.any((a.window_start < hi) & (a.window_end > lo))
+    finite = np.isfinite(m.voltage)
+    residual = sample_residual(a, m, ref)[finite]
+    assert np.abs(residual).max() <= RESIDUAL_LIMIT_S
+    error = a.offset_s - window_truth(a, m, ref)
+    assert np.abs(error).max() <= RESIDUAL_LIMIT_S
+
+
+@pytest.mark.parametrize("rate", [4000, 6400, 32000])
+def test_other_and_bursty_rates_against_an_8khz_reference(rate: int) -> None:
+    ref = simulate("ref", offset_s=0.0, drift_ppm=10.0, seed=41, duration_s=6)
+    m = simulate("m", offset_s=2.1e-3, drift_ppm=-35.0, rate=rate, start_rel=0.0311,
+                 seed=42, duration_s=6)
+    a = align_pair(wave(m), wave(ref))
+    assert len(a) >= 5
+    residual = sample_residual(a, m, ref)
+    assert np.abs(residual).max() <= RESIDUAL_LIMIT_S
+    error = a.offset_s - window_truth(a, m, ref)
+    assert np.all(np.abs(error) <= a.uncertainty_s)
+
+
+def test_answer_is_only_defined_within_half_a_mains_period() -> None:
+    """13 ms off at ~50 Hz reads as about -7 ms: the caller's axes must agree to +-10 ms."""
+    ref = simulate("ref", offset_s=0.0, drift_ppm=0.0, seed=51, duration_s=4)
+    m = simulate("m", offset_s=13e-3, drift_ppm=0.0, seed=52, duration_s=4)
+    a = align_pair(wave(m), wave(ref))
+    error = a.offset_s - window_truth(a, m, ref)
+    period = 1.0 / 50.0
+    assert np.all(np.abs(a.offset_s) <= 0.5 * period * 1.01)
+    assert np.abs(error + period).max() < 20e-6  # off by one (local) mains period
+
+
+def test_another_phase_is_a_time_shift_the_correlation_cannot_see() -> None:
+    """A documented limit: in a balanced grid L2 is L1 delayed by a third of a period."""
+    ref = simulate("ref", offset_s=0.0, drift_ppm=0.0, seed=61, duration_s=4)
+    other = simulate("other", offset_s=1e-3, drift_ppm=0.0, seed=63, duration_s=4, line=1)
+    a = align_pair(wave(other), wave(ref))
+    third = 1.0 / 50.0 / 3.0
+    assert np.median(a.offset_s) == pytest.approx(1e-3 + third, abs=20e-6)
+    assert a.correlation.min() > 0.99999
+
+
+def test_a_different_signal_shows_in_the_correlation() -> None:
+    ref = simulate("ref", offset_s=0.0, drift_ppm=0.0, seed=61, duration_s=4)
+    m = simulate("m", offset_s=1e-3, drift_ppm=0.0, seed=62, duration_s=4)
+    current = GridModel(seed=7).current(T0 + m.true_rel, circuit=3)[:, 0].astype(np.float32)
+    good = align_pair(wave(m), wave(ref))
+    bad = align_pair(Waveform("m", m.time, current), wave(ref))
+    assert good.correlation.min() > 0.99999
+    assert bad.correlation.max() < 0.999
+
+
+def test_offset_at_is_nan_only_where_no_piece_exists() -> None:
+    ref = simulate("ref", offset_s=0.0, drift_ppm=0.0, seed=71, duration_s=5)
+    m = simulate("m", offset_s=1e-3, drift_ppm=0.0, seed=72, duration_s=5,
+                 edits=(("gap", 2.0, 2000),))
+    a = align_pair(wave(m), wave(ref))
+    t = T0 + np.array([-1.0, 0.5, 2.1, 4.5, 9.0])
+    offset = a.offset_at(t)
+    assert np.all(np.isfinite(offset))  # extrapolated up to the data's ends and the gap
+    assert offset == pytest.approx(1e-3, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_name_the_meter() -> None:
+    t = T0 + np.arange(8000) / 8000
+    v = np.sin(2 * math.pi * 50 * (t - T0)).astype(np.float32)
+    with pytest.raises(AlignmentError, match="'m1'.*not strictly increasing at sample 5"):
+        bad = t.copy()
+        bad[5] = bad[4]
+        Waveform("m1", bad, v)
+    with pytest.raises(AlignmentError, match="'m2'.*float64"):
+        Waveform("m2", t.astype(np.float32), v)
+    with pytest.raises(AlignmentError, match="'m3'.*8000 times for 10 samples"):
+        Waveform("m3", t, v[:10])
+    with pytest.raises(AlignmentError, match="'m4'.*fewer than two"):
+        Waveform("m4", np.full(3, np.nan), np.zeros(3))
+    ok = Waveform("ok", t, v)
+    slow = Waveform("slow", T0 + np.arange(100) / 100.0, np.zeros(100))
+    with pytest.raises(AlignmentError, match="'slow'.*too coarse.*8 samples per mains period"):
+        align_pair(slow, ok)
+    with pytest.raises(AlignmentError, match="reference meter 'nope'"):
+        align([ok, Waveform("x", t, v)], "nope")
+    with pytest.raises(AlignmentError, match="whole number of blocks"):
+        align_pair(Waveform("x", t, v), ok, window_s=1.05)
