@@ -9,13 +9,11 @@
 * :class:`HostClock` - the host clock's offset from a time server (SNTP).
 """
 
-from ._controller import FlyError
 from ._flow import CtsPolicy, FlowStats
 from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
 from ._hostclock import ClockMeasurement, HostClock, HostClockError
 from ._ntp import MeterNtp, NtpSyncError
-from ._smartmeter import GapStream, RunSummary, SmartMeter, summary_dict
-from ._timing import TimingStream
+from ._smartmeter import FlyError, GapStream, RunSummary, SmartMeter, summary_dict
 
 __all__ = [
     "FLOW_CONTROL_MODES",
@@ -32,6 +30,5 @@ __all__ = [
     "ProgressStatus",
     "RunSummary",
     "SmartMeter",
-    "TimingStream",
     "summary_dict",
 ]
