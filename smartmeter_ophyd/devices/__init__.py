@@ -7,16 +7,23 @@
 * :class:`CtsPolicy` / :class:`FlowStats` - back-pressure of ``flow_control="cts"`` flies.
 * :class:`MeterNtp` - ``meter.ntp``: trigger the meter's NTP sync, read its confidence.
 * :class:`HostClock` - the host clock's offset from a time server (SNTP).
+* :class:`MeterNtp` - ``meter.ntp``: trigger the meter's NTP sync, read its confidence.
+* :class:`HostClock` - the host clock's offset from a time server (SNTP).
 """
 
+from ._controller import FlyError
 from ._flow import CtsPolicy, FlowStats
 from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
 from ._hostclock import ClockMeasurement, HostClock, HostClockError
 from ._ntp import MeterNtp, NtpSyncError
-from ._smartmeter import FlyError, GapStream, RunSummary, SmartMeter, summary_dict
+from ._hostclock import ClockMeasurement, HostClock, HostClockError
+from ._ntp import MeterNtp, NtpSyncError
+from ._smartmeter import GapStream, RunSummary, SmartMeter, summary_dict
+from ._timing import TimingStream
 
 __all__ = [
     "FLOW_CONTROL_MODES",
+    "ClockMeasurement",
     "ClockMeasurement",
     "CtsPolicy",
     "FlowStats",
@@ -27,8 +34,13 @@ __all__ = [
     "HostClockError",
     "MeterNtp",
     "NtpSyncError",
+    "HostClock",
+    "HostClockError",
+    "MeterNtp",
+    "NtpSyncError",
     "ProgressStatus",
     "RunSummary",
     "SmartMeter",
+    "TimingStream",
     "summary_dict",
 ]

@@ -62,6 +62,8 @@ stays the reply's ``startTs``.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import enum
 import json
@@ -82,19 +84,18 @@ from ophyd.status import DeviceStatus, Status
 from ophyd.utils.errors import ReadOnlyError
 
 from ..client import (
-    Gap,
+    ClientEvent,
+    ConnectionLost,
     MeterClient,
     MeterCommandError,
     MeterConnectionError,
     MeterError,
-    MeterTimeoutError,
+    MeterIdentityError,
     SessionSummary,
-    SyncSamplingSession,
 )
 from ..protocol import (
     CommandError,
     DeviceInfo,
-    LogLine,
     Measures,
     SampleReply,
     SetCalibration,
@@ -105,20 +106,20 @@ from ..protocol import (
     SetStreamServer,
     SetTimeServer,
     Transport,
+    check_start_window,
 )
 from ..storage import GapAssets, StreamAssets, WaveformWriter, gap_data_keys, stream_data_keys
-from ._flow import CtsGovernor, CtsPolicy, FlowStats
-from ._fly import FlyConfig, ProgressStatus, coerce_measures, coerce_transport
+from ._controller import FlyController, check_not_running
+from ._flow import CtsPolicy, FlowStats
+from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus, coerce_measures, coerce_transport
 from ._ntp import MeterNtp
+from ._ntp import MeterNtp
+from ._status import status_from_coroutine
+from ._timing import TimingStream
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT: Final = 54321
-BLOCK_POLL_S: Final = 0.25
-"""How often the consumer thread wakes without data to look at stop requests."""
-
-OTHER_CLIENT_LOG: Final = re.compile(r"Client with IP (\S+) connected on port (\d+)")
-"""§2.1: the meter tells connected clients about every new one (text of an INFO log)."""
 
 READING_UNITS: Final = {
     "voltage": "V",
@@ -292,8 +293,8 @@ def _bool(value: Any) -> bool:
 
 
 def _flow(value: Any) -> str:
-    if value not in ("none", "cts"):
-        raise ValueError(f"flow_control={value!r}; allowed: 'none', 'cts'")
+    if value not in FLOW_CONTROL_MODES:
+        raise ValueError(f"flow_control={value!r}; allowed: {', '.join(FLOW_CONTROL_MODES)}")
     return str(value)
 
 
@@ -312,10 +313,6 @@ def _jsonable(value: Any) -> Any:
 def summary_dict(summary: SessionSummary) -> dict[str, Any]:
     """A :class:`SessionSummary` as plain JSON-able values."""
     return {f.name: _jsonable(getattr(summary, f.name)) for f in dataclasses.fields(summary)}
-
-
-class FlyError(MeterError):
-    """A fly scan did not end with every sample accounted for."""
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -510,6 +507,10 @@ class SmartMeter(Device):
     meter_state = Cpt(MeterReadback, value="", kind=Kind.config)
     sampling_reply = Cpt(MeterReadback, value="{}", kind=Kind.config)
     stop_summary = Cpt(MeterReadback, value="{}", kind=Kind.config)
+    link_state = Cpt(MeterReadback, value="disconnected", kind=Kind.omitted)
+    """``connected``, ``lost`` (reconnecting) or ``disconnected``: for bluesky suspenders."""
+    ntp = Cpt(MeterNtp, kind=Kind.omitted)
+    """``meter.ntp``: trigger an NTP sync; the meter's confidence, offset and time (``_ntp``)."""
     ntp = Cpt(MeterNtp, kind=Kind.omitted)
     """``meter.ntp``: trigger an NTP sync; the meter's confidence, offset and time (``_ntp``)."""
 
@@ -523,6 +524,7 @@ class SmartMeter(Device):
         timeout: float = 5.0,
         reconnect: bool = True,
         cts_policy: CtsPolicy | None = None,
+        readable_root: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__("", name=name, **kwargs)
@@ -531,24 +533,27 @@ class SmartMeter(Device):
         self.timeout = float(timeout)
         self.reconnect = reconnect
         self.data_directory = Path(data_directory)
+        self.readable_root = Path(readable_root) if readable_root is not None else None
+        """The catalog's readable storage (fly files must lie under it); None: not checked."""
         self.cts_policy = cts_policy or CtsPolicy()
         """When a ``flow_control="cts"`` fly pauses and resumes the meter (see ``_flow``)."""
         self.last_flow_stats: FlowStats | None = None
         """What flow control did in the last ``cts`` fly (None for other flies)."""
         self._client: MeterClient | None = None
         self._client_lock = threading.Lock()
+        self._identity: DeviceInfo | None = None
+        self._unsubscribe_events: Callable[[], None] | None = None
         self._fly_config: FlyConfig | None = None
-        self._session: SyncSamplingSession | None = None
+        self._controller: FlyController | None = None
         self._writer: WaveformWriter | None = None
         self._assets: StreamAssets | None = None
         self._gap_assets: GapAssets | None = None
         self._complete_status: ProgressStatus | None = None
-        self._consumer: threading.Thread | None = None
-        self._stop_requested = threading.Event()
-        self._other_clients: list[str] = []
+        self._declared = False
         self.last_summary: SessionSummary | None = None
         self.last_sample_reply: SampleReply | None = None
         self.gap_stream = GapStream(self)
+        self.timing_stream = TimingStream(self)
         self.run_summary = RunSummary(self)
 
     # ------------------------------------------------------------------ connection
@@ -577,25 +582,38 @@ class SmartMeter(Device):
         return self._client is not None and self._client.connected
 
     def connect(self) -> DeviceInfo:
-        """Open the connection (idempotent) and refresh the configuration from the info line."""
+        """Open the connection (idempotent) and refresh the configuration from the info line.
+
+        A device that was connected before only reconnects to the same meter: an address
+        that now answers with another meter's name raises :class:`MeterIdentityError`.
+        """
         with self._client_lock:
             if self._client is not None and self._client.connected:
                 info = self._client.info
                 assert info is not None
                 return info
             if self._client is not None:
-                self._client.close()
-                self._client = None
+                self._close_client()
             client = MeterClient(
                 self.host, self.port, name=self.name, timeout=self.timeout,
                 reconnect=self.reconnect,
             )
             try:
                 info = client.connect()
+                if self._identity is not None and info.name != self._identity.name:
+                    raise MeterIdentityError(
+                        client.meter_label,
+                        f"{self.host}:{self.port} now answers as meter {info.name!r}, not "
+                        f"{self._identity.name!r} (another meter took the address, or it was "
+                        "renamed); create a new device for it",
+                    )
             except BaseException:
                 client.close()
                 raise
             self._client = client
+            self._identity = info
+            self._unsubscribe_events = client.subscribe_events(self._on_client_event)
+        self.link_state._update("connected")
         self._apply_info(info)
         logger.info("%s: connected (firmware %s)", self.meter_label, info.version)
         return info
@@ -604,16 +622,28 @@ class SmartMeter(Device):
         self.connect()
 
     def close(self) -> None:
-        """Stop a running fly, close the connection and join every thread of this device."""
-        if self._session is not None:
-            self._stop_requested.set()
-        consumer = self._consumer
-        if consumer is not None and consumer is not threading.current_thread():
-            consumer.join(self.timeout * 4 + 5)
+        """Stop a running fly (keeping what it received), then close the connection."""
+        self._stop_and_wait("close")
         with self._client_lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            self._close_client()
+        self.link_state._update("disconnected")
+
+    def _close_client(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        self._client = None
+        if self._unsubscribe_events is not None and client.connected:
+            try:
+                self._unsubscribe_events()
+            except Exception as exc:  # closing anyway
+                logger.debug("%s: unsubscribe: %s", self.meter_label, exc)
+        self._unsubscribe_events = None
+        client.close()
+
+    def _on_client_event(self, event: ClientEvent) -> None:
+        """On the loop: the link's state for suspenders (``meter.link_state``)."""
+        self.link_state._update("lost" if isinstance(event, ConnectionLost) else "connected")
 
     def destroy(self) -> None:
         self.close()
@@ -664,7 +694,8 @@ class SmartMeter(Device):
         return super().stage()  # type: ignore[no-any-return]
 
     def unstage(self) -> list[Any]:
-        self.stop()
+        """Stop a running fly and wait until the meter is idle and the file closed."""
+        self._stop_and_wait("unstage")
         return super().unstage()  # type: ignore[no-any-return]
 
     def trigger(self) -> DeviceStatus:
@@ -708,27 +739,50 @@ class SmartMeter(Device):
             self.meter_label,
         )
 
-    def prepare(self, value: FlyConfig | Mapping[str, Any]) -> Status:
-        """Validate and store the settings of the next fly (nothing is sent to the meter)."""
+    @property
+    def fly_config(self) -> FlyConfig:
+        """The settings the next/current fly uses (prepared, else the local signals)."""
+        return self._fly_config or self._local_fly_config()
+
+    @property
+    def flying(self) -> bool:
+        """Whether a fly is armed or running (the meter may be sampling)."""
+        return self._controller is not None and self._controller.running
+
+    def prepare(self, value: FlyConfig | Mapping[str, Any]) -> DeviceStatus:
+        """Validate the next fly's settings and, for a scheduled or plan-released start, arm.
+
+        Everything is checked before anything is sent: the settings (codec rules, §4.1), a
+        ``start_time`` against the 0.5..20 s window by the host clock (§6.4), the data
+        directory.  With ``start_time`` or ``release="plan"`` the status finishes when the
+        meter accepted ``sample`` (for a scheduled start its reply carries
+        ``startTs == "<start_time>.000"``) and fails with the meter's own message; otherwise
+        the settings are only stored and ``kickoff`` sends ``sample``.
+        """
         config = FlyConfig.from_value(value, self.meter_label)
-        if self._session is not None:
-            raise MeterCommandError(self.meter_label, "prepare: a fly is still running")
+        check_not_running(self._controller, self.meter_label, "prepare")
+        if config.start_time is not None:
+            try:
+                check_start_window(config.start_time, time.time())
+            except CommandError as exc:
+                raise MeterCommandError(self.meter_label, f"prepare: {exc}") from exc
+        self._check_data_directory()
+        self._discard_leftovers("prepare")
         self._fly_config = config
         self.sampling_rate.put(config.rate)
         self.measures.put(config.measures)
         self.transport.put(config.transport)
         self.sample_prefix.put(config.prefix)
         self.flow_control.put(config.flow_control)
-        status = Status()
-        status.set_finished()
-        return status
-
-    @property
-    def fly_config(self) -> FlyConfig:
-        """The settings the next/current fly uses (prepared, else the local signals)."""
-        return self._fly_config or self._local_fly_config()
+        if not config.arms_in_prepare:
+            status = DeviceStatus(self, call_stop_on_failure=False)
+            status.set_finished()
+            return status
+        controller = self._new_controller(config)
+        return status_from_coroutine(self, self.client, self._arm(controller))
 
     def describe_collect(self) -> dict[str, dict[str, Any]]:
+        self._declared = True
         measures = coerce_measures(self.fly_config.measures)
         return stream_data_keys(self.name, measures.channels, measures.units, self.source_label)
 
@@ -744,21 +798,36 @@ class SmartMeter(Device):
         return None if self._writer is None else self._writer.path
 
     def kickoff(self) -> DeviceStatus:
-        """Start sampling; the status is done when the first sample has arrived."""
+        """Start (or release an armed) fly; done when the meter really sampled.
+
+        Under a RunEngine the stream must have been declared (``bps.declare_stream(meter,
+        name=meter.name, collect=True)``): ``bluesky.plans.fly`` cannot record this flyer, and
+        is refused here before the meter starts.
+        """
         config = self.fly_config
-        if self._session is not None or (self._consumer is not None and self._consumer.is_alive()):
-            raise MeterCommandError(self.meter_label, "kickoff: a fly is already running")
-        self._stop_requested.clear()
-        self.last_summary = None
-        self._writer = self._assets = self._gap_assets = None
-        started = DeviceStatus(self)
-        self._complete_status = ProgressStatus(self, target=config.target_samples)
-        self._consumer = threading.Thread(
-            target=self._fly, args=(config, started, self._complete_status),
-            name=f"{self.name} fly", daemon=True,
-        )
-        self._consumer.start()
-        return started
+        if not self._declared and _called_by_run_engine():
+            raise MeterCommandError(
+                self.meter_label,
+                "kickoff: this flyer's stream was not declared.  Use plans.synchronized_fly "
+                "(or declare it: bps.declare_stream(meter, name=meter.name, collect=True) "
+                "before kickoff); bluesky.plans.fly cannot record stream-asset flyers",
+            )
+        controller = self._controller
+        if controller is not None and controller.running:
+            if self._complete_status is None:
+                self._complete_status = self._watch_outcome(controller, config)
+            return status_from_coroutine(self, self.client, controller.kickoff())
+        check_not_running(controller, self.meter_label, "kickoff")
+        self._check_data_directory()
+        self._discard_leftovers("kickoff")
+        controller = self._new_controller(config)
+        self._complete_status = self._watch_outcome(controller, config)
+
+        async def start() -> None:
+            await self._arm(controller)
+            await controller.kickoff()
+
+        return status_from_coroutine(self, self.client, start())
 
     def complete(self) -> ProgressStatus:
         """Status done when the meter stopped and every sample is accounted for."""
@@ -767,22 +836,163 @@ class SmartMeter(Device):
         return self._complete_status
 
     def stop(self, *, success: bool = False) -> None:
-        """Ask a running fly to stop the meter (the consumer sends ``stop`` and drains)."""
-        if self._consumer is not None and self._consumer.is_alive():
-            self._stop_requested.set()
+        """Ask a running fly to stop the meter (it drains the tail and closes the file)."""
+        controller = self._controller
+        client = self._client
+        if controller is None or not controller.running or client is None:
+            return
+        client.loop.call_soon_threadsafe(controller.request_stop, "stop() called")
 
-    # ------------------------------------------------------------------ the consumer thread
+    def pause(self) -> None:
+        """bluesky's pause (Ctrl-C twice, ``RE.request_pause()``): stop the meters, keep
+        everything received (the run goes on only as a new fly)."""
+        self._stop_and_wait("pause")
 
-    def _open_writer(self, reply: SampleReply, info: DeviceInfo | None) -> None:
+    def resume(self) -> None:
+        """Nothing to undo: a paused fly has ended; the plan decides whether to fly again."""
+
+    def _stop_and_wait(self, why: str) -> None:
+        controller = self._controller
+        client = self._client
+        if controller is None or not controller.running or client is None:
+            return
+        if client.in_loop_thread():
+            controller.request_stop(why)
+            return
+        client.loop.call_soon_threadsafe(controller.request_stop, why)
+        future = asyncio.run_coroutine_threadsafe(controller.wait(), client.loop)
+        try:
+            future.result(self.timeout * 4 + 5)
+        except concurrent.futures.TimeoutError:
+            logger.error("%s: %s: the fly did not end within %.0f s", self.meter_label, why,
+                         self.timeout * 4 + 5)
+        except Exception as exc:  # the fly's own failure is reported by complete()
+            logger.info("%s: %s: the fly ended with %s", self.meter_label, why, exc)
+
+    # ------------------------------------------------------------------ fly internals
+
+    def _check_data_directory(self) -> None:
+        directory = self.data_directory
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MeterCommandError(
+                self.meter_label, f"data_directory {directory} cannot be created: {exc}"
+            ) from exc
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise MeterCommandError(
+                self.meter_label, f"data_directory {directory} is not writable"
+            )
+        readable = self.readable_root
+        if readable is not None:
+            try:
+                directory.resolve().relative_to(Path(readable).resolve())
+            except ValueError:
+                raise MeterCommandError(
+                    self.meter_label,
+                    f"data_directory {directory} is outside the catalog's readable storage "
+                    f"{readable}: the run could not be read back",
+                ) from None
+
+    def _discard_leftovers(self, why: str) -> None:
+        """Forget documents of a previous fly that no run collected (they stay in its file)."""
+        assets = self._assets
+        if assets is None or self.flying:
+            return
+        left = assets.get_index() - assets.emitted
+        if left > 0:
+            logger.warning(
+                "%s: %s: %d samples of the previous fly were never collected into a run; they "
+                "stay in %s", self.meter_label, why, left, self.hdf5_path,
+            )
+        self._assets = self._gap_assets = None
+        self._declared = False
+
+    def _new_controller(self, config: FlyConfig) -> FlyController:
+        if not self.connected:
+            self.connect()
+        client = self.client
+        self._fly_config = config
+        self.last_summary = None
+        self.last_flow_stats = None
+        self._complete_status = None
+        self._writer = self._assets = self._gap_assets = None
+        self.timing_stream.reset()
+        silence = self.timeout * 4
+
+        async def build() -> FlyController:
+            return FlyController(
+                client=client.async_client, config=config, open_writer=self._open_writer,
+                cts_policy=self.cts_policy, silence_s=silence,
+                on_progress=self._report_progress, on_log=self.timing_stream.feed,
+            )
+
+        controller = client.submit(build()).result(self.timeout)
+        self._controller = controller
+        return controller
+
+    async def _arm(self, controller: FlyController) -> None:
+        reply = await controller.arm()
+        self.last_sample_reply = reply
+        self.sampling_reply._update(json.dumps(_jsonable(reply.raw_fields)))
+
+    def _report_progress(self, samples: int) -> None:
+        status = self._complete_status
+        if status is not None and not status.done:
+            status.report(samples)
+
+    def _watch_outcome(self, controller: FlyController, config: FlyConfig) -> ProgressStatus:
+        status = ProgressStatus(self, target=config.target_samples)
+        client = self.client
+
+        async def finished() -> None:
+            outcome = await controller.wait()
+            self.timing_stream.flush()
+            self.last_summary = outcome.summary
+            self.last_flow_stats = outcome.flow_stats
+            if outcome.summary is not None:
+                self.stop_summary._update(json.dumps(summary_dict(outcome.summary)))
+            status.report(outcome.samples_written)
+            if outcome.error is not None:
+                logger.warning("%s: fly failed: %s", self.meter_label, outcome.error)
+                raise outcome.error
+            summary = outcome.summary
+            assert summary is not None
+            logger.info("%s: fly complete: %s", self.meter_label, "; ".join(summary.notes))
+
+        status_from_coroutine(self, client, finished(), status=status)
+        status.add_callback(lambda _st: self._after_fly())
+        return status
+
+    def _after_fly(self) -> None:
+        """Refresh the info line once the fly is over (state, identity), off the loop."""
+        client = self._client
+        if client is None or not client.connected:
+            return
+
+        async def refresh() -> None:
+            try:
+                info = await client.async_client.get_info()
+            except MeterError as exc:
+                logger.warning("%s: could not refresh the info line after the fly: %s",
+                               self.meter_label, exc)
+                return
+            self._apply_info(info)
+
+        client.submit(refresh())
+
+    def _open_writer(self, reply: SampleReply) -> WaveformWriter:
+        """Runs on the I/O thread once the sample reply is known."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        path = self.data_directory / f"{self.name}-{stamp}-{uuid.uuid4().hex[:8]}.h5"
+        path = self.data_directory / f"{safe_file_stem(self.name)}-{stamp}-{uuid.uuid4().hex[:8]}.h5"
         start_ts = reply.start_ts if reply.start_ts is not None else 0.0
         if not start_ts:
             logger.warning(
                 "%s: the meter reported startTs %r (no NTP sync yet, §6.1); sample times "
                 "in %s count from 0", self.meter_label, reply.start_ts, path,
             )
-        self._writer = WaveformWriter(
+        info = self._client.info if self._client is not None else None
+        writer = WaveformWriter(
             path, reply.measures, reply.sampling_rate, start_ts,
             {
                 "name": (info.name if info else None) or self.name,
@@ -792,228 +1002,22 @@ class SmartMeter(Device):
                 "sampling_reply": _jsonable(reply.raw_fields),
             },
         )
-        self._assets = StreamAssets(self._writer, self.name, source_label=self.source_label)
-        self._gap_assets = GapAssets(self._writer, self.name, source_label=self.source_label)
+        self._writer = writer
+        self._assets = StreamAssets(writer, self.name, source_label=self.source_label)
+        self._gap_assets = GapAssets(writer, self.name, source_label=self.source_label)
+        return writer
 
-    def _record_gap(self, gap: Gap) -> None:
-        writer = self._writer
-        assert writer is not None
-        span = gap.missing_packets
-        if span is None:
-            logger.warning(
-                "%s: late packet %s (%d samples) already declared missing; not inserted",
-                self.meter_label, gap.received_packet,
-                0 if gap.late_values is None else gap.late_values.shape[0],
-            )
-            return
-        writer.record_gap(*span, gap.missing_samples)
 
-    def _fly(self, config: FlyConfig, started: DeviceStatus, done: ProgressStatus) -> None:
-        label = self.meter_label
-        session: SyncSamplingSession | None = None
-        governor: CtsGovernor | None = None
-        client: MeterClient | None = None
-        unsubscribe: Callable[[], None] | None = None
-        target = config.target_samples
-        consumed = 0
-        self.last_flow_stats = None
-        try:
-            if not self.connected:
-                self.connect()
-            client = self.client
-            label = self.meter_label
-            self._other_clients = []
-            unsubscribe = client.subscribe_logs(self._watch_other_clients)
-            session = client.sample(config.sample_config())
-            self._session = session
-            reply = session.session.reply
-            self.last_sample_reply = reply
-            self.sampling_reply._update(json.dumps(_jsonable(reply.raw_fields)))
-            self._open_writer(reply, client.info)
-            if config.flow_control == "cts":
-                # flowCtr sessions start paused (§5.1); the governor resumes at once and then
-                # keeps the host backlog bounded without letting the meter overflow (§4.10).
-                governor = CtsGovernor(session, lambda: consumed, self.cts_policy, name=self.name)
-                governor.start()
-            writer = self._writer
-            assert writer is not None
-            first_wait = self.timeout * 4
-            if config.start_time is not None:
-                first_wait += max(0.0, config.start_time - time.time())
-            silence_limit = first_wait
-            last_data = time.monotonic()
-            stop_sent = False
-            summary: SessionSummary | None = None
+def _called_by_run_engine() -> bool:
+    """Whether the caller runs inside an event loop (the RunEngine's), not plain code."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
-            def send_stop() -> SessionSummary:
-                if governor is not None:
-                    self.last_flow_stats = governor.close()
-                assert session is not None
-                stopped = session.stop()
-                self._apply_actual_start(stopped, scheduled=config.start_time is not None)
-                return stopped
 
-            while True:
-                if not stop_sent and self._stop_requested.is_set():
-                    summary = send_stop()
-                    stop_sent = True
-                if governor is not None and governor.error is not None:
-                    raise governor.error
-                try:
-                    block = session.next_block(BLOCK_POLL_S)
-                except MeterTimeoutError:
-                    if stop_sent:
-                        continue
-                    paused = governor is not None and governor.paused
-                    if not paused and time.monotonic() - last_data > silence_limit:
-                        raise MeterTimeoutError(
-                            label, f"no sample data for {silence_limit:.1f} s during the fly"
-                        ) from None
-                    if paused:
-                        last_data = time.monotonic()
-                    continue
-                if block is None:
-                    break
-                last_data = time.monotonic()
-                silence_limit = self.timeout * 4
-                for gap in block.gaps:
-                    self._record_gap(gap)
-                if block.n_samples:
-                    writer.append(block.values, block.packets, block.frame_samples)
-                    if not started.done:
-                        started.set_finished()
-                consumed += block.n_samples
-                done.report(writer.samples_appended)
-                if (
-                    not stop_sent
-                    and target is not None
-                    and writer.samples_appended + session.session.missing_declared >= target
-                ):
-                    logger.info("%s: %d samples reached; stopping the meter", label, target)
-                    summary = send_stop()
-                    stop_sent = True
-            if governor is not None and self.last_flow_stats is None:
-                self.last_flow_stats = governor.close()  # the session ended without our stop
-            if summary is None:
-                summary = session.summary
-            assert summary is not None
-            self._finish(summary, started, done, scheduled=config.start_time is not None)
-        except BaseException as exc:
-            if governor is not None and self.last_flow_stats is None:
-                self.last_flow_stats = governor.close()
-            self._fail(exc, session, started, done, scheduled=config.start_time is not None)
-        finally:
-            self._session = None
-            if unsubscribe is not None and client is not None and client is self._client and client.connected:
-                try:
-                    unsubscribe()
-                except Exception as exc:  # only bookkeeping; the fly's outcome stands
-                    logger.warning("%s: could not unsubscribe from logs: %s", label, exc)
-
-    def _watch_other_clients(self, line: LogLine) -> None:
-        """Runs on the client's loop: remember other connections opened during the fly."""
-        match = OTHER_CLIENT_LOG.fullmatch(line.text)
-        if match is not None:
-            self._other_clients.append(f"{match.group(1)}:{match.group(2)}")
-
-    def _apply_actual_start(self, summary: SessionSummary, *, scheduled: bool) -> None:
-        """Move the file's time origin to the stop reply's ``start_ts`` (§6.4 step 5, §4.8).
-
-        A no-op when it equals the sample reply's ``startTs`` (immediate starts, §4.4) or when
-        there was no stop reply.
-        """
-        writer = self._writer
-        actual = summary.start_ts
-        if writer is None or writer.closed or actual is None or not math.isfinite(actual):
-            return
-        if actual == writer.start_ts:
-            return
-        if not scheduled:
-            logger.warning(
-                "%s: the stop reply's start_ts %.3f differs from the sample reply's startTs "
-                "%.3f of an immediate start (§4.4 says they match); using the stop reply's",
-                self.meter_label, actual, writer.start_ts,
-            )
-        writer.rebase_start(actual)
-
-    def _finish(
-        self, summary: SessionSummary, started: DeviceStatus, done: ProgressStatus, *, scheduled: bool
-    ) -> None:
-        writer = self._writer
-        assert writer is not None
-        self.last_summary = summary
-        self._apply_actual_start(summary, scheduled=scheduled)
-        as_dict = summary_dict(summary)
-        writer.close(as_dict)
-        self.stop_summary._update(json.dumps(as_dict))
-        done.report(writer.samples_written)
-        try:
-            self.refresh()
-        except MeterError as exc:
-            logger.warning("%s: could not refresh the info line after the fly: %s", self.meter_label, exc)
-        if not started.done:
-            started.set_exception(
-                FlyError(self.meter_label, f"the fly ended before any sample arrived ({summary.ended_by})")
-            )
-        if writer.samples_appended != summary.received_samples:
-            # The client counted them on arrival; the consumer never got them (see report:
-            # a blocking next_block that times out while its block is in transit drops it).
-            done.set_exception(FlyError(
-                self.meter_label,
-                f"the client received {summary.received_samples} samples but only "
-                f"{writer.samples_appended} reached {writer.path}: samples were lost between the "
-                "client and this device's consumer",
-            ))
-            return
-        if not summary.explained:
-            reason = "samples not accounted for: " + "; ".join(summary.notes)
-            if summary.ended_by == "stopped elsewhere":
-                # §4.8: any connection may stop the meter; its reply goes to that connection only.
-                others = ", ".join(self._other_clients) or "none seen (it may have connected earlier)"
-                reason = (
-                    "the meter stopped sampling without this device asking: another connection "
-                    f"sent stop (§4.8); other clients that connected during the fly: {others}; "
-                    + reason
-                )
-            done.set_exception(FlyError(self.meter_label, reason))
-            return
-        logger.info("%s: fly complete: %s", self.meter_label, "; ".join(summary.notes))
-        done.set_finished()
-
-    def _fail(
-        self,
-        exc: BaseException,
-        session: SyncSamplingSession | None,
-        started: DeviceStatus,
-        done: ProgressStatus,
-        *,
-        scheduled: bool,
-    ) -> None:
-        logger.warning("%s: fly failed: %s", self.meter_label, exc)
-        if session is not None and session.summary is None and self.connected:
-            try:
-                session.stop()
-            except Exception as stop_exc:  # the original error is what the user must see
-                logger.warning("%s: stop after failure failed: %s", self.meter_label, stop_exc)
-        if session is not None and session.summary is not None:
-            self.last_summary = session.summary
-            self.stop_summary._update(json.dumps(summary_dict(session.summary)))
-        writer = self._writer
-        if writer is not None and not writer.closed:
-            try:
-                # keep whatever arrived before the failure: nothing is dropped
-                for block in session.session.drain_nowait() if session is not None else ():
-                    for gap in block.gaps:
-                        self._record_gap(gap)
-                    if block.n_samples:
-                        writer.append(block.values, block.packets, block.frame_samples)
-                if self.last_summary is not None:
-                    self._apply_actual_start(self.last_summary, scheduled=scheduled)
-                writer.close(summary_dict(self.last_summary) if self.last_summary else None)
-            except Exception as close_exc:
-                logger.warning("%s: closing %s failed: %s", self.meter_label, writer.path, close_exc)
-        error = exc if isinstance(exc, Exception) else FlyError(self.meter_label, repr(exc))
-        if not started.done:
-            started.set_exception(error)
-        if not done.done:
-            done.set_exception(error)
+def safe_file_stem(name: str) -> str:
+    """A file-name stem from a device or meter name: no separators, no leading dots."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
+    return stem or "meter"
