@@ -7,15 +7,11 @@
 * :class:`CtsPolicy` / :class:`FlowStats` - back-pressure of ``flow_control="cts"`` flies.
 * :class:`MeterNtp` - ``meter.ntp``: trigger the meter's NTP sync, read its confidence.
 * :class:`HostClock` - the host clock's offset from a time server (SNTP).
-* :class:`MeterNtp` - ``meter.ntp``: trigger the meter's NTP sync, read its confidence.
-* :class:`HostClock` - the host clock's offset from a time server (SNTP).
 """
 
 from ._controller import FlyError
 from ._flow import CtsPolicy, FlowStats
 from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
-from ._hostclock import ClockMeasurement, HostClock, HostClockError
-from ._ntp import MeterNtp, NtpSyncError
 from ._hostclock import ClockMeasurement, HostClock, HostClockError
 from ._ntp import MeterNtp, NtpSyncError
 from ._smartmeter import GapStream, RunSummary, SmartMeter, summary_dict
@@ -24,16 +20,11 @@ from ._timing import TimingStream
 __all__ = [
     "FLOW_CONTROL_MODES",
     "ClockMeasurement",
-    "ClockMeasurement",
     "CtsPolicy",
     "FlowStats",
     "FlyConfig",
     "FlyError",
     "GapStream",
-    "HostClock",
-    "HostClockError",
-    "MeterNtp",
-    "NtpSyncError",
     "HostClock",
     "HostClockError",
     "MeterNtp",
