@@ -113,7 +113,6 @@ from ._controller import FlyController, check_not_running
 from ._flow import CtsPolicy, FlowStats
 from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus, coerce_measures, coerce_transport
 from ._ntp import MeterNtp
-from ._ntp import MeterNtp
 from ._status import status_from_coroutine
 from ._timing import TimingStream
 
@@ -509,8 +508,6 @@ class SmartMeter(Device):
     stop_summary = Cpt(MeterReadback, value="{}", kind=Kind.config)
     link_state = Cpt(MeterReadback, value="disconnected", kind=Kind.omitted)
     """``connected``, ``lost`` (reconnecting) or ``disconnected``: for bluesky suspenders."""
-    ntp = Cpt(MeterNtp, kind=Kind.omitted)
-    """``meter.ntp``: trigger an NTP sync; the meter's confidence, offset and time (``_ntp``)."""
     ntp = Cpt(MeterNtp, kind=Kind.omitted)
     """``meter.ntp``: trigger an NTP sync; the meter's confidence, offset and time (``_ntp``)."""
 
