@@ -126,6 +126,7 @@ def test_a_poor_confidence_narrows_that_meters_window() -> None:
     host_now = 1_750_000_000.0
     good = choose_start(host_now, {"m1": 1.0})
     poor = choose_start(host_now, {"m1": 1.0, "m2": 150.0})
-    assert poor.windows["m2"].earliest - good.windows["m1"].earliest == pytest.approx(0.149, abs=1e-6)
-    assert poor.windows["m2"].latest - good.windows["m1"].latest == pytest.approx(-0.149, abs=1e-6)
+    narrower = pytest.approx(0.149, abs=1e-6)
+    assert poor.windows["m2"].earliest - good.windows["m1"].earliest == narrower
+    assert good.windows["m1"].latest - poor.windows["m2"].latest == narrower
     assert poor.earliest == poor.windows["m2"].earliest

@@ -1,0 +1,655 @@
+"""``synchronized_fly`` and ``slotted_fly``: one run, many meters, one NTP-confident start.
+
+The sequence (each step a stub of :mod:`plans.stubs` or a few messages here):
+
+1. **validate** every argument (zero messages on failure);
+2. **stage** the meters (connect); ``unstage`` in a ``finalize_wrapper`` leaves every meter
+   idle however the plan ends - error, ``RE.abort()``, ``RE.stop()``, Ctrl-C;
+3. **NTP gate** (:func:`~plans.stubs.ntp_gate`) and the **host offset**
+   (:func:`~plans.stubs.measure_host_offset`); with a scheduled start the offset is checked
+   against every meter's window at once, so a host clock off too far fails here, before
+   any ``sample`` is sent;
+4. **prepare** stores each meter's settings (nothing is sent), then the run opens with the
+   gate, the host offset and each meter's identity in the start document, and every stream
+   is declared: ``<meter>`` (samples), ``<meter>_gaps``, ``<meter>_timing`` (the meter's
+   sync records, §6.5);
+5. **schedule** (:func:`~plans.stubs.schedule_start`): one start ``T`` for all, every meter
+   armed concurrently and checked (``start_in=0``: no common instant, each meter starts
+   when its kickoff reaches it);
+6. **release** (kickoff all), then **complete** all while collecting every ``flush_period``
+   and triggering each meter's NTP every ``ntp_period`` (§6.5: the firmware never syncs on
+   its own on Ethernet, §6.2, so without this there are no drift records);
+7. final collects, a ``synchronization`` event (gate, host offset, ``T``, the replies'
+   ``startTs``, the confidence of the sync the meter ran inside ``sample``) and the
+   ``meter_summary`` event (the stop replies' ``start_ts``/``stop_ts``, samples,
+   sent_samples, received, gaps).
+
+When a meter fails mid-run the others are stopped, everything received is still collected
+and summarised, and the run closes with the *meter's* error as its reason.  A fly cannot be
+paused and resumed: the run is made non-resumable once the meters are armed, so an
+immediate pause (a second Ctrl-C, ``RE.request_pause()``) fails the run cleanly - meters
+stopped, data recorded - and a deferred pause waits for the end of the fly.
+"""
+
+import logging
+import math
+import time
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+from bluesky.utils import FailedPause, FailedStatus, Msg, short_uid
+
+from smartmeter_ophyd.devices import FlyConfig, HostClock, SmartMeter
+from smartmeter_ophyd.protocol import Measures
+
+from . import _validate as check
+from . import stubs
+from ._errors import PlanArgumentError
+from ._settle import SettledStatus, Settling, tolerating
+from ._slots import MeterLoad, SlotPlan, plan_slots
+from ._start import StartBudget, choose_start
+
+logger = logging.getLogger(__name__)
+
+MIN_NTP_PERIOD_S = 1.0
+"""Each sync blocks the meter's main loop up to 200 ms (§6.2); more often is pointless."""
+MIN_FLUSH_PERIOD_S = 0.05
+WIND_DOWN_S = 15.0
+"""After a failure, how long the plan waits for the other meters to stop and flush (§4.8)."""
+
+
+class FlyInterrupted(FailedPause):
+    """An immediate pause hit a synchronized fly, which cannot resume mid-recording."""
+
+
+# ------------------------------------------------------------------------ the arguments
+
+
+@dataclass(frozen=True)
+class FlySetup:
+    """Everything a fly plan was asked to do, validated."""
+
+    plan: str
+    meters: tuple[SmartMeter, ...]
+    configs: dict[str, FlyConfig]
+    """Per meter, what ``prepare`` stores before the run (no start time, nothing sent)."""
+    armed: dict[str, FlyConfig]
+    """Per meter, what the arming ``prepare`` gets (``schedule_start`` adds ``start_time``)."""
+    scheduled: bool
+    start_in: float | None
+    ntp_confidence_ms: float
+    ntp_attempts: int
+    ntp_period: float | None
+    host_clock: HostClock | None
+    flush_period: float
+    md: dict[str, Any]
+    plan_args: dict[str, Any]
+    slot_plan: SlotPlan | None = None
+    budget: StartBudget = field(default_factory=StartBudget)
+
+    @property
+    def arms(self) -> bool:
+        """Whether ``sample`` is sent in ``prepare`` (scheduled, or released by the plan)."""
+        return any(config.arms_in_prepare for config in self.armed.values())
+
+
+def _start_in(value: Any, plan: str) -> tuple[bool, float | None]:
+    """``(scheduled, start_in)``: None = earliest safe instant; 0 = immediate start."""
+    if value is None:
+        return True, None
+    if not isinstance(value, bool) and isinstance(value, int | float) and value == 0:
+        return False, None
+    return True, check.number(value, "start_in", plan, minimum=0.5, maximum=20.0,
+                              exclusive_minimum=True)
+
+
+def _common(
+    plan: str,
+    meters: Any,
+    duration: Any,
+    *,
+    start_in: Any,
+    ntp_confidence_ms: Any,
+    ntp_attempts: Any,
+    ntp_period: Any,
+    host_clock: Any,
+    flush_period: Any,
+    md: Any,
+) -> dict[str, Any]:
+    meters = check.meter_list(meters, plan)
+    check.number(duration, "duration", plan, minimum=0.0, exclusive_minimum=True)
+    scheduled, start_in = _start_in(start_in, plan)
+    confidence = check.number(ntp_confidence_ms, "ntp_confidence_ms", plan, minimum=0.0,
+                              maximum=200.0, exclusive_minimum=True)
+    attempts = check.integer(ntp_attempts, "ntp_attempts", plan, minimum=1, maximum=100)
+    period = None if ntp_period is None else check.number(
+        ntp_period, "ntp_period", plan, minimum=MIN_NTP_PERIOD_S)
+    if host_clock is not None:
+        for part in ("trigger", "offset_s", "delay_s", "name"):
+            if not hasattr(host_clock, part):
+                raise PlanArgumentError(f"{plan}: host_clock={host_clock!r} is not a HostClock "
+                                        f"(no {part}); give a HostClock or None")
+    flush = check.number(flush_period, "flush_period", plan, minimum=MIN_FLUSH_PERIOD_S,
+                         maximum=60.0)
+    return {
+        "meters": meters, "scheduled": scheduled, "start_in": start_in,
+        "ntp_confidence_ms": confidence, "ntp_attempts": attempts, "ntp_period": period,
+        "host_clock": host_clock, "flush_period": flush, "md": check.metadata(md, plan),
+    }
+
+
+def _measures_checked(plan: str, scheduled: bool) -> Any:
+    def measures(value: Any, meter: Any) -> Measures:
+        mode = check.measures_of(value, meter, plan)
+        if scheduled and mode.latched:
+            raise PlanArgumentError(
+                f"{plan}: {check.label(meter)}: measures {mode.request!r} is latched; a scheduled "
+                "start samples the raw waveform path instead and labels it as "
+                f"{mode.reported!r} (§6.4 step 4); use start_in=0 (immediate) or monitor()"
+            )
+        return mode
+    return measures
+
+
+def _plan_args(**kwargs: Any) -> dict[str, Any]:
+    """``plan_args`` for the start document: meters and devices by name, the rest as given."""
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "meters":
+            out[key] = [getattr(m, "name", repr(m)) for m in value]
+        elif key == "host_clock":
+            out[key] = None if value is None else getattr(value, "name", repr(value))
+        elif isinstance(value, Mapping):
+            out[key] = {str(getattr(k, "name", k)): v for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
+
+
+def _fly_setup(plan: str, meters: Any, duration: Any, *, rate: Any, measures: Any,
+               transport: Any, flow_control: Any, request_size: Any,
+               slot_plan_args: dict[str, Any] | None, **common: Any) -> FlySetup:
+    args = _common(plan, meters, duration, **common)
+    meters = args["meters"]
+    scheduled = args["scheduled"]
+    mode = check.flow_control_of(flow_control, plan)
+    kind = check.transport_of(transport, plan)
+    modes = check.per_meter(measures, meters, "measures", plan, _measures_checked(plan, scheduled))
+    rates = check.per_meter(rate, meters, "rate", plan, lambda value, _meter: value)
+    slot_plan = None
+    if slot_plan_args is not None:
+        loads = {}
+        for meter in meters:
+            # the codec's rate check first, so a bad rate is named as such, not as a load
+            check.fly_config(meter, plan, rate=rates[meter.name], measures=modes[meter.name])
+            loads[meter.name] = MeterLoad(rates[meter.name], modes[meter.name])
+        slot_plan = plan_slots(loads, **slot_plan_args)
+    configs: dict[str, FlyConfig] = {}
+    armed: dict[str, FlyConfig] = {}
+    for meter in meters:
+        settings: dict[str, Any] = {
+            "rate": rates[meter.name],
+            "measures": modes[meter.name],
+            "transport": kind,
+            "flow_control": mode,
+            "duration_s": float(duration),
+            "request_size": check.request_size_of(request_size, mode, modes[meter.name], meter,
+                                                  plan),
+        }
+        if slot_plan is not None:
+            settings["slot"] = slot_plan.slot_of(meter.name)
+        configs[meter.name] = check.fly_config(meter, plan, **settings)
+        if mode == "cts":
+            # paused at the start, released by the plan for all meters together (§5.1)
+            armed[meter.name] = check.fly_config(meter, plan, **settings, release="plan")
+        else:
+            armed[meter.name] = configs[meter.name]
+    return FlySetup(
+        plan=plan, meters=meters, configs=configs, armed=armed, scheduled=scheduled,
+        start_in=args["start_in"], ntp_confidence_ms=args["ntp_confidence_ms"],
+        ntp_attempts=args["ntp_attempts"], ntp_period=args["ntp_period"],
+        host_clock=args["host_clock"], flush_period=args["flush_period"], md=args["md"],
+        plan_args={}, slot_plan=slot_plan,
+    )
+
+
+# --------------------------------------------------------------------------- the plans
+
+
+def synchronized_fly(
+    meters: Sequence[SmartMeter],
+    duration: float,
+    *,
+    rate: int | Mapping[str, int] = 8000,
+    measures: str | Mapping[str, str] = "v,i,v,i,v,i",
+    transport: str = "TCP",
+    start_in: float | None = None,
+    ntp_confidence_ms: float = 5.0,
+    ntp_attempts: int = 3,
+    ntp_period: float | None = 60.0,
+    flow_control: str | None = None,
+    request_size: int | None = None,
+    host_clock: HostClock | None = None,
+    flush_period: float = 0.5,
+    md: dict[str, Any] | None = None,
+) -> Generator[Msg, Any, str]:
+    """Record ``meters`` for ``duration`` seconds in one run, all starting on one instant.
+
+    Parameters
+    ----------
+    meters : list of SmartMeter
+        Each is recorded into its own stream, named after the meter.
+    duration : float
+        Seconds of samples per meter (the meter is stopped after ``duration * rate``
+        samples; its tail may add a few, all recorded, §4.8).
+    rate, measures : int / str, or a mapping from meter name to value
+        Sampling rate in Hz (a divisor of 32000, §4.3) and measures (§4.2) per meter.
+        Latched measures (``"p,q"``, ``"v,i_RMS"``) need ``start_in=0`` (§6.4 step 4).
+    transport : {"TCP", "UDP"}
+    start_in : float or None
+        Seconds until the common start (0.5 < x <= 20); None picks the earliest instant
+        every meter's window allows (§6.4); 0 starts each meter at its kickoff (no common
+        instant, but still gated on NTP).
+    ntp_confidence_ms, ntp_attempts : float, int
+        The NTP gate: every meter's confidence must reach at most ``ntp_confidence_ms``
+        within ``ntp_attempts`` syncs, or the plan fails before any sample is sent.
+    ntp_period : float or None
+        Seconds between NTP syncs of each meter during the run (>= 1; None: none).
+    flow_control : {None, "cts", "reqSamples"}
+        None streams freely; ``"cts"`` starts every meter paused and releases them together;
+        ``"reqSamples"`` pulls ``request_size`` samples at a time (at most 42 for 24-byte
+        measures, 128 for 8-byte; default the largest, §5.2).
+    host_clock : HostClock or None
+        Measures the host clock against the time server; None takes the host clock as right.
+    flush_period : float
+        Seconds between collects while the meters run.
+    md : dict, optional
+        Metadata for the start document.
+
+    Returns the run's uid.
+    """
+    plan = "synchronized_fly"
+    setup = _fly_setup(
+        plan, meters, duration, rate=rate, measures=measures, transport=transport,
+        flow_control=flow_control, request_size=request_size, slot_plan_args=None,
+        start_in=start_in, ntp_confidence_ms=ntp_confidence_ms, ntp_attempts=ntp_attempts,
+        ntp_period=ntp_period, host_clock=host_clock, flush_period=flush_period, md=md,
+    )
+    setup = replace(setup, plan_args=_plan_args(
+        meters=setup.meters, duration=duration, rate=rate, measures=measures,
+        transport=transport, start_in=start_in, ntp_confidence_ms=ntp_confidence_ms,
+        ntp_attempts=ntp_attempts, ntp_period=ntp_period, flow_control=flow_control,
+        request_size=request_size, host_clock=host_clock, flush_period=flush_period,
+    ))
+    return (yield from fly(setup))
+
+
+def slotted_fly(
+    meters: Sequence[SmartMeter],
+    duration: float,
+    *,
+    rate: int | Mapping[str, int] = 8000,
+    measures: str | Mapping[str, str] = "v,i,v,i,v,i",
+    link_mbps: float = 10.0,
+    meter_mbps: float = 8.0,
+    slots: int | None = None,
+    buffer_fraction: float = 0.5,
+    start_in: float | None = None,
+    ntp_confidence_ms: float = 5.0,
+    ntp_attempts: int = 3,
+    ntp_period: float | None = 60.0,
+    host_clock: HostClock | None = None,
+    flush_period: float = 0.5,
+    md: dict[str, Any] | None = None,
+) -> Generator[Msg, Any, str]:
+    """:func:`synchronized_fly` for many meters sharing one link: each sends in its slot.
+
+    Every meter gets ``slot = [slot, slots]`` (§5.3): it samples continuously and sends only
+    during the seconds where ``second % slots == slot``.  The slot plan comes from each
+    meter's data rate, ``link_mbps`` (what the shared link carries, megabit/s),
+    ``meter_mbps`` (what one meter can send within its slot; an allowance, measure yours)
+    and ``buffer_fraction`` of the 3 670 016-byte ring buffer (§4.10) a meter may fill
+    between its slots.  A configuration that would overflow a ring buffer (the firmware
+    reboots), a meter's sending or the link is refused before anything is sent, with the
+    figures.  ``slots`` forces the number of slots.  TCP only: the slot writer sends to the
+    TCP sink whatever the transport (§5.3).  The chosen plan is in the start document
+    (``slot_plan``).  Other parameters as in :func:`synchronized_fly`.
+    """
+    plan = "slotted_fly"
+    link = check.number(link_mbps, "link_mbps", plan, minimum=0.0, exclusive_minimum=True)
+    meter_rate = check.number(meter_mbps, "meter_mbps", plan, minimum=0.0,
+                              exclusive_minimum=True)
+    fraction = check.number(buffer_fraction, "buffer_fraction", plan, minimum=0.0, maximum=1.0,
+                            exclusive_minimum=True)
+    if slots is not None:
+        count = len(meters) if isinstance(meters, Sequence) else 1
+        check.integer(slots, "slots", plan, minimum=1, maximum=max(1, count))
+    setup = _fly_setup(
+        plan, meters, duration, rate=rate, measures=measures, transport="TCP",
+        flow_control=None, request_size=None,
+        slot_plan_args={"link_bytes_per_s": link * 1e6 / 8,
+                        "meter_bytes_per_s": meter_rate * 1e6 / 8,
+                        "buffer_fraction": fraction, "slots": slots},
+        start_in=start_in, ntp_confidence_ms=ntp_confidence_ms, ntp_attempts=ntp_attempts,
+        ntp_period=ntp_period, host_clock=host_clock, flush_period=flush_period, md=md,
+    )
+    setup = replace(setup, plan_args=_plan_args(
+        meters=setup.meters, duration=duration, rate=rate, measures=measures,
+        link_mbps=link_mbps, meter_mbps=meter_mbps, slots=slots, buffer_fraction=buffer_fraction,
+        start_in=start_in, ntp_confidence_ms=ntp_confidence_ms, ntp_attempts=ntp_attempts,
+        ntp_period=ntp_period, host_clock=host_clock, flush_period=flush_period,
+    ))
+    return (yield from fly(setup))
+
+
+# ---------------------------------------------------------------------- the fly itself
+
+
+@dataclass
+class FlyState:
+    """What the run did so far, for the records and for winding down after a failure."""
+
+    gate: dict[str, stubs.GateResult] = field(default_factory=dict)
+    host: stubs.HostOffset | None = None
+    schedule: stubs.Schedule | None = None
+    armed: bool = False
+    kickoffs: dict[str, Any] = field(default_factory=dict)
+    completes: dict[str, Any] = field(default_factory=dict)
+    periodic: dict[str, list[SettledStatus]] = field(default_factory=dict)
+
+
+def fly(setup: FlySetup) -> Generator[Msg, Any, str]:
+    """Run a validated :class:`FlySetup` (see the module docstring for the sequence)."""
+    state = FlyState()
+    body = _before_run(setup, state)
+    return (yield from bpp.stage_wrapper(body, setup.meters))
+
+
+def _before_run(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, str]:
+    meters = setup.meters
+    state.gate = yield from stubs.ntp_gate(meters, setup.ntp_confidence_ms, setup.ntp_attempts)
+    if setup.host_clock is not None:
+        state.host = yield from stubs.measure_host_offset(setup.host_clock)
+        logger.info("host clock offset %+.4f s (delay %.4f s) against %s", state.host.offset_s,
+                    state.host.delay_s, state.host.source)
+    if setup.scheduled:
+        # a dry run of the choice: a host clock off beyond the window fails here, not later
+        choose_start(time.time(), _gate_confidences(state), **_offset_kwargs(state),
+                           start_in=setup.start_in, budget=setup.budget)
+    group = short_uid(label="configure")
+    for meter in meters:
+        yield from bps.prepare(meter, setup.configs[meter.name], group=group)
+    yield from bps.wait(group=group)
+    md = _start_document(setup, state)
+    return (yield from bpp.run_wrapper(_in_run(setup, state), md=md))
+
+
+def _gate_confidences(state: FlyState) -> dict[str, float]:
+    return {name: float(result.confidence_ms) for name, result in state.gate.items()
+            if result.confidence_ms is not None}
+
+
+def _offset_kwargs(state: FlyState) -> dict[str, float]:
+    if state.host is None:
+        return {"host_offset_s": 0.0, "host_offset_uncertainty_s": 0.0}
+    return {"host_offset_s": state.host.offset_s,
+            "host_offset_uncertainty_s": state.host.uncertainty_s}
+
+
+def stream_names(meter: Any) -> tuple[str, str, str]:
+    """The samples, gaps and timing streams of ``meter``."""
+    return meter.name, f"{meter.name}_gaps", f"{meter.name}_timing"
+
+
+def _start_document(setup: FlySetup, state: FlyState) -> dict[str, Any]:
+    md: dict[str, Any] = {
+        "plan_name": setup.plan,
+        "plan_args": setup.plan_args,
+        "detectors": [m.name for m in setup.meters],
+        "meters": {m.name: m.run_metadata() for m in setup.meters},
+        "streams": {m.name: dict(zip(("samples", "gaps", "timing"), stream_names(m), strict=True))
+                    for m in setup.meters},
+        "synchronization": {
+            "scheduled": setup.scheduled,
+            "start_in": setup.start_in,
+            "ntp_confidence_ms": setup.ntp_confidence_ms,
+            "ntp_attempts": setup.ntp_attempts,
+            "ntp_period_s": setup.ntp_period,
+            "gate": {name: result.as_dict() for name, result in state.gate.items()},
+            "host_clock": state.host.as_dict() if state.host is not None else None,
+            "budget": {
+                "link_latency_s": setup.budget.link_latency_s,
+                "dispatch_s": setup.budget.dispatch_s,
+                "pre_start_wait_s": setup.budget.pre_start_wait_s,
+                "sample_ntp_s": setup.budget.sample_ntp_s,
+            },
+        },
+        "hints": {"dimensions": [((f"{m.name}_time",), m.name) for m in setup.meters]},
+    }
+    if setup.slot_plan is not None:
+        md["slot_plan"] = setup.slot_plan.as_dict()
+    md.update(setup.md)
+    return md
+
+
+def _in_run(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+    meters = setup.meters
+    for meter in meters:
+        samples, gaps, timing = stream_names(meter)
+        yield from bps.declare_stream(meter, name=samples, collect=True)
+        yield from bps.declare_stream(meter.gap_stream, name=gaps, collect=True)
+        yield from bps.declare_stream(meter.timing_stream, name=timing, collect=True)
+    # From here on a replay could re-send `sample` (§6.4: never): no resuming mid-fly.
+    yield from bps.clear_checkpoint()
+    try:
+        yield from _arm(setup, state)
+        yield from _release(setup, state)
+        yield from _complete_while_collecting(setup, state)
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        cause = _cause(exc)
+        logger.error("%s failed: %s; stopping every meter and recording what arrived",
+                     setup.plan, cause)
+        errors: list[BaseException] = []
+        yield from tolerating(_wind_down(setup, state), errors)
+        for error in errors:
+            logger.warning("while winding down %s: %s", setup.plan, _cause(error))
+        if isinstance(exc, FailedPause) and not isinstance(exc, FlyInterrupted):
+            raise FlyInterrupted(
+                f"{setup.plan} cannot pause: a synchronized recording cannot resume mid-run "
+                "(a replay would re-send `sample`, §6.4). Every meter was stopped and what it "
+                "sent is recorded; start a new run"
+            ) from exc
+        if cause is exc:
+            raise
+        raise cause from exc
+    yield from _final(setup, state)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The meter's own error behind bluesky's ``FailedStatus`` (which names only a status)."""
+    if isinstance(exc, FailedStatus):
+        if exc.__cause__ is not None:
+            return exc.__cause__
+        status = exc.args[0] if exc.args else None
+        try:
+            inner = status.exception(timeout=0) if status is not None else None
+        except Exception:
+            inner = None
+        if inner is not None:
+            return inner  # type: ignore[no-any-return]
+    return exc
+
+
+def _arm(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+    if setup.scheduled:
+        state.armed = True  # from the first `sample` on, some meter may start at T
+        state.schedule = yield from stubs.schedule_start(
+            setup.meters, setup.armed, start_in=setup.start_in, host_offset=state.host,
+            confidences_ms=_gate_confidences(state), budget=setup.budget,
+        )
+        logger.info("%d meters start at T=%d", len(setup.meters), state.schedule.start_time)
+    elif setup.arms:
+        state.armed = True
+        group = short_uid(label="arm")
+        for meter in setup.meters:
+            yield from bps.prepare(meter, setup.armed[meter.name], group=group)
+        yield from bps.wait(group=group)
+
+
+def _release(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+    group = short_uid(label="release")
+    for meter in setup.meters:
+        state.kickoffs[meter.name] = yield from bps.kickoff(meter, group=group)
+    yield from bps.wait(group=group)
+
+
+def _collect_all(meters: Sequence[Any]) -> Generator[Msg, Any, None]:
+    for meter in meters:
+        samples, gaps, timing = stream_names(meter)
+        yield from bps.collect(meter, name=samples, return_payload=False)
+        yield from bps.collect(meter.gap_stream, name=gaps, return_payload=False)
+        yield from bps.collect(meter.timing_stream, name=timing, return_payload=False)
+
+
+def _complete_while_collecting(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+    group = short_uid(label="complete")
+    for meter in setup.meters:
+        state.completes[meter.name] = yield from bps.complete(meter, group=group)
+    next_sync = time.monotonic() + setup.ntp_period if setup.ntp_period is not None else math.inf
+    done = False
+    while not done:
+        done = yield from bps.wait(group=group, timeout=setup.flush_period, error_on_timeout=False)
+        yield from _collect_all(setup.meters)
+        if not done and time.monotonic() >= next_sync:
+            assert setup.ntp_period is not None
+            yield from _periodic_ntp(setup, state)
+            next_sync += setup.ntp_period
+
+
+def _periodic_ntp(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+    """Trigger every meter's NTP whose previous periodic sync is done (§6.5)."""
+    for meter in setup.meters:
+        history = state.periodic.setdefault(meter.name, [])
+        if history and not history[-1].inner.done:
+            logger.warning("%s: the previous periodic NTP sync is still running; skipped",
+                           check.label(meter))
+            continue
+        if history and not history[-1].succeeded:
+            logger.warning("%s: periodic NTP sync failed: %s", check.label(meter),
+                           history[-1].error())
+        # a settling trigger: a failed sync is a missing record, never the end of the run
+        status = yield from bps.trigger(Settling(meter.ntp), group=short_uid(label="ntp"))
+        history.append(status)
+
+
+def _final(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+    yield from _collect_all(setup.meters)
+    yield from bps.trigger_and_read([_sync_record(setup, state)], name="synchronization")
+    yield from bps.trigger_and_read([m.run_summary for m in setup.meters], name="meter_summary")
+
+
+def _wind_down(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+    """After a failure: stop what runs, wait for the tails, collect and summarise all."""
+    meters = setup.meters
+    group = short_uid(label="wind_down")
+    for meter in meters:
+        kick = state.kickoffs.get(meter.name)
+        if meter.name not in state.completes and kick is not None and kick.done and kick.success:
+            state.completes[meter.name] = yield from bps.complete(meter, group=group)
+    for meter in meters:
+        status = state.completes.get(meter.name)
+        if (status is not None and not status.done) or (status is None and state.armed):
+            yield from bps.stop(meter)
+    deadline = time.monotonic() + WIND_DOWN_S
+    while (any(not s.done for s in state.completes.values())
+           and time.monotonic() < deadline):
+        yield from bps.sleep(0.1)
+    yield from _final(setup, state)
+
+
+class SyncRecord:
+    """A readable holding fixed values: the ``synchronization`` event, read once.
+
+    Keys: ``host_offset_s``, ``host_delay_s``, ``start_margin_s`` and per meter
+    ``<meter>_gate_confidence_ms``, ``_gate_attempts``, ``_scheduled_start`` (``T``, the
+    meters' clock), ``_reply_start_ts``, ``_sample_ntp_confidence_ms`` (the sync inside a
+    scheduled ``sample``, §6.4), ``_periodic_syncs`` and ``_periodic_sync_failures``.  NaN
+    means "not known" (not measured, immediate start, no such sync), never zero.
+    """
+
+    def __init__(self, values: Mapping[str, float | int], units: Mapping[str, str]) -> None:
+        self.name = "synchronization"
+        self.parent = None
+        self._values = dict(values)
+        self._units = dict(units)
+        self._time = time.time()
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in self._values.items():
+            integer = isinstance(value, int)
+            out[key] = {"source": "plans.synchronized_fly", "shape": [],
+                        "dtype": "integer" if integer else "number",
+                        "dtype_numpy": "<i8" if integer else "<f8"}
+            unit = self._units.get(key)
+            if unit:
+                out[key]["units"] = unit
+        return out
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        return {key: {"value": value, "timestamp": self._time}
+                for key, value in self._values.items()}
+
+    def describe_configuration(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def read_configuration(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+
+def _sync_record(setup: FlySetup, state: FlyState) -> SyncRecord:
+    """What each meter's start stands on, as known after the fly (see :class:`SyncRecord`)."""
+    values: dict[str, float | int] = {
+        "host_offset_s": state.host.offset_s if state.host is not None else math.nan,
+        "host_delay_s": state.host.delay_s if state.host is not None else math.nan,
+        "start_margin_s": state.schedule.margin_s if state.schedule is not None else math.nan,
+    }
+    units = {"host_offset_s": "s", "host_delay_s": "s", "start_margin_s": "s"}
+    for meter in setup.meters:
+        gate = state.gate.get(meter.name)
+        reply = getattr(meter, "last_sample_reply", None)
+        periodic = state.periodic.get(meter.name, [])
+        name = meter.name
+        values.update({
+            f"{name}_gate_confidence_ms": _nan(gate.confidence_ms if gate else None),
+            f"{name}_gate_attempts": gate.attempts if gate else 0,
+            f"{name}_scheduled_start": (float(state.schedule.start_time)
+                                        if state.schedule is not None else math.nan),
+            f"{name}_reply_start_ts": _nan(reply.start_ts if reply is not None else None),
+            f"{name}_sample_ntp_confidence_ms": _start_sync_confidence(meter, state),
+            f"{name}_periodic_syncs": len(periodic),
+            f"{name}_periodic_sync_failures": sum(
+                1 for s in periodic if s.inner.done and not s.succeeded),
+        })
+        units.update({f"{name}_gate_confidence_ms": "ms", f"{name}_scheduled_start": "s",
+                      f"{name}_reply_start_ts": "s", f"{name}_sample_ntp_confidence_ms": "ms"})
+    return SyncRecord(values, units)
+
+
+def _start_sync_confidence(meter: Any, state: FlyState) -> float:
+    """The confidence of the sync the meter ran inside a scheduled ``sample`` (§6.4)."""
+    if state.schedule is None:
+        return math.nan
+    for record in getattr(meter.timing_stream, "records", []):
+        if not record.during_sampling:
+            return _nan(record.confidence_ms)
+    return math.nan
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
