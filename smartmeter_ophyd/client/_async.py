@@ -1502,8 +1502,8 @@ class AsyncMeterClient:
             if receiver is not None:
                 receiver.close()
 
-        async def send_stop() -> StopReply:
-            reply = await self.request_reply(Stop())
+        async def send_stop(timeout: float | None = None) -> StopReply:
+            reply = await self.request_reply(Stop(), timeout=timeout)
             stop_view = self._view(Stop(), reply)
             if not isinstance(stop_view, StopReply):
                 raise MeterProtocolError(self.meter_label, f"unusable stop reply: {reply.raw}")

@@ -175,7 +175,7 @@ class SamplingSession:
         meter: str,
         reply: SampleReply,
         transport: Transport,
-        send_stop: Callable[[], Awaitable[StopReply]] | None,
+        send_stop: Callable[[float | None], Awaitable[StopReply]] | None,
         send_cts: Callable[[bool], Awaitable[None]] | None,
         send_request: Callable[[int], Awaitable[None]] | None,
         drain: Callable[[], Awaitable[None]] | None = None,
@@ -379,8 +379,11 @@ class SamplingSession:
         self._backlog = 0
         return out
 
-    async def stop(self) -> SessionSummary:
+    async def stop(self, timeout: float | None = None) -> SessionSummary:
         """Send ``stop``, keep decoding frames until the stop reply, and reconcile (§4.8).
+
+        ``timeout`` bounds the wait for the reply (default: the client's timeout); a meter
+        that flushes a large backlog first (§4.7) may need longer.
 
         Blocks not consumed yet stay available to :meth:`next_block` / iteration.  A
         scheduled start cannot be cancelled (``stop`` during the countdown is refused and the
@@ -393,7 +396,7 @@ class SamplingSession:
                 raise MeterCommandError(self.meter, "this stream cannot be stopped by command")
             await self._await_scheduled_start()
             try:
-                reply = await self._send_stop()
+                reply = await self._send_stop(timeout)
             except MeterConnectionError as exc:
                 self._finish(ended_by="connection lost", error=exc)
                 raise

@@ -202,6 +202,10 @@ class MeterClient:
         """Run ``coro`` on the client's loop; the future completes with its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._thread.loop)
 
+    def run(self, coro: Coroutine[Any, Any, _R], what: str, timeout: float | None = None) -> _R:
+        """Run ``coro`` on the client's loop and wait for it (bounded by the client's timeout)."""
+        return self._run(coro, what, timeout)
+
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self._thread.thread
 

@@ -55,6 +55,8 @@ TICK_S: Final = 0.25
 """How often the consumer looks at the watchdog and stop requests while no data comes."""
 PULL_PERIOD_S: Final = 0.1
 """How often a ``reqSamples`` fly pulls (each pull flushes the meter's backlog, §5.2)."""
+STOP_REPLY_MIN_S: Final = 10.0
+"""Shortest wait for the stop reply of a fly (the tail is flushed before it, §4.8)."""
 SCHEDULED_START_GRACE_S: Final = 2.0
 """How long after a scheduled second the first sample may take (random wait, NTP, §6.4)."""
 
@@ -255,7 +257,9 @@ class FlyController:
     async def _stop_session(self) -> SessionSummary:
         session = self.session
         assert session is not None
-        return await session.stop()
+        # The reply comes after the meter flushed its whole backlog (§4.8), which a stalled
+        # link delays: wait for it well past the silence limit, so the tail is recorded.
+        return await session.stop(timeout=max(STOP_REPLY_MIN_S, 2 * self._silence_s))
 
     async def _pull(self) -> None:
         """One host-paced pull: ``reqSamples`` then ``cts false`` (§5.2)."""

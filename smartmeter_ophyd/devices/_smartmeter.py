@@ -74,7 +74,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -84,6 +84,7 @@ from ophyd.status import DeviceStatus, Status
 from ophyd.utils.errors import ReadOnlyError
 
 from ..client import (
+    AsyncMeterClient,
     ClientEvent,
     ConnectionLost,
     MeterClient,
@@ -186,15 +187,16 @@ class LineReadings(Device):
 class MeterSetting(Signal):
     """A meter setting: ``set``/``put`` validates, sends the command, waits for the reply.
 
-    ``command(meter_client, value)`` performs the request; ``validate(value)`` returns the
-    value to store (raises ``CommandError``/``ValueError`` before anything is sent).
+    ``command(async_client, value)`` returns the request's coroutine (run on the client's
+    loop); ``validate(value)`` returns the value to store (raises ``CommandError``/
+    ``ValueError`` before anything is sent).
     """
 
     def __init__(
         self,
         *args: Any,
         validate: Callable[[Any], Any],
-        command: Callable[[MeterClient, Any], Any],
+        command: Callable[[AsyncMeterClient, Any], Coroutine[Any, Any, Any]],
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -215,23 +217,18 @@ class MeterSetting(Signal):
 
     def set(self, value: Any, **kwargs: Any) -> DeviceStatus:  # type: ignore[override]
         checked = self._checked(value)
-        status = DeviceStatus(self.meter, call_stop_on_failure=False)
+        client = self.meter.client
 
-        def run() -> None:
-            try:
-                self._command(self.meter.client, checked)
-            except Exception as exc:
-                status.set_exception(exc)
-            else:
-                super(MeterSetting, self).put(checked)
-                status.set_finished()
+        async def run() -> None:
+            await self._command(client.async_client, checked)
+            super(MeterSetting, self).put(checked)
 
-        threading.Thread(target=run, name=f"{self.name} set", daemon=True).start()
-        return status
+        return status_from_coroutine(self.meter, client, run())
 
     def put(self, value: Any, **kwargs: Any) -> None:
         checked = self._checked(value)
-        self._command(self.meter.client, checked)
+        client = self.meter.client
+        client.run(self._command(client.async_client, checked), f"{self.attr_name} put")
         super().put(checked)
 
     def _update(self, value: Any) -> None:
@@ -521,7 +518,7 @@ class SmartMeter(Device):
         timeout: float = 5.0,
         reconnect: bool = True,
         cts_policy: CtsPolicy | None = None,
-        readable_root: str | os.PathLike[str] | None = None,
+        readable_root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__("", name=name, **kwargs)
@@ -530,8 +527,13 @@ class SmartMeter(Device):
         self.timeout = float(timeout)
         self.reconnect = reconnect
         self.data_directory = Path(data_directory)
-        self.readable_root = Path(readable_root) if readable_root is not None else None
-        """The catalog's readable storage (fly files must lie under it); None: not checked."""
+        if readable_root is None or isinstance(readable_root, str | os.PathLike):
+            roots = () if readable_root is None else (readable_root,)
+        else:
+            roots = tuple(readable_root)
+        self.readable_roots: tuple[Path, ...] = tuple(Path(r) for r in roots)
+        """The catalog's readable storage (``EmbeddedCatalog.readable_storage``): fly files must
+        lie under one of them so the run can be read back.  Empty: not checked."""
         self.cts_policy = cts_policy or CtsPolicy()
         """When a ``flow_control="cts"`` fly pauses and resumes the meter (see ``_flow``)."""
         self.last_flow_stats: FlowStats | None = None
@@ -552,6 +554,7 @@ class SmartMeter(Device):
         self.gap_stream = GapStream(self)
         self.timing_stream = TimingStream(self)
         self.run_summary = RunSummary(self)
+        self._check_readable()
 
     # ------------------------------------------------------------------ connection
 
@@ -697,30 +700,24 @@ class SmartMeter(Device):
 
     def trigger(self) -> DeviceStatus:
         """Fetch every reading (status fails with MeterBusyError while sampling, §2.8)."""
-        status = DeviceStatus(self, call_stop_on_failure=False)
+        client = self.client.async_client
 
-        def fetch() -> None:
-            try:
-                client = self.client
-                voltage = client.get_voltage()
-                self.voltage._update(list(voltage.values))
-                current = client.get_current()
-                self.current._update(list(current.values))
-                power = client.get_power()
-                now = time.time()
-                self.active_power._update(list(power.active), now)
-                self.reactive_power._update(list(power.reactive), now)
-                self.apparent_power._update(list(power.apparent), now)
-                self.energy._update(list(client.get_energy().energy))
-                self.frequency._update(list(client.get_frequency().values))
-                self.phase_angle._update(list(client.get_phase_angle().values))
-            except Exception as exc:
-                status.set_exception(exc)
-            else:
-                status.set_finished()
+        async def fetch() -> None:
+            voltage = await client.get_voltage()
+            self.voltage._update(list(voltage.values))
+            current = await client.get_current()
+            self.current._update(list(current.values))
+            power = await client.get_power()
+            now = time.time()
+            self.active_power._update(list(power.active), now)
+            self.reactive_power._update(list(power.reactive), now)
+            self.apparent_power._update(list(power.apparent), now)
+            self.energy._update(list((await client.get_energy()).energy))
+            self.frequency._update(list((await client.get_frequency()).values))
+            self.phase_angle._update(list((await client.get_phase_angle()).values))
 
-        threading.Thread(target=fetch, name=f"{self.name} trigger", daemon=True).start()
-        return status
+        self._discard_leftovers("trigger")
+        return status_from_coroutine(self, self.client, fetch())
 
     # ------------------------------------------------------------------ fly scan
 
@@ -740,6 +737,14 @@ class SmartMeter(Device):
     def fly_config(self) -> FlyConfig:
         """The settings the next/current fly uses (prepared, else the local signals)."""
         return self._fly_config or self._local_fly_config()
+
+    @property
+    def samples_received(self) -> int:
+        """Samples the client received in the current or last fly (0 before the first)."""
+        controller = self._controller
+        if controller is None or controller.session is None:
+            return 0
+        return controller.session.received_samples
 
     @property
     def flying(self) -> bool:
@@ -880,16 +885,17 @@ class SmartMeter(Device):
             raise MeterCommandError(
                 self.meter_label, f"data_directory {directory} is not writable"
             )
-        readable = self.readable_root
-        if readable is not None:
-            try:
-                directory.resolve().relative_to(Path(readable).resolve())
-            except ValueError:
-                raise MeterCommandError(
-                    self.meter_label,
-                    f"data_directory {directory} is outside the catalog's readable storage "
-                    f"{readable}: the run could not be read back",
-                ) from None
+        self._check_readable()
+
+    def _check_readable(self) -> None:
+        roots = self.readable_roots
+        resolved = self.data_directory.resolve()
+        if roots and not any(resolved.is_relative_to(root.resolve()) for root in roots):
+            raise MeterCommandError(
+                self.meter_label,
+                f"data_directory {self.data_directory} is outside the catalog's readable "
+                f"storage ({', '.join(map(str, roots))}): the run could not be read back",
+            )
 
     def _discard_leftovers(self, why: str) -> None:
         """Forget documents of a previous fly that no run collected (they stay in its file)."""
