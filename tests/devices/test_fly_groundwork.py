@@ -369,3 +369,33 @@ def test_link_state_follows_the_connection(fleet, make_meter) -> None:
     assert seen[:1] == ["lost"] and "connected" in seen  # lost, then reconnected
     meter.close()
     assert meter.link_state.get() == "disconnected"
+
+
+# ------------------------------------------------------------------ the timing stream
+
+
+def test_timing_stream_matches_the_emulators_correction_history(make_meter) -> None:
+    """Every §6.5 record the meter logged during the fly is in the timing stream, as the
+    emulator made it; the corrections it announced are what it really did."""
+    with EmulatorFleet(1, name_prefix="tim") as fleet:
+        meter = make_meter(fleet.ports[0], "tim1")
+        meter.prepare(FlyConfig(rate=RATE, duration_s=5))
+        meter.kickoff().wait(5)
+        time.sleep(1.0)
+        fleet.time_offset_s = 0.030  # the time server steps: the next sync is 30 ms off
+        meter.ntp.trigger().wait(5)
+        time.sleep(1.5)
+        fleet.time_offset_s = 0.0
+        meter.ntp.trigger().wait(5)
+        meter.complete().wait(20)
+        truth = fleet.corrections(0)
+    records = [r for r in meter.timing_stream.records if r.during_sampling]
+    assert len(records) == len(truth.sync_records) == 2
+    for record, made in zip(records, truth.sync_records, strict=True):
+        assert (record.goal_samples, record.total_samples) == (made.goal, made.total)
+        assert record.offset_s == pytest.approx(made.offset_s, abs=5e-4)  # printed to 1 ms
+        assert record.correction == made.queued
+        assert not record.problems
+    assert any(r.correction for r in records)  # 30 ms is past the 9 ms threshold (§6.5)
+    applied = len(truth.duplicates) - len(truth.correction_drops)
+    assert sum(r.correction for r in records) == applied + truth.pending
