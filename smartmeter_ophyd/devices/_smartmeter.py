@@ -83,6 +83,7 @@ from ophyd import Device, Kind, Signal
 from ophyd.status import DeviceStatus, Status
 from ophyd.utils.errors import ReadOnlyError
 
+from .. import __version__
 from ..client import (
     AsyncMeterClient,
     ClientEvent,
@@ -167,12 +168,13 @@ class LineReadings(Device):
     """A per-line (L1, L2, L3) reading as three scalar signals.
 
     Scalars, not a 3-element array: TiledWriter stores arrays of <= 16 elements in its
-    table as their text repr, while scalar fields become real float columns.
+    table as their text repr, while scalar fields become real float columns.  The lines are
+    ``normal``; :class:`HintedLineReadings` hints them (the line voltages).
     """
 
-    l1 = Cpt(LineValue, kind=Kind.hinted)
-    l2 = Cpt(LineValue, kind=Kind.hinted)
-    l3 = Cpt(LineValue, kind=Kind.hinted)
+    l1 = Cpt(LineValue, kind=Kind.normal)
+    l2 = Cpt(LineValue, kind=Kind.normal)
+    l3 = Cpt(LineValue, kind=Kind.normal)
 
     def __init__(self, *args: Any, units: str = "", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -182,6 +184,14 @@ class LineReadings(Device):
         now = timestamp if timestamp is not None else time.time()
         for signal, value in zip((self.l1, self.l2, self.l3), values, strict=True):
             signal._update(float(value), now)
+
+
+class HintedLineReadings(LineReadings):
+    """Per-line readings a person wants to see live (tables and plots of ``BestEffortCallback``)."""
+
+    l1 = Cpt(LineValue, kind=Kind.hinted)
+    l2 = Cpt(LineValue, kind=Kind.hinted)
+    l3 = Cpt(LineValue, kind=Kind.hinted)
 
 
 class MeterSetting(Signal):
@@ -440,9 +450,11 @@ class SmartMeter(Device):
     """
 
     # readings (trigger/read)
-    voltage = Cpt(LineReadings, units="V", kind=Kind.hinted)
-    current = Cpt(LineReadings, units="mA", kind=Kind.hinted)
+    voltage = Cpt(HintedLineReadings, units="V", kind=Kind.hinted)
+    current = Cpt(LineReadings, units="mA", kind=Kind.normal)
     active_power = Cpt(LineReadings, units="W", kind=Kind.normal)
+    total_active_power = Cpt(LineValue, kind=Kind.hinted)
+    """The sum of the three lines' active power (W): what a person watches live."""
     reactive_power = Cpt(LineReadings, units="var", kind=Kind.normal)
     apparent_power = Cpt(LineReadings, units="VA", kind=Kind.normal)
     energy = Cpt(LineReadings, units="Wh", kind=Kind.normal)
@@ -519,6 +531,7 @@ class SmartMeter(Device):
         reconnect: bool = True,
         cts_policy: CtsPolicy | None = None,
         readable_root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        emulated: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__("", name=name, **kwargs)
@@ -527,6 +540,9 @@ class SmartMeter(Device):
         self.timeout = float(timeout)
         self.reconnect = reconnect
         self.data_directory = Path(data_directory)
+        self.emulated = bool(emulated)
+        """Recorded in every run and file: whether this is an emulated meter (the wire cannot
+        tell: the emulator answers byte for byte as firmware 2.2 does)."""
         if readable_root is None or isinstance(readable_root, str | os.PathLike):
             roots = () if readable_root is None else (readable_root,)
         else:
@@ -684,6 +700,8 @@ class SmartMeter(Device):
             "port": self.port,
             "firmware": self.firmware_version.get(),
             "compiled": self.compiled.get(),
+            "emulated": self.emulated,
+            "smartmeter_ophyd": __version__,
             "fly": self._fly_config.as_dict() if self._fly_config else None,
         }
 
@@ -710,6 +728,7 @@ class SmartMeter(Device):
             power = await client.get_power()
             now = time.time()
             self.active_power._update(list(power.active), now)
+            self.total_active_power._update(float(sum(power.active)), now)
             self.reactive_power._update(list(power.reactive), now)
             self.apparent_power._update(list(power.apparent), now)
             self.energy._update(list((await client.get_energy()).energy))
@@ -1002,6 +1021,8 @@ class SmartMeter(Device):
                 "host": f"{self.host}:{self.port}",
                 "firmware": info.version if info else None,
                 "compiled": info.compiled if info else None,
+                "emulated": self.emulated,
+                "smartmeter_ophyd": __version__,
                 "sampling_reply": _jsonable(reply.raw_fields),
             },
         )

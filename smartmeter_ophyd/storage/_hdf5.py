@@ -93,6 +93,8 @@ _METADATA_ATTRS: Final = {
     "host": "meter_host",
     "firmware": "firmware",
     "compiled": "compiled",
+    "emulated": "emulated",
+    "smartmeter_ophyd": "package_version",
     "sampling_reply": "sampling_reply",
 }
 

@@ -399,3 +399,29 @@ def test_timing_stream_matches_the_emulators_correction_history(make_meter) -> N
     assert any(r.correction for r in records)  # 30 ms is past the 9 ms threshold (§6.5)
     applied = len(truth.duplicates) - len(truth.correction_drops)
     assert sum(r.correction for r in records) == applied + truth.pending
+
+
+# ------------------------------------------------------------------ what a person sees
+
+
+def test_hints_are_the_line_voltages_and_the_total_power(tmp_path) -> None:
+    meter = SmartMeter("127.0.0.1", 1, name="m1", data_directory=tmp_path)
+    assert meter.hints["fields"] == [
+        "m1_voltage_l1", "m1_voltage_l2", "m1_voltage_l3", "m1_total_active_power",
+    ]
+    assert len(meter.describe()) == 25  # everything else is still read, as "normal"
+
+
+def test_provenance_is_in_the_file_and_the_run_metadata(fleet, make_meter) -> None:
+    from smartmeter_ophyd import __version__
+
+    (meter,) = meters_of(fleet, make_meter, 1, emulated=True)
+    meter.prepare(FlyConfig(rate=RATE, n_samples=RATE // 4))
+    meter.kickoff().wait(5)
+    meter.complete().wait(10)
+    with h5py.File(meter.hdf5_path, "r") as f:
+        assert f.attrs["emulated"] == "true" and f.attrs["package_version"] == __version__
+        assert f.attrs["firmware"] == "2.2"
+    md = meter.run_metadata()
+    assert md["emulated"] is True and md["smartmeter_ophyd"] == __version__
+    assert md["firmware"] == "2.2"
