@@ -453,7 +453,7 @@ def _in_run(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
     except BaseException as exc:
         cause = _cause(exc)
         logger.error("%s failed: %s; stopping every meter and recording what arrived",
-                     setup.plan, cause)
+                     setup.plan, str(cause) or type(cause).__name__)
         errors: list[BaseException] = []
         yield from tolerating(_wind_down(setup, state), errors)
         for error in errors:

@@ -101,10 +101,17 @@ def gate_table(results: Mapping[str, GateResult], labels: Mapping[str, str]) -> 
                 cells.append(f"{'-':>10}")
             elif result.confidences_ms[i] is None:
                 cells.append(f"{'failed':>10}")
-                notes.append(f"  {labels.get(name, name)}, attempt {i + 1}: {result.errors[i]}")
+                error = str(result.errors[i])
+                who = "" if labels.get(name, name) in error else f"{labels.get(name, name)}: "
+                notes.append(f"  attempt {i + 1}: {who}{error}")
             else:
                 cells.append(f"{result.confidences_ms[i]:>7g} ms")
-        verdict = "ok" if result.passed else f"above {result.limit_ms:g} ms"
+        if result.passed:
+            verdict = "ok"
+        elif result.confidence_ms is None:
+            verdict = "sync failed"
+        else:
+            verdict = f"above {result.limit_ms:g} ms"
         rows.append("  ".join([f"{labels.get(name, name):<{width}}", *cells, verdict]))
     return "\n".join(rows + notes)
 
