@@ -1,20 +1,24 @@
-"""A meter's clock, the network between meter and time server, and a real SNTP client.
+"""A meter's NTP-set software clock, the network to the time server, and a real SNTP client.
 
 Intent
 ------
-Every emulated meter has a clock that is wrong in a known way: a constant offset at a
-reference instant plus a linear drift in ppm.  The "true" time is the host's clock
-(``time.time`` by default); everything the meter reports (``startTs``, log times, sampling
-instants) is the meter clock.  Because the error is known exactly, the emulator can hand
-tests the ground truth (``offset_at``).
+Every emulated meter has a software clock that is wrong in a known way: a constant offset at
+a reference instant plus a linear drift in ppm (the ESP32's crystal, which also drives
+``millis()``/``micros()`` and the latched-mode hardware timer).  The "true" time is the host's
+clock (``time.time`` by default).  Everything the meter reports as a time (``startTs``,
+``start_ts``/``stop_ts``, log times, the §6.5 ``From``/``To`` stamps) is read from this clock.
+Because the error is known exactly, the emulator can hand tests the ground truth
+(``offset_at``).  The meter's two other oscillators, the ADE9000 sample clock and the DS3231
+RTC, are modelled by the sampling engine (``_sampling``), each with its own drift.
 
-The SNTP client speaks the real protocol over UDP the way the firmware does (§6.2): one
-48-byte request whose first byte is 0xE3, at most 200 ms wait, the clock set to the
-server's transmit time plus half the round trip, confidence = half the round trip in ms,
-results outside 2018..2100 rejected.  An emulated network delay (``NetworkModel``) is
-added to both legs with ``asyncio.sleep`` so tests can create symmetric or asymmetric
-paths; with forth/back delays ``d1``/``d2`` the clock ends up ``(d1 - d2) / 2`` ahead of
-true time, exactly the error real SNTP makes.
+The SNTP client speaks the real protocol over UDP the way the firmware does (§6.2), with the
+packet helpers shared with the rest of the package (``protocol._sntp``): one 48-byte request
+whose first byte is 0xE3, at most 200 ms wait, the clock set to the server's transmit time plus
+half the round trip, confidence = half the round trip in ms, results outside 2018..2100
+rejected.  An emulated network delay (``NetworkModel``) is added to both legs with
+``asyncio.sleep`` so tests can create symmetric or asymmetric paths; with forth/back delays
+``d1``/``d2`` the clock ends up ``(d1 - d2) / 2`` ahead of true time, exactly the error real
+SNTP makes.
 
 Limits
 ------
@@ -32,34 +36,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..protocol import FIRMWARE_SNTP_REQUEST, RemoteProtocolError, firmware_time_is_plausible
+from ..protocol._sntp import parse_packet
+
 __all__ = [
-    "NTP_UNIX_EPOCH_DELTA",
-    "SNTP_REQUEST",
     "MeterClock",
     "NetworkModel",
     "SntpResult",
+    "split_ms",
     "sntp_sync",
 ]
 
 logger = logging.getLogger(__name__)
 
-NTP_UNIX_EPOCH_DELTA = 2_208_988_800
-"""Seconds from 1900-01-01 (NTP era 0) to 1970-01-01."""
 
-_YEAR_2018_UNIX = 1_514_764_800
-_YEAR_2101_UNIX = 4_133_980_800
-"""§6.2: results outside 2018..2100 are rejected."""
+def split_ms(unix_s: float) -> tuple[int, int]:
+    """``(seconds, milliseconds)`` of a meter time, rounded to the millisecond with carry.
 
-SNTP_REQUEST = bytes(
-    [0xE3, 0x00, 0x06, 0xEC, 0, 0, 0, 0, 0, 0, 0, 0, 0x31, 0x4E, 0x31, 0x34] + [0] * 32
-)
-"""The firmware's 48-byte request (LI=3, VN=4, mode 3 client; poll 6, precision -20,
-reference id "1N14"; all timestamps zero, as in the Arduino NTP example it derives from)."""
+    Rounds like the emulator's timestamps (``format_timestamp``); a fraction of .9995 or more
+    carries into the next second instead of reading ``ms == 1000`` (or 0 of the same second).
+    """
+    seconds, ms = divmod(int(round(unix_s * 1000)), 1000)
+    return seconds, ms
 
 
 class MeterClock:
@@ -157,7 +159,7 @@ class NetworkModel:
 
 @dataclass(frozen=True)
 class SntpResult:
-    """Outcome of one successful SNTP exchange."""
+    """Outcome of one successful SNTP exchange, with its ground truth."""
 
     confidence_ms: int
     """Half the round trip in ms, as logged by ``NTP synced with conf: <ms>`` (§6.2)."""
@@ -167,6 +169,8 @@ class SntpResult:
     """Ground truth: meter clock minus true time right after the sync."""
     server_time: float
     """The server's transmit timestamp (unix seconds)."""
+    true_time: float
+    """Ground truth: the true instant at which the clock was set (reply received)."""
 
 
 class _SntpProtocol(asyncio.DatagramProtocol):
@@ -180,11 +184,6 @@ class _SntpProtocol(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         if not self.reply.done():
             self.reply.set_exception(exc)
-
-
-def _ntp_to_unix(packet: bytes) -> float:
-    seconds, fraction = struct.unpack_from("!II", packet, 40)
-    return float(seconds - NTP_UNIX_EPOCH_DELTA + fraction / 2**32)
 
 
 async def sntp_sync(
@@ -215,7 +214,7 @@ async def sntp_sync(
         meter_sent = clock.now()
         deadline = loop.time() + timeout_s
         await asyncio.sleep(forth)
-        transport.sendto(SNTP_REQUEST)
+        transport.sendto(FIRMWARE_SNTP_REQUEST)
         try:
             reply = await asyncio.wait_for(
                 asyncio.shield(protocol.reply), timeout=max(0.0, deadline - back - loop.time())
@@ -233,11 +232,13 @@ async def sntp_sync(
     finally:
         transport.close()
 
-    if len(reply) < 48:
-        logger.info("SNTP reply from %s:%d too short (%d bytes)", server, port, len(reply))
+    try:
+        # The firmware reads only the transmit timestamp (bytes 40..47), whatever the mode.
+        server_time = parse_packet(reply).transmit
+    except RemoteProtocolError as exc:
+        logger.info("SNTP reply from %s:%d unusable: %s", server, port, exc)
         return None
-    server_time = _ntp_to_unix(reply)
-    if not _YEAR_2018_UNIX <= server_time < _YEAR_2101_UNIX:
+    if not firmware_time_is_plausible(server_time):
         logger.info("SNTP reply from %s:%d rejected: time %.3f outside 2018..2100",
                     server, port, server_time)
         return None
@@ -248,4 +249,5 @@ async def sntp_sync(
         rtt_s=rtt,
         error_s=clock.offset_at(true_received),
         server_time=server_time,
+        true_time=true_received,
     )

@@ -38,6 +38,7 @@ from smartmeter_ophyd.protocol import (
 )
 
 from . import _texts as texts
+from ._clock import split_ms
 from ._endpoints import Endpoint
 from ._sinks import SINK_FACTORIES, EndpointSink, SinkRequest
 
@@ -269,7 +270,7 @@ async def cmd_del_wifi(meter: EmulatedMeter, request: Request, reply: dict[str, 
 
 async def cmd_ntp(meter: EmulatedMeter, request: Request, reply: dict[str, Any]) -> object:
     if arduino_bool(request.payload.get("bg")):
-        asyncio.get_running_loop().create_task(meter.ntp_sync())
+        asyncio.get_running_loop().create_task(meter.ntp_sync(background=True))
         ok = True
     else:
         ok = await meter.ntp_sync() is not None
@@ -539,14 +540,15 @@ async def cmd_sample(meter: EmulatedMeter, request: Request, reply: dict[str, An
     await asyncio.sleep(meter.random_ms(SCHEDULE_RANDOM_WAIT_MS) / 1000)
     await meter.ntp_sync()
     now = meter.meter_unix()
-    now_s, now_ms = int(now), int(round((now - int(now)) * 1000)) % 1000
+    now_s, now_ms = split_ms(now)  # carries: .9996 s is the next second
     delta_ms = ((at_s - now_s) * 1000 - now_ms) & 0xFFFFFFFF
     when = meter.long_time(float(at_s))
     if SCHEDULE_MIN_MS <= delta_ms <= SCHEDULE_MAX_MS:
         reply["startTs"] = f"{at_s}.000"
         reply["msg"] = texts.SCHEDULE_OK.format(when=when, delta=delta_ms)
         reply["error"] = False
-        meter.pending_start = PendingStart(at_s, settings, sink, request.endpoint)
+        meter.pending_start = PendingStart(at_s, settings, sink, request.endpoint,
+                                           due_true=meter.countdown_true(delta_ms, now))
     else:
         reply["msg"] = texts.SCHEDULE_BAD.format(when=when, delta=delta_ms)
     return None

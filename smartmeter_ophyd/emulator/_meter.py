@@ -49,7 +49,7 @@ from . import _texts as texts
 from ._clock import MeterClock, NetworkModel, SntpResult, sntp_sync
 from ._endpoints import Endpoint, SerialEndpoint, TcpEndpoint
 from ._grid import GridModel
-from ._sampling import RingBuffer, SamplingEngine, SessionTruth
+from ._sampling import RingBuffer, SamplingEngine, SessionTruth, SyncRecord
 from ._sinks import EndpointSink, Sink
 from ._state import StateStore, StoredConfig
 
@@ -80,7 +80,14 @@ class EmulatorConfig:
     """JSON file for the persisted configuration; None keeps it in memory (per instance)."""
     rtc: bool = True
     clock_offset_s: float = 0.0
+    """Error of the ESP's software clock at start (the boot NTP sync usually erases it)."""
     drift_ppm: float = 0.0
+    """Drift of the ESP32 crystal: the NTP-set software clock (``startTs``, log times, §6.5
+    durations), ``micros()`` of the rate log (§4.7) and the latched-mode timer (§4.11)."""
+    ade_drift_ppm: float = 0.0
+    """Drift of the ADE9000 crystal: the waveform sample clock (§4.3)."""
+    rtc_drift_ppm: float = 0.0
+    """Drift of the DS3231 RTC (about +-2 ppm): the per-second counter reset (§4.10)."""
     network_delay_s: float = 0.0005
     network_jitter_s: float = 0.0
     time_server: str | None = None
@@ -135,8 +142,8 @@ class Session:
     packet: int = 0
     sent_payload_bytes: int = 0
     start_ts_text: str = "0.000"
-    rate_log_true: float = 0.0
-    rate_log_count: int = 0
+    rate_log_marks: int = 0
+    """Rate marks of the engine already logged (§4.7)."""
     slot_sink: Sink | None = None
     slot_active: bool = False
     slot_sent_bytes: int = 0
@@ -158,6 +165,9 @@ class PendingStart:
     settings: SampleSettings
     sink: Sink
     requester: Endpoint | None
+    due_true: float | None = None
+    """True instant the ``millis()`` countdown ends (see ``EmulatedMeter.countdown_true``);
+    None: when the meter clock reads ``at_s`` - 1 ms."""
 
 
 @dataclass
@@ -186,6 +196,18 @@ class Truth:
     sent_samples: int
     packets: int
     values: np.ndarray = field(repr=False)
+    ade_drift_ppm: float = 0.0
+    rtc_drift_ppm: float = 0.0
+    n_fillers: int = 0
+    """RTC filler rows in the stream (§4.10)."""
+    n_duplicates: int = 0
+    """Rows duplicated by positive §6.5 corrections."""
+    n_correction_drops: int = 0
+    """Samples dropped by negative §6.5 corrections."""
+    n_rtc_drops: int = 0
+    """ADE samples refused by the per-second counter (§4.10; uniform rates)."""
+    rtc_interrupts: int = 0
+    """RTC seconds handled in the session (``SecondInterrupts``, §6.5)."""
 
 
 class EmulatedMeter:
@@ -226,6 +248,9 @@ class EmulatedMeter:
         self.ready = asyncio.Event()
         self.boot_count = 0
         self.last_sntp: SntpResult | None = None
+        self.ntp_history: list[SntpResult] = []
+        """Ground truth of every successful SNTP sync since construction (true instant,
+        true clock error after it, confidence, round trip), oldest first."""
         self.last_engine: SamplingEngine | None = None
         self.last_session: Session | None = None
         self.control: Any = None
@@ -496,8 +521,13 @@ class EmulatedMeter:
             return format_timestamp(0.0)
         return format_timestamp(self.clock.now() if meter_s is None else meter_s)
 
-    async def ntp_sync(self) -> SntpResult | None:
-        """Blocking NTP with the stored time server (§6.2); during sampling: §6.5 correction."""
+    async def ntp_sync(self, *, background: bool = False) -> SntpResult | None:
+        """NTP with the stored time server (§6.2); during sampling: §6.5 record and correction.
+
+        ``background`` (``ntp`` with ``bg:true``, §3.7): the sync runs on the ESP's other core,
+        which does not set the RTC.  Otherwise a success writes the RTC, which restarts its
+        seconds (see ``_sampling``) and so moves the per-second counter of a running session.
+        """
         if self.session is not None:
             self._produce(self.session)
         result = await sntp_sync(
@@ -507,32 +537,51 @@ class EmulatedMeter:
             return None
         self.time_valid = True
         self.last_sntp = result
+        self.ntp_history.append(result)
         self.log(LogLevel.INFO, texts.NTP_SYNCED_LOG.format(conf=result.confidence_ms))
-        if self.session is not None:
-            self._correct_sampling(self.session)
+        s = self.session
+        if s is not None:
+            # The device kept sampling during the exchange (§6.5): count up to now.
+            if not self._produce(s):
+                return result
+            self._correct_sampling(s)
+            if not background:
+                s.engine.reset_rtc(self.clock.true_now())
         return result
 
     def _correct_sampling(self, s: Session) -> None:
-        """§6.5: compare the sample count with the NTP-corrected duration and queue a fix."""
+        """§6.5 onSamplingInfo: compare the sample count with the NTP-corrected duration.
+
+        As the firmware computes it: the duration in whole milliseconds between the ``From``
+        and ``To`` stamps, ``goal`` a float32 product truncated to an integer, the offset
+        ``(goal - total) / rate``; a correction is queued at |offset| >= 9 ms.
+        """
         engine = s.engine
-        duration = self.clock.now() - engine.start_meter_ts
-        if duration <= 0:
-            return
         rate = s.settings.rate
         total = engine.samples_produced
-        goal = int(duration * rate)
-        offset = duration - total / rate
+        true_now = self.clock.true_now()
+        now_text = self.timestamp()
+        start_s, start_ms = (int(x) for x in s.start_ts_text.split("."))
+        now_s, now_ms = (int(x) for x in now_text.split("."))
+        duration_ms = (now_s - start_s) * 1000 + (now_ms - start_ms)
+        if duration_ms <= 0:
+            return
+        duration = float(np.float32(duration_ms / 1000.0))
+        goal = int(np.float32(duration) * np.float32(rate)) & 0xFFFFFFFF
+        offset = float(np.float32(goal - total) / np.float32(rate))
         level = LogLevel.WARNING if abs(offset) > 0.02 else LogLevel.INFO
-        self.log(LogLevel.INFO, texts.AFTER_NTP_RATE.format(rate=total / duration))
+        self.log(LogLevel.INFO, texts.AFTER_NTP_RATE.format(rate=float(np.float32(total / duration))))
         self.log(level, texts.SHOULD_BE.format(goal=goal, total=total))
-        seconds = int(duration) if self.config.rtc else 0
-        self.log(level, texts.OFFSET_OF.format(offset=offset, seconds=seconds, duration=duration))
+        self.log(level, texts.OFFSET_OF.format(offset=offset, seconds=engine.rtc_interrupts,
+                                               duration=duration))
         self.log(LogLevel.INFO, texts.FROM_TS.format(ts=s.start_ts_text))
-        self.log(LogLevel.INFO, texts.TO_TS.format(ts=self.timestamp()))
+        self.log(LogLevel.INFO, texts.TO_TS.format(ts=now_text))
+        queued = 0
         if abs(offset) >= CORRECT_SAMPLING_THRESHOLD_S:
-            n = max(-MAX_CORRECT_SAMPLES, min(MAX_CORRECT_SAMPLES, goal - total))
-            engine.queue_correction(n)
-            self.log(LogLevel.WARNING, texts.CORRECTING.format(n=n))
+            queued = max(-MAX_CORRECT_SAMPLES, min(MAX_CORRECT_SAMPLES, goal - total))
+            engine.queue_correction(queued)
+            self.log(LogLevel.WARNING, texts.CORRECTING.format(n=queued))
+        engine.record_sync(SyncRecord(true_now, goal, total, offset, duration, queued))
 
     # ----------------------------------------------------------------------------- logs
     def log(self, level: LogLevel, text: str) -> None:
@@ -705,6 +754,8 @@ class EmulatedMeter:
             rtc=self.config.rtc,
             keep_truth=self.config.keep_truth,
             name=self.name,
+            ade_drift_ppm=self.config.ade_drift_ppm,
+            rtc_drift_ppm=self.config.rtc_drift_ppm,
         )
 
     def start_session(
@@ -745,7 +796,6 @@ class EmulatedMeter:
             waveform=waveform,
             raw_stream=raw_stream,
             start_ts_text=self.timestamp(engine.start_meter_ts),
-            rate_log_true=engine.start_true,
         )
         if settings.slot is not None:
             if isinstance(sink, EndpointSink) or requester is None:
@@ -768,15 +818,28 @@ class EmulatedMeter:
         ep.discard_input = True
         ep.start_reading()  # only to notice the disconnect
 
+    def countdown_true(self, delta_ms: int, armed_at_meter: float) -> float:
+        """§6.4: the true instant a countdown of ``delta_ms`` ends, armed when the meter's
+        clock read ``armed_at_meter``.
+
+        The firmware arms ``countdown = millis() + delta`` and starts sampling at
+        ``countdown - 1`` ms of the ESP's own oscillator, so a later NTP step of the
+        software clock does not move the start.
+        """
+        armed = self.clock.true_time_of(armed_at_meter)
+        return armed + (delta_ms / 1000 - SCHEDULE_EARLY_S) / self.clock.rate
+
     async def _check_scheduled_start(self) -> None:
         p = self.pending_start
         assert p is not None
-        start_meter = p.at_s - SCHEDULE_EARLY_S
-        remaining = start_meter - self.clock.now()
+        if p.due_true is None:
+            at_true = self.clock.true_time_of(p.at_s - SCHEDULE_EARLY_S)
+        else:
+            at_true = p.due_true
+        remaining = (at_true - self.clock.true_now()) * self.clock.rate  # on millis()
         if remaining > SCHEDULE_BUSY_WAIT_S:
             return
         # The firmware busy-waits the last 200 ms: this meter does nothing else meanwhile.
-        at_true = self.clock.true_time_of(start_meter)
         await asyncio.sleep(max(0.0, at_true - self.clock.true_now()))
         self.log(LogLevel.DEBUG, texts.SCHEDULED_START_LOG.format(when=self.long_time(float(p.at_s))))
         self.start_session(p.settings, p.sink, p.requester, at_true=at_true, waveform_path=True)
@@ -820,13 +883,25 @@ class EmulatedMeter:
                 s.slot_sent_bytes = 0
         if settings.rts:
             self.write_chunks(s, s.sink)
-        now_true = self.clock.true_now()
-        if now_true - s.rate_log_true >= 1.0:
-            produced = s.engine.samples_produced
-            rate = (produced - s.rate_log_count) / (now_true - s.rate_log_true)
-            s.rate_log_true, s.rate_log_count = now_true, produced
-            if not (settings.transport is Transport.SERIAL and settings.rate > 4000):
-                self.log(LogLevel.INFO, texts.RATE_LOG.format(rate=rate, total=produced))
+        self._log_rate(s)
+
+    def _log_rate(self, s: Session) -> None:
+        """§4.7: ``rate / (micros() between the last two rate marks)``, once per loop pass.
+
+        The interval is timed by the ESP's oscillator (``drift_ppm``), never by true time,
+        so the log reveals the sample clock only relative to the meter's own clock.
+        """
+        engine = s.engine
+        if engine.rate_marks == s.rate_log_marks:
+            return
+        s.rate_log_marks = engine.rate_marks
+        previous, last = engine.rate_mark
+        elapsed = (last - previous) * self.clock.rate
+        settings = s.settings
+        if elapsed <= 0 or (settings.transport is Transport.SERIAL and settings.rate > 4000):
+            return
+        rate = float(np.float32(settings.rate) / np.float32(elapsed))
+        self.log(LogLevel.INFO, texts.RATE_LOG.format(rate=rate, total=engine.samples_produced))
 
     def write_chunks(self, s: Session, sink: Sink, *, final: bool = False) -> int:
         """writeChunks: full chunks while MORE than one is buffered (§4.5), all at once (§4.7).
@@ -938,6 +1013,14 @@ class EmulatedMeter:
     def send_plain(self, ep: Endpoint, text: str) -> None:
         ep.write(encode_plain_line(text))
 
+    def session_truth(self) -> SessionTruth | None:
+        """The sampling engine's full ground truth of the current (or last) session: true
+        instant and kind of every delivered stream index, RTC interrupts, resets and refused
+        samples, §6.5 duplicates, drops and records (see :class:`SessionTruth`); None if no
+        session ran since start."""
+        s = self.session or self.last_session
+        return None if s is None else s.engine.truth()
+
     def truth(self) -> Truth | None:
         """Ground truth of the current (or last) session; None if none ran since start."""
         s = self.session or self.last_session
@@ -957,6 +1040,13 @@ class EmulatedMeter:
             sent_samples=s.sent_payload_bytes // s.bps,
             packets=s.packet,
             values=st.values,
+            ade_drift_ppm=st.ade_drift_ppm,
+            rtc_drift_ppm=st.rtc_drift_ppm,
+            n_fillers=st.filler_samples,
+            n_duplicates=int(st.correction_duplicates.shape[0]),
+            n_correction_drops=int(st.correction_drops.shape[0]),
+            n_rtc_drops=int(st.rtc_drops.shape[0]),
+            rtc_interrupts=int(st.rtc_edges.shape[0]),
         )
 
     def save_truth_values(self, path: str | Path) -> int:

@@ -15,12 +15,8 @@ from typing import Any
 
 import pytest
 
-from smartmeter_ophyd.emulator._clock import (
-    NTP_UNIX_EPOCH_DELTA,
-    MeterClock,
-    NetworkModel,
-    sntp_sync,
-)
+from smartmeter_ophyd.emulator._clock import MeterClock, NetworkModel, sntp_sync, split_ms
+from smartmeter_ophyd.protocol import FIRMWARE_SNTP_REQUEST, NTP_UNIX_EPOCH_DELTA
 
 CHRONYD = shutil.which("chronyd") or ("/usr/sbin/chronyd" if Path("/usr/sbin/chronyd").exists() else None)
 
@@ -125,7 +121,7 @@ async def test_symmetric_delay_gives_confidence_and_correct_time(sntp_server) ->
     clock = MeterClock(offset_s=2.5, drift_ppm=30.0)
     result = await sntp_sync(clock, "127.0.0.1", port, network=NetworkModel(delay_s=0.005))
     assert result is not None
-    assert server.requests and len(server.requests[0]) == 48 and server.requests[0][0] == 0xE3
+    assert server.requests and server.requests[0] == FIRMWARE_SNTP_REQUEST  # §6.2, 0xE3 first
     assert result.confidence_ms == int(result.rtt_s * 1000 / 2)
     assert 0.010 <= result.rtt_s
     if result.rtt_s < 0.012:  # not disturbed by a busy host
@@ -133,6 +129,8 @@ async def test_symmetric_delay_gives_confidence_and_correct_time(sntp_server) ->
     assert abs(result.error_s) < 0.0015 + (result.rtt_s - 0.010) / 2
     assert clock.synced
     assert clock.now() - time.time() == pytest.approx(result.error_s, abs=0.0015)
+    assert time.time() - 0.5 < result.true_time <= time.time()
+    assert clock.offset_at(result.true_time) == pytest.approx(result.error_s, abs=1e-9)
 
 
 async def test_asymmetric_jitter_error_is_half_the_leg_difference(sntp_server) -> None:
@@ -179,6 +177,30 @@ async def test_times_outside_2018_to_2100_are_rejected(sntp_server) -> None:
     clock = MeterClock()
     assert await sntp_sync(clock, "127.0.0.1", port) is None
     assert not clock.synced
+
+
+async def test_short_or_garbled_replies_are_refused(sntp_server) -> None:
+    clock = MeterClock()
+
+    class Short(TinySntpServer):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            self.transport.sendto(b"\x24" * 20, addr)
+
+    loop = asyncio.get_running_loop()
+    short = Short()
+    transport, _ = await loop.create_datagram_endpoint(lambda: short, local_addr=("127.0.0.1", 0))
+    try:
+        assert await sntp_sync(clock, "127.0.0.1", transport.get_extra_info("sockname")[1]) is None
+    finally:
+        transport.close()
+    assert not clock.synced
+
+
+def test_split_ms_carries_into_the_next_second() -> None:
+    assert split_ms(1_750_000_000.9996) == (1_750_000_001, 0)
+    assert split_ms(1_750_000_000.9994) == (1_750_000_000, 999)
+    assert split_ms(1_750_000_000.0004) == (1_750_000_000, 0)
+    assert split_ms(1_750_000_000.1234) == (1_750_000_000, 123)
 
 
 async def test_unresolvable_server_returns_none() -> None:

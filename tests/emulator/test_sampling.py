@@ -10,7 +10,6 @@ import pytest
 from smartmeter_ophyd.emulator._clock import MeterClock
 from smartmeter_ophyd.emulator._grid import GridModel
 from smartmeter_ophyd.emulator._sampling import (
-    KIND_DUPLICATE,
     KIND_FILLER,
     KIND_SAMPLE,
     RingBuffer,
@@ -23,10 +22,12 @@ GRID = GridModel(seed=11)
 
 
 def _engine(offset_s: float = 0.0, drift_ppm: float = 0.0, *, circuit: int = 0,
-            noise_seed: int = 1, rtc: bool = True, keep_truth: bool = True) -> SamplingEngine:
+            noise_seed: int = 1, rtc: bool = True, keep_truth: bool = True,
+            ade_drift_ppm: float = 0.0, rtc_drift_ppm: float = 0.0) -> SamplingEngine:
     clock = MeterClock(offset_s, drift_ppm, anchor_true=T0, true_time=lambda: T0)
     return SamplingEngine(GRID, clock, circuit=circuit, noise_seed=noise_seed, rtc=rtc,
-                          keep_truth=keep_truth, name="lab-1")
+                          keep_truth=keep_truth, name="lab-1", ade_drift_ppm=ade_drift_ppm,
+                          rtc_drift_ppm=rtc_drift_ppm)
 
 
 def _run(engine: SamplingEngine, start: float, seconds: float, step: float = 0.04) -> np.ndarray:
@@ -38,18 +39,13 @@ def _run(engine: SamplingEngine, start: float, seconds: float, step: float = 0.0
     return np.concatenate(rows)
 
 
-def _meter_times(engine: SamplingEngine) -> np.ndarray:
+def _seconds(engine: SamplingEngine) -> list[np.ndarray]:
+    """Offsets from the start of the sampled (non-filler) rows of each RTC second; the
+    first is the partial second from the start to the first RTC interrupt."""
     truth = engine.truth()
-    return engine.clock.meter_time(0.0) + truth.true_times * engine.clock.rate
-
-
-def _counts_per_rtc_second(engine: SamplingEngine) -> dict[int, int]:
-    truth = engine.truth()
-    sampled = truth.kinds != KIND_FILLER
-    # Round to the microsecond first: samples that sit exactly on a whole second belong to it.
-    seconds = np.floor(np.round(_meter_times(engine)[sampled], 6)).astype(np.int64)
-    values, counts = np.unique(seconds, return_counts=True)
-    return dict(zip(values.tolist(), counts.tolist(), strict=True))
+    u = truth.true_times[truth.kinds != KIND_FILLER] - truth.true_start
+    edges = truth.rtc_edges - truth.true_start
+    return np.split(u, np.searchsorted(u, edges - 5e-7))
 
 
 # ------------------------------------------------------------------------- rates (§4.3)
@@ -61,37 +57,36 @@ def test_every_full_rtc_second_holds_rate_samples(rate: int) -> None:
     start = T0 + 0.402
     engine.start(Measures.VI, rate, at_true=start)
     _run(engine, start, 3.7, step=0.05)
-    counts = _counts_per_rtc_second(engine)
-    first = math.floor(engine.start_meter_ts)
-    full_seconds = [s for s in counts if first < s < first + 3]
-    assert full_seconds == [first + 1, first + 2]
-    assert all(counts[s] == rate for s in full_seconds), counts
-    assert counts[first] <= rate
+    truth = engine.truth()
+    # The RTC was reset at the start: its seconds begin 0.5 s, 1.5 s, ... after it.
+    edges = truth.rtc_edges - start
+    assert np.allclose(edges, [0.5, 1.5, 2.5, 3.5], atol=1e-6)
+    seconds = _seconds(engine)
+    assert len(seconds) == 5
+    assert seconds[0][0] == pytest.approx(0.0, abs=1e-6) and seconds[0].shape[0] <= rate
     dec = decimation(rate)
-    meter = _meter_times(engine)
-    in_second = meter[(meter >= first + 1) & (meter < first + 2)]
-    spacing = np.diff(in_second)
-    # Inside a second samples are every k-th ADE sample; bursty rates then pause.
-    assert np.allclose(spacing, 1 / dec.decimated_rate, atol=2e-6)
-    if dec.uniform:
-        assert in_second[-1] - in_second[0] == pytest.approx(1 - 1 / rate, abs=2e-6)
-    else:
-        assert in_second[-1] - in_second[0] == pytest.approx((rate - 1) / dec.decimated_rate,
-                                                             abs=2e-6)
-        assert in_second[0] - (first + 1) < 1 / dec.decimated_rate
+    step = 1 / dec.decimated_rate
+    for u, edge in zip(seconds[1:4], edges[:3], strict=True):
+        assert u.shape[0] == rate
+        # Every k-th ADE sample from the RTC edge on; bursty rates then pause.
+        assert 0 <= u[0] - edge < step + 1e-6
+        assert np.allclose(np.diff(u), step, atol=1e-6)
+        span = 1 - 1 / rate if dec.uniform else (rate - 1) * step
+        assert u[-1] - u[0] == pytest.approx(span, abs=2e-6)
+    assert not np.any(truth.kinds == KIND_FILLER)
+    assert truth.rtc_drops.shape[0] == 0
 
 
 def test_burst_timing_rate_1_and_6400() -> None:
-    for rate, spacing in ((1, None), (6400, 1 / 8000)):
+    for rate, lattice in ((1, 1 / 125), (6400, 1 / 8000)):
         engine = _engine()
-        engine.start(Measures.VI_L1, rate, at_true=T0 + 0.5)
-        _run(engine, T0 + 0.5, 3.0)
-        meter = _meter_times(engine)
-        second = meter[(meter >= T0 + 2) & (meter < T0 + 3)]
-        assert second.shape[0] == rate
-        assert second[0] - (T0 + 2) < 1 / 125  # at the start of the second
-        if spacing:
-            assert second[-1] - second[0] == pytest.approx((rate - 1) * spacing, abs=1e-6)
+        engine.start(Measures.VI_L1, rate, at_true=T0 + 0.25)
+        _run(engine, T0 + 0.25, 3.0)
+        seconds = _seconds(engine)
+        for u, edge in zip(seconds[1:3], (0.5, 1.5), strict=True):
+            assert u.shape[0] == rate
+            assert 0 <= u[0] - edge < lattice  # at the start of the RTC second
+            assert u[-1] - u[0] == pytest.approx((rate - 1) * lattice, abs=1e-6)
 
 
 @pytest.mark.parametrize("measures", [Measures.PQ, Measures.VI_RMS])
@@ -100,15 +95,18 @@ def test_latched_rates_hold_rate_readings_per_second(measures: Measures, rate: i
     engine = _engine(offset_s=-0.21)
     start = T0 + 0.33
     engine.start(measures, rate, at_true=start)
-    values = _run(engine, start, 3.5, step=0.1)
-    counts = _counts_per_rtc_second(engine)
-    first = math.floor(engine.start_meter_ts)
-    assert counts[first + 1] == rate and counts[first + 2] == rate
-    meter = _meter_times(engine)
-    in_second = np.sort(meter[(meter >= first + 1) & (meter < first + 2)])
-    # Re-aligned to the RTC second, then every 1e6 // rate microseconds (§4.11).
-    assert in_second[0] == pytest.approx(first + 1, abs=1e-6)
-    assert np.allclose(np.diff(in_second), (1_000_000 // rate) * 1e-6, atol=1e-6)
+    values = _run(engine, start, 3.6, step=0.1)
+    seconds = _seconds(engine)
+    period = (1_000_000 // rate) * 1e-6
+    # Before the first RTC interrupt the timer runs from the start (first tick after one
+    # period, at most `rate` readings, none at or after the interrupt at 0.5 s).
+    assert np.allclose(seconds[0], period * np.arange(1, seconds[0].shape[0] + 1), atol=1e-6)
+    assert seconds[0].shape[0] == min(rate, math.ceil(0.5 / period - 1e-9) - 1)
+    for u, edge in zip(seconds[1:4], (0.5, 1.5, 2.5), strict=True):
+        # Re-aligned to the RTC second, then every 1e6 // rate microseconds (§4.11).
+        assert u.shape[0] == rate
+        assert u[0] == pytest.approx(edge, abs=1e-6)
+        assert np.allclose(np.diff(u), period, atol=1e-6)
     assert values.shape[1] == 6
     truth = engine.truth()
     sampled = values[truth.kinds == KIND_SAMPLE]
@@ -120,6 +118,17 @@ def test_latched_rates_hold_rate_readings_per_second(measures: Measures, rate: i
         expected = np.concatenate([snap["voltage_rms"], snap["current_rms"]], axis=1)
         assert np.allclose(sampled, expected, atol=3.0)
         assert np.all(np.abs(sampled[:, :3] - 230) < 5)
+
+
+def test_latched_timer_runs_on_the_esp_clock() -> None:
+    # §4.11: the hardware timer counts the ESP's 80 MHz: 1000 ppm fast means 1000 ppm
+    # shorter periods in true time; the RTC edges do not care.
+    engine = _engine(drift_ppm=1000.0)
+    engine.start(Measures.PQ, 50, at_true=T0)
+    _run(engine, T0, 2.6)
+    u = _seconds(engine)[2]
+    assert u[0] == pytest.approx(1.5, abs=1e-6)
+    assert np.allclose(np.diff(u), 0.02 / 1.001, atol=1e-7)
 
 
 def test_latched_rate_above_50_is_refused() -> None:
@@ -134,6 +143,13 @@ def test_non_divisor_rate_is_refused_with_the_meter_name() -> None:
         engine.start(Measures.VI, 3000, at_true=T0)
 
 
+def test_implausible_crystal_errors_are_refused() -> None:
+    with pytest.raises(ValueError, match="lab-1.*ade_drift_ppm"):
+        _engine(ade_drift_ppm=2e5)
+    with pytest.raises(ValueError, match="lab-1.*rtc_drift_ppm"):
+        _engine(rtc_drift_ppm=-1e6)
+
+
 # ------------------------------------------------------------------------- RTC (§4.10)
 
 
@@ -144,6 +160,8 @@ def test_without_rtc_a_waveform_session_stops_after_rate_samples() -> None:
     assert values.shape == (400, 6)
     assert engine.produce(T0 + 10.0).shape == (0, 6)
     assert engine.samples_produced == 400
+    truth = engine.truth()
+    assert truth.rtc_edges.shape[0] == truth.rtc_resets.shape[0] == truth.rtc_drops.shape[0] == 0
 
 
 def test_without_rtc_a_latched_session_keeps_its_timer() -> None:
@@ -154,32 +172,102 @@ def test_without_rtc_a_latched_session_keeps_its_timer() -> None:
     assert not np.any(engine.truth().kinds == KIND_FILLER)
 
 
-def test_rtc_fills_a_second_missing_fewer_than_five_samples() -> None:
-    # Start 7997.5 sample periods before a whole meter second: the partial first second
-    # holds samples 0..7997, two short of `rate`, so the RTC interrupt appends two copies.
-    rate = 8000
-    engine = _engine()
-    start = T0 + 1 - (rate - 3 + 0.5) / rate
-    engine.start(Measures.VI, rate, at_true=start)
-    values = _run(engine, start, 2.2)
+def _lattice_count(lo: float, hi: float, step: float) -> int:
+    """Kept-lattice samples at offsets in [lo, hi)."""
+    return math.ceil(hi / step - 1e-9) - math.ceil(lo / step - 1e-9)
+
+
+def test_rtc_fills_a_second_of_a_slow_ade() -> None:
+    # The ADE 400 ppm slow: 7996.8 samples per RTC second; the interrupt closing each
+    # second appends copies of the last sample for the 3 or 4 missing.
+    rate, ppm = 8000, -400.0
+    engine = _engine(ade_drift_ppm=ppm)
+    engine.start(Measures.VI, rate, at_true=T0)
+    values = _run(engine, T0, 3.6)
     truth = engine.truth()
-    fillers = np.flatnonzero(truth.kinds == KIND_FILLER)
-    assert fillers.tolist() == [7998, 7999]  # after the 7998 samples of the partial second
-    assert np.array_equal(values[7998], values[7997]) and np.array_equal(values[7999], values[7997])
-    assert engine.samples_produced == truth.kinds.shape[0] - 2  # fillers are not counted
+    step = 1 / rate / (1 + ppm * 1e-6)
+    fillers = truth.filler_indices
+    expected_fill = [rate - _lattice_count(e, e + 1, step) for e in (0.5, 1.5, 2.5)]
+    assert fillers.shape[0] == sum(expected_fill) and all(3 <= n <= 4 for n in expected_fill)
+    sampled = np.flatnonzero(truth.kinds == KIND_SAMPLE)
+    assert np.allclose(np.diff(truth.true_times[sampled] - T0), step, atol=5e-7)  # none lost
+    for edge, count in zip(truth.rtc_edges[1:], expected_fill, strict=True):
+        rows = np.flatnonzero((truth.kinds == KIND_FILLER) & (truth.true_times == edge))
+        assert rows.shape[0] == count
+        assert np.all(np.diff(rows) == 1)
+        for r in rows:
+            assert np.array_equal(values[r], values[rows[0] - 1])  # the last converted sample
+        assert truth.true_times[rows[0] - 1] < edge <= truth.true_times[rows[-1] + 1]
+    assert engine.samples_produced == truth.kinds.shape[0] - fillers.shape[0]
+    assert truth.rtc_drops.shape[0] == 0
+
+
+def test_rtc_refuses_the_excess_of_a_fast_ade() -> None:
+    # The ADE 400 ppm fast: 8003.2 samples per RTC second; the last 3 or 4 of each second
+    # are refused unread, and the truth lists their instants.
+    rate, ppm = 8000, 400.0
+    engine = _engine(ade_drift_ppm=ppm)
+    engine.start(Measures.VI_L1, rate, at_true=T0)
+    _run(engine, T0, 3.6)
+    truth = engine.truth()
+    step = 1 / rate / (1 + ppm * 1e-6)
+    seconds = _seconds(engine)
+    assert [u.shape[0] for u in seconds[1:4]] == [rate] * 3
+    drops = truth.rtc_drops - T0
+    expected = [_lattice_count(e, e + 1, step) - rate for e in (0.5, 1.5, 2.5)]
+    assert drops.shape[0] == sum(expected) and all(3 <= n <= 4 for n in expected)
+    for u, edge in zip(seconds[1:4], (0.5, 1.5, 2.5), strict=True):
+        lost = drops[(drops >= edge) & (drops < edge + 1)]
+        assert np.allclose(lost, u[-1] + step * np.arange(1, lost.shape[0] + 1), atol=5e-7)
+    assert not np.any(truth.kinds == KIND_FILLER)
+
+
+def test_rtc_drift_moves_the_seconds_not_the_samples() -> None:
+    engine = _engine(rtc_drift_ppm=2.0)
+    engine.start(Measures.VI, 1000, at_true=T0)
+    _run(engine, T0, 3.0)
+    truth = engine.truth()
+    assert np.allclose(truth.rtc_edges - T0, (0.5 + np.arange(3)) / (1 + 2e-6), atol=1e-9)
+    t = truth.true_times - T0
+    assert np.allclose(t, np.arange(t.shape[0]) / 1000, atol=5e-7)
+
+
+def test_an_rtc_write_restarts_the_seconds() -> None:
+    # §6.2: a blocking NTP success writes the RTC; its seconds restart 0.5 s later.  Written
+    # 0.8 s into a second, that second lasts 1.3 s: 8 kHz x 0.3 s are refused.
+    engine = _engine()
+    engine.start(Measures.VI_L1, 8000, at_true=T0)
+    _run(engine, T0, 1.3)
+    engine.reset_rtc(T0 + 1.3)
+    _run(engine, T0 + 1.3, 0.7)
+    truth = engine.truth()
+    assert np.allclose(truth.rtc_edges - T0, [0.5, 1.8], atol=1e-6)
+    assert np.allclose(truth.rtc_resets - T0, [0.0, 1.3])
+    seconds = _seconds(engine)
+    assert seconds[1].shape[0] == 8000
+    assert seconds[1][-1] == pytest.approx(0.5 + 7999 / 8000, abs=1e-6)
+    assert seconds[2][0] == pytest.approx(1.8, abs=1e-6)
+    drops = truth.rtc_drops - T0
+    assert drops.shape[0] == 2400 and drops[0] == pytest.approx(1.5, abs=1e-6)
+    # Written 0.2 s into the next second: it lasts 0.7 s, nothing is refused or filled.
+    engine.reset_rtc(T0 + 2.0)
+    _run(engine, T0 + 2.0, 1.6)
+    truth = engine.truth()
+    assert np.allclose(truth.rtc_edges - T0, [0.5, 1.8, 2.5, 3.5], atol=1e-6)
+    assert truth.rtc_drops.shape[0] == 2400 and truth.filler_indices.shape[0] == 0
+    assert [u.shape[0] for u in _seconds(engine)[1:4]] == [8000, 5600, 8000]
 
 
 def test_rtc_fillers_copy_l1_values_in_l2_mode() -> None:
-    rate = 4000
-    start = T0 + 1 - (rate - 2 + 0.5) / rate  # partial second one sample short
-    full = _engine(noise_seed=5)
-    full.start(Measures.VI, rate, at_true=start)
-    l2 = _engine(noise_seed=5)
-    l2.start(Measures.VI_L2, rate, at_true=start)
-    values_full = _run(full, start, 1.5)
-    values_l2 = _run(l2, start, 1.5)
+    rate, ppm = 4000, -600.0  # 3997.6 per RTC second: 2 or 3 fillers
+    full = _engine(noise_seed=5, ade_drift_ppm=ppm)
+    full.start(Measures.VI, rate, at_true=T0)
+    l2 = _engine(noise_seed=5, ade_drift_ppm=ppm)
+    l2.start(Measures.VI_L2, rate, at_true=T0)
+    values_full = _run(full, T0, 1.6)
+    values_l2 = _run(l2, T0, 1.6)
     truth = l2.truth()
-    filler = int(np.flatnonzero(truth.kinds == KIND_FILLER)[0])
+    filler = int(truth.filler_indices[0])
     assert np.array_equal(values_l2[:filler], values_full[:filler, 2:4])
     # The firmware copies data[0..1]: v_l1, i_l1 of the last sample (§4.10).
     assert np.array_equal(values_l2[filler], values_full[filler - 1, 0:2])
@@ -192,7 +280,8 @@ def test_latched_rate_1_first_second_filler_is_stale_data() -> None:
     truth = engine.truth()
     assert truth.kinds.tolist() == [KIND_FILLER, KIND_SAMPLE]
     assert np.array_equal(values[0], np.zeros(6, dtype=np.float32))  # boot-time data[]
-    assert math.isnan(truth.true_times[0])
+    # The filler's instant is the RTC interrupt that appended it; the reading follows it.
+    assert truth.true_times.tolist() == [T0 + 1.0, T0 + 1.0]
 
 
 # ----------------------------------------------------------------- NTP corrections (§6.5)
@@ -206,7 +295,7 @@ def test_positive_correction_duplicates_about_once_per_second() -> None:
     engine.queue_correction(3)
     _run(engine, T0 + 1.0, 4.0)
     truth = engine.truth()
-    duplicates = np.flatnonzero(truth.kinds == KIND_DUPLICATE)
+    duplicates = truth.correction_duplicates
     assert duplicates.shape[0] == 3
     assert np.all(np.diff(duplicates) == rate)  # count % rate == 1 once per second
     for d in duplicates:
@@ -224,7 +313,7 @@ def test_negative_correction_drops_consecutively() -> None:
     engine.queue_correction(-4)
     _run(engine, T0 + 1.5, 2.0)
     truth = engine.truth()
-    dropped = truth.dropped_true_times
+    dropped = truth.correction_drops
     assert dropped.shape[0] == 4
     assert np.allclose(np.diff(dropped), 1 / rate, atol=1e-6)
     assert engine.samples_produced == int(3.5 * rate) + 1 - 4
@@ -247,18 +336,47 @@ def test_corrections_are_capped_and_never_apply_at_rate_1() -> None:
     assert one.samples_produced == 5 and one.pending_correction == 5  # count % 1 is never 1
 
 
+# -------------------------------------------------------------------- rate marks (§4.7)
+
+
+def test_rate_marks_every_rate_accepted_samples() -> None:
+    engine = _engine(ade_drift_ppm=100.0)
+    engine.start(Measures.VI, 2000, at_true=T0)
+    assert engine.rate_mark == (T0, T0) and engine.rate_marks == 0
+    _run(engine, T0, 2.3, step=0.3)
+    step = 1 / 2000 / (1 + 100e-6)
+    t = engine.truth().true_times
+    assert engine.rate_marks == 2
+    assert engine.rate_mark == (pytest.approx(t[1999]), pytest.approx(t[3999]))
+    assert engine.rate_mark[1] - engine.rate_mark[0] == pytest.approx(2000 * step, abs=5e-7)
+
+
+def test_latched_rate_marks_once_per_rtc_second() -> None:
+    engine = _engine()
+    engine.start(Measures.PQ, 10, at_true=T0)
+    _run(engine, T0, 2.5)
+    # 4 readings before 0.5 s; then 10 per second from 0.5 s and 1.5 s: marks at the 10th.
+    assert engine.rate_marks == 2
+    assert engine.rate_mark == (pytest.approx(T0 + 1.4), pytest.approx(T0 + 2.4))
+
+
 # ---------------------------------------------------------------------- clocks and truth
 
 
-def test_drift_makes_the_true_rate_off_by_the_ppm() -> None:
+def test_ade_drift_makes_the_true_rate_off_by_the_ppm() -> None:
     ppm = 250.0
-    engine = _engine(drift_ppm=ppm, keep_truth=True)
+    engine = _engine(ade_drift_ppm=ppm, drift_ppm=-80.0, keep_truth=True)
     engine.start(Measures.VI_L1, 8000, at_true=T0)
     _run(engine, T0, 4.0, step=0.25)
-    t = engine.truth().true_times
-    true_rate = 1 / np.mean(np.diff(t))
-    assert true_rate == pytest.approx(8000 * (1 + ppm * 1e-6), rel=2e-6)
-    assert t.shape[0] == pytest.approx(4.0 * 8000 * (1 + ppm * 1e-6), abs=2)
+    truth = engine.truth()
+    u = _seconds(engine)[2]  # one full RTC second: contiguous kept samples
+    assert u.shape[0] == 8000
+    true_step = np.polyfit(np.arange(u.shape[0]), u, 1)[0]
+    assert 1 / true_step == pytest.approx(8000 * (1 + ppm * 1e-6), rel=2e-7)
+    assert truth.ade_drift_ppm == ppm and truth.drift_ppm == -80.0
+    # The software clock's drift does not touch the samples; the RTC refuses the excess
+    # (8002 a second, 2 refused).
+    assert truth.rtc_drops.shape[0] == 6
 
 
 def _cross_correlation_lag(a: np.ndarray, b: np.ndarray) -> float:
@@ -308,13 +426,14 @@ def test_same_instants_give_the_same_voltage_on_every_meter() -> None:
 
 def test_deterministic_and_independent_of_call_pattern() -> None:
     def record(step: float, noise_seed: int = 9) -> np.ndarray:
-        engine = _engine(offset_s=0.0042, drift_ppm=-17.0, noise_seed=noise_seed)
+        engine = _engine(offset_s=0.0042, drift_ppm=31.0, noise_seed=noise_seed,
+                         ade_drift_ppm=-17.0)
         engine.start(Measures.VI, 8000, at_true=T0 + 0.77)
         _run(engine, T0 + 0.77, 1.3, step=step)
         return engine.truth().values
 
     reference = record(0.04)
-    # 1.3 s on a clock 17 ppm slow: 1.2999779 meter seconds -> samples 0..10399.
+    # 1.3 s of an ADE 17 ppm slow: 1.2999779 ADE seconds -> samples 0..10399.
     assert reference.dtype == np.dtype("<f4") and reference.shape == (10400, 6)
     assert np.array_equal(record(0.013), reference)
     assert np.array_equal(record(0.5), reference)
@@ -355,8 +474,8 @@ def test_force_waveform_streams_raw_vi_under_latched_labels() -> None:
     values = _run(engine, T0 + 0.5, 2.6)
     assert values.shape[1] == 6
     assert np.max(np.abs(values[:, 0])) > 100  # instantaneous volts, not watts
-    counts = _counts_per_rtc_second(engine)
-    assert counts[int(T0) + 1] == 10 and counts[int(T0) + 2] == 10
+    assert [u.shape[0] for u in _seconds(engine)[:3]] == [10, 10, 10]
+    assert engine.truth().rtc_drops.shape[0] == 0  # refusing 3990 a second is the design
 
 
 def test_auto_stream_inherits_decimation() -> None:
