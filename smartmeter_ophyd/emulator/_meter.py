@@ -971,12 +971,14 @@ class EmulatedMeter:
         self._produce(s)
         self.session = None
         s.engine.stop()
-        stop_meter = self.clock.now()
+        stop_true = self.clock.true_now()
+        stop_meter = self.clock.meter_time(stop_true)
         if s.raw_stream and isinstance(s.sink, EndpointSink):
             s.sink.endpoint.close()  # closed BEFORE the flush: the raw client gets no tail
         self.write_chunks(s, s.sink, final=True)
         self.ring.clear()
-        duration_ms = int((stop_meter - s.engine.start_meter_ts) * 1000)
+        # millis() - startSamplingMillis: the ESP's oscillator, blind to NTP steps (§4.8).
+        duration_ms = int((stop_true - s.engine.start_true) * self.clock.rate * 1000)
         samples = s.engine.samples_produced
         avg_rate = samples / (duration_ms / 1000) if duration_ms > 0 else float("inf")
         return {

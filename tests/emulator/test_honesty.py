@@ -383,3 +383,52 @@ async def test_ntp_history_and_corrections_in_the_truth(
     assert [r.queued for r in records] == [10, -10]
     assert records[0].true_time == pytest.approx(first_sync, abs=0.005)
     assert records[0].total == int(np.count_nonzero(truth.true_times <= records[0].true_time))
+
+
+# ------------------------------------------------- NTP during sampling (§4.8, §6.2, §6.5)
+
+
+async def test_stop_duration_is_millis_and_a_blocking_sync_writes_the_rtc(
+    make_meter: MeterFactory, ntp_server: NtpServer
+) -> None:
+    """A sync during sampling that steps the clock by +0.3 s: ``sample_duration`` is the
+    ESP's ``millis()`` since the start (blind to the step, §4.8) while ``stop_ts`` jumps;
+    the blocking sync writes the RTC (§6.2), whose seconds restart 0.5 s later; the rows
+    still match the grid at their true instants.  ``ntp`` with ``bg`` writes no RTC."""
+    meter = await make_meter(drift_ppm=500.0)
+    c = await open_client(meter.command_port)
+    await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 1000, "measures": "v,i"}})
+    early, _ = await collect(c, 0.3)
+    ntp_server.protocol.offset_s = 0.3
+    await c.send({"cmd": "ntp"})
+    frames, _, _ = await read_until_reply(c, "ntp")
+    late, _ = await collect(c, 1.4)
+    tail, stop = await stop_and_drain(c)
+    data = received(early + frames + late + tail, 2)
+    truth = meter.session_truth()
+    assert truth is not None
+    np.testing.assert_array_equal(data, truth.values)
+    expected = meter.grid.interleaved(truth.true_times, meter.config.circuit)
+    assert np.all(np.abs(data[:, 0] - expected[:, 0]) < 0.5)
+
+    true_duration = truth.true_times[-1] - truth.true_start  # the stop is just after it
+    assert 0 <= stop["sample_duration"] / 1000 - true_duration * 1.0005 < 0.06
+    clock_span = float(stop["stop_ts"]) - float(stop["start_ts"])
+    assert clock_span - stop["sample_duration"] / 1000 == pytest.approx(0.3, abs=0.005)
+    sync = meter.ntp_history[-1]
+    assert sync.error_s == pytest.approx(0.3, abs=0.003)
+    assert truth.rtc_resets.shape[0] == 2
+    assert 0 <= truth.rtc_resets[1] - sync.true_time < 0.005
+    after = truth.rtc_edges[truth.rtc_edges > truth.rtc_resets[1]]
+    assert after[0] == pytest.approx(truth.rtc_resets[1] + RTC_FIRST_EDGE_S, abs=1e-6)
+
+    await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 1000, "measures": "v,i"}})
+    await collect(c, 0.3)
+    await c.send({"cmd": "ntp", "payload": {"bg": True}})
+    await collect(c, 0.5)
+    await stop_and_drain(c)
+    await c.close()
+    assert len(meter.ntp_history) == 3  # the background sync happened ...
+    truth = meter.session_truth()
+    assert truth is not None
+    assert truth.rtc_resets.tolist() == [truth.true_start]  # ... without writing the RTC
