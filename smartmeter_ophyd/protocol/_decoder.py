@@ -68,6 +68,7 @@ from ._events import (
     LogLine,
     PacketGap,
     PlainLine,
+    RefusedLine,
     RepairedFrame,
     Reply,
     Samples,
@@ -84,6 +85,7 @@ __all__ = [
     "StreamDecoder",
     "StreamSession",
     "classify_info_text",
+    "json_depth",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,10 @@ _SEQUENCED_WINDOW: Final = 1 << 16
 the sequence (its header is believed); farther numbers are taken for garbage."""
 _LOG_LINE_RE: Final = re.compile(r"\[([ADIWE])\](\d\d/\d\d \d\d:\d\d:\d\d): ?(.*)\Z", re.DOTALL)
 _PREFIX_BYTES: Final = (DATA_PREFIX, INFO_PREFIX)
+MAX_JSON_DEPTH: Final = 32
+"""Deepest JSON accepted in an ``Info:`` line; firmware replies nest at most 2 levels."""
+_JSON_STRING_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKETS_RE: Final = re.compile(r"[\[\]{}]")
 _WINDOW_MIN: Final = 64
 """Fewest bytes moved from a new chunk to complete a frame or line split across chunks."""
 
@@ -110,9 +116,33 @@ def _is_partial_prefix(tail: bytes) -> bool:
     return DATA_PREFIX.startswith(tail) or INFO_PREFIX.startswith(tail)
 
 
+def json_depth(text: str) -> int:
+    """How deeply the brackets of ``text`` nest, outside JSON strings (no parsing)."""
+    depth = deepest = 0
+    for token in _JSON_BRACKETS_RE.findall(_JSON_STRING_RE.sub('""', text)):
+        if token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
 def classify_info_text(text: str) -> Event:
-    """Classify the text of an ``Info:`` line (prefix and CRLF removed), §2.3/§2.4."""
+    """Classify the text of an ``Info:`` line (prefix and CRLF removed), §2.3/§2.4.
+
+    JSON nested deeper than :data:`MAX_JSON_DEPTH` is refused before ``json.loads`` (which
+    would recurse into a ``RecursionError``): it becomes :class:`RefusedLine`.  Line length
+    is bounded by the decoder (``max_line_bytes``).
+    """
     if text.startswith("{"):
+        # cheap first: two C-level counts; the exact scan only for suspicious lines
+        if text.count("{") + text.count("[") > MAX_JSON_DEPTH:
+            depth = json_depth(text)
+            if depth > MAX_JSON_DEPTH:
+                return RefusedLine(
+                    text[:64], f"JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH})"
+                )
         try:
             fields = json.loads(text)
         except ValueError:

@@ -89,6 +89,16 @@ class UnparsedReply(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class RefusedLine(Event):
+    """An ``Info:{`` line refused before ``json.loads``: nested deeper than any firmware
+    reply can be (a hostile or broken peer, not SmartMeter firmware).  ``head`` is at most
+    the first 64 characters, ``reason`` says what was refused."""
+
+    head: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class LogLine(Event):
     """``Info:[X]MM/DD HH:MM:SS: text`` (§2.4).  ``text`` is empty for lifeness lines (§2.6)."""
 
