@@ -31,9 +31,11 @@ Deliberate deviations from firmware 2.2 (everything else aims to be byte-exact):
   (§3.2) are not reproduced.
 """
 
+from ._clock import SntpResult
 from ._control import Corrections, SampleTimes
 from ._fleet import EmulatorFleet, SntpResponder
 from ._meter import EmulatedMeter, EmulatorConfig, Truth
+from ._sampling import SessionTruth, SyncRecord
 
 __all__ = [
     "Corrections",
@@ -41,6 +43,9 @@ __all__ = [
     "EmulatorConfig",
     "EmulatorFleet",
     "SampleTimes",
+    "SessionTruth",
     "SntpResponder",
+    "SntpResult",
+    "SyncRecord",
     "Truth",
 ]

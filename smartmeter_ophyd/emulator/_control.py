@@ -10,12 +10,12 @@ same operations exist in-process: as methods of :class:`EmulatedMeter`, the type
 |---|---|---|
 | ``status`` | — | name, ports, sampling, boot_count, time_valid |
 | ``truth`` | ``npy`` (optional path) | ground truth of the current/last session; writes the produced samples to ``npy`` |
-| ``clock`` | — | ``clock_error_s`` (meter clock minus true time now), ``drift_ppm``, ``synced`` |
+| ``clock`` | — | ``clock_error_s`` (software clock minus true time now), ``drift_ppm``, ``ade_drift_ppm``, ``rtc_drift_ppm``, ``synced`` |
 | ``step_clock`` | ``delta_s`` | the meter's clock jumps by ``delta_s``; answers ``clock_error_s`` |
 | ``set_network`` | ``delay_s``, ``jitter_s`` (each optional) | one-way delay/jitter to the time server; answers both |
 | ``ntp_history`` | — | ``history``: every SNTP sync of this meter (true time, true error after, confidence, rtt) |
 | ``sample_times`` | ``index`` or ``start``/``stop``; ``npz`` (optional path) | ``true_times`` and ``kinds`` of delivered rows (NaN → null); with ``npz`` written there instead |
-| ``corrections`` | — | row indices of §6.5 duplicates and §4.10 fillers, true instants of dropped samples, pending count |
+| ``corrections`` | — | row indices of §6.5 duplicates and §4.10 fillers; true instants of §6.5 drops and §4.10 RTC drops; the §6.5 sync records; pending count |
 | ``drop_connections`` | — | every TCP connection dies at once |
 | ``stall`` | ``seconds`` | the meter's loop stops for that long (data piles up in the ring buffer) |
 | ``reboot`` | — | as ``restart`` |
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._sampling import KIND_DUPLICATE, KIND_FILLER, SessionTruth
+from ._sampling import SessionTruth, SyncRecord
 
 if TYPE_CHECKING:
     from ._meter import EmulatedMeter
@@ -59,8 +59,9 @@ class SampleTimes:
 
     start: int
     true_times: np.ndarray
-    """float64 unix seconds (true time); NaN for a filler copying a value from before the
-    session (§4.10)."""
+    """float64 unix seconds (true time): when the row's values were sampled; for a §6.5
+    duplicate the instant of the sample it copies; for a §4.10 filler the instant of the RTC
+    interrupt that appended it (see ``SessionTruth.true_times``)."""
     kinds: np.ndarray
     """uint8 per row: 0 sample, 1 correction duplicate (§6.5), 2 RTC filler (§4.10)."""
 
@@ -73,8 +74,12 @@ class Corrections:
     """Row indices of the second copies stored by positive NTP corrections (§6.5)."""
     fillers: np.ndarray
     """Row indices of copies appended by the RTC interrupt for missing samples (§4.10)."""
-    dropped_true_times: np.ndarray
+    correction_drops: np.ndarray
     """True instants of samples not stored because of negative NTP corrections (§6.5)."""
+    rtc_drops: np.ndarray
+    """True instants of ADE samples the per-second counter refused (§4.10, uniform rates)."""
+    sync_records: tuple[SyncRecord, ...]
+    """The §6.5 records the meter logged in this session (goal, total, offset, queued)."""
     pending: int
     """Corrections queued by NTP syncs but not applied (yet, or before the session ended):
     positive = duplicates to come, negative = drops."""
@@ -82,10 +87,10 @@ class Corrections:
 
 def session_truth(meter: EmulatedMeter) -> SessionTruth:
     """The sampling engine's ground truth of the current or last session."""
-    s = meter.session or meter.last_session
-    if s is None:
+    truth = meter.session_truth()
+    if truth is None:
         raise LookupError(f"smartmeter {meter.name}: no sampling session has run yet")
-    return s.engine.truth()
+    return truth
 
 
 def sample_times(meter: EmulatedMeter, start: int = 0, stop: int | None = None) -> SampleTimes:
@@ -106,9 +111,11 @@ def corrections(meter: EmulatedMeter) -> Corrections:
     s = meter.session or meter.last_session
     assert s is not None
     return Corrections(
-        duplicates=np.flatnonzero(truth.kinds == KIND_DUPLICATE),
-        fillers=np.flatnonzero(truth.kinds == KIND_FILLER),
-        dropped_true_times=np.asarray(truth.dropped_true_times, dtype=float),
+        duplicates=truth.correction_duplicates,
+        fillers=truth.filler_indices,
+        correction_drops=np.asarray(truth.correction_drops, dtype=float),
+        rtc_drops=np.asarray(truth.rtc_drops, dtype=float),
+        sync_records=tuple(truth.sync_records),
         pending=s.engine.pending_correction,
     )
 
@@ -155,6 +162,8 @@ def _clock(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
     return {
         "clock_error_s": meter.clock_error_s(),
         "drift_ppm": meter.clock.drift_ppm,
+        "ade_drift_ppm": meter.config.ade_drift_ppm,
+        "rtc_drift_ppm": meter.config.rtc_drift_ppm,
         "synced": meter.clock.synced,
     }
 
@@ -199,9 +208,15 @@ def _corrections(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
     return {
         "duplicates": c.duplicates.tolist(),
         "fillers": c.fillers.tolist(),
-        "dropped_true_times": _floats(c.dropped_true_times),
+        "correction_drops": _floats(c.correction_drops),
+        "rtc_drops": _floats(c.rtc_drops),
+        "sync_records": [asdict(r) for r in c.sync_records],
         "pending": c.pending,
     }
+
+
+def _ntp_history(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
+    return {"history": [asdict(r) for r in meter.ntp_history]}
 
 
 def _stall(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
@@ -250,6 +265,7 @@ OPS: dict[str, Callable[[EmulatedMeter, dict[str, Any]], dict[str, Any]]] = {
     "clock": _clock,
     "step_clock": _step_clock,
     "set_network": _set_network,
+    "ntp_history": _ntp_history,
     "sample_times": _sample_times,
     "corrections": _corrections,
     **FAULTS,

@@ -9,7 +9,10 @@ SNTP server every meter uses as its time server unless told otherwise.  The resp
 the host clock plus ``time_offset_s`` (settable while running), so a host-side SNTP client
 can be tested against a known offset.
 
-Every meter takes its own settings (``EmulatorConfig`` fields) and two fleet-only keys:
+Every meter takes its own settings: ``EmulatorConfig`` fields (``drift_ppm`` of the ESP's
+software clock, ``ade_drift_ppm`` of the sample clock, ``rtc_drift_ppm`` of the RTC,
+``network_delay_s``/``network_jitter_s`` to the time server, ``rtc``, ...) and two fleet-only
+keys:
 
 * ``clock_offset_s``: the meter's clock error right after :meth:`EmulatorFleet.start`.  The
   boot NTP (§6.2) would erase an initial offset, so the fleet steps the clock after boot.
@@ -41,8 +44,10 @@ from typing import Any, TypeVar
 from smartmeter_ophyd.protocol import RemoteProtocolError, server_reply
 
 from . import _control
+from ._clock import SntpResult
 from ._control import Corrections, SampleTimes
 from ._meter import EmulatedMeter, EmulatorConfig, Truth
+from ._sampling import SessionTruth
 
 __all__ = ["EmulatorFleet", "SntpResponder"]
 
@@ -332,6 +337,17 @@ class EmulatorFleet:
         if truth is None:
             raise LookupError(f"smartmeter {meter.name}: no sampling session has run yet")
         return truth
+
+    def session_truth(self, i: int | str) -> SessionTruth:
+        """The sampling engine's full ground truth of meter ``i``'s current or last session."""
+        meter = self.meter(i)
+        return self.call(lambda: _control.session_truth(meter))
+
+    def ntp_history(self, i: int | str) -> list[SntpResult]:
+        """Every successful SNTP sync of meter ``i`` (true instant, true error after it,
+        confidence, round trip), oldest first."""
+        meter = self.meter(i)
+        return self.call(lambda: list(meter.ntp_history))
 
     def clock_error_s(self, i: int | str) -> float:
         """Meter ``i``'s clock minus true time now (s)."""

@@ -9,15 +9,19 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from smartmeter_ophyd.emulator import EmulatorFleet
 from smartmeter_ophyd.protocol import client_request, offset_and_delay, parse_server_reply
 
 from .emulator_wire import open_client
-from .test_conformance_sampling import stop_and_drain
+from .test_conformance_sampling import collect, stop_and_drain
 
 CONF = re.compile(rb"NTP synced with conf: (\d+)")
+SLACK_MS = 5
+"""Event-loop latency an SNTP round trip may add on a loaded 2-core host (observed up to 6 ms
+of round trip, i.e. 3 ms of confidence)."""
 
 
 def _open_fds() -> set[str]:
@@ -126,20 +130,21 @@ async def test_per_meter_clock_offsets_survive_boot(fleet3: EmulatorFleet) -> No
     the next NTP sync sets each clock right again."""
     for i, expected in enumerate((-0.5, 0.0, 0.5)):
         error = await _start_ts_minus_true_start(fleet3.ports[i], fleet3, i)
-        assert abs(error - expected) < 0.002, (i, error)
+        # stepped meters: exact up to startTs's ms; the middle one: its boot NTP's error
+        assert abs(error - expected) < (0.002 if expected else SLACK_MS / 1000), (i, error)
         assert fleet3.truth(i).drift_ppm == (-50.0, 0.0, 50.0)[i]
-    assert await _conf_after_ntp(fleet3.ports[0]) <= 1  # default: 0.5 ms each way
-    assert abs(await _start_ts_minus_true_start(fleet3.ports[0], fleet3, 0)) < 0.002
+    assert await _conf_after_ntp(fleet3.ports[0]) <= SLACK_MS  # default: 0.5 ms each way
+    assert abs(await _start_ts_minus_true_start(fleet3.ports[0], fleet3, 0)) < SLACK_MS / 1000
 
 
 async def test_network_delay_sets_the_ntp_confidence(fleet3: EmulatorFleet) -> None:
     """20 ms one-way delay to the time server: the meter logs ``NTP synced with conf: 20``;
     set_network at run time changes it."""
-    # half the round trip, truncated to ms: the loop's own latency may add a millisecond
-    assert 20 <= await _conf_after_ntp(fleet3.ports[2]) <= 21
+    # half the round trip, truncated to ms, plus the loops' own latency
+    assert 20 <= await _conf_after_ntp(fleet3.ports[2]) <= 20 + SLACK_MS
     assert fleet3.set_network(2, delay_s=0.005) == (0.005, 0.0)
-    assert 5 <= await _conf_after_ntp(fleet3.ports[2]) <= 6
-    assert await _conf_after_ntp(fleet3.ports[1]) <= 1
+    assert 5 <= await _conf_after_ntp(fleet3.ports[2]) <= 5 + SLACK_MS
+    assert await _conf_after_ntp(fleet3.ports[1]) <= SLACK_MS
     with pytest.raises(ValueError, match="smartmeter fleet3: network delay -1"):
         fleet3.set_network("fleet3", delay_s=-1)
 
@@ -156,10 +161,10 @@ async def test_step_clock_moves_the_reported_time(fleet3: EmulatorFleet) -> None
 async def test_own_time_server_keeps_a_meter_off_across_syncs() -> None:
     """``time_server_offset_s``: every NTP sync leaves that meter off by the server's offset."""
     with EmulatorFleet([{}, {"time_server_offset_s": 0.3}]) as fleet:
-        assert await _conf_after_ntp(fleet.ports[1]) <= 1
+        assert await _conf_after_ntp(fleet.ports[1]) <= SLACK_MS
         error = await _start_ts_minus_true_start(fleet.ports[1], fleet, 1)
-        assert abs(error - 0.3) < 0.002
-        assert abs(await _start_ts_minus_true_start(fleet.ports[0], fleet, 0)) < 0.002
+        assert abs(error - 0.3) < SLACK_MS / 1000
+        assert abs(await _start_ts_minus_true_start(fleet.ports[0], fleet, 0)) < SLACK_MS / 1000
 
 
 async def test_inject_reaches_the_meter() -> None:
@@ -172,3 +177,30 @@ async def test_inject_reaches_the_meter() -> None:
             fleet.inject("meter1", "explode")
         with pytest.raises(KeyError, match="no emulated meter named 'meter9'"):
             fleet.inject("meter9", "reboot")
+
+
+async def test_ntp_history_and_rtc_fillers() -> None:
+    """Ground truth from the fleet: each sync's confidence and true error; the RTC fillers of
+    a slow ADE crystal (§4.10) are the rows the client receives repeated."""
+    with EmulatorFleet(
+        [{"network_delay_s": 0.02}, {"time_server_offset_s": 0.3}, {"ade_drift_ppm": -300.0}]
+    ) as fleet:
+        (boot,) = fleet.ntp_history(0)
+        assert 20 <= boot.confidence_ms <= 20 + SLACK_MS
+        assert abs(boot.error_s) < SLACK_MS / 1000  # half the asymmetry of the round trip
+        assert 20 <= await _conf_after_ntp(fleet.ports[0]) <= 20 + SLACK_MS
+        assert [h.true_time > boot.true_time for h in fleet.ntp_history(0)] == [False, True]
+        assert abs(fleet.ntp_history(1)[-1].error_s - 0.3) < SLACK_MS / 1000
+        c = await open_client(fleet.ports[2])
+        await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 8000}})
+        frames, _ = await collect(c, 1.7)  # RTC edges at 0.5 s and 1.5 s: one full second
+        tail, _ = await stop_and_drain(c)
+        await c.close()
+        received = np.concatenate([f.samples(6) for f in frames + tail])
+        repeated = np.flatnonzero(np.all(received[1:] == received[:-1], axis=1)) + 1
+        fillers = fleet.corrections(2).fillers
+        assert 2 <= len(fillers) <= 3  # 8000 Hz * 300 ppm = 2.4 samples missing per RTC second
+        assert fillers.tolist() == repeated.tolist()
+        times = fleet.sample_times(2, int(fillers[0]) - 1, int(fillers[-1]) + 1)
+        assert times.kinds.tolist() == [0] + [2] * len(fillers)
+        assert fleet.session_truth(2).ade_drift_ppm == -300.0
