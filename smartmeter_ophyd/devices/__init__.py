@@ -13,6 +13,7 @@ from ._controller import FlyError
 from ._flow import CtsPolicy, FlowStats
 from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
 from ._hostclock import ClockMeasurement, HostClock, HostClockError
+from ._live import LiveSummary
 from ._ntp import MeterNtp, NtpSyncError
 from ._smartmeter import GapStream, RunSummary, SmartMeter, summary_dict
 from ._timing import TimingStream
@@ -26,6 +27,7 @@ __all__ = [
     "FlyError",
     "GapStream",
     "HostClock",
+    "LiveSummary",
     "HostClockError",
     "MeterNtp",
     "NtpSyncError",

@@ -48,6 +48,7 @@ from ..protocol import LogLine, SampleReply
 from ..storage import WaveformWriter
 from ._flow import CtsGovernor, CtsPolicy, FlowStats
 from ._fly import FlyConfig
+from ._live import LiveSummary
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class FlyController:
         silence_s: float,
         on_progress: Callable[[int], None] | None = None,
         on_log: Callable[[LogLine], None] | None = None,
+        live: LiveSummary | None = None,
     ) -> None:
         self.client = client
         self.config = config
@@ -106,6 +108,7 @@ class FlyController:
         self._silence_s = silence_s
         self._on_progress = on_progress
         self._on_log = on_log
+        self._live = live
         loop = asyncio.get_running_loop()
         self.started: asyncio.Future[None] = loop.create_future()
         self.outcome: asyncio.Future[FlyOutcome] = loop.create_future()
@@ -164,6 +167,8 @@ class FlyController:
                     f"requested {self.config.start_time}.000 (§6.4)",
                 )
             self.writer = await loop.run_in_executor(None, self._open_writer, reply)
+            if self._live is not None:
+                self._live.start(reply.measures, reply.sampling_rate, self.writer.start_ts)
         except BaseException as exc:
             self._cause = exc
             self._task = loop.create_task(self._finish_without_consuming())
@@ -365,6 +370,8 @@ class FlyController:
                     writer.record_gap(*span, gap.missing_samples)
                 if block.n_samples:
                     writer.append(block.values, block.packets, block.frame_samples)
+                    if self._live is not None:
+                        self._live.add(block.values)
             except (OSError, RuntimeError, ValueError) as exc:
                 self._write_error = FlyError(
                     self.label, f"cannot write {writer.path}: {exc}; the meter was stopped"
@@ -461,6 +468,8 @@ class FlyController:
     def _close_writer(self, summary: SessionSummary | None) -> int:
         writer = self.writer
         assert writer is not None
+        if self._live is not None:
+            self._live.finish()
         if writer.closed:
             return writer.samples_written
         from ._smartmeter import summary_dict  # the device's JSON view of a summary

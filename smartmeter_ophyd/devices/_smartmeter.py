@@ -114,6 +114,7 @@ from ..storage import GapAssets, StreamAssets, WaveformWriter, gap_data_keys, st
 from ._controller import FlyController, check_not_running
 from ._flow import CtsPolicy, FlowStats
 from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus, coerce_measures, coerce_transport
+from ._live import LiveSummary
 from ._ntp import MeterNtp
 from ._status import status_from_coroutine
 from ._timing import TimingStream
@@ -532,6 +533,7 @@ class SmartMeter(Device):
         cts_policy: CtsPolicy | None = None,
         readable_root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         emulated: bool = False,
+        live_period_s: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__("", name=name, **kwargs)
@@ -569,6 +571,8 @@ class SmartMeter(Device):
         self.last_sample_reply: SampleReply | None = None
         self.gap_stream = GapStream(self)
         self.timing_stream = TimingStream(self)
+        self.live_stream = LiveSummary(self, live_period_s)
+        """``<meter>_live``: RMS, power and frequency per ``live_period_s`` of a fly (hinted)."""
         self.run_summary = RunSummary(self)
         self._check_readable()
 
@@ -947,6 +951,7 @@ class SmartMeter(Device):
                 client=client.async_client, config=config, open_writer=self._open_writer,
                 cts_policy=self.cts_policy, silence_s=silence,
                 on_progress=self._report_progress, on_log=self.timing_stream.feed,
+                live=self.live_stream,
             )
 
         controller = client.submit(build()).result(self.timeout)

@@ -81,7 +81,7 @@ def assert_every_sample_from_the_first(meter: SmartMeter, fleet: EmulatorFleet, 
 
 
 def fly(meters: Sequence[SmartMeter], config: FlyConfig | None = None,
-        flush_period: float = 0.25) -> Generator[Msg, Any, str]:
+        flush_period: float = 0.25, live: bool = False) -> Generator[Msg, Any, str]:
     """A minimal multi-meter fly: one stream per meter, collected after a failure too."""
     if config is not None:
         for meter in meters:
@@ -102,6 +102,8 @@ def fly(meters: Sequence[SmartMeter], config: FlyConfig | None = None,
             done = True
         for meter in meters:
             yield from bps.collect(meter, name=meter.name, return_payload=False)
+        if live:
+            yield from bps.trigger_and_read([m.live_stream for m in meters], name="primary")
     if failure is not None:
         for meter in meters:
             yield Msg("stop", meter)
@@ -425,3 +427,27 @@ def test_provenance_is_in_the_file_and_the_run_metadata(fleet, make_meter) -> No
     md = meter.run_metadata()
     assert md["emulated"] is True and md["smartmeter_ophyd"] == __version__
     assert md["firmware"] == "2.2"
+
+
+def test_live_stream_summarises_the_fly_and_best_effort_callback_shows_it(
+    fleet, make_meter, capsys
+) -> None:
+    from bluesky.callbacks.best_effort import BestEffortCallback
+
+    (meter,) = meters_of(fleet, make_meter, 1)
+    engine = RunEngine({})
+    bec = BestEffortCallback()
+    bec.disable_plots()
+    engine.subscribe(bec)
+    engine(fly([meter], FlyConfig(rate=RATE, n_samples=3 * RATE), live=True))
+    out = capsys.readouterr().out
+    assert "gw1_live_p_total" in out and "gw1_live_frequency" in out  # the live table
+    rows = meter.live_stream.windows
+    assert len(rows) >= 3
+    for row in rows[:3]:  # full windows: the grid's 230 V rms, 50 Hz (emulator/_grid.py)
+        assert row["samples"] == RATE
+        for line in ("l1", "l2", "l3"):
+            assert row[f"v_{line}_rms"] == pytest.approx(230.0, rel=0.02)
+        assert row["frequency"] == pytest.approx(50.0, abs=0.3)
+        assert row["p_total"] == pytest.approx(row["p_l1"] + row["p_l2"] + row["p_l3"])
+    assert rows[0]["time"] == pytest.approx(meter.last_summary.start_ts, abs=1e-6)
