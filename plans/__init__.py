@@ -8,6 +8,7 @@ Plans (generators, usable from IPython and bluesky-queueserver):
 * :func:`slotted_fly` - the same for many meters sharing one link, each sending in its own
   time slot (§5.3), with a slot plan that cannot overflow a ring buffer (§4.10) or the link.
 * :func:`monitor` - low-rate readings (RMS, power, energy, frequency) every period for hours.
+* :func:`fly_meters` - one run flying meters as prepared (no gate, no common start).
 
 Stubs to compose your own: :mod:`plans.stubs` (``ntp_gate``, ``measure_host_offset``,
 ``schedule_start``, ``release``, ``snapshot_settings``, ``restore_settings``).  The pure
@@ -20,7 +21,7 @@ name the meter and the allowed values.  Errors: :class:`PlanArgumentError`,
 
 from . import stubs
 from ._errors import NtpGateError, PlanArgumentError, SlotPlanError, StartScheduleError
-from ._fly import FlyInterrupted, slotted_fly, synchronized_fly
+from ._fly import FlyInterrupted, fly_meters, slotted_fly, synchronized_fly
 from ._monitor import monitor
 from ._slots import MeterLoad, SlotPlan, plan_slots
 from ._start import StartBudget, StartChoice, choose_start
@@ -36,6 +37,7 @@ __all__ = [
     "StartChoice",
     "StartScheduleError",
     "choose_start",
+    "fly_meters",
     "monitor",
     "plan_slots",
     "slotted_fly",

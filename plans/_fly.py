@@ -89,6 +89,8 @@ class FlySetup:
     plan_args: dict[str, Any]
     slot_plan: SlotPlan | None = None
     budget: StartBudget = field(default_factory=StartBudget)
+    synchronization: bool = True
+    """Whether the run gets the ``synchronization`` event (not for :func:`fly_meters`)."""
 
     @property
     def arms(self) -> bool:
@@ -345,6 +347,58 @@ def slotted_fly(
     return (yield from fly(setup))
 
 
+def fly_meters(
+    meters: Sequence[SmartMeter],
+    config: FlyConfig | dict[str, Any] | None = None,
+    *,
+    flush_period: float = 0.5,
+    md: dict[str, Any] | None = None,
+) -> Generator[Msg, Any, str]:
+    """One run that flies ``meters`` as each one is prepared: no NTP gate, no common start.
+
+    ``config`` (a :class:`FlyConfig` or a mapping) is given to every meter's ``prepare``
+    first; None flies them as already prepared.  A ``start_time`` in it arms every meter for
+    that instant (§6.4).  Streams: ``<meter>``, ``<meter>_gaps``, ``<meter>_timing`` per
+    meter and one ``meter_summary`` event.  Meters are staged (connected) and unstaged, so an
+    abort leaves them idle.  For meters that must start together, use
+    :func:`synchronized_fly`.  Returns the run's uid.
+    """
+    plan = "fly_meters"
+    meters = check.meter_list(meters, plan)
+    if config is not None:
+        for meter in meters:
+            check.fly_config(meter, plan, **(
+                config.as_dict() if isinstance(config, FlyConfig) else dict(config)))
+    flush = check.number(flush_period, "flush_period", plan, minimum=MIN_FLUSH_PERIOD_S,
+                         maximum=60.0)
+    user_md = check.metadata(md, plan)
+
+    def body() -> Generator[Msg, Any, str]:
+        if config is not None:
+            group = short_uid(label="prepare")
+            for meter in meters:
+                yield from bps.prepare(meter, config, group=group)
+            yield from bps.wait(group=group)
+        run_md: dict[str, Any] = {
+            "plan_name": plan,
+            "plan_args": {"meters": [m.name for m in meters], "flush_period": flush},
+            "detectors": [m.name for m in meters],
+            "meters": {m.name: m.run_metadata() for m in meters},
+            "streams": {m.name: dict(zip(("samples", "gaps", "timing"), stream_names(m),
+                                         strict=True)) for m in meters},
+        }
+        run_md.update(user_md)
+        setup = FlySetup(
+            plan=plan, meters=meters, configs={}, armed={}, scheduled=False, start_in=None,
+            ntp_confidence_ms=math.inf, ntp_attempts=0, ntp_period=None, host_clock=None,
+            flush_period=flush, md=user_md, plan_args=run_md["plan_args"],
+            synchronization=False,
+        )
+        return (yield from bpp.run_wrapper(_in_run(setup, FlyState(), arm=False), md=run_md))
+
+    return (yield from bpp.stage_wrapper(body(), meters))
+
+
 # ---------------------------------------------------------------------- the fly itself
 
 
@@ -435,7 +489,7 @@ def _start_document(setup: FlySetup, state: FlyState) -> dict[str, Any]:
     return md
 
 
-def _in_run(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[Msg, Any, None]:
     meters = setup.meters
     for meter in meters:
         samples, gaps, timing = stream_names(meter)
@@ -445,7 +499,8 @@ def _in_run(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
     # From here on a replay could re-send `sample` (§6.4: never): no resuming mid-fly.
     yield from bps.clear_checkpoint()
     try:
-        yield from _arm(setup, state)
+        if arm:
+            yield from _arm(setup, state)
         yield from _release(setup, state)
         yield from _complete_while_collecting(setup, state)
     except GeneratorExit:
@@ -549,7 +604,8 @@ def _periodic_ntp(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]
 
 def _final(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
     yield from _collect_all(setup.meters)
-    yield from bps.trigger_and_read([_sync_record(setup, state)], name="synchronization")
+    if setup.synchronization:
+        yield from bps.trigger_and_read([_sync_record(setup, state)], name="synchronization")
     yield from bps.trigger_and_read([m.run_summary for m in setup.meters], name="meter_summary")
 
 

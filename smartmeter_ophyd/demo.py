@@ -7,13 +7,14 @@
    ``startTs`` is a real time;
 2. sets up the embedded Tiled catalog under ``<directory>/catalog`` registered as the Tiled
    profile ``smartmeter-demo`` (profiles in ``<directory>/profiles``);
-3. runs :func:`fly_meters` with a RunEngine and a ``TiledWriter`` (``make_tiled_writer``): all
-   meters in ONE run; meters sharing a rate share one stream (the RunEngine collects them to
-   ``min(get_index())``), per-meter gap streams, and a final ``meter_summary`` stream;
+3. runs :func:`plans.synchronized_fly` with a RunEngine and a ``TiledWriter``
+   (``make_tiled_writer``): all meters in ONE run, gated on NTP and started on one
+   scheduled instant (§6.4); one stream per meter with its gaps and timing streams, a
+   ``synchronization`` and a ``meter_summary`` event;
 4. reads the run back through ``databroker.from_profile`` and prints a short summary.
 
-The reusable pieces are :class:`EmulatedMeters` (also used by the tests) and
-:func:`fly_meters` (a plan usable with real meters).  Only :func:`main` prints.
+The reusable piece is :class:`EmulatedMeters` (also used by the tests); the plans live in
+the top-level ``plans`` package.  Only :func:`main` prints.
 """
 
 from __future__ import annotations
@@ -26,15 +27,11 @@ import struct
 import sys
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import bluesky.plan_stubs as bps
-from bluesky.utils import Msg, short_uid
-
-from .devices import FlyConfig, SmartMeter
+from .devices import SmartMeter
 
 logger = logging.getLogger(__name__)
 
@@ -175,59 +172,6 @@ class EmulatedMeters:
             self._loop.close()
 
 
-# ---------------------------------------------------------------------------- the plan
-
-
-def stream_groups(meters: Sequence[SmartMeter], stream: str) -> dict[str, list[SmartMeter]]:
-    """Meters sharing a rate share ``stream``; otherwise each meter gets ``<stream>_<name>``."""
-    by_rate: dict[int, list[SmartMeter]] = defaultdict(list)
-    for meter in meters:
-        by_rate[meter.fly_config.rate].append(meter)
-    if len(by_rate) == 1:
-        return {stream: list(meters)}
-    return {f"{stream}_{m.name}": [m] for m in meters}
-
-
-def fly_meters(
-    meters: Sequence[SmartMeter],
-    config: FlyConfig | dict[str, Any] | None = None,
-    *,
-    stream: str = "meter",
-    flush_period: float = 0.5,
-    md: dict[str, Any] | None = None,
-) -> Generator[Msg, Any, str]:
-    """One run: fly ``meters`` together and record samples, gaps and a final summary.
-
-    Streams: ``stream`` (all meters of one rate; else one per meter), ``<meter>_gaps`` per
-    meter, and ``meter_summary`` (one event: counts, reconciliation, HDF5 path; its descriptor
-    holds each meter's configuration after the fly).
-    """
-    if config is not None:
-        for meter in meters:
-            yield from bps.prepare(meter, config, wait=True)
-    groups = stream_groups(meters, stream)
-    run_md = {"meters": {m.name: m.run_metadata() for m in meters}, "streams": sorted(groups)}
-    run_md.update(md or {})
-    uid: str = yield from bps.open_run(md=run_md)
-    for name, members in groups.items():
-        yield from bps.declare_stream(*members, name=name, collect=True)
-    for meter in meters:
-        yield from bps.declare_stream(meter.gap_stream, name=meter.gap_stream.name, collect=True)
-    yield from bps.kickoff_all(*meters, wait=True)
-    group = short_uid(label="complete")
-    yield from bps.complete_all(*meters, group=group, wait=False)
-    done = False
-    while not done:
-        done = yield from bps.wait(group=group, timeout=flush_period, error_on_timeout=False)
-        for name, members in groups.items():
-            yield from bps.collect(*members, name=name, return_payload=False)
-    for meter in meters:
-        yield from bps.collect(meter.gap_stream, name=meter.gap_stream.name, return_payload=False)
-    yield from bps.trigger_and_read([m.run_summary for m in meters], name="meter_summary")
-    yield from bps.close_run()
-    return uid
-
-
 # ------------------------------------------------------------------------------ the CLI
 
 
@@ -258,6 +202,8 @@ def run_demo(args: argparse.Namespace) -> list[str]:
     """Do the job; return the lines of the human summary."""
     from bluesky import RunEngine
 
+    from plans import synchronized_fly
+
     from .storage import (
         close_client,
         make_tiled_writer,
@@ -282,18 +228,19 @@ def run_demo(args: argparse.Namespace) -> list[str]:
             with _connected(meters):
                 engine = RunEngine({})
                 engine.subscribe(make_tiled_writer(catalog.client))
-                config = FlyConfig(rate=args.rate, duration_s=args.seconds)
-                (uid,) = engine(fly_meters(meters, config, md={"purpose": "smartmeter-ophyd demo"}))
+                plan = synchronized_fly(meters, args.seconds, rate=args.rate,
+                                        md={"purpose": "smartmeter-ophyd demo"})
+                (uid,) = engine(plan)
                 summaries = {m.name: m.last_summary for m in meters}
         client = open_catalog(args.profile)
         try:
             run = client[uid]
-            streams = run.start["streams"]
+            sync = run["synchronization"].read()
+            start_time = float(sync[f"{meters[0].name}_scheduled_start"].values[0])
             lines.append(f"run {uid}  ({len(meters)} meters, {args.rate} Hz, {args.seconds:g} s; "
-                         f"streams: {', '.join(streams)})")
+                         f"common start T={start_time:.0f}; one stream per meter)")
             for meter in meters:
-                stream = next(s for s in streams if s == "meter" or s.endswith(meter.name))
-                node = run[stream]
+                node = run[meter.name]
                 channel = f"{meter.name}_v_l1"
                 n = node[channel].shape[0]
                 first = [float(node[f"{meter.name}_{ch}"][0]) for ch in ("v_l1", "i_l1")]
@@ -301,23 +248,23 @@ def run_demo(args: argparse.Namespace) -> list[str]:
                 gaps = read_gaps(run, f"{meter.name}_gaps")
                 summary = summaries[meter.name]
                 assert summary is not None  # the fly succeeded, so it was reconciled
+                gate = run.start["synchronization"]["gate"][meter.name]["confidences_ms"][-1]
                 lines.append(
                     f"  {meter.name}: {n} samples in the catalog ({summary.received_samples} "
                     f"received, meter sent {summary.device_sent_samples}), "
                     f"{summary.missing_declared} missing in {len(gaps['sample_index'])} gaps, "
-                    f"start_ts {summary.start_ts:.3f} (first sample t={t_first:.3f}), "
+                    f"NTP gate {gate:g} ms, start_ts {summary.start_ts:.3f} "
+                    f"(first sample t={t_first:.3f}), "
                     f"first v_l1={first[0]:.2f} V i_l1={first[1]:.1f} mA, "
                     f"reconciled={summary.explained}"
                 )
-            if "meter" in streams and len(meters) > 1:
-                lines.append("  (one shared stream is collected to the common min(get_index()); "
-                             "samples past it are in each meter's HDF5 file, see meter_summary)")
         finally:
             close_client(client)
         lines.append("open it in IPython:")
         lines.append(f"  import os; os.environ['TILED_PROFILES'] = '{directory / 'profiles'}'")
         lines.append(f"  import databroker; run = databroker.from_profile('{args.profile}')['{uid}']")
-        lines.append(f"  run['{streams[0]}'].read()   # xarray; run['meter_summary'].read() for counts")
+        lines.append(f"  run['{meters[0].name}'].read()   # xarray; "
+                     "run['meter_summary'].read() for counts")
         lines.append(f"done in {time.monotonic() - t0:.1f} s")
     finally:
         catalog.close()

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
-from smartmeter_ophyd.demo import EmulatedMeters, fly_meters
+from plans import fly_meters
+from smartmeter_ophyd.demo import EmulatedMeters
 from smartmeter_ophyd.devices import CtsPolicy, FlyError, SmartMeter
 from smartmeter_ophyd.protocol import RING_BUFFER_BYTES, Measures
 from smartmeter_ophyd.storage import (
@@ -144,10 +145,10 @@ def test_scheduled_start_fly_starts_on_the_meters_second(emulated, embedded_cata
     client = databroker.from_profile(embedded_catalog.profile)
     try:
         run = client[uid]
-        ds = read_stream(run, "meter", prefix="m1")
+        ds = read_stream(run, "m1", prefix="m1")
         np.testing.assert_allclose(ds["time"].values, expected, rtol=0, atol=1e-6)
         first_ms = time_window(run, summary.start_ts - 1.0, summary.start_ts + 0.001,
-                               "meter", prefix="m1")
+                               "m1", prefix="m1")
         assert first_ms.attrs["first_index"] == 0
         assert first_ms.sizes["time"] == RATE // 1000  # the 8 samples of the first millisecond
         assert abs(first_ms["time"].values[0] - summary.start_ts) < 1e-6

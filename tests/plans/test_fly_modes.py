@@ -126,3 +126,17 @@ def test_settings_are_restored_from_a_snapshot(fleet_factory, smartmeters, engin
     assert sorted(written["m1"]) == ["log_level", "sampling_rate"] and written["m2"] == []
     assert meters[0].sampling_rate.get() == snapshot["m1"]["sampling_rate"]
     assert meters[0].log_level.get() == snapshot["m1"]["log_level"] == "INFO"
+
+
+def test_fly_meters_flies_meters_as_prepared_one_stream_each(
+    fleet_factory, smartmeters, engine, embedded_catalog
+) -> None:
+    fleet = fleet_factory(2)
+    meters = smartmeters(fleet)
+    (uid,) = engine.RE(plans.fly_meters(meters, {"rate": 2000, "duration_s": 0.5}))
+    run = embedded_catalog.client[uid]
+    names = {d["name"] for d in engine.docs("descriptor")}
+    assert names == {"m1", "m1_gaps", "m1_timing", "m2", "m2_gaps", "m2_timing", "meter_summary"}
+    assert not engine.commands("trigger") or all(
+        msg.obj.name.endswith("_run") for _, msg in engine.commands("trigger"))  # no NTP gate
+    assert_all_recorded(run, meters)
