@@ -49,8 +49,9 @@ from . import _texts as texts
 from ._clock import MeterClock, NetworkModel, SntpResult, sntp_sync
 from ._endpoints import Endpoint, SerialEndpoint, TcpEndpoint
 from ._grid import GridModel
+from ._mqtt import MeterMqtt
 from ._sampling import RingBuffer, SamplingEngine, SessionTruth, SyncRecord
-from ._sinks import EndpointSink, Sink
+from ._sinks import EndpointSink, MqttSink, Sink
 from ._state import StateStore, StoredConfig
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,14 @@ class EmulatorConfig:
     time_server: str | None = None
     """Overrides the stored time server at start (tests point it at a local NTP server)."""
     ntp_port: int = 123
+    mqtt_server: str | None = None
+    """Overrides the stored MQTT server at start (tests point it at a local broker, §8.1)."""
+    mqtt_port: int = 1883
+    """Broker port (the firmware always uses 1883; tests run the broker on a free port)."""
+    mqtt_status_s: float = 5.0
+    """Period of the idle MQTT status (MQTT_UPDATE_INTERVAL, §8.2)."""
+    mdns: bool = False
+    """Announce ``_elec._tcp`` on ``host`` with python-zeroconf (§9; see ``_mdns``)."""
     boot_delay_s: float = 0.5
     grid_seed: int = 0
     circuit: int = 0
@@ -144,6 +153,8 @@ class Session:
     start_ts_text: str = "0.000"
     rate_log_marks: int = 0
     """Rate marks of the engine already logged (§4.7)."""
+    seconds_seen: int = 0
+    """RTC seconds of the engine already checked for ``MISSED`` (§4.7)."""
     slot_sink: Sink | None = None
     slot_active: bool = False
     slot_sent_bytes: int = 0
@@ -177,6 +188,9 @@ class Faults:
     stall_s: float = 0.0
     garbage: bytes = b""
     log_in_frame: str | None = None
+    logs_into_frames: int = 0
+    """The meter's next N log lines to the sampling connection land inside data frames."""
+    held_logs: list[bytes] = field(default_factory=list)
     drop_datagrams: int = 0
 
 
@@ -229,6 +243,9 @@ class EmulatedMeter:
         if cfg.time_server is not None:
             self.store.config.time_server = cfg.time_server
             self.store.save()
+        if cfg.mqtt_server is not None:
+            self.store.config.mqtt_server = cfg.mqtt_server
+            self.store.save()
         self.ip = cfg.ip or (cfg.host if cfg.host not in ("", "0.0.0.0", "::") else "127.0.0.1")
         self.ring = RingBuffer(cfg.ring_buffer_bytes)
         self.faults = Faults()
@@ -255,6 +272,8 @@ class EmulatedMeter:
         self.last_session: Session | None = None
         self.control: Any = None
         self._reset_volatile()
+        self.mqtt = MeterMqtt(self)
+        self.mdns: Any = None
 
     # ------------------------------------------------------------------ public properties
     @property
@@ -362,6 +381,8 @@ class EmulatedMeter:
         self._dial_endpoint: TcpEndpoint | None = None
         self._dial_failed_logged = False
         self.ade_registers: dict[int, int] = {0x4FE: 0x0FE0, 0x420: 0x0000}
+        self.last_getter: Endpoint | None = None
+        """``newGetter``: the last connection that sent a command (MQTT commands act on it, §8.3)."""
 
     async def _open_sockets(self) -> None:
         loop = asyncio.get_running_loop()
@@ -391,9 +412,9 @@ class EmulatedMeter:
         self._flash_row(f"{self.short_time()}: {texts.BOOT_ROW}")
         self.log(LogLevel.ALL, texts.NETWORK_CONNECTED)
         self.log(LogLevel.ALL, texts.IP_LOG.format(ip=self.ip))
+        self.log(LogLevel.INFO, texts.MDNS_LOG.format(name=self.name))  # initMDNS (§9)
         await self.ntp_sync()
-        # MQTT is a later issue: the first connect attempt fails like a meter without broker (§8.1).
-        self.log(LogLevel.ERROR, texts.MQTT_CANNOT_CONNECT.format(server=self.stored.mqtt_server))
+        await self.mqtt.begin()  # one blocking attempt; a failure is logged (§8.1)
         if self.stored.stream_server != texts.UNSET:
             self.log(LogLevel.INFO, texts.STREAM_TRY.format(server=self.stored.stream_server))
         self.log(LogLevel.ALL, texts.SETUP_DONE)
@@ -404,6 +425,7 @@ class EmulatedMeter:
     async def _shutdown(self) -> None:
         """Everything a reboot loses: sockets, sessions, pending connections."""
         self.ready.clear()
+        self.mqtt.drop()  # no DISCONNECT, no "off": the ESP just restarts
         self.end_session()  # also closes a raw-stream client
         for server in (self._command_server, self._stream_server):
             if server is not None:
@@ -471,6 +493,12 @@ class EmulatedMeter:
     def inject_log_in_next_frame(self, text: str) -> None:
         """Fault: an INFO log line lands in the middle of the next data frame (§4.6)."""
         self.faults.log_in_frame = text
+
+    def move_next_logs_into_frames(self, count: int) -> None:
+        """Fault: the meter's own next ``count`` log lines to the sampling connection are
+        written inside data frames instead of between them (§4.6: background tasks such as
+        NTP can log while a frame is being written)."""
+        self.faults.logs_into_frames += count
 
     def drop_udp_datagrams(self, count: int) -> None:
         """Fault: the next ``count`` UDP datagrams are lost."""
@@ -587,8 +615,17 @@ class EmulatedMeter:
     def log(self, level: LogLevel, text: str) -> None:
         """MultiLogger::log: to every attached logger whose level admits it (§2.4)."""
         line = encode_log_line(level, self.short_time(), text)
+        sink = self.session.sink if self.session is not None else None
         for ep in self.endpoints():
             if ep.log_level is not None and level >= ep.log_level:
+                if (
+                    self.faults.logs_into_frames > 0
+                    and isinstance(sink, EndpointSink)
+                    and sink.endpoint is ep
+                ):
+                    self.faults.logs_into_frames -= 1
+                    self.faults.held_logs.append(line)  # written inside the next frame (§4.6)
+                    continue
                 ep.write(line)
         if level >= LogLevel.WARNING:
             self._flash_row(line[:-2].decode("utf-8", "replace"))
@@ -634,6 +671,7 @@ class EmulatedMeter:
             if now - self._last_poll >= ACCEPT_POLL_S:
                 self._last_poll = now
                 self._poll_connections()
+            await self.mqtt.update()
             await self._handle_input()
             if self._reboot_requested:
                 break
@@ -682,6 +720,7 @@ class EmulatedMeter:
         if now - self._last_energy_store > ENERGY_STORE_S:
             self._last_energy_store = now
             self.store_energy()
+        self.mqtt.on_idle()
         await self._check_stream_server()
 
     # ------------------------------------------------------------------ energy / daily
@@ -808,6 +847,7 @@ class EmulatedMeter:
         self.last_session = session
         self.last_engine = engine
         self.pending_start = None
+        self.mqtt.sampling_changed(True)  # sampleCB (§8.2)
         return session
 
     def _start_raw_stream(self, ep: TcpEndpoint) -> None:
@@ -883,7 +923,24 @@ class EmulatedMeter:
                 s.slot_sent_bytes = 0
         if settings.rts:
             self.write_chunks(s, s.sink)
+        self._check_seconds(s)
         self._log_rate(s)
+
+    def _check_seconds(self, s: Session) -> None:
+        """§4.7: once per loop pass after RTC seconds passed: ``MISSED <n> SAMPLES`` if the
+        last one came up short (never for the session's first pass: ``firstSqwv``), and
+        ``Loop <n>s behind`` if more than one passed since the previous pass."""
+        engine = s.engine
+        passed = engine.rtc_interrupts - s.seconds_seen
+        if passed <= 0:
+            return
+        first = s.seconds_seen == 0
+        s.seconds_seen = engine.rtc_interrupts
+        rate = s.settings.rate
+        if not first and engine.last_second_count != rate:
+            self.log(LogLevel.ERROR, texts.MISSED.format(n=rate - engine.last_second_count))
+        if passed > 1:
+            self.log(LogLevel.WARNING, texts.LOOP_BEHIND.format(n=passed - 1))
 
     def _log_rate(self, s: Session) -> None:
         """§4.7: ``rate / (micros() between the last two rate marks)``, once per loop pass.
@@ -909,6 +966,8 @@ class EmulatedMeter:
         ``final`` (stop, §4.8): every full chunk and then the short tail, ignoring back-pressure.
         Returns the payload bytes sent.
         """
+        if isinstance(sink, MqttSink):  # writeDataMQTT: every whole sample, one message each
+            return self.mqtt.publish_samples(s)
         chunk, readable = s.chunk, self.ring.readable
         serial = sink.serial_framing
         stride = chunk + (FRAME_HEADER_SIZE if s.settings.prefix else 0) + (len(CRLF) if serial else 0)
@@ -932,6 +991,17 @@ class EmulatedMeter:
 
     def _emit(self, s: Session, sink: Sink, frames: bytes, stride: int, payload_len: int) -> int:
         n_frames = len(frames) // stride
+        if self.faults.held_logs:
+            held, self.faults.held_logs = self.faults.held_logs, []
+            pieces = []
+            for k, line in enumerate(held):  # one line inside each of the next frames
+                start = min(k, n_frames - 1) * stride
+                pieces.append((start + stride // 2, line))
+            out, last = [], 0
+            for cut, line in sorted(pieces, key=lambda p: p[0]):
+                out += [frames[last:cut], line]
+                last = cut
+            frames = b"".join([*out, frames[last:]])
         if self.faults.garbage:
             garbage, self.faults.garbage = self.faults.garbage, b""
             frames = garbage + frames
@@ -971,6 +1041,7 @@ class EmulatedMeter:
         self._produce(s)
         self.session = None
         s.engine.stop()
+        self.mqtt.sampling_changed(False)  # sampleCB runs before the tail is flushed (§4.8)
         stop_true = self.clock.true_now()
         stop_meter = self.clock.meter_time(stop_true)
         if s.raw_stream and isinstance(s.sink, EndpointSink):
@@ -1001,6 +1072,7 @@ class EmulatedMeter:
         self.ring.clear()
         if s is not None:
             s.engine.stop()
+            self.mqtt.sampling_changed(False)
         if s is not None and s.raw_stream and isinstance(s.sink, EndpointSink):
             s.sink.endpoint.close()
 

@@ -214,6 +214,9 @@ class SessionTruth:
     rates whose kept lattice runs at ``rate`` (bursty rates refuse by design: not listed)."""
     rtc_edges: np.ndarray = field(default_factory=lambda: np.zeros(0))
     """float64: true instants of the handled RTC interrupts (each starts a new second)."""
+    rtc_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """int64, one per ``rtc_edges``: samples accepted in the second that interrupt ended
+    (the firmware's ``testSamples``; fillers make up 1..4 missing ones)."""
     rtc_resets: np.ndarray = field(default_factory=lambda: np.zeros(0))
     """float64: true instants the RTC countdown restarted (session start, blocking NTP)."""
     sync_records: tuple[SyncRecord, ...] = ()
@@ -287,6 +290,8 @@ class SamplingEngine:
         self.start_true = 0.0
         self.rtc_interrupts = 0
         """RTC seconds handled in this session (the firmware's ``sqwCounter2``, §6.5)."""
+        self.last_second_count = 0
+        """Samples accepted in the last RTC second that ended (``testSamples``, §4.7)."""
         self.rate_marks = 0
         """How many per-second rate marks (§4.7) this session has passed."""
 
@@ -394,6 +399,7 @@ class SamplingEngine:
         self._correction_drops: list[np.ndarray] = []
         self._rtc_drops: list[np.ndarray] = []
         self._rtc_edges: list[float] = []
+        self._rtc_counts: list[int] = []
         self._rtc_resets: list[float] = [self.start_true] if self.rtc else []
         self._sync_records: list[SyncRecord] = []
         self._active = True
@@ -558,6 +564,8 @@ class SamplingEngine:
         if 0 < missing < FILLER_LIMIT:
             pieces.append(self._fillers(missing, t_edge))
         self._rtc_edges.append(t_edge)
+        self._rtc_counts.append(self._count)
+        self.last_second_count = self._count
         self.rtc_interrupts += 1
         self._rtc_n += 1
         self._interval += 1
@@ -715,6 +723,7 @@ class SamplingEngine:
             correction_drops=joined(self._correction_drops),
             rtc_drops=joined(self._rtc_drops),
             rtc_edges=np.array(self._rtc_edges, dtype=np.float64),
+            rtc_counts=np.array(self._rtc_counts, dtype=np.int64),
             rtc_resets=np.array(self._rtc_resets, dtype=np.float64),
             sync_records=tuple(self._sync_records),
             ade_drift_ppm=self._ade_ppm,

@@ -261,13 +261,17 @@ async def test_slow_ade_gets_rtc_fillers_of_l1_data(make_meter: MeterFactory) ->
     c = await open_client(meter.command_port)
     await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 8000,
                                                   "measures": "v,i_L2"}})
-    frames, _ = await collect(c, 2.7)
+    frames, lines = await collect(c, 2.7)
     tail, stop = await stop_and_drain(c)
     await c.close()
     data = received(frames + tail, 2)
     truth = meter.session_truth()
     assert truth is not None
     np.testing.assert_array_equal(data, truth.values)
+    # §4.7: the firmware reports each short second (after the first) as an ERROR.
+    missed = [int(m.group(1)) for x in lines
+              if (m := re.fullmatch(rb"Info:\[E\][^:]+:\d\d:\d\d: MISSED (\d+) SAMPLES", x))]
+    assert missed and missed == (8000 - truth.rtc_counts[1:1 + len(missed)]).tolist()
     fillers = truth.filler_indices
     assert fillers.shape[0] >= 6  # two full RTC seconds, 3-4 fillers each
     assert stop["samples"] == data.shape[0] - fillers.shape[0]
@@ -432,3 +436,23 @@ async def test_stop_duration_is_millis_and_a_blocking_sync_writes_the_rtc(
     truth = meter.session_truth()
     assert truth is not None
     assert truth.rtc_resets.tolist() == [truth.true_start]  # ... without writing the RTC
+
+
+async def test_a_stalled_loop_reports_the_seconds_it_missed(make_meter: MeterFactory) -> None:
+    """§4.7: after a stall spanning RTC seconds, one ``Loop <n>s behind`` (WARNING) with
+    n = seconds passed - 1; full seconds never log ``MISSED``."""
+    meter = await make_meter()
+    c = await open_client(meter.command_port)
+    await c.command({"cmd": "sample", "payload": {"type": "TCP", "rate": 100, "measures": "v,i"}})
+    _, before = await collect(c, 0.8)
+    meter.stall_output(2.2)
+    _, after = await collect(c, 2.6)
+    await stop_and_drain(c)
+    await c.close()
+    texts = log_texts(before + after)
+    behind = [int(m.group(1)) for t in texts if (m := re.fullmatch(r"Loop (\d+)s behind", t))]
+    assert behind and behind[0] in (1, 2)
+    truth = meter.session_truth()
+    assert truth is not None
+    assert truth.rtc_counts[1:].tolist() == [100] * (truth.rtc_counts.shape[0] - 1)
+    assert not [t for t in texts if t.startswith("MISSED")]

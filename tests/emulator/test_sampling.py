@@ -200,6 +200,8 @@ def test_rtc_fills_a_second_of_a_slow_ade() -> None:
         assert truth.true_times[rows[0] - 1] < edge <= truth.true_times[rows[-1] + 1]
     assert engine.samples_produced == truth.kinds.shape[0] - fillers.shape[0]
     assert truth.rtc_drops.shape[0] == 0
+    assert truth.rtc_counts[1:].tolist() == [rate - n for n in expected_fill]
+    assert engine.last_second_count == truth.rtc_counts[-1]
 
 
 def test_rtc_refuses_the_excess_of_a_fast_ade() -> None:
