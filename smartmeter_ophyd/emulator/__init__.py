@@ -24,11 +24,19 @@ Deliberate deviations from firmware 2.2 (everything else aims to be byte-exact):
 * The copy of each reply that goes to USB serial (§2.8) is the reply line itself.
 * A meter built with ``serial=False`` answers ``type:"Serial"`` with
   ``Unsupported sampling type: Serial``.
-* Not emitted: ``MISSED <n> SAMPLES`` / ``Loop <n>s behind`` (the engine never falls
-  behind), the serial-only debug prints of reqSamples/OTA/WiFi events (§4.12), the 5 s MQTT
-  status, mDNS announcements.
+* Not emitted: the serial-only debug prints of reqSamples/OTA/WiFi events (§4.12), the 5 s
+  MQTT status, mDNS announcements.
 * The ring-buffer wrap-around corruption (§4.10) and the 20–24 character name overflow
   (§3.2) are not reproduced.
+* Timing (``_sampling``, ``_clock``): the ADE9000 sample clock (``ade_drift_ppm``), the
+  DS3231 RTC (``rtc_drift_ppm``) and the ESP's NTP-set software clock (``clock_offset_s``,
+  ``drift_ppm``) are modelled apart, with constant drifts.  The RTC's seconds restart 0.5 s
+  after each write of its seconds register (session start, NTP success on the main core),
+  as the DS3231 data sheet implies for the firmware's writes (inferred, not measured).  The
+  first kept ADE sample is at the session start (on the device its phase is arbitrary).
+* Times round the software clock to the millisecond (``startTs``, ``start_ts``/``stop_ts``,
+  ``From``/``To``, the scheduled start's ``now_ms``); the firmware's integer-millisecond
+  clock truncates, and its SNTP result is truncated to the millisecond too (§6.2).
 """
 
 from ._clock import SntpResult
