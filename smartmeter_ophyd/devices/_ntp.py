@@ -35,6 +35,8 @@ last one is refused before anything is sent.  The timeout defaults to the meter'
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -57,6 +59,9 @@ from ..protocol import LogLevel, LogLine, NtpReply, parse_long_time
 from ._status import status_from_coroutine
 
 logger = logging.getLogger(__name__)
+
+LATE_RECORD_S: Final = 1.5
+"""While sampling, how long after the ``ntp`` reply the sync record's lines may still come."""
 
 SEEN_LINES_IN_ERRORS: Final = 6
 """How many of the lines seen during a failed sync its error quotes (the last ones)."""
@@ -173,6 +178,7 @@ class MeterNtp(Device):
         assembler = SyncRecordAssembler()
         records: list[SyncRecord] = []
         seen: list[LogLine] = []
+        completed = asyncio.Event()
 
         def take(line: LogLine) -> None:
             if line.text:
@@ -180,10 +186,16 @@ class MeterNtp(Device):
             record = assembler.feed(line)
             if record is not None:
                 records.append(record)
+                completed.set()
 
         unsubscribe = client.subscribe_logs(take)  # before sending: the log precedes the reply
         try:
             reply = await client.ntp_sync(timeout=timeout)
+            if client.session is not None and not records:
+                # While sampling the record's lines can sit inside data frames (§4.6) that
+                # the decoder only releases with the next bytes: give them a moment.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(completed.wait(), LATE_RECORD_S)
         except MeterCommandRejected as exc:
             self._record_failure(time.time())
             server = client.info.time_server if client.info is not None else None

@@ -20,7 +20,7 @@ same operations exist in-process: as methods of :class:`EmulatedMeter`, the type
 | ``stall`` | ``seconds`` | the meter's loop stops for that long (data piles up in the ring buffer) |
 | ``reboot`` | — | as ``restart`` |
 | ``garbage`` | ``hex`` | these bytes precede the next data frame |
-| ``log_in_frame`` | ``text`` | an INFO log line is written in the middle of the next data frame |
+| ``log_in_frame`` | ``text`` or ``next_logs`` | an INFO log line ``text`` is written in the middle of the next data frame; or the meter's own next ``next_logs`` log lines land inside the following frames (§4.6) |
 | ``drop_udp`` | ``count`` | the next ``count`` UDP datagrams are not sent |
 
 Rows are numbered as delivered: index ``i`` is the ``i``-th sample row the meter put into its
@@ -230,7 +230,10 @@ def _garbage(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log_in_frame(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
-    meter.inject_log_in_next_frame(str(req.get("text", "injected")))
+    if "next_logs" in req:
+        meter.move_next_logs_into_frames(int(_number(meter, req, "next_logs")))
+    else:
+        meter.inject_log_in_next_frame(str(req.get("text", "injected")))
     return {}
 
 

@@ -573,8 +573,8 @@ class EmulatedMeter:
             if not self._produce(s):
                 return result
             self._correct_sampling(s)
-            if not background:
-                s.engine.reset_rtc(self.clock.true_now())
+            if not background and self._produce(s):
+                s.engine.reset_rtc(s.engine.produced_until)
         return result
 
     def _correct_sampling(self, s: Session) -> None:
@@ -992,13 +992,12 @@ class EmulatedMeter:
     def _emit(self, s: Session, sink: Sink, frames: bytes, stride: int, payload_len: int) -> int:
         n_frames = len(frames) // stride
         if self.faults.held_logs:
-            held, self.faults.held_logs = self.faults.held_logs, []
-            pieces = []
-            for k, line in enumerate(held):  # one line inside each of the next frames
-                start = min(k, n_frames - 1) * stride
-                pieces.append((start + stride // 2, line))
+            # one line inside each of the next frames; the rest waits for later frames
+            held = self.faults.held_logs[:n_frames]
+            del self.faults.held_logs[:n_frames]
             out, last = [], 0
-            for cut, line in sorted(pieces, key=lambda p: p[0]):
+            for k, line in enumerate(held):
+                cut = k * stride + stride // 2
                 out += [frames[last:cut], line]
                 last = cut
             frames = b"".join([*out, frames[last:]])

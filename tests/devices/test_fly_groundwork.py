@@ -378,7 +378,8 @@ def test_link_state_follows_the_connection(fleet, make_meter) -> None:
 
 def test_timing_stream_matches_the_emulators_correction_history(make_meter) -> None:
     """Every §6.5 record the meter logged during the fly is in the timing stream, as the
-    emulator made it; the corrections it announced are what it really did."""
+    emulator made it; the corrections it announced are what it really did.  The second
+    sync's lines are written inside data frames (§4.6) and still make their record."""
     with EmulatorFleet(1, name_prefix="tim") as fleet:
         meter = make_meter(fleet.ports[0], "tim1")
         meter.prepare(FlyConfig(rate=RATE, duration_s=5))
@@ -388,9 +389,11 @@ def test_timing_stream_matches_the_emulators_correction_history(make_meter) -> N
         meter.ntp.trigger().wait(5)
         time.sleep(1.5)
         fleet.time_offset_s = 0.0
+        fleet.inject(0, "log_in_frame", next_logs=8)  # every line of the next sync
         meter.ntp.trigger().wait(5)
         meter.complete().wait(20)
         truth = fleet.corrections(0)
+    assert meter.last_summary.repaired_frames >= 5  # the lines really were inside frames
     records = [r for r in meter.timing_stream.records if r.during_sampling]
     assert len(records) == len(truth.sync_records) == 2
     for record, made in zip(records, truth.sync_records, strict=True):
