@@ -14,13 +14,7 @@ joins the lines of one NTP sync into a :class:`SyncRecord` (§6.5).  Errors all 
 :class:`MeterError` and name the meter.
 """
 
-from ._async import (
-    AsyncMeterClient,
-    ClientEvent,
-    ConnectionLost,
-    Reconnected,
-    SampleConfig,
-)
+from ._async import AsyncMeterClient
 from ._errors import (
     MeterBusyError,
     MeterCommandError,
@@ -49,6 +43,7 @@ from ._logtext import (
     sync_from_timestamp,
     sync_to_timestamp,
 )
+from ._model import ClientEvent, ConnectionLost, Reconnected, SampleConfig
 from ._session import Block, BufferFill, Gap, SamplingSession, SessionSummary
 from ._streams import RawStream, StreamServer, open_raw_stream
 from ._sync import MeterClient, SyncSamplingSession

@@ -331,6 +331,16 @@ class SamplingSession:
         return self.reply.scheduled is None or bool(self.frames)  # not still counting down
 
     @property
+    def queued_blocks(self) -> int:
+        """Blocks received and not yet taken by :meth:`next_block` or :meth:`drain_nowait`."""
+        return len(self._blocks)
+
+    @property
+    def stop_reply(self) -> StopReply | None:
+        """The meter's stop reply (§4.8), once :meth:`stop` got it."""
+        return self._stop_reply
+
+    @property
     def summary(self) -> SessionSummary | None:
         """The reconciliation, once the session has ended (None while it runs)."""
         return self._summary

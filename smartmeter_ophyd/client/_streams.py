@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..protocol import Measures, RawSampleDecoder, Samples, SkippedBytes
+from ..protocol import STREAM_PORT, Measures, RawSampleDecoder, Samples, SkippedBytes
 from ._async import AsyncMeterClient
 from ._errors import MeterConnectionError, MeterError, MeterTimeoutError
 from ._session import Block
@@ -33,7 +33,7 @@ from ._transports import Link, TcpLink, open_tcp_link, serve_tcp_links
 
 logger = logging.getLogger(__name__)
 
-RAW_STREAM_PORT = 54322
+RAW_STREAM_PORT = STREAM_PORT
 
 
 class RawStream:

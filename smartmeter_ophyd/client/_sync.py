@@ -1,10 +1,13 @@
-"""Blocking facade: the same :class:`AsyncMeterClient`, run on a private event-loop thread.
+"""Blocking facade: the same :class:`AsyncMeterClient`, run on the shared loop thread.
 
-There is one implementation (the asyncio client); :class:`MeterClient` only forwards each
-call to its loop thread and waits for the result with a timeout.  ``close()`` (or leaving
-the ``with`` block) closes the connection, stops the loop and joins the thread: no thread is
-left behind.  Sessions are wrapped too: iterating a :class:`SyncSamplingSession` yields
-:class:`Block` values.
+There is one implementation (the asyncio client); :class:`MeterClient` runs each call on
+the process's one client loop thread (:class:`SharedLoop`) and waits for the result with a
+timeout.  Its command methods are not listed here: they come from the command table
+(:class:`~._commands.MeterCommands`) with the same signatures as the async ones.  When a
+call fails, the client's own error is raised (a :class:`MeterTimeoutError` of the client
+is never replaced by the facade's own wait limit).  ``close()`` of the last client stops
+the loop and joins the thread: no thread is left behind.  Iterating a
+:class:`SyncSamplingSession` yields :class:`Block` values.
 
 Callbacks given to ``subscribe_logs``/``subscribe_events`` run on the loop thread.
 """
@@ -19,9 +22,11 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
-from ..protocol import LogLine
-from ._async import AsyncMeterClient, ClientEvent, SampleConfig
+from ..protocol import COMMAND_PORT, DeviceInfo, LogLine, Sample
+from ._async import AsyncMeterClient
+from ._commands import CommandMethod, MeterCommands, P
 from ._errors import MeterTimeoutError
+from ._model import ClientEvent, SampleConfig
 from ._session import Block, BufferFill, SamplingSession, SessionSummary
 
 logger = logging.getLogger(__name__)
@@ -128,26 +133,14 @@ class SharedLoop:
         thread.stop()
 
 
-def _blocking(
-    method: Callable[..., Coroutine[Any, Any, _R]],
-) -> Callable[..., _R]:
-    """Turn an ``AsyncMeterClient`` coroutine method into a blocking one of the same name."""
-
-    @functools.wraps(method)
-    def wrapper(self: MeterClient, *args: Any, **kwargs: Any) -> _R:
-        coro = method(self._client, *args, **kwargs)
-        return self._run(coro, method.__name__)
-
-    return wrapper
-
-
-class MeterClient:
+class MeterClient(MeterCommands):
     """Blocking client of one SmartMeter; same methods as :class:`AsyncMeterClient`.
 
-    Each call waits at most ``timeout`` (+1 s) on top of the meter's own timeouts.
+    Each call waits at most three times its timeout (+1 s) on the loop thread; the client's
+    own, shorter timeouts fire first.
     """
 
-    def __init__(self, host: str, port: int = 54321, **kwargs: Any) -> None:
+    def __init__(self, host: str, port: int = COMMAND_PORT, **kwargs: Any) -> None:
         self._thread = SharedLoop.acquire()
         self._closed = False
         self._timeout = float(kwargs.get("timeout", 5.0))
@@ -175,9 +168,20 @@ class MeterClient:
         limit = (self._timeout if timeout is None else timeout) * 3 + _GRACE_S
         return self._thread.run(coro, limit, what, lambda: self._client.meter_label)
 
+    def _bind_command(self, method: CommandMethod[P, _R]) -> Callable[P, _R]:
+        impl = method.impl
+
+        @functools.wraps(impl)
+        def call(*args: P.args, **kwargs: P.kwargs) -> _R:
+            timeout = kwargs.get("timeout")
+            return self._run(impl(self._client, *args, **kwargs), method.name,
+                             timeout if isinstance(timeout, int | float) else None)
+
+        return call
+
     # properties read on the loop thread's objects (immutable values)
     @property
-    def info(self) -> Any:
+    def info(self) -> DeviceInfo | None:
         return self._client.info
 
     @property
@@ -212,40 +216,13 @@ class MeterClient:
     def __repr__(self) -> str:
         return f"<MeterClient {self._client.meter_label}>"
 
-    connect = _blocking(AsyncMeterClient.connect)
-    get_info = _blocking(AsyncMeterClient.get_info)
-    get_voltage = _blocking(AsyncMeterClient.get_voltage)
-    get_current = _blocking(AsyncMeterClient.get_current)
-    get_power = _blocking(AsyncMeterClient.get_power)
-    get_energy = _blocking(AsyncMeterClient.get_energy)
-    get_frequency = _blocking(AsyncMeterClient.get_frequency)
-    get_phase_angle = _blocking(AsyncMeterClient.get_phase_angle)
-    set_name = _blocking(AsyncMeterClient.set_name)
-    set_mqtt_server = _blocking(AsyncMeterClient.set_mqtt_server)
-    set_stream_server = _blocking(AsyncMeterClient.set_stream_server)
-    set_time_server = _blocking(AsyncMeterClient.set_time_server)
-    add_wifi = _blocking(AsyncMeterClient.add_wifi)
-    del_wifi = _blocking(AsyncMeterClient.del_wifi)
-    ntp_sync = _blocking(AsyncMeterClient.ntp_sync)
-    set_calibration = _blocking(AsyncMeterClient.set_calibration)
-    reset_energy = _blocking(AsyncMeterClient.reset_energy)
-    set_daily_restart = _blocking(AsyncMeterClient.set_daily_restart)
-    set_log_level = _blocking(AsyncMeterClient.set_log_level)
-    get_log = _blocking(AsyncMeterClient.get_log)
-    clear_log = _blocking(AsyncMeterClient.clear_log)
-    ade9k_read = _blocking(AsyncMeterClient.ade9k_read)
-    ade9k_write = _blocking(AsyncMeterClient.ade9k_write)
-    restart = _blocking(AsyncMeterClient.restart)
-    factory_reset = _blocking(AsyncMeterClient.factory_reset)
-    basic_reset = _blocking(AsyncMeterClient.basic_reset)
-    probe = _blocking(AsyncMeterClient.probe)
-    keepalive = _blocking(AsyncMeterClient.keepalive)
-    cts = _blocking(AsyncMeterClient.cts)
-    request_samples = _blocking(AsyncMeterClient.request_samples)
-    stop = _blocking(AsyncMeterClient.stop)
-    request = _blocking(AsyncMeterClient.request)
+    def connect(self) -> DeviceInfo:
+        """Connect and read the info line (see :meth:`AsyncMeterClient.connect`)."""
+        return self._run(self._client.connect(), "connect")
 
-    def sample(self, config: SampleConfig | Any = None, /, **settings: Any) -> SyncSamplingSession:
+    def sample(
+        self, config: SampleConfig | Sample | None = None, /, **settings: Any
+    ) -> SyncSamplingSession:
         """Start sampling (see :meth:`AsyncMeterClient.sample`); returns a blocking session."""
         session = self._run(self._client.sample(config, **settings), "sample")
         return SyncSamplingSession(self, session)
@@ -334,8 +311,9 @@ class SyncSamplingSession:
                 return
             yield block
 
-    def stop(self) -> SessionSummary:
-        return self._client._run(self.session.stop(), "stop")
+    def stop(self, timeout: float | None = None) -> SessionSummary:
+        """Stop the session and reconcile it (see :meth:`SamplingSession.stop`)."""
+        return self._client._run(self.session.stop(timeout), "stop", timeout)
 
     def cts(self, ready: bool) -> None:
         self._client._run(self.session.cts(ready), "cts")

@@ -1,8 +1,9 @@
 """Byte carriers for the client: TCP, USB serial (pty), UDP datagrams.
 
 These classes only move bytes; decoding stays in :mod:`smartmeter_ophyd.protocol` and the
-request/session logic in :mod:`._async`.  A *link* is a duplex byte stream: input is pushed to a sink (or queued for
-:meth:`Link.read` until one is attached), output goes through ``write``/``close``:
+request/session logic in :mod:`._async`.  A *link* is a duplex byte stream: input is pushed
+to a sink (or queued for :meth:`Link.read` until one is attached, at most
+:data:`EARLY_QUEUE_BYTES` before reading pauses), output goes through ``write``/``close``:
 
 * :func:`open_tcp_link` -- the command connection (TCP 54321, or 54322 for raw streams),
   read with ``recv_into`` a reused buffer (no allocation per read).  Its receive low-water
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 READ_BUFFER_BYTES = 1 << 18
 """Receive buffer reused for every read (``recv_into``, no per-read allocation)."""
+EARLY_QUEUE_BYTES = READ_BUFFER_BYTES
+"""Before :meth:`Link.attach`, reading pauses once this much is queued (a peer flooding the
+handshake cannot grow memory; the kernel's buffers then push back on it)."""
 
 
 class Link:
@@ -50,6 +54,8 @@ class Link:
         self.local_host = local_host
         self.error: BaseException | None = None
         self._early: deque[bytes] = deque()
+        self._early_bytes = 0
+        self._early_paused = False
         self._eof = False
         self._sink: Callable[[bytes | memoryview], None] | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -61,6 +67,10 @@ class Link:
             self._sink(data)
         else:
             self._early.append(bytes(data))
+            self._early_bytes += len(data)
+            if self._early_bytes > EARLY_QUEUE_BYTES and not self._early_paused:
+                self._early_paused = True
+                self.pause_reading()
             self._wake()
 
     def _lost(self, exc: BaseException | None) -> None:
@@ -86,7 +96,12 @@ class Link:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         if self._early:
-            return self._early.popleft()
+            chunk = self._early.popleft()
+            self._early_bytes -= len(chunk)
+            if self._early_paused and self._early_bytes <= EARLY_QUEUE_BYTES // 2:
+                self._early_paused = False
+                self.resume_reading()
+            return chunk
         if self.error is not None and not isinstance(self.error, EOFError):
             raise ConnectionError(str(self.error)) from self.error
         return b""
@@ -96,6 +111,10 @@ class Link:
         self._sink = sink
         while self._early:
             sink(self._early.popleft())
+        self._early_bytes = 0
+        if self._early_paused:
+            self._early_paused = False
+            self.resume_reading()
         if self._eof:
             sink(b"")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from smartmeter_ophyd.client import AsyncMeterClient, MeterConnectionError, SampleConfig
-from smartmeter_ophyd.client._async import BATCH_MIN_BYTES
+from smartmeter_ophyd.client._batcher import BATCH_MIN_BYTES
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="SO_RCVLOWAT batching is Linux epoll behaviour"
@@ -29,7 +29,7 @@ PROMPT_S = 0.3
 async def wait_batching(client: AsyncMeterClient, raises: int = 1, limit: float = 4.0) -> None:
     """Until the client has raised its low-water mark ``raises`` times and it is up."""
     deadline = time.monotonic() + limit
-    while client.batch_raises < raises or not client._link or client._link.receive_low_water <= 1:
+    while client.batch_raises < raises or client.receive_low_water <= 1:
         assert time.monotonic() < deadline, "read batching never switched on"
         await asyncio.sleep(0.05)
 
@@ -62,7 +62,7 @@ async def test_batched_session_is_lossless_and_stop_is_prompt(meter):
         stop_took = time.monotonic() - started
         await consumer
         assert stop_took < PROMPT_S, f"stop reply waited {stop_took:.2f} s behind the batch"
-        assert client._link is not None and client._link.receive_low_water == 1
+        assert client.receive_low_water == 1
         assert summary.ended_by == "stop" and summary.explained
         assert summary.device_sent_samples == summary.received_samples
         check_contiguous(blocks, summary)
@@ -105,7 +105,7 @@ async def test_stalled_stream_is_read_without_waiting_for_a_batch(meter):
         await asyncio.wait_for(consumer, 3 * BATCH_S + 2.5)
         summary = session.summary
         assert summary is not None and summary.ended_by == "stopped elsewhere"
-        assert ours._link is not None and ours._link.receive_low_water == 1
+        assert ours.receive_low_water == 1
         assert stop_reply.sent_samples == summary.received_samples
         check_contiguous(blocks, summary)
 
@@ -134,7 +134,7 @@ async def test_batching_off(meter):
         session = await client.sample(SampleConfig(rate=8000))
         await asyncio.sleep(3 * BATCH_S)
         assert client.batch_raises == 0
-        assert client._link is not None and client._link.receive_low_water == 1
+        assert client.receive_low_water == 1
         summary = await session.stop()
         assert summary.explained
 
@@ -155,11 +155,9 @@ async def test_meter_stall_drops_the_mark_and_batching_resumes(meter):
         consumer = asyncio.create_task(consume(session, blocks))
         await wait_batching(client)
         dropped: list[float] = []
-        link = client._link
-        assert link is not None
         meter.stall_output(1.0)
         stalled_at = time.monotonic()
-        while link.receive_low_water > 1:
+        while client.receive_low_water > 1:
             assert time.monotonic() - stalled_at < 2.0, "the mark stayed up through a stall"
             await asyncio.sleep(0.02)
         dropped.append(time.monotonic() - stalled_at)

@@ -135,13 +135,13 @@ async def test_probe_and_keepalive(meter):
 
 async def test_codec_rejection_names_meter_and_sends_nothing(meter):
     async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
-        sent_before = client._last_tx
+        sent_before = client.last_tx
         with pytest.raises(MeterCommandError, match=r"smartmeter emu .*mdns") as info:
             await client.set_name("x" * 30)
         assert isinstance(info.value, ValueError)
         with pytest.raises(MeterCommandError, match="rate"):
             await client.sample(rate=7)
-        assert client._last_tx == sent_before
+        assert client.last_tx == sent_before
 
 
 async def test_busy_and_stop_while_idle(meter):
@@ -210,7 +210,7 @@ async def test_logs_broadcast_to_all_replies_only_to_requester(meter):
         for client, bucket in zip(clients, seen, strict=True):
             client.subscribe_logs(bucket.append)
         # malformed input from client 0 -> an ERROR log to everyone (§2.7), no reply
-        clients[0]._send(b'{"cmd":oops}\n')
+        clients[0]._write(b'{"cmd":oops}\n')  # malformed on purpose: no public API sends it
         for _ in range(60):
             if all(any("deserializeJson" in line.text for line in b) for b in seen):
                 break

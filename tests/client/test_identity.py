@@ -82,9 +82,9 @@ def test_blocking_next_block_keeps_a_block_taken_after_its_wait_gave_up(meter_th
         client.connect()
         session = client.sample(SampleConfig(rate=8000))
         deadline = time.monotonic() + 10
-        while not session.session._blocks and time.monotonic() < deadline:
+        while not session.session.queued_blocks and time.monotonic() < deadline:
             time.sleep(0.05)
-        loop = client._thread.loop
+        loop = client.loop
         # Stall the loop longer than the blocking wait's limit (0.01 * 3 + 1 s), right before
         # the next_block request's first step: it takes a block after the caller gave up.
         loop.call_soon_threadsafe(lambda: loop.call_soon(time.sleep, 1.5))

@@ -1,0 +1,220 @@
+"""Read batching: wake the event loop once per batch of a full-rate stream, not per segment.
+
+At 8 kHz x 6 channels a meter sends ~195 kB/s in TCP segments of a few kB, and waking the
+loop per segment costs far more CPU than decoding the bytes.  While a TCP session streams at
+full rate, :class:`ReadBatcher` raises the socket's receive low-water mark (``SO_RCVLOWAT``;
+Linux epoll honours it for TCP) to ``batch_s`` seconds of data (at most 256 KiB), so the
+loop wakes about once per ``batch_s`` per meter.  Streams slower than 16 KiB per ``batch_s``
+are never batched (below ~2.7 kHz for 24-byte samples at the default 0.25 s), and neither
+are paused, slotted or not-yet-started ones.
+
+The trade-off is latency: samples and log lines reach the session up to ``batch_s`` later.
+A stream that stalls or slows below the mark is read ``1.5 * batch_s`` after its last
+batch (the mark drops to 1 until the stream is back at full rate; a frame held for proof
+is released ``RELEASE_QUIET_S`` later, §5.2).  Replies stay prompt: the mark drops before
+every command is sent, and is raised again only when no reply is awaited, no stop is under
+way and the last ``batch_s`` brought at least half a batch.  EOF and errors are never
+delayed (the kernel reports them regardless of the mark).
+
+Timers: none per read.  One :class:`BatchClock` per event loop serves every watched
+connection with a single timer, armed for the earliest thing any of them is due for (a
+stall deadline, the end of a rate window, a held frame's release).
+
+Limits: Linux only (elsewhere ``set_receive_low_water`` refuses and nothing is batched);
+serial and UDP sessions are never batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable
+from typing import Final, Protocol
+
+from ._transports import Link
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_S: Final = 0.25
+"""Default read batching while streaming: wake about this often per meter (adds this latency)."""
+BATCH_MIN_BYTES: Final = 16 * 1024
+BATCH_MAX_BYTES: Final = 256 * 1024
+"""Bounds of the receive low-water mark while batching (the read buffer is 256 KiB)."""
+BATCH_STALL_FACTOR: Final = 1.5
+"""Drop the low-water mark when no read came for this many ``batch_s`` (stall, slow-down)."""
+RELEASE_QUIET_S: Final = 0.2
+"""A held last frame is released after the stream was quiet this long (reqSamples, §5.2)."""
+MIN_TICK_S: Final = 0.05
+"""The shared timer never fires more often than this."""
+
+
+class BatchHost(Protocol):
+    """What a batcher reads from its client, only when its timer fires."""
+
+    @property
+    def bytes_received(self) -> int: ...
+
+    @property
+    def last_rx(self) -> float: ...
+
+    def batch_allowed(self) -> bool:
+        """The session streams at full rate, no stop is under way, no reply is awaited."""
+
+    def held_bytes(self) -> int:
+        """Bytes the decoder holds (a frame waiting for the bytes that prove it)."""
+
+    def release_held(self) -> None:
+        """Deliver the held frame unverified (the stream went quiet)."""
+
+
+class BatchClock:
+    """One timer per event loop for every :class:`ReadBatcher` on it."""
+
+    _clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BatchClock] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._batchers: list[ReadBatcher] = []
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = math.inf
+        self.ticks = 0
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> BatchClock:
+        clock = cls._clocks.get(loop)
+        if clock is None:
+            clock = cls._clocks[loop] = cls(loop)
+        return clock
+
+    def add(self, batcher: ReadBatcher) -> None:
+        if batcher not in self._batchers:
+            self._batchers.append(batcher)
+        self.wake_by(time.monotonic() + MIN_TICK_S)
+
+    def remove(self, batcher: ReadBatcher) -> None:
+        if batcher in self._batchers:
+            self._batchers.remove(batcher)
+        if not self._batchers and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            self._due = math.inf
+
+    def wake_by(self, due: float) -> None:
+        """Fire no later than ``due`` (monotonic seconds)."""
+        if due >= self._due or self._loop.is_closed():
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._due = due
+        delay = max(0.0, due - time.monotonic())
+        self._handle = self._loop.call_at(self._loop.time() + delay, self._tick)
+
+    def _tick(self) -> None:
+        self._handle = None
+        self._due = math.inf
+        self.ticks += 1
+        now = time.monotonic()
+        due = math.inf
+        for batcher in list(self._batchers):
+            try:
+                due = min(due, batcher.tick(now))
+            except Exception:  # one broken connection must not stop the others' batching
+                logger.exception("%s: read batching failed", batcher.label())
+        if self._batchers and due < math.inf:
+            self.wake_by(max(due, now + MIN_TICK_S))
+
+
+class ReadBatcher:
+    """The receive low-water mark of one connection while its session streams."""
+
+    def __init__(self, host: BatchHost, batch_s: float, label: Callable[[], str]) -> None:
+        if batch_s < 0:
+            raise ValueError(f"batch_s must be >= 0, got {batch_s!r}")
+        self._host = host
+        self.batch_s = batch_s
+        self.label = label
+        self.raises = 0
+        """How often batching was switched on (for tests and diagnostics)."""
+        self._link: Link | None = None
+        self._batch = 0
+        self._clock: BatchClock | None = None
+        self._window_start = 0.0
+        self._window_bytes = 0
+        self._dropped_at = 0.0
+
+    @property
+    def low_water(self) -> int:
+        """The receive low-water mark now (1: the loop wakes on every arrival)."""
+        link = self._link
+        return link.receive_low_water if link is not None else 1
+
+    def watch(self, link: Link, nbytes_per_s: float, batchable: bool) -> None:
+        """A session streams on ``link`` at ``nbytes_per_s``; batch it if ``batchable``."""
+        wanted = int(nbytes_per_s * self.batch_s) if batchable else 0
+        self._batch = 0 if wanted < BATCH_MIN_BYTES else min(BATCH_MAX_BYTES, wanted)
+        self._link = link
+        self._new_window(time.monotonic())
+        self._clock = BatchClock.of(asyncio.get_running_loop())
+        self._clock.add(self)
+
+    def unwatch(self) -> None:
+        """The session ended or the link dropped: back to a wake-up per arrival."""
+        self.drop()
+        if self._clock is not None:
+            self._clock.remove(self)
+        self._clock = None
+        self._link = None
+
+    def drop(self) -> None:
+        """Lower the mark to 1 now (a reply is due, or the stream stalled)."""
+        link = self._link
+        if link is None or link.receive_low_water <= 1 or not link.set_receive_low_water(1):
+            return
+        now = time.monotonic()
+        self._dropped_at = now
+        self._new_window(now)
+        if self._clock is not None:
+            self._clock.wake_by(now + min(RELEASE_QUIET_S, self.batch_s or RELEASE_QUIET_S))
+
+    def _new_window(self, now: float) -> None:
+        self._window_start = now
+        self._window_bytes = self._host.bytes_received
+
+    def tick(self, now: float) -> float:
+        """Do what is due at ``now``; return when this batcher is next due."""
+        link = self._link
+        if link is None or link.is_closing:
+            return math.inf
+        host = self._host
+        if link.receive_low_water > 1:
+            stall = BATCH_STALL_FACTOR * self.batch_s
+            if now - host.last_rx < stall:
+                return host.last_rx + stall
+            self.drop()  # a stall or slow-down: read what is waiting
+        quiet_since = max(host.last_rx, self._dropped_at)
+        due = math.inf
+        if host.held_bytes():
+            if now - quiet_since >= RELEASE_QUIET_S:
+                host.release_held()
+            else:
+                due = quiet_since + RELEASE_QUIET_S
+        if self._batch:
+            window_end = self._window_start + self.batch_s
+            if now < window_end:
+                return min(due, window_end)
+            received = host.bytes_received - self._window_bytes
+            if (
+                received >= self._batch // 2  # not paused or slowed down (scheduled start, §5)
+                and host.batch_allowed()
+                and link.set_receive_low_water(self._batch)
+            ):
+                self.raises += 1
+                return host.last_rx + BATCH_STALL_FACTOR * self.batch_s
+            self._new_window(now)
+            due = min(due, now + self.batch_s)
+        return due
