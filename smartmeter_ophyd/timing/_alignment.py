@@ -37,8 +37,10 @@ Method (all vectorised, one pass over each meter's samples plus one for the corr
 
 Limits
 ------
-* Same phase only (voltage, never current): a meter on L2 compared with L1 looks like a
-  6.7 ms offset.  ``correlation`` reveals it only weakly (harmonics differ by a few %).
+* Same phase only (voltage, never current).  In a balanced grid L2 is L1 delayed by a
+  third of a period, harmonics included, so a meter on the wrong phase reads as a 6.7 ms
+  offset with a perfect ``correlation``: only the wiring can tell.  ``correlation`` does
+  reveal a different signal (a current channel, a corrupted stretch).
 * Needs at least 8 samples per mains period (rate >= 400 Hz uniform, or the dense part of
   bursty rates such as 640..6400); below 800 Hz harmonics can alias onto the fundamental
   and bias ``d`` by tens of microseconds without any sign in the uncertainty.
