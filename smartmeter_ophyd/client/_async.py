@@ -37,15 +37,11 @@ from typing import Any, Final, TypeVar
 from ..protocol import (
     COMMAND_PORT,
     Answered,
-    BusyReply,
     Command,
-    CommandError,
     CorruptFrame,
-    DatagramDecoder,
     DebugLine,
     DeviceInfo,
     Event,
-    FactoryReset,
     Failed,
     Info,
     InfoLine,
@@ -57,7 +53,6 @@ from ..protocol import (
     PacketGap,
     PlainLine,
     RefusedLine,
-    RemoteProtocolError,
     RepairedFrame,
     Reply,
     ReplyView,
@@ -70,12 +65,10 @@ from ..protocol import (
     StopReply,
     StrayReply,
     Transport,
-    parse_reply,
 )
 from ._batcher import DEFAULT_BATCH_S, ReadBatcher
 from ._commands import CommandMethod, MeterCommands, P, R
 from ._errors import (
-    MeterBusyError,
     MeterCommandError,
     MeterCommandRejected,
     MeterConnectionError,
@@ -84,8 +77,10 @@ from ._errors import (
 )
 from ._keeper import ConnectionKeeper, parse_info, quiet_level
 from ._model import ClientEvent, ConnectionLost, Reconnected, SampleConfig, redact
+from ._requests import Requests
 from ._sampler import Sampler
 from ._session import SamplingSession
+from ._subscribers import Subscribers
 from ._transports import READ_BUFFER_BYTES, Link, open_serial_link, open_tcp_link
 
 __all__ = ["DEFAULT_PORT", "AsyncMeterClient", "ClientEvent", "ConnectionLost", "Reconnected",
@@ -144,22 +139,20 @@ class AsyncMeterClient(MeterCommands):
             reconnect=reconnect,
             backoff=reconnect_backoff,
         )
+        self.requests: Requests = Requests(self.keeper, lambda: self.meter_label, self._write, timeout)
         self._sampler = Sampler(self)
         self._connection: MeterConnection | None = None
-        self._log_level = quiet_level(_serial)
-        self._futures: dict[object, asyncio.Future[Answered]] = {}
-        self._drop_waiters: list[asyncio.Future[None]] = []
+        self._log_level: LogLevel = quiet_level(_serial)
         self._session: SamplingSession | None = None
         self._session_batch: list[Event] = []
-        self._log_subscribers: list[Callable[[LogLine], None]] = []
-        self._event_subscribers: list[Callable[[ClientEvent], None]] = []
+        self._subscribers = Subscribers(lambda: self.meter_label)
         self._handlers: dict[type, Callable[[Any], None]] = {
             LogLine: self._on_log,
-            Answered: self._on_answered,
+            Answered: self.requests.answer,
             InfoLine: self._on_info,
             LateReply: self._on_late,
             StrayReply: self._on_stray,
-            Failed: self._on_failed,
+            Failed: self.requests.fail,
             RefusedLine: self._on_refused,
             SessionStarted: self._sampler.on_started,
             SessionEnded: self._on_session_ended,
@@ -278,11 +271,7 @@ class AsyncMeterClient(MeterCommands):
         return self._log_level <= LogLevel.INFO or (session is not None and session.streaming)
 
     def publish(self, event: ClientEvent) -> None:
-        for callback in list(self._event_subscribers):
-            try:
-                callback(event)
-            except Exception:
-                logger.exception("%s: event subscriber failed", self.meter_label)
+        self._subscribers.publish(event)
 
     async def after_reconnect(self) -> None:
         if self._wanted_log_level is not None:
@@ -297,7 +286,7 @@ class AsyncMeterClient(MeterCommands):
         return (
             session is not None and session.streaming and not session.stop_requested
             and connection is not None and not connection.awaiting_reply
-            and not self._drop_waiters
+            and not self.requests.awaiting_drop
         )
 
     def held_bytes(self) -> int:
@@ -314,29 +303,15 @@ class AsyncMeterClient(MeterCommands):
     def subscribe_logs(self, callback: Callable[[LogLine], None]) -> Callable[[], None]:
         """Call ``callback(LogLine)`` for every log line (level, device_time, text, §2.4);
         returns the unsubscribe function.  Callbacks run in the event loop: keep them short."""
-        self._log_subscribers.append(callback)
-        return functools.partial(_discard, self._log_subscribers, callback)
+        return self._subscribers.add_log(callback)
 
     def subscribe_events(self, callback: Callable[[ClientEvent], None]) -> Callable[[], None]:
         """Call ``callback`` with :class:`ConnectionLost` / :class:`Reconnected` events."""
-        self._event_subscribers.append(callback)
-        return functools.partial(_discard, self._event_subscribers, callback)
+        return self._subscribers.add_event(callback)
 
-    async def logs(self) -> AsyncIterator[LogLine]:
+    def logs(self) -> AsyncIterator[LogLine]:
         """Async iterator over log lines from now on (ends when the client closes)."""
-        queue: asyncio.Queue[LogLine | None] = asyncio.Queue()
-        unsubscribe = self.subscribe_logs(queue.put_nowait)
-        closer = self.subscribe_events(
-            lambda event: queue.put_nowait(None)
-            if isinstance(event, ConnectionLost) and self.keeper.closing
-            else None
-        )
-        try:
-            while (line := await queue.get()) is not None:
-                yield line
-        finally:
-            unsubscribe()
-            closer()
+        return self._subscribers.lines(lambda: self.keeper.closing)
 
     # -------------------------------------------------------------- receive path
 
@@ -398,24 +373,7 @@ class AsyncMeterClient(MeterCommands):
             logger.error("%s: %s -- the meter reboots now (§4.10)", self.meter_label, line.text)
         elif line.text and line.level >= LogLevel.WARNING:
             logger.warning("%s: [%s] %s", self.meter_label, line.level.tag, line.text)
-        for callback in list(self._log_subscribers):
-            try:
-                callback(line)
-            except Exception:
-                logger.exception("%s: log subscriber failed", self.meter_label)
-
-    def _on_answered(self, event: Answered) -> None:
-        future = self._futures.get(event.request)
-        if future is not None and not future.done():
-            future.set_result(event)
-
-    def _on_failed(self, event: Failed) -> None:
-        future = self._futures.get(event.request)
-        if future is not None and not future.done():
-            future.set_exception(MeterProtocolError(
-                self.meter_label, f"no usable reply to {event.request.name!r}: {event.reason}: "
-                "not SmartMeter firmware?"
-            ))
+        self._subscribers.log(line)
 
     def _on_info(self, event: InfoLine) -> None:
         try:
@@ -482,16 +440,7 @@ class AsyncMeterClient(MeterCommands):
         label = self.meter_label
         if not closing:
             logger.warning("%s: connection lost: %s", label, reason)
-        for request, future in list(self._futures.items()):
-            if not future.done():
-                name = getattr(request, "name", "?")
-                future.set_exception(MeterConnectionError(
-                    label, f"connection lost while waiting for the reply to {name!r} ({reason})"
-                ))
-        for drop in self._drop_waiters:
-            if not drop.done():
-                drop.set_result(None)
-        self._drop_waiters.clear()
+        self.requests.lost(reason)
         session = self._session
         if session is not None and session.active:
             self._session = None
@@ -511,54 +460,9 @@ class AsyncMeterClient(MeterCommands):
     def _bind_command(self, method: CommandMethod[P, R]) -> Callable[P, Coroutine[Any, Any, R]]:
         return functools.wraps(method.impl)(functools.partial(method.impl, self))
 
-    def _require_connection(self) -> MeterConnection:
-        connection = self._connection
-        if connection is None or not self.keeper.connected:
-            raise MeterConnectionError(self.meter_label, self.keeper.refusal or "not connected")
-        return connection
-
     def _write(self, data: bytes) -> None:
         self._batcher.drop()  # whatever answers must not wait for a full batch
         self.keeper.write(data)
-
-    def _build(self, cls: type[_C], *args: Any, **kwargs: Any) -> _C:
-        """Construct a codec command; its validation error becomes a MeterCommandError."""
-        try:
-            return cls(*args, **kwargs)
-        except CommandError as exc:
-            raise MeterCommandError(self.meter_label, str(exc)) from exc
-
-    async def _await(self, future: asyncio.Future[Any], what: str, timeout: float | None) -> Any:
-        limit = self.timeout if timeout is None else timeout
-        try:
-            return await asyncio.wait_for(future, limit)
-        except TimeoutError:
-            raise MeterTimeoutError(self.meter_label, f"no reply to {what!r} within {limit} s") from None
-
-    async def _exchange(self, command: Command | None, timeout: float | None) -> Answered:
-        """Send ``command`` (None: the ``?`` probe) and wait for its answer."""
-        connection = self._require_connection()
-        try:
-            request = connection.send(command) if command is not None else connection.send_probe()
-        except CommandError as exc:
-            raise MeterCommandError(self.meter_label, str(exc)) from exc
-        future: asyncio.Future[Answered] = asyncio.get_running_loop().create_future()
-        self._futures[request] = future
-        try:
-            self._write(request.data)
-            logger.debug("%s: sent %s", self.meter_label, request.name)  # never the arguments
-            answered: Answered = await self._await(future, request.name, timeout)
-            return answered
-        except MeterTimeoutError:
-            # Replies come in request order: if this one still arrives it must not answer
-            # the next request of the same kind (no request ids, §2.8).
-            connection.abandon(request)
-            raise
-        except MeterConnectionError:
-            connection.forget(request)
-            raise
-        finally:
-            del self._futures[request]
 
     async def request_reply(self, command: Command, *, timeout: float | None = None) -> Reply:
         """Send ``command`` and return its raw :class:`Reply` (matched by the connection).
@@ -568,17 +472,9 @@ class AsyncMeterClient(MeterCommands):
         """
         if not command.expects_reply and not isinstance(command, Info):
             raise MeterCommandError(self.meter_label, f"{command.name!r} has no JSON reply to wait for")
-        reply = (await self._exchange(command, timeout)).reply
+        reply = (await self.requests.exchange(command, timeout)).reply
         assert isinstance(reply, Reply)
         return reply
-
-    def _send_silent(self, command: Command) -> None:
-        """Send a command that has no reply on success (``reqSamples``, §5.2)."""
-        try:
-            request = self._require_connection().send(command)
-        except CommandError as exc:
-            raise MeterCommandError(self.meter_label, str(exc)) from exc
-        self._write(request.data)
 
     async def _request(self, command: Command, timeout: float | None) -> ReplyView | None:
         if isinstance(command, Sample):
@@ -588,50 +484,12 @@ class AsyncMeterClient(MeterCommands):
         if isinstance(command, Stop):
             return await self._stop(timeout)
         if command.reboots:
-            await self._reboot(command, timeout)
+            await self.requests.reboot(command, timeout)
             return None
         if not command.expects_reply and not isinstance(command, Info):
-            self._send_silent(command)
+            self.requests.send_silent(command)
             return None
-        return await self._typed(command, ReplyView, timeout)
-
-    def _view(self, command: Command, reply: Reply) -> ReplyView:
-        try:
-            return parse_reply(reply, command.name)
-        except RemoteProtocolError as exc:
-            raise MeterProtocolError(self.meter_label, f"reply to {command.name!r}: {exc}") from exc
-
-    def _check(self, command: Command, reply: Reply | PlainLine) -> ReplyView:
-        assert isinstance(reply, Reply)
-        view = parse_info(self.meter_label, reply) if isinstance(command, Info) else self._view(
-            command, reply
-        )
-        if view.succeeded:
-            return view
-        message = redact(view.message) if view.message is not None else None
-        fields = {k: ("***" if k == "pwd" else v) for k, v in reply.fields.items()}
-        kind = MeterBusyError if isinstance(view, BusyReply) else MeterCommandRejected
-        raise kind(self.meter_label, command.name, message, fields)
-
-    async def _typed(self, command: Command, kind: type[_V], timeout: float | None = None) -> _V:
-        view = self._check(command, (await self._exchange(command, timeout)).reply)
-        if not isinstance(view, kind):
-            raise MeterProtocolError(
-                self.meter_label,
-                f"reply to {command.name!r} is a {type(view).__name__}, expected {kind.__name__}",
-            )
-        return view
-
-    async def _reboot(self, command: Command, timeout: float | None) -> None:
-        connection = self._require_connection()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._drop_waiters.append(future)
-        request = connection.send(command)  # expect_drop: the reconnect knows it rebooted
-        if isinstance(command, FactoryReset):
-            self.keeper.name_after_reboot = FactoryReset.FACTORY_NAME
-        self._write(request.data)
-        logger.info("%s: sent %s; the meter reboots", self.meter_label, command.name)
-        await self._await(future, f"{command.name} (connection drop)", timeout)
+        return await self.requests.typed(command, ReplyView, timeout)
 
     async def _stop(self, timeout: float | None) -> StopReply:
         session = self._session
@@ -641,9 +499,7 @@ class AsyncMeterClient(MeterCommands):
             if reply is None:
                 raise MeterProtocolError(self.meter_label, "the session ended without a stop reply")
             return reply
-        command = Stop()
-        view = self._check(command, (await self._exchange(command, timeout)).reply)
-        assert isinstance(view, StopReply)
+        view = await self.requests.typed(Stop(), StopReply, timeout)
         return view
 
     # ----------------------------------------------------------------- sampling
@@ -664,18 +520,6 @@ class AsyncMeterClient(MeterCommands):
             raise TypeError("give either a config or keyword settings, not both")
         return await self._sampler.start(config)
 
-    def _datagram_sink(
-        self, session: SamplingSession, decoder: DatagramDecoder
-    ) -> Callable[[bytes], None]:
-        connection = self._connection
-
-        def feed(data: bytes) -> None:
-            if connection is not None:
-                connection.stream_data_seen()
-            session._feed(decoder.receive_datagram(data))
-
-        return feed
-
     def _adopt_session(self, session: SamplingSession, stream_bytes_per_s: float) -> None:
         """``session`` now runs on this connection (its frames come through ``_dispatch``)."""
         self._session = session
@@ -690,9 +534,3 @@ class AsyncMeterClient(MeterCommands):
             connection = self._connection
             if connection is not None and connection.session_active:
                 connection.end_session()
-
-
-def _discard(subscribers: list[Any], callback: Any) -> None:
-    with contextlib.suppress(ValueError):
-        subscribers.remove(callback)
-

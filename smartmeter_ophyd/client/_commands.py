@@ -113,44 +113,44 @@ class MeterCommands:
     @command
     async def get_info(self: AsyncMeterClient, *, timeout: float | None = None) -> DeviceInfo:
         """Ask for the info line (§2.5) and return it; also updates :attr:`info`."""
-        return await self._typed(Info(), DeviceInfo, timeout)
+        return await self.requests.typed(Info(), DeviceInfo, timeout)
 
     @command
     async def get_voltage(self: AsyncMeterClient) -> LineValues:
         """RMS voltage per line, V (§3.10)."""
-        return await self._typed(self._build(GetVoltage), LineValues)
+        return await self.requests.typed(self.requests.build(GetVoltage), LineValues)
 
     @command
     async def get_current(self: AsyncMeterClient) -> LineValues:
         """RMS current per line, mA (§3.10)."""
-        return await self._typed(self._build(GetCurrent), LineValues)
+        return await self.requests.typed(self.requests.build(GetCurrent), LineValues)
 
     @command
     async def get_power(self: AsyncMeterClient) -> PowerReading:
         """Active/reactive/'apparent' power per line (§3.10; apparent = reactive, §12 #9)."""
-        return await self._typed(self._build(GetPower), PowerReading)
+        return await self.requests.typed(self.requests.build(GetPower), PowerReading)
 
     @command
     async def get_energy(self: AsyncMeterClient) -> EnergyReading:
         """Energy per line since the last reset, Wh (§3.10; resets the ADE accumulators)."""
-        return await self._typed(self._build(GetEnergy), EnergyReading)
+        return await self.requests.typed(self.requests.build(GetEnergy), EnergyReading)
 
     @command
     async def get_frequency(self: AsyncMeterClient) -> LineValues:
         """Line frequency per line, Hz (the firmware's ``getPeriod``, §12 #13)."""
-        return await self._typed(self._build(GetPeriod), LineValues)
+        return await self.requests.typed(self.requests.build(GetPeriod), LineValues)
 
     @command
     async def get_phase_angle(self: AsyncMeterClient) -> LineValues:
         """Voltage-current phase angle per line, degrees (§3.10)."""
-        return await self._typed(self._build(GetPhaseAngle), LineValues)
+        return await self.requests.typed(self.requests.build(GetPhaseAngle), LineValues)
 
     # ------------------------------------------------------------------ settings
 
     @command
     async def set_name(self: AsyncMeterClient, name: str) -> MessageReply:
         """Rename the meter (§3.2; at most 19 bytes).  Re-reads the info line afterwards."""
-        reply = await self._typed(self._build(SetName, name), MessageReply)
+        reply = await self.requests.typed(self.requests.build(SetName, name), MessageReply)
         with contextlib.suppress(MeterError):
             await self.get_info()
         return reply
@@ -160,43 +160,43 @@ class MeterCommands:
         self: AsyncMeterClient, server: str, *, timeout: float | None = None
     ) -> MessageReply:
         """MQTT broker (§3.3; ``"-"`` disables).  The meter tries to connect before replying."""
-        return await self._typed(self._build(SetMqttServer, server), MessageReply, timeout)
+        return await self.requests.typed(self.requests.build(SetMqttServer, server), MessageReply, timeout)
 
     @command
     async def set_stream_server(self: AsyncMeterClient, server: str) -> MessageReply:
         """Host the meter dials on port 54322 every 30 s (§3.4, §7.2; ``"-"`` unsets)."""
-        return await self._typed(self._build(SetStreamServer, server), MessageReply)
+        return await self.requests.typed(self.requests.build(SetStreamServer, server), MessageReply)
 
     @command
     async def set_time_server(
         self: AsyncMeterClient, server: str, *, timeout: float | None = None
     ) -> MessageReply:
         """NTP server (§3.5); the meter syncs (blocking) before replying."""
-        return await self._typed(self._build(SetTimeServer, server), MessageReply, timeout)
+        return await self.requests.typed(self.requests.build(SetTimeServer, server), MessageReply, timeout)
 
     @command
     async def add_wifi(self: AsyncMeterClient, ssid: str, password: str = "") -> WifiReply:
         """Add a WiFi network (§3.6; the error flag is inverted).  The password is never logged."""
-        return await self._typed(self._build(AddWifi, ssid, password), WifiReply)
+        return await self.requests.typed(self.requests.build(AddWifi, ssid, password), WifiReply)
 
     @command
     async def del_wifi(self: AsyncMeterClient, ssid: str) -> WifiReply:
         """Remove a WiFi network (§3.6)."""
-        return await self._typed(self._build(DelWifi, ssid), WifiReply)
+        return await self.requests.typed(self.requests.build(DelWifi, ssid), WifiReply)
 
     @command
     async def ntp_sync(
         self: AsyncMeterClient, background: bool = False, *, timeout: float | None = None
     ) -> NtpReply:
         """NTP sync (§3.7; inverted error flag).  ``background`` returns at once."""
-        return await self._typed(self._build(NtpSync, background), NtpReply, timeout)
+        return await self.requests.typed(self.requests.build(NtpSync, background), NtpReply, timeout)
 
     @command
     async def set_calibration(
         self: AsyncMeterClient, factors: tuple[float, ...] | list[float]
     ) -> MessageReply:
         """Calibration ``[v1,i1,v2,i2,v3,i3]`` (§3.8; stored, never applied)."""
-        return await self._typed(self._build(SetCalibration, tuple(factors)), MessageReply)
+        return await self.requests.typed(self.requests.build(SetCalibration, tuple(factors)), MessageReply)
 
     @command
     async def reset_energy(
@@ -205,19 +205,19 @@ class MeterCommands:
         ts: int | None = None,
     ) -> MessageReply:
         """Reset the energy counters (§3.9), optionally to ``energy`` Wh at unix time ``ts``."""
-        return await self._typed(self._build(ResetEnergy, energy, ts), MessageReply)
+        return await self.requests.typed(self.requests.build(ResetEnergy, energy, ts), MessageReply)
 
     @command
     async def set_daily_restart(self: AsyncMeterClient, hour: int, minute: int) -> MessageReply:
         """Reboot daily at local ``hour:minute`` (§3.12); ``hour=-1`` disables."""
-        return await self._typed(self._build(SetDailyRestart, hour, minute), MessageReply)
+        return await self.requests.typed(self.requests.build(SetDailyRestart, hour, minute), MessageReply)
 
     @command
     async def set_log_level(self: AsyncMeterClient, level: LogLevel | str) -> LogLevelReply:
         """This connection's log level (§3.1; not persisted, re-applied on reconnect if it
         was given to the constructor)."""
-        request = self._build(SetLogLevel, level)
-        reply = await self._typed(request, LogLevelReply)
+        request = self.requests.build(SetLogLevel, level)
+        reply = await self.requests.typed(request, LogLevelReply)
         self._log_level = request.level
         return reply
 
@@ -226,13 +226,13 @@ class MeterCommands:
     @command
     async def get_log(self: AsyncMeterClient, *, timeout: float | None = None) -> list[str]:
         """The stored WARNING/ERROR log rows, oldest first (§3.14)."""
-        answered = await self._exchange(GetLog(), timeout)
-        self._check(GetLog(), answered.reply)
+        answered = await self.requests.exchange(GetLog(), timeout)
+        self.requests.check(GetLog(), answered.reply)
         dump = answered.request.dump
         if dump is None:
             raise MeterProtocolError(self.meter_label, "getLog reply came without the log dump")
         if isinstance(dump, Reply):
-            view = self._view(GetLog(), dump)
+            view = self.requests.view(GetLog(), dump)
             if isinstance(view, LogDump):
                 return list(view.rows)
         try:
@@ -243,14 +243,14 @@ class MeterCommands:
     @command
     async def clear_log(self: AsyncMeterClient) -> MessageReply:
         """Delete the stored log (§3.11)."""
-        return await self._typed(self._build(ClearLog), MessageReply)
+        return await self.requests.typed(self.requests.build(ClearLog), MessageReply)
 
     # ------------------------------------------------------------- the ADE9000
 
     @command
     async def ade9k_read(self: AsyncMeterClient, address: int, size: int = 32) -> int:
         """Read an ADE9000 register (§3.13)."""
-        reply = await self._typed(self._build(Ade9kAccess, address, size), Ade9kReply)
+        reply = await self.requests.typed(self.requests.build(Ade9kAccess, address, size), Ade9kReply)
         if reply.reg_value is None:
             raise MeterProtocolError(self.meter_label, "ade9k reply without regValue")
         return reply.reg_value
@@ -260,31 +260,31 @@ class MeterCommands:
         self: AsyncMeterClient, address: int, value: int, size: int = 32
     ) -> Ade9kReply:
         """Write an ADE9000 register; the reply has the old and the re-read value (§3.13)."""
-        return await self._typed(self._build(Ade9kAccess, address, size, value), Ade9kReply)
+        return await self.requests.typed(self.requests.build(Ade9kAccess, address, size, value), Ade9kReply)
 
     # ------------------------------------------------------------------ reboots
 
     @command
     async def restart(self: AsyncMeterClient, *, timeout: float | None = None) -> None:
         """Reboot the meter (§3.15); returns when the connection has dropped."""
-        await self._reboot(Restart(), timeout)
+        await self.requests.reboot(Restart(), timeout)
 
     @command
     async def factory_reset(self: AsyncMeterClient, *, timeout: float | None = None) -> None:
         """Restore all defaults including the name, then reboot (§3.15)."""
-        await self._reboot(FactoryReset(), timeout)
+        await self.requests.reboot(FactoryReset(), timeout)
 
     @command
     async def basic_reset(self: AsyncMeterClient, *, timeout: float | None = None) -> None:
         """Restore defaults except the name, then reboot (§3.15)."""
-        await self._reboot(BasicReset(), timeout)
+        await self.requests.reboot(BasicReset(), timeout)
 
     # ------------------------------------------------------------- line control
 
     @command
     async def probe(self: AsyncMeterClient, *, timeout: float | None = None) -> None:
         """Send ``?``; returns when the meter answered ``Info:Setup done`` (§2.2)."""
-        await self._exchange(None, timeout)
+        await self.requests.exchange(None, timeout)
 
     @command
     async def keepalive(self: AsyncMeterClient) -> None:
@@ -297,7 +297,7 @@ class MeterCommands:
     async def cts(self: AsyncMeterClient, ready: bool) -> None:
         """Set ready-to-send (§5.1).  Prefer :meth:`SamplingSession.cts`, which also tracks
         the pause for :meth:`SamplingSession.buffer_fill_estimate`."""
-        await self._typed(self._build(Cts, ready), MessageReply)
+        await self.requests.typed(self.requests.build(Cts, ready), MessageReply)
 
     @command
     async def request_samples(self: AsyncMeterClient, n: int) -> None:

@@ -139,18 +139,18 @@ class Sampler:
         client = self._client
         self._starting = (command, receiver)
         try:
-            answered = await client._exchange(command, None)
+            answered = await client.requests.exchange(command, None)
         finally:
             self._starting = None
         session, self._created = self._created, None
-        view = client._check(command, answered.reply)
+        view = client.requests.check(command, answered.reply)
         if session is None or not isinstance(view, SampleReply):
             raise MeterProtocolError(client.meter_label, f"unusable sample reply: {answered.reply}")
         if receiver is not None:
             decoder = DatagramDecoder(
                 view.measures.values_per_sample, view.chunk_size, bool(view.prefix)
             )
-            receiver.attach(client._datagram_sink(session, decoder))
+            receiver.attach(_datagram_sink(client, session, decoder))
         logger.info(
             "%s: sampling %s at %d Hz over %s (chunk %d bytes)",
             client.meter_label, view.measures.name, view.sampling_rate,
@@ -167,7 +167,7 @@ class Sampler:
         command, receiver = starting
         client = self._client
         try:
-            view = client._view(command, event.reply)
+            view = client.requests.view(command, event.reply)
         except MeterProtocolError as exc:
             logger.warning("%s", exc)
             return
@@ -187,9 +187,9 @@ class Sampler:
                 receiver.close()
 
         async def send_stop(timeout: float | None = None) -> StopReply:
-            reply = (await client._exchange(Stop(), timeout)).reply
+            reply = (await client.requests.exchange(Stop(), timeout)).reply
             assert isinstance(reply, Reply)
-            stop_view = client._view(Stop(), reply)
+            stop_view = client.requests.view(Stop(), reply)
             if not isinstance(stop_view, StopReply):
                 raise MeterProtocolError(client.meter_label, f"unusable stop reply: {reply}")
             if stop_view.was_idle:
@@ -205,10 +205,10 @@ class Sampler:
             return stop_view
 
         async def send_cts(ready: bool) -> None:
-            await client._typed(Cts(ready), MessageReply)
+            await client.requests.typed(Cts(ready), MessageReply)
 
         async def send_request(n: int) -> None:
-            client._send_silent(client._build(RequestSamples, n, view.measures))
+            client.requests.send_silent(client.requests.build(RequestSamples, n, view.measures))
 
         return SamplingSession(
             meter=client.meter_label,
@@ -234,3 +234,16 @@ def _udp_drainer(receiver: UdpReceiver) -> Callable[[], Awaitable[None]]:
                 return
 
     return drain
+
+
+def _datagram_sink(
+    client: AsyncMeterClient, session: SamplingSession, decoder: DatagramDecoder
+) -> Callable[[bytes], None]:
+    connection = client.keeper.connection
+
+    def feed(data: bytes) -> None:
+        if connection is not None:
+            connection.stream_data_seen()  # lifeness after data now means stopped elsewhere
+        session._feed(decoder.receive_datagram(data))
+
+    return feed
