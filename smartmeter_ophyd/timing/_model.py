@@ -266,6 +266,8 @@ class _Structure:
     event_delta: np.ndarray
     restart_intervals: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """Intervals in progress when the RTC restarted (shortened or stretched seconds)."""
+    accepted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Samples each second accepted against the per-second cap (before corrections)."""
 
 
 _OFF_NOMINAL_CHI2: Final = 1.0
@@ -365,7 +367,8 @@ def _build(rec: SessionRecords, lat: _Lattice, seeds: np.ndarray, total_rows: in
                       segment=np.array(segment), u=np.array(u), phase=phases,
                       starts=starts, fillers=fillers, event_row=event_row,
                       event_delta=event_delta,
-                      restart_intervals=np.array(restart_intervals, dtype=np.int64))
+                      restart_intervals=np.array(restart_intervals, dtype=np.int64),
+                      accepted=accepted)
 
 
 def _place(st: _Structure, anchors: np.ndarray, rtc_rate: float) -> _Structure:
@@ -376,7 +379,7 @@ def _place(st: _Structure, anchors: np.ndarray, rtc_rate: float) -> _Structure:
     return _Structure(bounds=np.append(opening, last), segment=st.segment, u=st.u,
                       phase=st.phase, starts=st.starts, fillers=st.fillers,
                       event_row=st.event_row, event_delta=st.event_delta,
-                      restart_intervals=st.restart_intervals)
+                      restart_intervals=st.restart_intervals, accepted=st.accepted)
 
 
 class _Corrections:
@@ -641,8 +644,7 @@ def _ambiguous(st: _Structure, lat: _Lattice, positions: np.ndarray,
     * Next to an RTC edge that a restart came within a few milliseconds of: whether that
       edge happened before the restart is a race the stamps cannot decide.
     """
-    rows = np.diff(st.starts)
-    accepted = rows - st.fillers
+    accepted = st.accepted  # against the cap: dropped samples count, duplicates do not
     opening = st.bounds[:-1]
     last_row = opening + st.phase + (accepted - 1) * lat.step_s
     first_next = np.append(opening[1:] + st.phase[1:], np.inf)
@@ -737,7 +739,7 @@ def _fit(st: _Structure, lat: _Lattice, to: np.ndarray, sync_rows: np.ndarray,
     fixed_rows.append(0.5 * (prev_row + next_row)[narrow] / spread[:, None])
     fixed_target.append((to - 0.5 * (prev_const + next_const))[narrow] / spread)
     if lat.continuous and restart_intervals.size:
-        rows_in = np.diff(st.starts)[restart_intervals] - st.fillers[restart_intervals]
+        rows_in = st.accepted[restart_intervals]  # lattice slots used, drops included
         uncapped = rows_in < lat.rate
         i = restart_intervals[uncapped]
         if i.size:
