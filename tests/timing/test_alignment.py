@@ -41,7 +41,7 @@ def sample_residual(a: Alignment, meter: SimMeter, reference: SimMeter) -> np.nd
 @pytest.fixture(scope="module")
 def three_meters() -> tuple[dict[str, SimMeter], dict[str, Alignment]]:
     meters = {
-        "a": simulate("a", offset_s=-0.6e-3, drift_ppm=-50.0, start_rel=0.0104, seed=1,
+        "a": simulate("a", offset_s=-1.2e-3, drift_ppm=-50.0, start_rel=0.0104, seed=1,
                       duration_s=40.0),
         "b": simulate("b", offset_s=0.0, drift_ppm=0.0, start_rel=0.0, seed=2,
                       duration_s=40.0),
@@ -55,8 +55,9 @@ def test_three_meters_at_8khz_meet_10us_and_coverage(three_meters) -> None:
     meters, result = three_meters
     ref = meters["b"]
     assert set(result) == {"a", "c"}
+    # Raw misalignment above 1 ms between every pair, through the whole run.
     raw = {name: np.abs(true_offset(m, ref)) for name, m in meters.items() if name != "b"}
-    assert min(float(r.min()) for r in raw.values()) > 0.5e-3
+    assert min(float(r.min()) for r in raw.values()) > 1e-3
     assert float(np.abs(true_offset(meters["a"], meters["c"])).min()) > 1e-3
     covered = []
     for name in ("a", "c"):
