@@ -23,7 +23,8 @@ Matching rules (the firmware has no request ids; §2.8):
 * A request the caller gave up on (:meth:`~MeterConnection.abandon`) keeps its place: its
   reply, if it still comes, is a :class:`LateReply` and cannot answer the next request.
 * A reply line refused before parsing (:class:`~._events.RefusedLine`: JSON nested too
-  deep) fails every waiting request (:class:`Failed`): the peer is not a SmartMeter.
+  deep) fails and forgets every waiting request (:class:`Failed`): the peer is not a
+  SmartMeter, and any of them may have been answered by that line.
 * Log lines of other clients interleave freely (§2.4); busy replies and inverted error
   flags are judged later by :func:`~._replies.parse_reply`, not here.
 
@@ -260,15 +261,19 @@ class MeterConnection:
         """True while any request waits for a reply (abandoned ones do not count)."""
         return bool(self.waiting())
 
-    def close(self) -> list[Request]:
-        """The connection is gone: every waiting request is returned and forgotten."""
+    def close_requests(self) -> list[Request]:
+        """Forget every request (abandoned ones too); return those still waiting."""
         waiting = self.waiting()
         self._queues.clear()
         self._loose.clear()
         self._info.clear()
         self._probes.clear()
-        self._session = None
         return waiting
+
+    def close(self) -> list[Request]:
+        """The connection is gone: every waiting request is returned and forgotten."""
+        self._session = None
+        return self.close_requests()
 
     # ------------------------------------------------------------------- session
 
@@ -353,12 +358,12 @@ class MeterConnection:
             return
         elif kind is RefusedLine:
             assert isinstance(event, RefusedLine)
+            # Firmware never sends such a line: the peer is not a meter, and the line may
+            # have answered any of the waiting requests.  Fail them all and forget them, so
+            # the next request is not queued behind a reply that will never come.
             out.append(event)
-            for request in self.waiting():
-                request.abandoned = True
+            for request in self.close_requests():
                 out.append(Failed(request, f"a reply line was refused: {event.reason}"))
-            self._info.clear()
-            self._probes.clear()
             return
         out.append(event)
 
