@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The one test command: set up, start the services, run pytest, ruff and mypy, stop the services.
+# The one test command: set up, start the services, run pytest, ruff, mypy and import-linter,
+# stop the services.
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh tests/protocol  # extra arguments go to pytest (ruff and mypy still run)
 #
-# Exit status: pytest's, except that "no tests collected" (pytest exit 5) and a ruff or mypy
-# failure after a green pytest both count as failure (1).
+# Exit status: pytest's, except that "no tests collected" (pytest exit 5) and a ruff, mypy or
+# import-linter failure after a green pytest count as failure (1).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,16 +39,20 @@ say "ruff check . ..."
 "$PY" -m ruff check .
 ruff_rc=$?
 
-say "mypy --strict smartmeter_ophyd/protocol (imported packages not reported) ..."
-"$PY" -m mypy --strict --follow-imports=silent smartmeter_ophyd/protocol
+say "mypy --strict smartmeter_ophyd/protocol smartmeter_ophyd/client (imported packages not reported) ..."
+"$PY" -m mypy --strict --follow-imports=silent smartmeter_ophyd/protocol smartmeter_ophyd/client
 mypy_rc=$?
+
+say "lint-imports (layers, the emulator's imports, private modules; pyproject.toml) ..."
+PYTHONPATH="$ROOT" "$ROOT/.venv/bin/lint-imports" --no-cache
+imports_rc=$?
 
 rc=$pytest_rc
 if ((pytest_rc == 5)); then
   say "FAILED: pytest collected no tests (exit 5)"
   rc=1
-elif ((pytest_rc == 0 && (ruff_rc != 0 || mypy_rc != 0))); then
+elif ((pytest_rc == 0 && (ruff_rc != 0 || mypy_rc != 0 || imports_rc != 0))); then
   rc=1
 fi
-say "pytest=$pytest_rc ruff=$ruff_rc mypy=$mypy_rc -> exit $rc"
+say "pytest=$pytest_rc ruff=$ruff_rc mypy=$mypy_rc lint-imports=$imports_rc -> exit $rc"
 exit "$rc"

@@ -133,6 +133,7 @@ from ._sntp import (
     client_request,
     firmware_time_is_plausible,
     offset_and_delay,
+    parse_packet,
     parse_server_reply,
     server_reply,
 )
@@ -311,6 +312,7 @@ __all__ = [
     "parse_input_line",
     "parse_log_dump",
     "parse_long_time",
+    "parse_packet",
     "parse_reply",
     "parse_server_reply",
     "parse_timestamp",
