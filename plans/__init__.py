@@ -21,13 +21,13 @@ name the meter and the allowed values.  Errors: :class:`PlanArgumentError`,
 
 from . import stubs
 from ._errors import NtpGateError, PlanArgumentError, SlotPlanError, StartScheduleError
-from ._fly import FlyInterrupted, fly_meters, slotted_fly, synchronized_fly
+from ._fly import FlyInterruptedError, fly_meters, slotted_fly, synchronized_fly
 from ._monitor import monitor
 from ._slots import MeterLoad, SlotPlan, plan_slots
 from ._start import StartBudget, StartChoice, choose_start
 
 __all__ = [
-    "FlyInterrupted",
+    "FlyInterruptedError",
     "MeterLoad",
     "NtpGateError",
     "PlanArgumentError",

@@ -25,10 +25,15 @@ The sequence (each step a stub of :mod:`plans.stubs` or a few messages here):
    sent_samples, received, gaps).
 
 When a meter fails mid-run the others are stopped, everything received is still collected
-and summarised, and the run closes with the *meter's* error as its reason.  A fly cannot be
-paused and resumed: the run is made non-resumable once the meters are armed, so an
-immediate pause (a second Ctrl-C, ``RE.request_pause()``) fails the run cleanly - meters
-stopped, data recorded - and a deferred pause waits for the end of the fly.
+and summarised, and the run closes with the *meter's* error as its reason.
+
+Pause and resume (Ctrl-C, ``RE.request_pause()``, a suspender): the meters' devices stop
+their flies when the RunEngine pauses (their ``pause()``), so what they sent is recorded.
+A pause while the meters stream resumes as a new *segment*: the plan gates on NTP again,
+schedules a new common start for the rest of the duration and records it in the same
+streams; the ``synchronization`` and ``meter_summary`` streams get one event per segment
+(``segment`` 0, 1, ...).  Arming and releasing are never replayed (a replay could re-send
+``sample``, §6.4): a pause there fails the run with :class:`FlyInterruptedError` once resumed.
 """
 
 import logging
@@ -61,8 +66,16 @@ WIND_DOWN_S = 15.0
 """After a failure, how long the plan waits for the other meters to stop and flush (§4.8)."""
 
 
-class FlyInterrupted(FailedPause):
-    """An immediate pause hit a synchronized fly, which cannot resume mid-recording."""
+class FlyInterruptedError(RuntimeError):
+    """A pause came while the meters were being armed or released; the fly cannot go on."""
+
+
+INTERRUPTED = (
+    "a synchronized fly cannot resume from a pause while its meters are being armed or "
+    "released: a replay would re-send `sample` (§6.4). Every meter was stopped and what it "
+    "sent is recorded; start a new run (a pause while the meters stream resumes as a new "
+    "synchronized segment)"
+)
 
 
 # ------------------------------------------------------------------------ the arguments
@@ -413,6 +426,10 @@ class FlyState:
     kickoffs: dict[str, Any] = field(default_factory=dict)
     completes: dict[str, Any] = field(default_factory=dict)
     periodic: dict[str, list[SettledStatus]] = field(default_factory=dict)
+    segment: int = 0
+    """0 for the first recording; +1 for each one after a pause and resume."""
+    watch: "PauseWatch" = field(default_factory=lambda: PauseWatch())
+    record: "SyncRecord" = field(default_factory=lambda: SyncRecord())
 
 
 def fly(setup: FlySetup) -> Generator[Msg, Any, str]:
@@ -496,13 +513,31 @@ def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[
         yield from bps.declare_stream(meter, name=samples, collect=True)
         yield from bps.declare_stream(meter.gap_stream, name=gaps, collect=True)
         yield from bps.declare_stream(meter.timing_stream, name=timing, collect=True)
-    # From here on a replay could re-send `sample` (§6.4: never): no resuming mid-fly.
-    yield from bps.clear_checkpoint()
+    yield Msg("null", state.watch)  # the RunEngine now tells it when it pauses
     try:
-        if arm:
-            yield from _arm(setup, state)
-        yield from _release(setup, state)
-        yield from _complete_while_collecting(setup, state)
+        while True:
+            # Arming and releasing are never replayed (a replay could re-send `sample`, §6.4):
+            # a pause meanwhile stops the meters and the plan fails once resumed.
+            state.watch.phase = "arming"
+            yield Msg("rewindable", None, False)
+            if arm:
+                yield from _arm(setup, state)
+            yield from _release(setup, state)
+            if state.watch.interrupted:
+                raise FlyInterruptedError(INTERRUPTED)
+            yield Msg("rewindable", None, True)
+            state.watch.phase = "streaming"
+            state.watch.paused = False
+            yield from _complete_while_collecting(setup, state)
+            if not (arm and state.watch.paused):
+                break
+            # Paused (the meters stopped, what they sent is recorded) and resumed: record this
+            # segment, then sample the rest of the duration as a new synchronized segment.
+            remaining = _remaining(setup, state)
+            if not remaining:
+                break
+            yield from _segment_records(setup, state)
+            setup, state = yield from _next_segment(setup, state, remaining)
     except GeneratorExit:
         raise
     except BaseException as exc:
@@ -513,16 +548,78 @@ def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[
         yield from tolerating(_wind_down(setup, state), errors)
         for error in errors:
             logger.warning("while winding down %s: %s", setup.plan, _cause(error))
-        if isinstance(exc, FailedPause) and not isinstance(exc, FlyInterrupted):
-            raise FlyInterrupted(
-                f"{setup.plan} cannot pause: a synchronized recording cannot resume mid-run "
-                "(a replay would re-send `sample`, §6.4). Every meter was stopped and what it "
-                "sent is recorded; start a new run"
-            ) from exc
+        if isinstance(exc, FlyInterruptedError):
+            raise
+        if state.watch.interrupted or isinstance(exc, FailedPause):
+            raise FlyInterruptedError(INTERRUPTED) from exc
         if cause is exc:
             raise
         raise cause from exc
     yield from _final(setup, state)
+
+
+class PauseWatch:
+    """Told by the RunEngine when it pauses or suspends (``Pausable``): the meters' devices
+    stop their flies then, and the plan must know the segment ended early."""
+
+    def __init__(self) -> None:
+        self.name = "pause_watch"
+        self.parent = None
+        self.phase = "setup"
+        self.paused = False
+        self.interrupted = False
+        """A pause came while the meters were being armed or released."""
+        self.pauses = 0
+
+    def pause(self) -> None:
+        self.paused = True
+        self.interrupted = self.interrupted or self.phase == "arming"
+        self.pauses += 1
+
+    def resume(self) -> None:
+        """Nothing to do here: the plan starts the next segment when it runs again."""
+
+
+def _remaining(setup: FlySetup, state: FlyState) -> float:
+    """Seconds still to record after a segment cut short: the duration minus what the meter
+    that sampled least has done so far (its stop reply's ``stop_ts - start_ts``, meter time);
+    0 when nothing is left."""
+    left = math.inf
+    for meter in setup.meters:
+        config = setup.configs[meter.name]
+        summary = getattr(meter, "last_summary", None)
+        done = 0.0
+        if summary is not None and summary.stop_ts is not None and summary.start_ts is not None:
+            done = max(0.0, float(summary.stop_ts) - float(summary.start_ts))
+        left = min(left, (config.duration_s or 0.0) - done)
+    rate = max(config.rate for config in setup.configs.values())
+    return left if math.isfinite(left) and left * rate >= 1 else 0.0
+
+
+def _segment_records(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+    yield from _collect_all(setup.meters)
+    yield from bps.trigger_and_read([_sync_record(setup, state)], name="synchronization")
+    yield from bps.trigger_and_read([m.run_summary for m in setup.meters], name="meter_summary")
+
+
+def _next_segment(
+    setup: FlySetup, state: FlyState, remaining: float
+) -> Generator[Msg, Any, tuple[FlySetup, FlyState]]:
+    """A new segment for what remains: gate again (the meters idled), store the settings."""
+    meters = setup.meters
+    logger.info("%s: resumed; segment %d records %.3f s more", setup.plan, state.segment + 1,
+                remaining)
+    configs = {m.name: replace(setup.configs[m.name], duration_s=remaining) for m in meters}
+    armed = {m.name: replace(setup.armed[m.name], duration_s=remaining) for m in meters}
+    setup = replace(setup, configs=configs, armed=armed)
+    state = FlyState(host=state.host, segment=state.segment + 1, watch=state.watch,
+                     record=state.record)
+    state.gate = yield from stubs.ntp_gate(meters, setup.ntp_confidence_ms, setup.ntp_attempts)
+    group = short_uid(label="configure")
+    for meter in meters:
+        yield from bps.prepare(meter, configs[meter.name], group=group)
+    yield from bps.wait(group=group)
+    return setup, state
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -578,7 +675,11 @@ def _complete_while_collecting(setup: FlySetup, state: FlyState) -> Generator[Ms
     next_sync = time.monotonic() + setup.ntp_period if setup.ntp_period is not None else math.inf
     done = False
     while not done:
-        done = yield from bps.wait(group=group, timeout=setup.flush_period, error_on_timeout=False)
+        # A pause here stops every meter (their devices' pause()) and resumes by replaying
+        # only this loop's messages, never `sample`; the plan then starts a new segment.
+        yield from bps.checkpoint()
+        yield from bps.wait(group=group, timeout=setup.flush_period, error_on_timeout=False)
+        done = all(status.done for status in state.completes.values())
         yield from _collect_all(setup.meters)
         if not done and time.monotonic() >= next_sync:
             assert setup.ntp_period is not None
@@ -638,9 +739,16 @@ class SyncRecord:
     means "not known" (not measured, immediate start, no such sync), never zero.
     """
 
-    def __init__(self, values: Mapping[str, float | int], units: Mapping[str, str]) -> None:
+    def __init__(self) -> None:
         self.name = "synchronization"
         self.parent = None
+        self._values: dict[str, float | int] = {}
+        self._units: dict[str, str] = {}
+        self._time = math.nan
+
+    def update(self, values: Mapping[str, float | int], units: Mapping[str, str]) -> None:
+        """This segment's values (one object for the whole run: bluesky reads the same
+        object into a stream every time)."""
         self._values = dict(values)
         self._units = dict(units)
         self._time = time.time()
@@ -671,6 +779,7 @@ class SyncRecord:
 def _sync_record(setup: FlySetup, state: FlyState) -> SyncRecord:
     """What each meter's start stands on, as known after the fly (see :class:`SyncRecord`)."""
     values: dict[str, float | int] = {
+        "segment": state.segment,
         "host_offset_s": state.host.offset_s if state.host is not None else math.nan,
         "host_delay_s": state.host.delay_s if state.host is not None else math.nan,
         "start_margin_s": state.schedule.margin_s if state.schedule is not None else math.nan,
@@ -694,7 +803,8 @@ def _sync_record(setup: FlySetup, state: FlyState) -> SyncRecord:
         })
         units.update({f"{name}_gate_confidence_ms": "ms", f"{name}_scheduled_start": "s",
                       f"{name}_reply_start_ts": "s", f"{name}_sample_ntp_confidence_ms": "ms"})
-    return SyncRecord(values, units)
+    state.record.update(values, units)
+    return state.record
 
 
 def _start_sync_confidence(meter: Any, state: FlyState) -> float:

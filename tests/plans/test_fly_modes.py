@@ -94,7 +94,7 @@ def test_monitor_reads_every_meter_on_a_fixed_schedule(
 ) -> None:
     fleet = fleet_factory(2)
     meters = smartmeters(fleet)
-    (uid,) = engine.RE(plans.monitor(meters, 0.5, 1.0, md={"site": "lab"}))
+    (uid,) = engine.RE(plans.monitor(meters, 1.0, 2.0, md={"site": "lab"}))
     run = embedded_catalog.client[uid]
     assert run.start["site"] == "lab" and run.start["num_points"] == 3
     data = run["primary"].read()
@@ -103,8 +103,8 @@ def test_monitor_reads_every_meter_on_a_fixed_schedule(
         for key in ("voltage_l1", "current_l3", "active_power_l2", "energy_l1", "frequency_l1"):
             assert np.all(np.isfinite(data[f"{meter.name}_{key}"].values)), key
         assert 200 < float(data[f"{meter.name}_voltage_l1"].values[0]) < 260
-    spacing = np.diff(data["time"].values)
-    assert np.all(np.abs(spacing - 0.5) < 0.2), spacing
+    spacing = np.diff(data["time"].values)  # readings on a fixed schedule, not drifting
+    assert np.all(np.abs(spacing - 1.0) < 0.3), spacing
 
 
 def test_settings_are_restored_from_a_snapshot(fleet_factory, smartmeters, engine) -> None:

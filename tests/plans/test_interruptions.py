@@ -63,21 +63,30 @@ def test_abort_mid_fly_leaves_every_meter_idle_and_the_next_fly_starts_at_once(
     assert_everything_received_is_recorded(embedded_catalog.client[uid], meters)
 
 
-def test_an_immediate_pause_fails_the_fly_cleanly(
+def test_a_pause_while_arming_fails_the_fly_cleanly_once_resumed(
     fleet_factory, smartmeters, engine, embedded_catalog
 ) -> None:
     fleet = fleet_factory(2)
     meters = smartmeters(fleet)
-    thread = when_sampling(engine, lambda: engine.RE.request_pause(defer=False))
-    # bluesky reports any pause request as RunEngineInterrupted; the run itself is over
+
+    def pause_at_kickoff() -> None:  # kickoff waits for the first sample, at T (§6.4)
+        deadline = time.monotonic() + 30
+        while not engine.commands("kickoff") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.RE.request_pause(defer=False)
+
+    thread = threading.Thread(target=pause_at_kickoff, daemon=True)
+    thread.start()
     with pytest.raises(RunEngineInterrupted):
-        engine.RE(plans.synchronized_fly(meters, 30.0))
+        engine.RE(plans.synchronized_fly(meters, 5.0))
     thread.join(10)
+    assert engine.RE.state == "paused"
+    with pytest.raises(plans.FlyInterruptedError, match="re-send `sample`"):
+        engine.RE.resume()
     (stop,) = engine.docs("stop")
-    assert stop["exit_status"] != "success" and "cannot resume mid-run" in stop["reason"]
-    assert "cannot pause" in stop["reason"]
+    assert stop["exit_status"] == "fail" and "being armed or released" in stop["reason"]
+    time.sleep(1.5)  # past T: a meter armed for it must not be left sampling (§6.4)
     assert_idle(fleet)
-    assert_everything_received_is_recorded(embedded_catalog.client[stop["run_start"]], meters)
     assert engine.RE.state == "idle"
 
 
@@ -99,3 +108,40 @@ def test_a_meter_lost_mid_fly_fails_the_run_naming_it_and_keeps_the_others_data(
     ds = read_stream(run, "m1", prefix="m1")
     assert ds.sizes["time"] == meters[0].last_summary.received_samples > 0
     assert "meter_summary" in run and "synchronization" in run
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "device: SmartMeter.prepare after a fly resets the stream declaration "
+    "(_discard_leftovers sets _declared=False), so kickoff refuses the resumed segment's "
+    "second fly in the same run ('this flyer's stream was not declared'); bluesky caches "
+    "describe_collect, so re-declaring cannot set it again"))
+def test_pause_and_resume_records_a_second_synchronized_segment(
+    fleet_factory, smartmeters, engine, embedded_catalog
+) -> None:
+    fleet = fleet_factory(2)
+    meters = smartmeters(fleet)
+    duration = 2.0
+    thread = when_sampling(engine, lambda: engine.RE.request_pause(defer=True))
+    with pytest.raises(RunEngineInterrupted):
+        engine.RE(plans.synchronized_fly(meters, duration))
+    thread.join(10)
+    assert engine.RE.state == "paused"
+    assert_idle(fleet)  # the devices stopped their meters when the RunEngine paused
+    first = [m.last_summary for m in meters]
+    engine.RE.resume()
+    (stop,) = engine.docs("stop")
+    assert stop["exit_status"] == "success", stop
+    run = embedded_catalog.client[stop["run_start"]]
+    sync = run["synchronization"].read()
+    assert list(sync["segment"].values) == [0, 1]
+    starts = sync["m1_scheduled_start"].values
+    assert starts[1] > starts[0] and list(sync["m2_scheduled_start"].values) == list(starts)
+    assert run["meter_summary"].read().sizes["time"] == 2
+    for meter, before in zip(meters, first, strict=True):
+        after = meter.last_summary
+        assert after.start_ts > before.stop_ts  # a new session, after the pause
+        assert after.start_ts == pytest.approx(starts[1] - 0.001, abs=0.005)
+        ds = read_stream(run, meter.name, prefix=meter.name)
+        assert ds.sizes["time"] == before.received_samples + after.received_samples
+        done = (before.stop_ts - before.start_ts) + (after.stop_ts - after.start_ts)
+        assert done >= duration - 0.01

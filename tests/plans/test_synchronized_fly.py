@@ -96,6 +96,17 @@ def test_three_meters_pass_the_gate_and_start_on_one_instant(
         timing = run[f"{meter.name}_timing"].read()
         assert timing.sizes["time"] >= 1
 
+        # the recorded confidences are the meter's own syncs (the emulator's SNTP history),
+        # and every sync left the clock within its confidence + 1 ms of true time
+        history = fleet.ntp_history(i)
+        gate_syncs = [h for h in history if min(ntp_triggers(engine, meter)) <= h.true_time
+                      < first_arm]
+        assert [h.confidence_ms for h in gate_syncs] == sync["gate"][meter.name]["confidences_ms"]
+        (in_sample,) = [h for h in history if first_arm <= h.true_time < truth.true_start]
+        assert in_sample.confidence_ms == values[f"{meter.name}_sample_ntp_confidence_ms"]
+        for h in [*gate_syncs, in_sample]:
+            assert abs(h.error_s) <= h.confidence_ms / 1000 + 0.001, h
+
 
 def test_a_meter_above_the_gate_fails_the_plan_before_any_sample(
     fleet_factory, smartmeters, engine
