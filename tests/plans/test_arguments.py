@@ -144,7 +144,10 @@ def test_plans_have_literal_defaults_and_keyword_only_md() -> None:
     """bluesky-queueserver reads the signatures: defaults must be plain literals."""
     import inspect
 
-    for plan in (plans.synchronized_fly, plans.slotted_fly, plans.monitor):
+    import typing
+
+    for plan in (plans.synchronized_fly, plans.slotted_fly, plans.monitor, plans.fly_meters):
+        typing.get_type_hints(plan)  # every annotation resolves at runtime
         signature = inspect.signature(plan)
         assert signature.parameters["md"].kind is inspect.Parameter.KEYWORD_ONLY
         for parameter in signature.parameters.values():
