@@ -23,6 +23,7 @@ from . import stubs
 from ._errors import NtpGateError, PlanArgumentError, SlotPlanError, StartScheduleError
 from ._fly import FlyInterruptedError, fly_meters, slotted_fly, synchronized_fly
 from ._monitor import monitor
+from ._rerun import rerun
 from ._slots import MeterLoad, SlotPlan, plan_slots
 from ._start import StartBudget, StartChoice, choose_start
 
@@ -40,6 +41,7 @@ __all__ = [
     "fly_meters",
     "monitor",
     "plan_slots",
+    "rerun",
     "slotted_fly",
     "stubs",
     "synchronized_fly",

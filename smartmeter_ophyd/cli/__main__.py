@@ -1,255 +1,277 @@
-"""``smartmeter``: talk to a SmartMeter (real or emulated) from the shell.
+"""``smartmeter``: record, inspect and export SmartMeter runs from the shell.
 
-A thin layer over :class:`smartmeter_ophyd.client.MeterClient` and the HDF5 writer; every
-command works unchanged against a real meter.  Sub-commands::
+Sub-commands (``smartmeter COMMAND --help`` for each)::
 
-    smartmeter info HOST[:PORT]                 # the info message, as JSON
-    smartmeter read HOST[:PORT]                 # RMS voltage/current, power, frequency, ...
-    smartmeter set HOST[:PORT] --name lab-1 --time-server 10.0.0.1 ...
-    smartmeter ntp HOST[:PORT]                  # sync now; prints the confidence
-    smartmeter logs HOST[:PORT] [--level debug] # follow log lines until Ctrl-C
-    smartmeter record HOST[:PORT] -o run.h5 --seconds 5 --rate 8000 [--measures v,i_L1]
-    smartmeter emulate [emulator options]       # same as python -m smartmeter_ophyd.emulator
+    smartmeter record [HOST…]           # the main job: no host = 2 emulated meters
+    smartmeter discover                 # meters announcing _elec._tcp on the network (mDNS)
+    smartmeter info|get|set HOST…       # a meter's info line and settings (--json)
+    smartmeter read|ntp|logs HOST…      # readings, an NTP sync now, the log
+    smartmeter emulate --count N        # emulated meters in the foreground
+    smartmeter runs [RUN]               # runs in a catalog, or one run's summary
+    smartmeter plot RUN                 # the PNGs of a run
+    smartmeter export RUN --format csv|parquet|mkv [--power-summary csv|parquet]
+    smartmeter rerun RUN                # repeat a run: same plan, arguments and settings
 
-Exit status: 0 on success, 1 when the meter refused or failed, 2 for bad arguments.
+Exit status: 0 success, 1 a meter/catalog/tool failed, 2 a usage mistake (nothing touched),
+130 interrupted by Ctrl-C (the run closed with exit status ``abort``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import signal
 import sys
 import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from ..client import MeterClient, MeterError
-from ..protocol import LogLevel, LogLine, Measures, Transport
+from ._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandFailedError,
+    HelpFormatter,
+    Parser,
+    UsageError,
+    add_json_option,
+    count_in,
+    print_json,
+    say,
+)
 
 logger = logging.getLogger("smartmeter_ophyd.cli")
 
-DEFAULT_PORT = 54321
+
+# -------------------------------------------------------------------------------- emulate
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return text, DEFAULT_PORT
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from ..emulator import EmulatorFleet
+
+    common: dict[str, Any] = {"host": args.host, "boot_delay_s": args.boot_delay}
+    if args.time_server is not None:
+        common.update(time_server=args.time_server, ntp_port=args.ntp_port)
+    if args.state_dir is not None:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+    meters = []
+    for i in range(args.count):
+        own: dict[str, Any] = {"name": f"{args.name_prefix}{i + 1}"}
+        if args.base_port:
+            own.update(command_port=args.base_port + 2 * i, stream_port=args.base_port + 2 * i + 1)
+        if args.state_dir is not None:
+            own["state_path"] = args.state_dir / f"{own['name']}.json"
+        meters.append(own)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        return host, int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not HOST[:PORT]: {text!r}") from None
+        fleet = EmulatorFleet(meters, host=args.host, **common).start()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise CommandFailedError(f"smartmeter emulate: {exc}") from None
+    try:
+        described = fleet.call(lambda: [m.describe() for m in fleet.meters])
+        sntp = fleet.sntp_address
+        for line in described:
+            line["time_server"] = args.time_server or f"{sntp[0]}:{sntp[1]}"
+            print_json_line(line)
+        say(f"{args.count} emulated meter(s) running; SNTP responder on {sntp[0]}:{sntp[1]}; "
+            "Ctrl-C stops them")
+        stop.wait()
+    finally:
+        fleet.close()
+    return EXIT_OK
 
 
-def _measures(text: str) -> Measures:
-    for mode in Measures:
-        if text in (mode.name, mode.value) or text in mode.spec.accepted_inputs:
-            return mode
-    allowed = ", ".join(m.value for m in Measures)
-    raise argparse.ArgumentTypeError(f"unknown measures {text!r}; allowed: {allowed}")
+def print_json_line(value: Any) -> None:
+    import json
+
+    print(json.dumps(value, default=str), flush=True)
 
 
-def _connect(args: argparse.Namespace) -> MeterClient:
-    host, port = args.address
-    return MeterClient(host, port, timeout=args.timeout, reconnect=False)
+# ------------------------------------------------------------------------------- discover
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "__dataclass_fields__"):
-        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "value") and hasattr(value, "name"):  # enums
-        return value.value
-    return value
+def cmd_discover(args: argparse.Namespace) -> int:
+    try:
+        from ..client import _discovery  # built by the MQTT/discovery work
+    except ImportError:
+        raise CommandFailedError(
+            "smartmeter discover: mDNS discovery is not available in this version") from None
+    browse = getattr(_discovery, "discover", None)
+    if browse is None:
+        raise CommandFailedError("smartmeter discover: no discover() in smartmeter_ophyd.client")
+    found = browse(timeout=args.timeout)
+    rows = [getattr(m, "as_dict", lambda m=m: dict(vars(m)))() for m in found]
+    if args.json:
+        print_json(rows)
+    else:
+        if not rows:
+            print(f"no meters announced _elec._tcp within {args.timeout:g} s")
+        for row in rows:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+    return EXIT_OK
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    with _connect(args) as meter:
-        info = meter.get_info()
-    print(json.dumps(info.raw_fields, indent=2))
-    return 0
-
-
-def cmd_read(args: argparse.Namespace) -> int:
-    with _connect(args) as meter:
-        voltage = meter.get_voltage()
-        current = meter.get_current()
-        power = meter.get_power()
-        frequency = meter.get_frequency()
-        angle = meter.get_phase_angle()
-    rows = [
-        ("voltage", voltage.values, voltage.unit),
-        ("current", current.values, current.unit),
-        ("active power", power.active, "W"),
-        ("reactive power", power.reactive, "var"),
-        ("frequency", frequency.values, frequency.unit),
-        ("phase angle", angle.values, angle.unit),
-    ]
-    for label, values, unit in rows:
-        print(f"{label:>15}: " + "  ".join(f"{v:10.3f}" for v in values) + f"  {unit}")
-    return 0
-
-
-def cmd_set(args: argparse.Namespace) -> int:
-    changes = [
-        ("name", args.name, "set_name"),
-        ("time server", args.time_server, "set_time_server"),
-        ("mqtt server", args.mqtt_server, "set_mqtt_server"),
-        ("stream server", args.stream_server, "set_stream_server"),
-        ("calibration", args.calibration, "set_calibration"),
-    ]
-    wanted = [(label, value, method) for label, value, method in changes if value is not None]
-    if not wanted and args.daily_restart is None:
-        print("nothing to set (see --help)", file=sys.stderr)
-        return 2
-    with _connect(args) as meter:
-        for label, value, method in wanted:
-            reply = getattr(meter, method)(value)
-            print(f"{label}: {getattr(reply, 'message', '') or 'ok'}")
-        if args.daily_restart is not None:
-            hour, minute = args.daily_restart
-            reply = meter.set_daily_restart(hour, minute)
-            print(f"daily restart: {getattr(reply, 'message', '') or 'ok'}")
-    return 0
-
-
-def cmd_ntp(args: argparse.Namespace) -> int:
-    confidence: list[str] = []
-
-    def on_log(line: LogLine) -> None:
-        if line.text.startswith("NTP synced with conf:"):
-            confidence.append(line.text.rsplit(":", 1)[1].strip())
-
-    with _connect(args) as meter:
-        meter.subscribe_logs(on_log)
-        reply = meter.ntp_sync()
-    ok = reply.succeeded
-    print(f"{reply.message}; meter time {reply.current_time}"
-          + (f"; confidence {confidence[-1]} ms" if confidence else ""))
-    return 0 if ok else 1
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    done = threading.Event()
-
-    def on_log(line: LogLine) -> None:
-        print(f"[{line.level.tag}] {line.device_time}: {line.text}", flush=True)
-
-    with _connect(args) as meter:
-        meter.set_log_level(args.level)
-        meter.subscribe_logs(on_log)
-        try:
-            done.wait(args.seconds if args.seconds > 0 else None)
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
-def _store(writer: Any, block: Any) -> None:
-    for gap in block.gaps:  # declared missing, never filled
-        if (span := gap.missing_packets) is not None:
-            writer.record_gap(*span, gap.missing_samples)
-    writer.append(block.values, block.packets, block.frame_samples)
-
-
-def cmd_record(args: argparse.Namespace) -> int:
-    from ..storage import WaveformWriter  # h5py only when recording
-
-    transport = Transport(args.transport)
-    target = int(args.seconds * args.rate)
-    with _connect(args) as meter:
-        info = meter.info
-        session = meter.sample(rate=args.rate, measures=args.measures, transport=transport)
-        reply = session.session.reply
-        start_ts = reply.start_ts if reply.start_ts else time.time()
-        metadata = {"name": info.name if info else "", "host": args.address[0],
-                    "firmware": info.version if info else "",
-                    "compiled": info.compiled if info else "",
-                    "sampling_reply": reply.raw_fields}
-        with WaveformWriter(args.output, reply.measures, args.rate, start_ts, metadata) as writer:
-            for block in session:
-                _store(writer, block)
-                if writer.samples_appended >= target:
-                    break
-            summary = session.stop()
-            for block in session:  # frames flushed by stop (§4.8): recorded, not dropped
-                _store(writer, block)
-            writer.close(stop_summary=_jsonable(summary))
-    print(f"{args.output}: {writer.samples_written} samples of {', '.join(reply.measures.channels)}"
-          f" at {args.rate} Hz; meter reported {summary.device_samples} sampled,"
-          f" {summary.missing_declared} declared missing"
-          + ("" if summary.explained else "; UNEXPLAINED difference, see the file's attributes"))
-    return 0 if summary.explained else 1
-
-
-def cmd_emulate(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    from ..emulator.__main__ import main as emulator_main
-
-    return emulator_main(list(rest))
+# --------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smartmeter", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import _meters, _record, _runs
 
-    def with_address(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("address", type=_address, help="HOST[:PORT] (port 54321 by default)")
-        p.add_argument("--timeout", type=float, default=5.0, help="seconds per command")
+    parser = Parser(prog="smartmeter", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: this package's INFO log; -vv: DEBUG and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=Parser)
+
+    def command(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
+                ) -> argparse.ArgumentParser:
+        doc = handler.__doc__ or help_text
+        p = sub.add_parser(name, help=help_text, description=doc,
+                           formatter_class=HelpFormatter)
+        p.set_defaults(handler=handler)
         return p
 
-    with_address("info", "print the info message")
-    with_address("read", "print instantaneous readings")
-    p = with_address("set", "change stored settings")
-    p.add_argument("--name")
-    p.add_argument("--time-server")
-    p.add_argument("--mqtt-server")
-    p.add_argument("--stream-server")
-    p.add_argument("--calibration", type=float, nargs=6, metavar="F")
-    p.add_argument("--daily-restart", type=int, nargs=2, metavar=("HOUR", "MINUTE"))
-    with_address("ntp", "synchronise the meter's clock now")
-    p = with_address("logs", "follow log lines")
-    p.add_argument("--level", choices=[lv.wire_name for lv in LogLevel], default="info")
-    p.add_argument("--seconds", type=float, default=0, help="stop after this long (0 = Ctrl-C)")
-    p = with_address("record", "record samples into an HDF5 file")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--seconds", type=float, default=5.0)
-    p.add_argument("--rate", type=int, default=8000)
-    p.add_argument("--measures", type=_measures, default=Measures.VI)
-    p.add_argument("--transport", choices=["TCP", "UDP"], default="TCP")
-    sub.add_parser("emulate", help="run emulated meters (options: smartmeter emulate --help)",
-                   add_help=False)
+    p = command("record", "record meters into a catalog (no host: emulated meters)",
+                _record.cmd_record)
+    p.description = _record.__doc__
+    _record.add_record_options(p)
+
+    p = command("discover", "list meters announcing _elec._tcp (mDNS)", cmd_discover)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
+    add_json_option(p)
+
+    p = command("info", "print meters' info line", _meters.cmd_info)
+    _meters.add_address(p)
+    add_json_option(p)
+    p = command("get", "print meters' settings", _meters.cmd_get)
+    _meters.add_address(p)
+    p.add_argument("--setting", action="append", choices=_meters.setting_names(), default=None,
+                   help="a setting to print (repeatable); default: all")
+    add_json_option(p)
+    p = command("set", "change meters' stored settings and show what changed", _meters.cmd_set)
+    _meters.add_address(p)
+    _meters.add_set_options(p)
+    p = command("read", "print instantaneous readings", _meters.cmd_read)
+    _meters.add_address(p)
+    add_json_option(p)
+    p = command("ntp", "synchronise meters' clocks now; print the confidence", _meters.cmd_ntp)
+    _meters.add_address(p)
+    add_json_option(p)
+    p = command("logs", "follow a meter's log lines", _meters.cmd_logs)
+    _meters.add_address(p, many=False)
+    p.add_argument("--level", choices=["all", "debug", "info", "warning", "error"],
+                   default="info", help="the meter's log level for this connection")
+    p.add_argument("--seconds", type=float, default=0, help="stop after this long (0: Ctrl-C)")
+
+    p = command("emulate", "run emulated meters in the foreground until Ctrl-C", cmd_emulate)
+    p.add_argument("--count", type=count_in(1, 64), default=1, help="number of meters")
+    p.add_argument("--name-prefix", default="meter", help="meters are <prefix>1..N")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--base-port", type=int, default=0,
+                   help="meter i listens on P+2i (commands) and P+2i+1 (stream); 0: any free")
+    p.add_argument("--time-server", default=None,
+                   help="NTP server for the meters; default: the emulators' own SNTP responder")
+    p.add_argument("--ntp-port", type=int, default=123, help="port of --time-server")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="keep each meter's settings in <dir>/<name>.json across restarts")
+    p.add_argument("--boot-delay", type=float, default=0.5, help="seconds a reboot takes")
+
+    p = command("runs", "list runs in a catalog, or print one run's summary", _runs.cmd_runs)
+    p.add_argument("run", metavar="RUN", nargs="?", default=None,
+                   help="print this run's summary (uid, prefix or -1)")
+    _runs.add_catalog_options(p)
+    p.add_argument("--limit", type=int, default=20, help="show the latest N runs (0: all)")
+    add_json_option(p)
+
+    p = command("plot", "write the PNGs of a run", _runs.cmd_plot)
+    _runs.add_run_argument(p)
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where the PNGs go (default: <data-dir>/plots)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing PNGs")
+
+    p = command("export", "export a run as CSV, Parquet or MKV (+ 1 Hz power summary)",
+                _runs.cmd_export)
+    _runs.add_run_argument(p)
+    p.add_argument("--format", choices=["csv", "parquet", "mkv"], default=None,
+                   help="samples: one file per meter")
+    p.add_argument("--power-summary", choices=["csv", "parquet"], default=None,
+                   help="also write a 1 Hz power summary per meter")
+    p.add_argument("--output-dir", type=Path, default=Path("."), help="where the files go")
+    p.add_argument("--meter", action="append", default=None,
+                   help="export only this meter (repeatable); default: all")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+    p = command("rerun", "repeat a recorded run (same plan, arguments, meter settings)",
+                _runs.cmd_rerun)
+    _runs.add_run_argument(p)
+    p.add_argument("--host", action="append", default=[], metavar="NAME=HOST[:PORT]",
+                   type=_named_address,
+                   help="where meter NAME is now (default: where it was; emulated meters of "
+                        "the original run are emulated again)")
+    p.add_argument("--hdf5-dir", type=Path, default=None,
+                   help="with --catalog: where meters write HDF5 (the server's readable storage)")
     return parser
+
+
+def _named_address(text: str) -> Any:
+    from ._common import meter_address
+
+    address = meter_address(text)
+    if address.name is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=HOST[:PORT]")
+    return address
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def _logging(verbose: int) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        # the RunEngine logs every failed or aborted run with a traceback; we say it in a line
+        logging.getLogger("bluesky").setLevel(logging.CRITICAL)
+    if verbose:
+        logging.getLogger("smartmeter_ophyd").setLevel(logging.DEBUG if verbose > 1
+                                                       else logging.INFO)
+        logging.getLogger("plans").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv[:1] == ["emulate"]:
-        return cmd_emulate(argparse.Namespace(), argv[1:])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
-                        format="%(levelname)s %(name)s: %(message)s")
-    handler = {"info": cmd_info, "read": cmd_read, "set": cmd_set, "ntp": cmd_ntp,
-               "logs": cmd_logs, "record": cmd_record}[args.command]
+    verbose = 0
     try:
-        return handler(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        verbose = args.verbose
+        _logging(verbose)
+        return int(args.handler(args))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandFailedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `smartmeter info HOST | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except MeterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_OK
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_OK
+    except Exception as exc:
+        if verbose > 1:
+            raise
+        from ..client import MeterError
+
+        kind = "" if isinstance(exc, MeterError | OSError) else f"{type(exc).__name__}: "
+        print(f"error: {kind}{exc} (-vv shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""The summary table printed after ``smartmeter record`` (and by ``smartmeter runs RUN``).
+
+Everything comes from the run as the catalog holds it (start document, ``meter_summary`` and
+``synchronization`` events, the samples), so the table says what was stored, not what the
+process believed.  Columns per meter: samples stored / sent by the meter, samples declared
+missing and in how many gaps, the NTP gate's confidence and the confidence of the sync the
+meter ran at the start (§6.4), and the meter's real start (stop reply ``start_ts``) relative
+to the earliest.  Below it: the start spread and, for two or more meters recording L1
+voltage, the residual offset between their waveforms (:func:`smartmeter_ophyd.timing.align`
+over the first seconds), which checks the clocks against the grid itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from typing import Any, Final
+
+import numpy as np
+
+from ._common import table
+
+ALIGN_SECONDS: Final = 10.0
+
+
+def _first(ds: Any, key: str) -> Any:
+    if ds is None or key not in ds:
+        return None
+    value = ds[key].values
+    return value[0] if value.shape else value.item()
+
+
+def _num(value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:g}"
+
+
+def _read(run: Any, stream: str) -> Any:
+    try:
+        return run[stream].read() if stream in run else None
+    except Exception:  # a stream declared but never written reads as an error in Tiled
+        return None
+
+
+def run_summary(run: Any) -> dict[str, Any]:
+    """The summary as data (what ``--json`` prints)."""
+    from ..readback import run_meters, time_source
+
+    start, stop = run.start, run.stop or {}
+    meters = run_meters(run)
+    summary = _read(run, "meter_summary")
+    sync = _read(run, "synchronization")
+    gate = (start.get("synchronization") or {}).get("gate") or {}
+    rows = {}
+    for m in meters:
+        detail = _first(summary, f"{m}_run_summary")
+        try:
+            detail = json.loads(detail) if detail else {}
+        except ValueError:
+            detail = {}
+        confidences = (gate.get(m) or {}).get("confidences_ms") or []
+        rows[m] = {
+            "samples": int(_num(_first(summary, f"{m}_run_received_samples")))
+            if summary is not None else int(run[m][f"{m}_time"].shape[0]),
+            "meter_sent": int(_num(_first(summary, f"{m}_run_device_sent_samples")))
+            if summary is not None else -1,
+            "missing": int(_num(_first(summary, f"{m}_run_missing_samples")))
+            if summary is not None else -1,
+            "gaps": int(_num(_first(summary, f"{m}_run_gaps"))) if summary is not None else -1,
+            "explained": bool(_first(summary, f"{m}_run_explained")),
+            "start_ts": _num(_first(summary, f"{m}_run_start_ts")),
+            "ntp_gate_ms": _num(confidences[-1]) if confidences and confidences[-1] is not None
+            else math.nan,
+            "ntp_at_start_ms": _num(_first(sync, f"{m}_sample_ntp_confidence_ms")),
+            "emulated": bool((start.get("meters", {}).get(m) or {}).get("emulated")),
+            "time_source": time_source(run, m),
+            "notes": detail.get("notes", []),
+        }
+    starts = [r["start_ts"] for r in rows.values() if r["start_ts"] > 0]
+    spread = (max(starts) - min(starts)) * 1e3 if len(starts) > 1 else math.nan
+    return {
+        "uid": start["uid"],
+        "plan": start.get("plan_name"),
+        "time": start.get("time"),
+        "exit_status": stop.get("exit_status", "running or lost"),
+        "reason": stop.get("reason", ""),
+        "meters": rows,
+        "start_spread_ms": spread,
+        "alignment": alignment_residual(run, meters),
+    }
+
+
+def alignment_residual(run: Any, meters: list[str]) -> dict[str, Any] | None:
+    """Median waveform offset of each meter's L1 voltage against the first meter's (ms)."""
+    from ..readback import SYNCED_SOURCE, first_last_time, meter_data
+    from ..timing import AlignmentError, Waveform, align
+
+    if len(meters) < 2:
+        return None
+    spans = {m: first_last_time(run, m) for m in meters}
+    if any(s is None for s in spans.values()):
+        return None
+    t0 = max(s[0] for s in spans.values() if s is not None)
+    waves = {}
+    try:
+        for m in meters:
+            ds = meter_data(run, m, t0, t0 + ALIGN_SECONDS, channels=["v_l1"])
+            if ds.attrs["time_source"] != SYNCED_SOURCE or ds.sizes["time"] < 100:
+                return None
+            waves[m] = Waveform(m, np.asarray(ds["time"].values, dtype=np.float64),
+                                np.asarray(ds["v_l1"].values))
+        results = align(waves, meters[0])
+    except (AlignmentError, KeyError, ValueError) as exc:
+        return {"reference": meters[0], "error": str(exc)}
+    out: dict[str, Any] = {"reference": meters[0], "seconds": ALIGN_SECONDS, "offsets_ms": {},
+                           "uncertainty_ms": {}}
+    for m, a in results.items():
+        if len(a):
+            out["offsets_ms"][m] = float(np.median(a.offset_s)) * 1e3
+            out["uncertainty_ms"][m] = float(np.max(a.uncertainty_s)) * 1e3
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    rows = []
+    t_min = min((r["start_ts"] for r in s["meters"].values() if r["start_ts"] > 0),
+                default=math.nan)
+    for name, r in s["meters"].items():
+        sent = "?" if r["meter_sent"] < 0 else str(r["meter_sent"])
+        start = ("counted from 0" if r["start_ts"] == 0 else
+                 "-" if math.isnan(r["start_ts"]) else f"+{(r['start_ts'] - t_min) * 1e3:.1f} ms")
+        rows.append([name + (" (emulated)" if r["emulated"] else ""), str(r["samples"]), sent,
+                     f"{r['missing']} in {r['gaps']}" if r["missing"] >= 0 else "?",
+                     _ms(r["ntp_gate_ms"]), _ms(r["ntp_at_start_ms"]), start,
+                     "yes" if r["explained"] else "NO"])
+    when = dt.datetime.fromtimestamp(s["time"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") \
+        if s.get("time") else "?"
+    lines = [f"run {s['uid']}  {s['plan']}  {when}  exit status: {s['exit_status']}"
+             + (f" ({s['reason']})" if s["reason"] else "")]
+    lines.append(table(rows, ["meter", "samples", "meter sent", "missing in gaps",
+                              "NTP gate ms", "NTP at start ms", "start", "accounted"]))
+    if not math.isnan(s["start_spread_ms"]):
+        lines.append(f"start spread: {s['start_spread_ms']:.3f} ms (meters' real starts, "
+                     "stop replies' start_ts)")
+    a = s.get("alignment")
+    if a and a.get("offsets_ms"):
+        parts = [f"{m} {v * 1e3:+.1f} µs (±{a['uncertainty_ms'][m] * 1e3:.1f} µs)"
+                 for m, v in a["offsets_ms"].items()]
+        lines.append(f"alignment residual vs {a['reference']} (L1 voltage waveforms, first "
+                     f"{a['seconds']:g} s): " + ", ".join(parts))
+    elif a and a.get("error"):
+        lines.append(f"alignment residual: not available ({a['error']})")
+    for name, r in s["meters"].items():
+        if r["start_ts"] == 0:
+            lines.append(f"note: {name} had no NTP time (startTs 0.000, §6.1): its samples count "
+                         "from 0, not unix time; point it at a time server: smartmeter set "
+                         "HOST --time-server NTP_HOST")
+    return "\n".join(lines)
