@@ -31,7 +31,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -44,8 +44,11 @@ from ..client import (
     SamplingSession,
     SessionSummary,
 )
+from ..client import SyncRecord as LoggedSync
 from ..protocol import LogLine, SampleReply
 from ..storage import WaveformWriter
+from ..timing import DeclaredGap, SessionRecords, model_times
+from ..timing import SyncRecord as ModelSync
 from ._flow import CtsGovernor, CtsPolicy, FlowStats
 from ._fly import FlyConfig
 from ._live import LiveSummary
@@ -99,6 +102,8 @@ class FlyController:
         on_progress: Callable[[int], None] | None = None,
         on_log: Callable[[LogLine], None] | None = None,
         live: LiveSummary | None = None,
+        sync_records: Callable[[], Sequence[tuple[LoggedSync, bool]]] | None = None,
+        rtc: bool = True,
     ) -> None:
         self.client = client
         self.config = config
@@ -109,6 +114,8 @@ class FlyController:
         self._on_progress = on_progress
         self._on_log = on_log
         self._live = live
+        self._sync_records = sync_records
+        self._rtc = rtc
         loop = asyncio.get_running_loop()
         self.started: asyncio.Future[None] = loop.create_future()
         self.outcome: asyncio.Future[FlyOutcome] = loop.create_future()
@@ -484,6 +491,8 @@ class FlyController:
                         "the stop reply's", self.label, actual, writer.start_ts,
                     )
                 writer.rebase_start(actual)
+            if summary is not None:
+                self._model_times(writer, summary)
             writer.close(summary_dict(summary) if summary is not None else None)
         except (OSError, RuntimeError, ValueError) as exc:
             self._cause = self._cause or FlyError(
@@ -494,6 +503,44 @@ class FlyController:
             except Exception as abandon_exc:  # the file is unusable either way
                 logger.warning("%s: %s", self.label, abandon_exc)
         return writer.samples_written
+
+    def _model_times(self, writer: WaveformWriter, summary: SessionSummary) -> None:
+        """Rewrite ``/time`` from the meter's own records (the time model, §4.10, §6.5).
+
+        Without a stop reply's ``start_ts`` or a meter clock set by NTP the provisional axis
+        stays.  A model that fails is logged and leaves the provisional axis: the samples are
+        never at stake.
+        """
+        start = summary.start_ts
+        if start is None or not math.isfinite(start) or start <= 0 or writer.samples_appended == 0:
+            return
+        logged = list(self._sync_records()) if self._sync_records is not None else []
+        syncs = tuple(
+            ModelSync(
+                to_ts=r.to_ts, total=r.total_samples, goal=r.goal_samples,
+                offset_s=r.offset_s, confidence_ms=r.confidence_ms, correction=r.correction,
+                second_interrupts=r.second_interrupts, sets_rtc=sets_rtc,
+            )
+            for r, sets_rtc in logged
+            if r.during_sampling and r.to_ts is not None and r.total_samples is not None
+            and r.goal_samples is not None and r.offset_s is not None
+        )
+        gaps = tuple(DeclaredGap(index=g[0], missing=g[3]) for g in writer.gaps)
+        measures = writer.measures
+        records = SessionRecords(
+            meter=self.label, rate=writer.rate, start_ts=start,
+            received=writer.samples_appended, syncs=syncs, gaps=gaps,
+            latched=measures.latched and self.config.start_time is None, rtc=self._rtc,
+            samples=summary.device_samples, sent_samples=summary.device_sent_samples,
+            stop_ts=summary.stop_ts,
+        )
+        try:
+            modelled = model_times(records)
+        except Exception as exc:  # the provisional axis stays; say why
+            logger.warning("%s: the time model failed (%s); %s keeps the nominal time axis",
+                           self.label, exc, writer.path)
+            return
+        writer.rewrite_times(modelled.times, "time model", modelled.notes)
 
     def _judge(self, summary: SessionSummary | None) -> BaseException | None:
         if self._cause is not None:

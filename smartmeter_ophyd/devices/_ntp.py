@@ -19,6 +19,14 @@ hold what the meter said about that sync::
   time is ambiguous and the later instant is taken.  Never the host's receive time.
 * ``succeeded``: whether the last sync succeeded.  After a failure the other signals are NaN.
 
+Blocking or background (§3.7, §6.2): a blocking sync runs on the meter's main core and writes
+its RTC, which restarts the RTC seconds the sampling counts (the time model then sees a
+second cut short or stretched); a background sync (``bg: true``) does not.  ``background``
+None (the default) sends a background sync while the meter samples and a blocking one
+otherwise; True/False force one.  A background sync's reply only says it started: the
+status then waits for the confidence line, and fails if none comes (the firmware logs
+nothing when a background sync fails).
+
 The whole operation is one coroutine on the client's shared event loop (no thread per
 trigger): it subscribes to the log *before* sending ``ntp`` (the firmware logs the record
 before replying, §3.7), awaits the reply, and feeds every line to a
@@ -60,6 +68,8 @@ from ._status import status_from_coroutine
 
 logger = logging.getLogger(__name__)
 
+BACKGROUND_SYNC_S: Final = 0.5
+"""A background sync's own duration: at most 200 ms for the answer plus DNS (§6.2)."""
 LATE_RECORD_S: Final = 1.5
 """While sampling, how long after the ``ntp`` reply the sync record's lines may still come."""
 
@@ -124,9 +134,14 @@ class MeterNtp(Device):
     synced_at = Cpt(NtpReadback, value=math.nan, units="s", kind=Kind.normal)
     succeeded = Cpt(NtpReadback, value=False, dtype="boolean", kind=Kind.normal)
 
-    def __init__(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, timeout: float | None = None, background: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.timeout = timeout
+        self.background = background
+        """None: background while the meter samples, else blocking (see the module docs)."""
         self.last_record: SyncRecord | None = None
         """The meter's sync record behind the signals (None before the first success)."""
         self._running: DeviceStatus | None = None
@@ -160,13 +175,18 @@ class MeterNtp(Device):
             return status
         timeout = self.timeout if self.timeout is not None else meter.timeout
         status = status_from_coroutine(
-            self, client, self._sync(client.async_client, timeout), status=status
+            self, client, self._sync(client.async_client, timeout, self.background),
+            status=status,
         )
         self._running = status
         return status
 
-    async def _sync(self, client: AsyncMeterClient, timeout: float) -> SyncRecord:
+    async def _sync(
+        self, client: AsyncMeterClient, timeout: float, background: bool | None
+    ) -> SyncRecord:
         label = client.meter_label
+        sampling = client.session is not None
+        bg = sampling if background is None else background
         if client.log_level > LogLevel.INFO:
             self._record_failure(time.time())
             raise NtpSyncError(
@@ -190,12 +210,14 @@ class MeterNtp(Device):
 
         unsubscribe = client.subscribe_logs(take)  # before sending: the log precedes the reply
         try:
-            reply = await client.ntp_sync(timeout=timeout)
-            if client.session is not None and not records:
-                # While sampling the record's lines can sit inside data frames (§4.6) that
-                # the decoder only releases with the next bytes: give them a moment.
+            reply = await client.ntp_sync(bg, timeout=timeout)
+            if (sampling or bg) and not records:
+                # A background sync replies before it ran (§3.7); while sampling the record's
+                # lines can also sit inside data frames (§4.6) that the decoder only releases
+                # with the next bytes: give them a moment.
+                wait = LATE_RECORD_S + (BACKGROUND_SYNC_S if bg else 0.0)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(completed.wait(), LATE_RECORD_S)
+                    await asyncio.wait_for(completed.wait(), wait)
         except MeterCommandRejected as exc:
             self._record_failure(time.time())
             server = client.info.time_server if client.info is not None else None
@@ -224,6 +246,9 @@ class MeterNtp(Device):
         if record.problems:
             logger.warning("%s: NTP sync record incomplete: %s", label, "; ".join(record.problems))
         self._record_success(record, reply, label)
+        timing = getattr(self.parent, "timing_stream", None)
+        if bg and timing is not None:
+            timing.mark_background(record)
         return record
 
     def _record_success(self, record: SyncRecord, reply: NtpReply, label: str) -> None:

@@ -716,8 +716,11 @@ class SmartMeter(Device):
         return super().stage()  # type: ignore[no-any-return]
 
     def unstage(self) -> list[Any]:
-        """Stop a running fly and wait until the meter is idle and the file closed."""
+        """Stop a running fly and wait until the meter is idle and the file closed.
+
+        The stream declaration ends with the staging: the next run declares it anew."""
         self._stop_and_wait("unstage")
+        self._declared = False
         return super().unstage()  # type: ignore[no-any-return]
 
     def trigger(self) -> DeviceStatus:
@@ -932,7 +935,6 @@ class SmartMeter(Device):
                 "stay in %s", self.meter_label, why, left, self.hdf5_path,
             )
         self._assets = self._gap_assets = None
-        self._declared = False
 
     def _new_controller(self, config: FlyConfig) -> FlyController:
         if not self.connected:
@@ -951,7 +953,8 @@ class SmartMeter(Device):
                 client=client.async_client, config=config, open_writer=self._open_writer,
                 cts_policy=self.cts_policy, silence_s=silence,
                 on_progress=self._report_progress, on_log=self.timing_stream.feed,
-                live=self.live_stream,
+                live=self.live_stream, sync_records=self.timing_stream.records_with_rtc,
+                rtc=bool(self.rtc.get()),
             )
 
         controller = client.submit(build()).result(self.timeout)

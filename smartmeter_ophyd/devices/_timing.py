@@ -43,6 +43,7 @@ TIMING_FIELDS: Final = {
     "to_ts": ("number", "<f8", "s"),
     "correction": ("integer", "<i8", "samples"),
     "during_sampling": ("boolean", "|b1", ""),
+    "sets_rtc": ("boolean", "|b1", ""),
     "problems": ("string", "<U0", ""),
 }
 """Numbers are float64 so an absent value (a sync while idle) is NaN, never 0."""
@@ -55,10 +56,12 @@ class TimingStream:
         self.meter = meter
         self.parent = None
         self._lock = threading.Lock()
+        self._assembler_lock = threading.Lock()
         self._assembler = SyncRecordAssembler()
         self._records: list[SyncRecord] = []
         self._times: list[float] = []
         self._emitted = 0
+        self._background: set[tuple[float | None, int | None]] = set()
 
     @property
     def name(self) -> str:
@@ -70,22 +73,43 @@ class TimingStream:
         with self._lock:
             return list(self._records)
 
-    def reset(self) -> None:
+    def mark_background(self, record: SyncRecord) -> None:
+        """``meter.ntp`` ran this sync in the background: it did not write the RTC (§6.2)."""
         with self._lock:
+            self._background.add(_identity(record))
+
+    def sets_rtc(self, record: SyncRecord) -> bool:
+        """Whether the sync wrote the meter's RTC, restarting its seconds (§6.2): every sync
+        but the background ones ``meter.ntp`` sent (another client's are taken as blocking)."""
+        with self._lock:
+            return _identity(record) not in self._background
+
+    def records_with_rtc(self) -> list[tuple[SyncRecord, bool]]:
+        """Every record so far (a sync still waiting for lines is closed now), each with
+        whether it wrote the RTC."""
+        self.flush()
+        return [(record, self.sets_rtc(record)) for record in self.records]
+
+    def reset(self) -> None:
+        with self._assembler_lock:
             self._assembler = SyncRecordAssembler()
+        with self._lock:
             self._records = []
             self._times = []
             self._emitted = 0
+            self._background = set()
 
     def feed(self, line: LogLine) -> None:
         """On the client's loop: one log line of the meter."""
-        record = self._assembler.feed(line)
+        with self._assembler_lock:
+            record = self._assembler.feed(line)
         if record is not None:
             self._add(record)
 
     def flush(self) -> None:
         """Close a record still waiting for lines (at the end of a fly)."""
-        record = self._assembler.flush()
+        with self._assembler_lock:
+            record = self._assembler.flush()
         if record is not None:
             self._add(record)
 
@@ -122,12 +146,17 @@ class TimingStream:
         data: dict[str, list[Any]] = {self._key(f): [] for f in TIMING_FIELDS}
         for record in new:
             for field in TIMING_FIELDS:
-                data[self._key(field)].append(_value(record, field))
+                value = self.sets_rtc(record) if field == "sets_rtc" else _value(record, field)
+                data[self._key(field)].append(value)
         yield {
             "data": data,
             "timestamps": {key: list(times) for key in data},
             "time": list(times),
         }
+
+
+def _identity(record: SyncRecord) -> tuple[float | None, int | None]:
+    return record.to_ts, record.total_samples
 
 
 def _value(record: SyncRecord, field: str) -> Any:

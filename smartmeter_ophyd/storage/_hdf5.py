@@ -64,7 +64,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import h5py
@@ -386,6 +386,28 @@ class WaveformWriter:
             rewritten,
         )
         return True
+
+    def rewrite_times(
+        self, times: npt.NDArray[np.float64], source: str, notes: Sequence[str] = ()
+    ) -> None:
+        """Replace ``/time`` with ``times`` (one per sample appended), e.g. from the time
+        model once a run's records are complete; ``time_source``/``time_notes`` say whence."""
+        times = np.asarray(times, dtype=np.float64)
+        with self._lock:
+            self._check_open()
+            self.flush()
+            if times.shape != (self._on_disk,):
+                raise ValueError(
+                    f"smartmeter {self.meter_name}: {times.shape[0]} times for "
+                    f"{self._on_disk} samples"
+                )
+            for first in range(0, self._on_disk, self.chunk_samples):
+                last = min(first + self.chunk_samples, self._on_disk)
+                self._time_ds[first:last] = times[first:last]
+            self._time_ds.flush()
+            self._file.attrs["time_source"] = source
+            self._file.attrs["time_notes"] = json.dumps(list(notes))
+        logger.info("smartmeter %s: /time rewritten from %s", self.meter_name, source)
 
     def flush(self) -> int:
         """Write buffered rows, SWMR-flush all datasets; return :attr:`samples_written`."""

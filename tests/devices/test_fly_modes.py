@@ -133,13 +133,16 @@ def test_scheduled_start_fly_starts_on_the_meters_second(emulated, embedded_cata
     assert attrs["start_ts_reply"] == start_time
     assert attrs["start_ts"] == summary.start_ts
     assert attrs["start_ts_source"] == "stop reply start_ts"
-    # the stored axis stands on the meter's own record (1 ms resolution, §6.1), which lies
-    # within 1 ms of where the meter really started
-    expected = summary.start_ts + np.arange(len(values)) / RATE  # gap-free, uniform rate
+    # the stored axis is the time model's, standing on the meter's own records (1 ms
+    # resolution, §6.1): within 1 ms of where each sample was really taken (this meter's
+    # clock is the host's after its sync, so meter time is true time here to ~0.1 ms)
     with h5py.File(meter.hdf5_path, "r") as f:
         file_times = f["time"][()]
-    np.testing.assert_allclose(file_times, expected, rtol=0, atol=1e-6)
-    assert abs(file_times[0] - truth.meter_start_ts) <= 1e-3
+        assert f.attrs["time_source"] == "time model"
+    true_times = emulated.call(emulated.meters[0].session_truth).true_times[: len(values)]
+    assert np.max(np.abs(file_times - true_times)) <= 1.2e-3
+    assert file_times[0] == summary.start_ts
+    expected = file_times
 
     # ... and the catalog serves the same corrected times (it reads the HDF5 file)
     client = databroker.from_profile(embedded_catalog.profile)

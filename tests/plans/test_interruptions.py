@@ -110,11 +110,6 @@ def test_a_meter_lost_mid_fly_fails_the_run_naming_it_and_keeps_the_others_data(
     assert "meter_summary" in run and "synchronization" in run
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "device: SmartMeter.prepare after a fly resets the stream declaration "
-    "(_discard_leftovers sets _declared=False), so kickoff refuses the resumed segment's "
-    "second fly in the same run ('this flyer's stream was not declared'); bluesky caches "
-    "describe_collect, so re-declaring cannot set it again"))
 def test_pause_and_resume_records_a_second_synchronized_segment(
     fleet_factory, smartmeters, engine, embedded_catalog
 ) -> None:
