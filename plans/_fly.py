@@ -47,7 +47,7 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 from bluesky.utils import FailedPause, FailedStatus, Msg, short_uid
 
-from smartmeter_ophyd.devices import FlyConfig, HostClock, SmartMeter
+from smartmeter_ophyd.devices import AlignmentStream, FlyConfig, HostClock, SmartMeter
 from smartmeter_ophyd.protocol import Measures
 
 from . import _validate as check
@@ -673,6 +673,9 @@ def _complete_while_collecting(setup: FlySetup, state: FlyState) -> Generator[Ms
     for meter in setup.meters:
         state.completes[meter.name] = yield from bps.complete(meter, group=group)
     next_sync = time.monotonic() + setup.ntp_period if setup.ntp_period is not None else math.inf
+    live = [meter.live_stream for meter in setup.meters]
+    live_period = min(stream.period_s for stream in live)
+    next_live = time.monotonic() + live_period
     done = False
     while not done:
         # A pause here stops every meter (their devices' pause()) and resumes by replaying
@@ -681,6 +684,11 @@ def _complete_while_collecting(setup: FlySetup, state: FlyState) -> Generator[Ms
         yield from bps.wait(group=group, timeout=setup.flush_period, error_on_timeout=False)
         done = all(status.done for status in state.completes.values())
         yield from _collect_all(setup.meters)
+        if not done and time.monotonic() >= next_live:
+            # The live view: every meter's latest second of RMS, power and frequency, into
+            # 'primary', which BestEffortCallback tables and plots.
+            yield from bps.trigger_and_read(live, name="primary")
+            next_live += live_period * max(1, math.ceil((time.monotonic() - next_live) / live_period))
         if not done and time.monotonic() >= next_sync:
             assert setup.ntp_period is not None
             yield from _periodic_ntp(setup, state)
@@ -707,6 +715,11 @@ def _final(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
     yield from _collect_all(setup.meters)
     if setup.synchronization:
         yield from bps.trigger_and_read([_sync_record(setup, state)], name="synchronization")
+    if len(setup.meters) > 1:
+        # How well the meters really line up, measured on their L1 voltages
+        alignment = AlignmentStream(setup.meters)
+        yield from bps.declare_stream(alignment, name=alignment.name, collect=True)
+        yield from bps.collect(alignment, name=alignment.name, return_payload=False)
     yield from bps.trigger_and_read([m.run_summary for m in setup.meters], name="meter_summary")
 
 

@@ -9,6 +9,7 @@
 * :class:`HostClock` - the host clock's offset from a time server (SNTP).
 """
 
+from ._alignment import AlignmentStream
 from ._controller import FlyError
 from ._flow import CtsPolicy, FlowStats
 from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
@@ -19,6 +20,7 @@ from ._smartmeter import GapStream, RunSummary, SmartMeter, summary_dict
 from ._timing import TimingStream
 
 __all__ = [
+    "AlignmentStream",
     "FLOW_CONTROL_MODES",
     "ClockMeasurement",
     "CtsPolicy",

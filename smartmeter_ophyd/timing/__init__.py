@@ -18,6 +18,7 @@ from ._alignment import (
     Waveform,
     align,
     align_pair,
+    alignment_from_table,
     apply_alignment,
 )
 from ._model import (
@@ -40,6 +41,7 @@ __all__ = [
     "Waveform",
     "align",
     "align_pair",
+    "alignment_from_table",
     "apply_alignment",
     "model_times",
 ]

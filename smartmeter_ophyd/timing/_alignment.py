@@ -58,7 +58,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -648,3 +648,45 @@ def _correlation(result: Alignment, meter: Waveform, ref: Waveform,
         cov = svx - sv * sx / used
         correlation = cov / np.sqrt((svv - sv * sv / used) * (sxx - sx * sx / used))
     return correlation, count
+
+
+def alignment_from_table(table: Mapping[str, Any], meter: str, mains_hz: float = 50.0) -> Alignment:
+    """Rebuild one meter's :class:`Alignment` from the long table of a run's ``alignment``
+    stream (columns ``meter``, ``reference``, ``kind``, ``window_start``, ``window_end``,
+    ``offset_s``, ``drift``, ``uncertainty_s``, ``correlation``, ``n_samples``, ``step_s``,
+    each optionally prefixed ``alignment_``), e.g. ``run["alignment"].read()``.
+    """
+
+    def column(name: str) -> np.ndarray:
+        for key in (f"alignment_{name}", name):
+            if key in table:
+                return np.asarray(table[key])
+        raise AlignmentError(f"the alignment table has no column {name!r}")
+
+    meters = column("meter").astype(str)
+    kinds = column("kind").astype(str)
+    mine = meters == meter
+    if not mine.any():
+        raise AlignmentError(
+            f"meter {meter!r} is not in the alignment table (meters: {sorted(set(meters))})")
+    pieces = mine & (kinds == "piece")
+    breaks = mine & (kinds == "break")
+    start = column("window_start").astype(np.float64)
+    end = column("window_end").astype(np.float64)
+    order = np.argsort(start[pieces], kind="stable")
+    return Alignment(
+        meter=meter,
+        reference=str(column("reference").astype(str)[mine][0]),
+        window_start=start[pieces][order],
+        window_end=end[pieces][order],
+        offset_s=column("offset_s").astype(np.float64)[pieces][order],
+        drift=column("drift").astype(np.float64)[pieces][order],
+        uncertainty_s=column("uncertainty_s").astype(np.float64)[pieces][order],
+        correlation=column("correlation").astype(np.float64)[pieces][order],
+        n_samples=column("n_samples").astype(np.int64)[pieces][order],
+        n_blocks=np.zeros(int(pieces.sum()), dtype=np.int64),
+        breaks=np.stack([start[breaks], end[breaks]], axis=1).reshape(-1, 2),
+        break_step_s=column("step_s").astype(np.float64)[breaks],
+        mains_hz=mains_hz,
+        notes=("rebuilt from a run's alignment stream",),
+    )

@@ -68,8 +68,9 @@ def test_three_meters_pass_the_gate_and_start_on_one_instant(
 
     # one stream per meter, each with its gaps and timing streams, plus the two summaries
     expected = {f"{m.name}{suffix}" for m in meters for suffix in ("", "_gaps", "_timing")}
-    assert {d["name"] for d in engine.docs("descriptor")} == expected | {
-        "synchronization", "meter_summary"}
+    streams = {d["name"] for d in engine.docs("descriptor")}
+    # plus the live view ('primary', once a second of samples is in) and the alignment
+    assert streams - {"primary"} == expected | {"synchronization", "meter_summary", "alignment"}
     (stop,) = engine.docs("stop")
     assert stop["exit_status"] == "success", stop
 

@@ -1,0 +1,134 @@
+"""The ``alignment`` stream: how well a run's meters line up, measured on their waveforms.
+
+Intent: NTP gives each meter its time to within the confidence of its syncs (§6.2); meters
+on the same phase see the same voltage, so the residual offset between their recordings can
+be measured afterwards to microseconds (:func:`smartmeter_ophyd.timing.align`).  At the end of
+a multi-meter fly, :class:`AlignmentStream` reads each meter's L1 voltage and modelled time
+axis from its HDF5 file, aligns every meter against a reference, and is collected as the
+``alignment`` stream: one event per window piece and per break (gap or sample step), in a
+long format (``meter``, ``reference``, ``kind`` = ``piece``/``break``, ...), so a reader can
+rebuild the result with :func:`smartmeter_ophyd.timing.alignment_from_table` and apply it
+with :func:`smartmeter_ophyd.timing.apply_alignment`.
+
+Limits: it assumes the meters' ``v_l1`` channels measure the same phase (the plans say so
+in their docs); a meter without ``v_l1`` (``v,i_L2``, latched modes) or without samples is
+left out with a note in the log.  The computation runs when the stream is collected, on the
+RunEngine's thread: a few seconds per meter-hour at 8 kHz.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import h5py
+import numpy as np
+
+from ..timing import Alignment, AlignmentError, Waveform, align
+
+if TYPE_CHECKING:
+    from ._smartmeter import SmartMeter
+
+logger = logging.getLogger(__name__)
+
+CHANNEL: Final = "v_l1"
+FIELDS: Final = {
+    "meter": ("string", None, ""),
+    "reference": ("string", None, ""),
+    "kind": ("string", None, ""),
+    "window_start": ("number", "<f8", "s"),
+    "window_end": ("number", "<f8", "s"),
+    "offset_s": ("number", "<f8", "s"),
+    "drift": ("number", "<f8", ""),
+    "uncertainty_s": ("number", "<f8", "s"),
+    "correlation": ("number", "<f8", ""),
+    "n_samples": ("integer", "<i8", ""),
+    "step_s": ("number", "<f8", "s"),
+}
+
+
+def read_waveform(meter: SmartMeter) -> Waveform | None:
+    """The meter's last fly as a :class:`Waveform` (None if it has no ``v_l1`` samples)."""
+    path = meter.hdf5_path
+    if path is None:
+        return None
+    with h5py.File(path, "r", swmr=True) as f:
+        if CHANNEL not in f or f[CHANNEL].shape[0] < 2:
+            return None
+        return Waveform(meter.name, f["time"][()].astype(np.float64), f[CHANNEL][()])
+
+
+class AlignmentStream:
+    """Collectable: every meter's residual offset against ``reference`` (default the first)."""
+
+    name = "alignment"
+
+    def __init__(self, meters: Sequence[SmartMeter], reference: str | None = None) -> None:
+        self.meters = list(meters)
+        self.reference = reference or (self.meters[0].name if self.meters else "")
+        self.parent = None
+        self.results: dict[str, Alignment] = {}
+        self._collected = False
+
+    def describe_collect(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for field, (dtype, dtype_numpy, units) in FIELDS.items():
+            key: dict[str, Any] = {"source": f"smartmeter-ophyd/alignment/{field}",
+                                   "dtype": dtype, "shape": []}
+            if dtype_numpy is not None:
+                key["dtype_numpy"] = dtype_numpy
+            if units:
+                key["units"] = units
+            out[f"alignment_{field}"] = key
+        return out
+
+    def compute(self) -> dict[str, Alignment]:
+        waveforms = {}
+        for meter in self.meters:
+            waveform = read_waveform(meter)
+            if waveform is None:
+                logger.info("alignment: %s has no %s samples; left out", meter.name, CHANNEL)
+                continue
+            waveforms[meter.name] = waveform
+        if self.reference not in waveforms or len(waveforms) < 2:
+            logger.info("alignment: fewer than two meters with %s; nothing to align", CHANNEL)
+            return {}
+        try:
+            self.results = align(waveforms, self.reference)
+        except AlignmentError as exc:
+            logger.warning("alignment: %s", exc)
+            self.results = {}
+        return self.results
+
+    def collect_pages(self) -> Iterator[dict[str, Any]]:
+        if self._collected:
+            return
+        self._collected = True
+        rows: list[dict[str, Any]] = []
+        for name, result in self.compute().items():
+            for k in range(len(result)):
+                rows.append({
+                    "meter": name, "reference": result.reference, "kind": "piece",
+                    "window_start": float(result.window_start[k]),
+                    "window_end": float(result.window_end[k]),
+                    "offset_s": float(result.offset_s[k]), "drift": float(result.drift[k]),
+                    "uncertainty_s": float(result.uncertainty_s[k]),
+                    "correlation": float(result.correlation[k]),
+                    "n_samples": int(result.n_samples[k]), "step_s": math.nan,
+                })
+            for (lo, hi), step in zip(result.breaks, result.break_step_s, strict=True):
+                rows.append({
+                    "meter": name, "reference": result.reference, "kind": "break",
+                    "window_start": float(lo), "window_end": float(hi), "offset_s": math.nan,
+                    "drift": math.nan, "uncertainty_s": math.nan, "correlation": math.nan,
+                    "n_samples": 0, "step_s": float(step),
+                })
+        if not rows:
+            return
+        now = time.time()
+        data = {f"alignment_{f}": [row[f] for row in rows] for f in FIELDS}
+        yield {"data": data, "timestamps": {k: [now] * len(rows) for k in data},
+               "time": [now] * len(rows)}
