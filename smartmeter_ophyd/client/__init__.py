@@ -15,6 +15,7 @@ joins the lines of one NTP sync into a :class:`SyncRecord` (§6.5).  Errors all 
 """
 
 from ._async import AsyncMeterClient
+from ._discovery import DiscoveredMeter, discover, discover_async
 from ._errors import (
     MeterBusyError,
     MeterCommandError,
@@ -55,6 +56,7 @@ __all__ = [
     "BufferFill",
     "ClientEvent",
     "ConnectionLost",
+    "DiscoveredMeter",
     "Gap",
     "MeterBusyError",
     "MeterClient",
@@ -77,6 +79,8 @@ __all__ = [
     "SyncRecord",
     "SyncRecordAssembler",
     "SyncSamplingSession",
+    "discover",
+    "discover_async",
     "missed_samples",
     "ntp_average_rate",
     "ntp_confidence_ms",

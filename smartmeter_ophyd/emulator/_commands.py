@@ -98,12 +98,23 @@ async def handle_line(meter: EmulatedMeter, ep: Endpoint, parsed: InputLine, raw
     elif isinstance(parsed, KeepAlive):
         return
     elif isinstance(parsed, MalformedInput):
+        meter.last_getter = ep  # newGetter (§8.3: MQTT commands act on it)
         meter.log(LogLevel.ERROR, parsed.log_text)
     elif isinstance(parsed, JsonInput):
+        meter.last_getter = ep
         await _dispatch(meter, ep, parsed, raw)
 
 
 async def _dispatch(meter: EmulatedMeter, ep: Endpoint, parsed: JsonInput, raw: bytes) -> None:
+    reply = await run_json(meter, ep, parsed, raw)
+    if reply and ep.alive:
+        meter.send_reply(ep, reply)
+
+
+async def run_json(
+    meter: EmulatedMeter, ep: Endpoint, parsed: JsonInput, raw: bytes
+) -> dict[str, Any] | None:
+    """handleJSON: the reply object, None when nothing is sent (TCP, serial and MQTT, §8.2)."""
     cmd = parsed.cmd
     reply: dict[str, Any]
     if cmd is None:
@@ -122,9 +133,8 @@ async def _dispatch(meter: EmulatedMeter, ep: Endpoint, parsed: JsonInput, raw: 
         else:
             request = Request(ep, parsed.value, raw)
             if await command.handler(meter, request, reply) is NO_REPLY:
-                return
-    if reply and ep.alive:
-        meter.send_reply(ep, reply)
+                return None
+    return reply or None
 
 
 def _corrupt_echo(meter: EmulatedMeter, request: Request, reply: dict[str, Any], text: str) -> None:
@@ -184,13 +194,14 @@ async def _apply_name(meter: EmulatedMeter, value: str) -> None:
     meter.stored.name = value
     meter.store.save()
     meter.log(LogLevel.INFO, texts.MDNS_LOG.format(name=value))
+    if meter.mdns is not None:
+        meter.mdns.announce()  # initMDNS: the responder begins again under the new name (§3.2)
 
 
 async def _apply_mqtt(meter: EmulatedMeter, value: str) -> None:
     meter.stored.mqtt_server = value
     meter.store.save()
-    # MQTT is a later issue: the (blocking) connect attempt fails as without a broker (§8.1).
-    meter.log(LogLevel.ERROR, texts.MQTT_CANNOT_CONNECT.format(server=value))
+    await meter.mqtt.set_server()  # §3.3: disconnect, re-init, one blocking attempt
 
 
 async def _apply_stream(meter: EmulatedMeter, value: str) -> None:
@@ -515,6 +526,7 @@ async def cmd_sample(meter: EmulatedMeter, request: Request, reply: dict[str, An
             udp_port=udp_port,
             datagrams=meter.datagrams,
             drop_next_datagram=meter.take_datagram_drop,
+            mqtt=meter.mqtt,
         )
     )
     reply["cmd"] = "sample"

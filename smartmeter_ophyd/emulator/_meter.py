@@ -329,6 +329,11 @@ class EmulatedMeter:
             self.control = ControlServer(self, self.config.host, self.config.control_port)
             await self.control.start()
         await self._boot()
+        if self.config.mdns and self.mdns is None:
+            from ._mdns import MdnsAnnouncer
+
+            self.mdns = MdnsAnnouncer(self)
+            self.mdns.announce()
         self._task = loop.create_task(self._lifecycle(), name=f"meter {self.name}")
 
     async def stop(self) -> None:
@@ -338,6 +343,9 @@ class EmulatedMeter:
                 await self._task
             self._task = None
         await self._shutdown()
+        if self.mdns is not None:
+            await self.mdns.close()
+            self.mdns = None
         if self.serial is not None:
             self.serial.close()
             self.serial = None
@@ -683,8 +691,11 @@ class EmulatedMeter:
             if self._reboot_requested:
                 break
             self._wake.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancel (stop()) that
+            # arrives together with a wake-up, and the loop would run on forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.tick_s)
+                async with asyncio.timeout(self.config.tick_s):
+                    await self._wake.wait()
 
     async def _handle_input(self) -> None:
         from ._commands import handle_line

@@ -6,9 +6,9 @@ back-pressure the firmware gets from a blocking send: the session only moves dat
 its ring buffer into a sink with room, so an unread client ends in a ring-buffer overflow
 (§4.10) rather than in unbounded queues.
 
-``SINK_FACTORIES`` maps each :class:`Transport` to how it is built; MQTT sampling is a
-later issue and is represented by :class:`MqttSink`, which behaves like the firmware
-without a broker (the session stops with ``MQTT Server disconnected while streaming``).
+``SINK_FACTORIES`` maps each :class:`Transport` to how it is built.  :class:`MqttSink` is the
+meter's MQTT client (:mod:`._mqtt`): its samples are published one JSON message each
+(§4.14), not framed, and the session lives as long as the broker connection (§4.9).
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from smartmeter_ophyd.protocol import Transport
 
 from . import _texts as texts
 from ._endpoints import Endpoint, TcpEndpoint
+
+if TYPE_CHECKING:
+    from ._mqtt import MeterMqtt
 
 HIGH_WATER_BYTES: Final = 65_536
 """Unsent bytes a sink may hold before the session stops feeding it (emulates a blocking send)."""
@@ -119,19 +122,23 @@ class UdpSink(Sink):
 
 
 class MqttSink(Sink):
-    """Placeholder for MQTT sampling (§4.14), a later issue: no broker is ever connected."""
+    """MQTT sampling (§4.14): the meter publishes each sample itself
+    (:meth:`~._mqtt.MeterMqtt.publish_samples`); frames are never sent here."""
 
     transport = Transport.MQTT
     lost_text = texts.MQTT_LOST
 
+    def __init__(self, mqtt: MeterMqtt | None) -> None:
+        self.mqtt = mqtt
+
     def connected(self) -> bool:
-        return False
+        return self.mqtt is not None and self.mqtt.connected()
 
     def room(self) -> int:
-        return 0
+        return HIGH_WATER_BYTES  # QoS 0 publishes do not wait for the broker
 
     def send(self, frames: bytes, stride: int) -> int:
-        return 0
+        raise RuntimeError("MQTT sessions publish samples, not frames (§4.14)")
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,7 @@ class SinkRequest:
     udp_port: int
     datagrams: asyncio.DatagramTransport | None
     drop_next_datagram: Callable[[], bool]
+    mqtt: MeterMqtt | None = None
 
 
 def _tcp(req: SinkRequest) -> Sink:
@@ -163,7 +171,7 @@ def _udp(req: SinkRequest) -> Sink:
 
 
 def _mqtt(req: SinkRequest) -> Sink:
-    return MqttSink()
+    return MqttSink(req.mqtt)
 
 
 def _ffmpeg(req: SinkRequest) -> Sink:
