@@ -316,6 +316,11 @@ class SamplingEngine:
         return self._pending
 
     @property
+    def produced_until(self) -> float:
+        """True time of the last ``produce`` call (the session start before any)."""
+        return self.start_true + max(0.0, self._last_u)
+
+    @property
     def rate_mark(self) -> tuple[float, float]:
         """True instants (previous, last) of the two latest rate marks (§4.7); before the
         first mark both are the session start."""
