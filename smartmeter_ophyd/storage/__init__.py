@@ -8,10 +8,15 @@
 * :func:`setup_embedded_catalog` - in-process Tiled catalog registered as a profile, so
   ``databroker.from_profile(name)`` opens it; :func:`connect_server` for ``tiled serve``
   (``scripts/postgres.sh`` starts one backed by PostgreSQL).
+* :class:`JournalSink` (``RE.subscribe(catalog.document_sink())``) - documents journaled in
+  the acquisition process (:class:`JournalWriter`), written to the catalog by a writer process
+  with :class:`DirectCatalogWriter` (Tiled's catalog adapter, no HTTP); the RunEngine waits
+  only at each stop document until the run is closed.  :func:`replay_journal` feeds a kept
+  journal to any callback.
 * :func:`read_stream`, :func:`time_window`, :func:`gap_grid` (+ HDF5 variants) - read-back;
   :func:`stream_nodes` lists a stream's arrays with shapes and data sources in one request.
 
-Write documents with :func:`make_tiled_writer` (a ``bluesky_tiled_plugins.TiledWriter`` with
+For a Tiled server, write documents with :func:`make_tiled_writer` (a ``bluesky_tiled_plugins.TiledWriter`` with
 :class:`CompactHDF5Consolidator` installed for HDF5: upstream's consolidator keeps one dict entry
 per sample, see ``_consolidator.py``); never ``bluesky.callbacks.tiled_writer``.
 """
@@ -31,6 +36,7 @@ from ._consolidator import (
     make_tiled_writer,
     uninstall_compact_consolidator,
 )
+from ._direct import CatalogWriteError, DirectCatalogWriter
 from ._documents import (
     HDF5_MIMETYPE,
     GapAssets,
@@ -41,6 +47,7 @@ from ._documents import (
     stream_data_keys,
 )
 from ._hdf5 import (
+    COMPRESSION,
     GAP_FIELDS,
     PACKET_FIELDS,
     UNKNOWN_MISSING,
@@ -48,8 +55,10 @@ from ._hdf5 import (
     default_chunk_samples,
     read_packets,
     sample_times,
+    tiled_chunk_samples,
     time_spacing,
 )
+from ._journal import JournalReader, JournalWriter, read_journal, replay_journal
 from ._readback import (
     GRID_VIEW_LABEL,
     ReadAccess,
@@ -65,8 +74,10 @@ from ._readback import (
     time_window,
     time_window_hdf5,
 )
+from ._service import JournalSink, WriterConfig
 
 __all__ = [
+    "COMPRESSION",
     "DEFAULT_PROFILE",
     "GAP_FIELDS",
     "GRID_VIEW_LABEL",
@@ -74,9 +85,14 @@ __all__ = [
     "PACKET_FIELDS",
     "ReadAccess",
     "UNKNOWN_MISSING",
+    "CatalogWriteError",
     "CompactHDF5Consolidator",
+    "DirectCatalogWriter",
     "EmbeddedCatalog",
     "GapAssets",
+    "JournalReader",
+    "JournalSink",
+    "JournalWriter",
     "StreamAssets",
     "StreamNode",
     "WaveformWriter",
@@ -93,17 +109,21 @@ __all__ = [
     "nan_grid",
     "open_catalog",
     "read_gaps",
+    "read_journal",
     "read_gaps_hdf5",
     "read_packets",
     "read_stream",
+    "replay_journal",
     "sample_times",
     "search_sorted",
     "setup_embedded_catalog",
     "stream_data_keys",
     "stream_nodes",
+    "tiled_chunk_samples",
     "time_spacing",
     "time_window",
     "time_window_hdf5",
     "uninstall_compact_consolidator",
     "write_server_profile",
+    "WriterConfig",
 ]

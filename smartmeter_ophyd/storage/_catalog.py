@@ -4,7 +4,7 @@ Intent: one call gives a working bluesky catalog with no server, no port and no 
 manage, reachable by name through ``databroker.from_profile`` (= ``tiled.client.from_profile``).
 
 * :func:`setup_embedded_catalog` creates ``<directory>/catalog.db`` (SQLite metadata),
-  ``<directory>/storage.duckdb`` + ``<directory>/data`` (tables/zarr written by TiledWriter for
+  ``<directory>/storage.sqlite`` + ``<directory>/data`` (event tables / zarr arrays of
   non-stream data) and ``<directory>/hdf5`` (where meters write their HDF5 files, registered as
   ``readable_storage`` - without that Tiled accepts the registration and then fails every read
   with HTTP 500).  It writes a Tiled profile in ``direct`` mode (the catalog is built
@@ -16,6 +16,18 @@ manage, reachable by name through ``databroker.from_profile`` (= ``tiled.client.
   backed one of ``scripts/postgres.sh``); :func:`write_server_profile` registers it by name (the API key is
   passed at open time or via ``TILED_API_KEY``: Tiled profiles cannot hold one).
 
+Writing runs: ``RE.subscribe(catalog.document_sink())`` (:class:`~._service.JournalSink`).
+The sink journals every document and a writer process it starts (and stops with
+:meth:`EmbeddedCatalog.close`) fills the catalog through Tiled's catalog adapter - no HTTP,
+no server work in the acquisition process (see ``_direct.py`` and ``_service.py`` for why and
+the measured costs).  ``make_tiled_writer(catalog.client)`` still works (a ``TiledWriter``
+over an in-process app: every request's server work then runs in the acquisition process).
+
+Multi-process: the catalog database is put in SQLite's WAL mode (readers never block the
+writer) and event tables go to ``storage.sqlite`` (SQLite) - DuckDB, the previous table
+storage, keeps one exclusive connection per process, so a reader process would lock the
+writer out.  An existing ``storage.duckdb`` stays readable.
+
 Profiles directory: by default the *user* profile directory Tiled searches
 (``$TILED_PROFILES`` or the platform's ``~/.config/tiled/profiles``).  Tiled reads
 ``TILED_PROFILES`` once, when ``tiled.profiles`` is first imported; a ``profiles_dir`` that is
@@ -24,7 +36,7 @@ process** (other processes need ``TILED_PROFILES`` set in their environment).
 
 Limits: catalog initialisation runs ``tiled catalog init`` in a subprocess (a few seconds; done
 once per directory).  Each ``from_profile`` builds its own in-process app over the same SQLite
-file; SQLite serialises writers, so use one writing client per catalog.
+file for reading; SQLite serialises writers.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +105,11 @@ class EmbeddedCatalog:
     """Where meters write their HDF5 files (covered by the catalog's readable storage)."""
     catalog_uri: str
     readable_storage: tuple[Path, ...]
+    writable_storage: tuple[str, ...] = ()
+    storage_uris: tuple[str, ...] = ()
+    """Every readable storage entry of the profile (files and SQL table storage)."""
     _client: Any = field(default=None, repr=False)
+    _sink: Any = field(default=None, repr=False)
 
     @property
     def client(self) -> Any:
@@ -105,8 +122,40 @@ class EmbeddedCatalog:
         """A fresh client (a new in-process app) - what another user session would get."""
         return open_catalog(self.profile)
 
+    @property
+    def journal_directory(self) -> Path:
+        """Where document sinks keep their sessions' journals."""
+        return self.directory / "journal"
+
+    @property
+    def writer_config(self) -> dict[str, Any]:
+        """The catalog as the writer process opens it (``tiled.catalog.from_uri`` args)."""
+        return {
+            "uri": self.catalog_uri,
+            "writable_storage": list(self.writable_storage),
+            "readable_storage": list(self.storage_uris),
+        }
+
+    def document_sink(self, **options: Any) -> Any:
+        """The RunEngine callback that writes runs here (one per catalog object).
+
+        ``RE.subscribe(catalog.document_sink())``.  Options go to
+        :class:`~._service.JournalSink` on first call (``live_period``, ``close_timeout``,
+        ``keep_journals``, ``raise_on_failure``); later calls return the same sink.
+        """
+        if self._sink is None:
+            from ._service import JournalSink
+
+            self._sink = JournalSink(self.writer_config, self.journal_directory, **options)
+        elif options:
+            raise ValueError("the document sink exists already; options apply on first call")
+        return self._sink
+
     def close(self) -> None:
-        """Close the shared client's in-process app (idempotent)."""
+        """Let the writer finish and stop it, close the shared client (idempotent)."""
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
         if self._client is not None:
             close_client(self._client)
             self._client = None
@@ -141,6 +190,16 @@ def setup_embedded_catalog(
         logger.info("initialising Tiled catalog %s", catalog_uri)
         # init_if_not_exists runs "tiled catalog init" in a subprocess (alembic stamping).
         catalog_from_uri(catalog_uri, init_if_not_exists=True)
+    tables = root / "storage.sqlite"
+    for database in (root / "catalog.db", tables):
+        _use_wal(database)
+    writable = (str(zarr_dir), f"sqlite:///{tables}")
+    old_tables = root / "storage.duckdb"
+    readable_uris = [
+        *writable,
+        *([f"duckdb:///{old_tables}"] if old_tables.exists() else []),
+        *(str(p) for p in readable),
+    ]
 
     content = {
         "direct": {
@@ -151,11 +210,9 @@ def setup_embedded_catalog(
                     "tree": "catalog",
                     "args": {
                         "uri": catalog_uri,
-                        "writable_storage": [
-                            str(zarr_dir),
-                            f"duckdb:///{root / 'storage.duckdb'}",
-                        ],
-                        "readable_storage": [str(p) for p in readable],
+                        "writable_storage": list(writable),
+                        "readable_storage": [str(p) for p in readable]
+                        + ([f"duckdb:///{old_tables}"] if old_tables.exists() else []),
                         "init_if_not_exists": False,
                         "specs": [dict(BLUESKY_SPEC)],
                     },
@@ -175,7 +232,21 @@ def setup_embedded_catalog(
         data_directory=data_dir,
         catalog_uri=catalog_uri,
         readable_storage=readable,
+        writable_storage=writable,
+        storage_uris=tuple(readable_uris),
     )
+
+
+def _use_wal(database: Path) -> None:
+    """Put an SQLite database in WAL mode (persistent): readers and a writer in several
+    processes without "database is locked"."""
+    connection = sqlite3.connect(database, timeout=30)
+    try:
+        mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    finally:
+        connection.close()
+    if str(mode).lower() != "wal":
+        logger.warning("%s stays in journal mode %s (WAL refused)", database, mode)
 
 
 def open_catalog(profile: str = DEFAULT_PROFILE) -> Any:
