@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from smartmeter_ophyd.emulator._meter import EmulatorConfig
+from smartmeter_ophyd.emulator import EmulatorConfig
 
 INFO_LINE = (
     b'Info:{"cmd":"info","type":"smartmeter","version":"2.2","compiled":"Nov  3 2021 18:09:15",'

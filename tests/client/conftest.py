@@ -1,17 +1,17 @@
 """Fixtures for the client tests: emulated meters and a scripted fake peer, on real sockets.
 
-Every server binds 127.0.0.1 port 0 (ephemeral), so parallel runs never collide.
+Every server binds 127.0.0.1 port 0 (ephemeral), so parallel runs never collide.  Every test
+runs under the leak guard (tests/leak_guard.py): no thread, task or socket may outlive it.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
-from smartmeter_ophyd.emulator._meter import EmulatedMeter
+from smartmeter_ophyd.emulator import EmulatedMeter
+from tests.leak_guard import _leak_guard_tasks, leak_guard  # noqa: F401 (autouse guard)
 
 from .client_fakes import emulator_config, start_sntp
 
@@ -47,16 +47,3 @@ async def serial_meter() -> AsyncIterator[EmulatedMeter]:
         yield emulated
     finally:
         await emulated.stop()
-
-
-@pytest.fixture
-def no_thread_left() -> Any:
-    """Assert that a test leaves no extra thread running."""
-    before = set(threading.enumerate())
-    yield
-    for _ in range(50):
-        extra = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not extra:
-            return
-        threading.Event().wait(0.05)
-    raise AssertionError(f"threads left behind: {extra}")

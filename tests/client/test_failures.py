@@ -142,7 +142,7 @@ async def test_liveness_declares_silent_link_dead():
         await peer.close()
 
 
-def test_sync_facade_refused_leaves_no_thread(no_thread_left):
+def test_sync_facade_refused_leaves_no_thread():
     client = MeterClient("127.0.0.1", free_port(), timeout=1.0, name="lab-2")
     with pytest.raises(MeterConnectionError, match="smartmeter lab-2"):
         client.connect()

@@ -134,7 +134,7 @@ async def test_deep_json_reply_fails_the_request_and_the_connection_survives() -
         await peer.close()
 
 
-def test_blocking_connect_raises_the_clients_own_timeout(no_thread_left) -> None:
+def test_blocking_connect_raises_the_clients_own_timeout() -> None:
     """The facade's wait (3 x timeout + 1 s) must not replace the client's own error."""
     with socket.socket() as silent:  # accepts (kernel backlog), never says a word
         silent.bind(("127.0.0.1", 0))

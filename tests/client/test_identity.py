@@ -119,5 +119,7 @@ def meter_thread():
     assert ready.wait(10)
     yield meter.command_port
     asyncio.run_coroutine_threadsafe(meter.stop(), loop).result(10)
+    asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+    loop.close()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from smartmeter_ophyd.client import MeterBusyError, MeterClient, SampleConfig
-from smartmeter_ophyd.emulator._meter import EmulatedMeter
+from smartmeter_ophyd.emulator import EmulatedMeter
 
 from .client_fakes import emulator_config
 
@@ -30,7 +30,7 @@ def threaded_meter():
     loop.close()
 
 
-def test_sync_commands_and_session(threaded_meter, no_thread_left):
+def test_sync_commands_and_session(threaded_meter):
     with MeterClient("127.0.0.1", threaded_meter.command_port, timeout=3.0) as client:
         assert client.info.name == "syncemu"
         assert client.meter_label == f"smartmeter syncemu (127.0.0.1:{threaded_meter.command_port})"
@@ -56,7 +56,7 @@ def test_sync_commands_and_session(threaded_meter, no_thread_left):
         assert any("Hz" in line.text for line in logs)  # the per-second rate log (§4.7)
 
 
-def test_close_twice_and_thread_gone(threaded_meter, no_thread_left):
+def test_close_twice_and_thread_gone(threaded_meter):
     client = MeterClient("127.0.0.1", threaded_meter.command_port, timeout=3.0)
     client.connect()
     client.probe()
