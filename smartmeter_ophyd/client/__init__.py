@@ -7,6 +7,9 @@
   records; :meth:`SamplingSession.stop` returns a reconciled :class:`SessionSummary`.
 * :func:`open_raw_stream` -- the port-54322 raw stream (§7.1);
   :class:`StreamServer` -- accept meters that dial in (§7.2).
+* :class:`AsyncMqttBroker` / :class:`MqttBroker` -- meters through an MQTT broker (§8): the
+  5 s :class:`MeterStatus`, commands, broadcast, and low-rate MQTT sampling (§4.14).
+* :func:`discover` / :func:`discover_async` -- meters announcing ``_elec._tcp`` (mDNS, §9).
 
 Log texts that carry readings (NTP confidence, rate corrections, overflow) have parsers
 (:func:`ntp_confidence_ms`, :func:`sampling_correction`, ...); :class:`SyncRecordAssembler`
@@ -45,6 +48,15 @@ from ._logtext import (
     sync_to_timestamp,
 )
 from ._model import ClientEvent, ConnectionLost, Reconnected, SampleConfig
+from ._mqtt import (
+    AsyncMqttBroker,
+    AsyncMqttMeter,
+    MeterState,
+    MeterStatus,
+    MqttBroker,
+    MqttReading,
+    MqttSamplingSession,
+)
 from ._session import Block, BufferFill, Gap, SamplingSession, SessionSummary
 from ._streams import RawStream, StreamServer, open_raw_stream
 from ._sync import MeterClient, SyncSamplingSession
@@ -56,7 +68,14 @@ __all__ = [
     "BufferFill",
     "ClientEvent",
     "ConnectionLost",
+    "AsyncMqttBroker",
+    "AsyncMqttMeter",
     "DiscoveredMeter",
+    "MeterState",
+    "MeterStatus",
+    "MqttBroker",
+    "MqttReading",
+    "MqttSamplingSession",
     "Gap",
     "MeterBusyError",
     "MeterClient",
