@@ -18,7 +18,9 @@ delayed (the kernel reports them regardless of the mark).
 
 Timers: none per read.  One :class:`BatchClock` per event loop serves every watched
 connection with a single timer, armed for the earliest thing any of them is due for (a
-stall deadline, the end of a rate window, a held frame's release).
+stall deadline, the end of a rate window, a held frame's release); while every stream is
+batched it fires at most once per ``batch_s`` (a stall is then noticed 1.5 to 2.5
+``batch_s`` after the last batch).
 
 Limits: Linux only (elsewhere ``set_receive_low_water`` refuses and nothing is batched);
 serial and UDP sessions are never batched.
@@ -126,7 +128,14 @@ class BatchClock:
             except Exception:  # one broken connection must not stop the others' batching
                 logger.exception("%s: read batching failed", batcher.label())
         if self._batchers and due < math.inf:
-            self.wake_by(max(due, now + MIN_TICK_S))
+            # While every stream is batched, deadlines only need batch_s precision: do not
+            # let staggered meters make the one timer fire several times per batch.
+            self.wake_by(max(due, now + self._min_interval()))
+
+    def _min_interval(self) -> float:
+        if all(b.low_water > 1 for b in self._batchers):
+            return max(MIN_TICK_S, min(b.batch_s for b in self._batchers))
+        return MIN_TICK_S
 
 
 class ReadBatcher:
