@@ -17,8 +17,9 @@ joins the lines of one NTP sync into a :class:`SyncRecord` (§6.5).  Errors all 
 :class:`MeterError` and name the meter.
 """
 
+from typing import TYPE_CHECKING
+
 from ._async import AsyncMeterClient
-from ._discovery import DiscoveredMeter, discover, discover_async
 from ._errors import (
     MeterBusyError,
     MeterCommandError,
@@ -48,15 +49,6 @@ from ._logtext import (
     sync_to_timestamp,
 )
 from ._model import ClientEvent, ConnectionLost, Reconnected, SampleConfig
-from ._mqtt import (
-    AsyncMqttBroker,
-    AsyncMqttMeter,
-    MeterState,
-    MeterStatus,
-    MqttBroker,
-    MqttReading,
-    MqttSamplingSession,
-)
 from ._session import Block, BufferFill, Gap, SamplingSession, SessionSummary
 from ._streams import RawStream, StreamServer, open_raw_stream
 from ._sync import MeterClient, SyncSamplingSession
@@ -112,3 +104,37 @@ __all__ = [
     "sync_from_timestamp",
     "sync_to_timestamp",
 ]
+
+if TYPE_CHECKING:  # the real names for type checkers; at run time see __getattr__
+    from ._discovery import DiscoveredMeter, discover, discover_async
+    from ._mqtt import (
+        AsyncMqttBroker,
+        AsyncMqttMeter,
+        MeterState,
+        MeterStatus,
+        MqttBroker,
+        MqttReading,
+        MqttSamplingSession,
+    )
+
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        ("AsyncMqttBroker", "AsyncMqttMeter", "MeterState", "MeterStatus", "MqttBroker",
+         "MqttReading", "MqttSamplingSession"),
+        "._mqtt",
+    ),
+    **dict.fromkeys(("DiscoveredMeter", "discover", "discover_async"), "._discovery"),
+}
+"""MQTT and discovery are imported on first use: most sessions never need them."""
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+

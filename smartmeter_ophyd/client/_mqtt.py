@@ -202,9 +202,9 @@ def _reading(meter: str, label: str, quantity: str, fields: dict[str, Any],
         raise MeterProtocolError(label, f"unusable MQTT reading {fields!r}: {exc}") from None
     if len(raw) != 3:
         raise MeterProtocolError(label, f"MQTT reading has {len(raw)} values, not 3: {fields!r}")
-    values = (raw[0] + 1.0, raw[1], raw[2]) if quantity == "e" and unit == "kWh" else raw
-    return MqttReading(meter, quantity, unit, values, raw, meter_time,  # type: ignore[arg-type]
-                       received_at)
+    triple = (raw[0], raw[1], raw[2])
+    values = (raw[0] + 1.0, raw[1], raw[2]) if quantity == "e" and unit == "kWh" else triple
+    return MqttReading(meter, quantity, unit, values, triple, meter_time, received_at)
 
 
 def expected_sample_reply(command: Sample, name: str) -> bytes:

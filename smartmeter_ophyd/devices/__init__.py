@@ -7,7 +7,10 @@
 * :class:`CtsPolicy` / :class:`FlowStats` - back-pressure of ``flow_control="cts"`` flies.
 * :class:`MeterNtp` - ``meter.ntp``: trigger the meter's NTP sync, read its confidence.
 * :class:`HostClock` - the host clock's offset from a time server (SNTP).
+* :class:`MeterMqttStatus` - a meter's 5 s MQTT status as signals (§8.2).
 """
+
+from typing import TYPE_CHECKING
 
 from ._alignment import AlignmentStream
 from ._controller import FlyError
@@ -31,6 +34,7 @@ __all__ = [
     "HostClock",
     "LiveSummary",
     "HostClockError",
+    "MeterMqttStatus",
     "MeterNtp",
     "NtpSyncError",
     "ProgressStatus",
@@ -39,3 +43,16 @@ __all__ = [
     "TimingStream",
     "summary_dict",
 ]
+
+if TYPE_CHECKING:  # imported on first use at run time, see __getattr__
+    from ._mqtt import MeterMqttStatus
+
+
+def __getattr__(name: str) -> object:
+    if name == "MeterMqttStatus":  # imported on first use (MQTT is optional)
+        from ._mqtt import MeterMqttStatus
+
+        globals()[name] = MeterMqttStatus
+        return MeterMqttStatus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
