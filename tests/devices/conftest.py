@@ -10,18 +10,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from smartmeter_ophyd.demo import EmulatedMeters
 from smartmeter_ophyd.devices import SmartMeter
+from smartmeter_ophyd.emulator import EmulatorFleet
 
 
 @pytest.fixture
-def emulated() -> Iterator[EmulatedMeters]:
-    with EmulatedMeters(1, name_prefix="dev") as meters:
+def emulated() -> Iterator[EmulatorFleet]:
+    with EmulatorFleet(1, name_prefix="dev") as meters:
         yield meters
 
 
 @pytest.fixture
-def meter(emulated: EmulatedMeters, tmp_path) -> Iterator[SmartMeter]:
+def meter(emulated: EmulatorFleet, tmp_path) -> Iterator[SmartMeter]:
     device = SmartMeter(
         "127.0.0.1", emulated.meters[0].command_port, name="m1",
         data_directory=tmp_path / "hdf5", timeout=2.0,

@@ -18,8 +18,8 @@ from smartmeter_ophyd.client import (
     MeterTimeoutError,
     SampleConfig,
 )
-from smartmeter_ophyd.demo import EmulatedMeters
 from smartmeter_ophyd.devices import SmartMeter
+from smartmeter_ophyd.emulator import EmulatorFleet
 
 
 def test_next_block_never_loses_a_block_when_the_loop_stalls(emulated) -> None:
@@ -52,14 +52,14 @@ def test_a_stale_client_on_a_reused_port_cannot_stop_another_fly(tmp_path) -> No
     """The cause of the intermittent 'no stop reply (stopped elsewhere)' fly failure: a client
     whose meter went away reconnected to the meter that took its ephemeral port and stopped
     that meter's fly.  The client now refuses to reconnect to a different meter."""
-    with EmulatedMeters(1, name_prefix="gone") as old:
+    with EmulatorFleet(1, name_prefix="gone") as old:
         port = old.meters[0].command_port
         stale = MeterClient("127.0.0.1", port, timeout=1.0, reconnect=True,
                             reconnect_backoff=(0.05, 0.1))
         stale.connect()
     meter = None
     try:
-        with EmulatedMeters(1, name_prefix="fresh", command_port=port) as new:
+        with EmulatorFleet(1, name_prefix="fresh", command_port=port) as new:
             meter = SmartMeter("127.0.0.1", port, name="m1", data_directory=tmp_path, timeout=2.0)
             meter.connect()
             meter.prepare({"rate": 8000, "n_samples": 16000})

@@ -23,8 +23,8 @@ import pytest
 from bluesky import RunEngine
 
 from plans import fly_meters
-from smartmeter_ophyd.demo import EmulatedMeters
 from smartmeter_ophyd.devices import CtsPolicy, FlyError, SmartMeter
+from smartmeter_ophyd.emulator import EmulatorFleet
 from smartmeter_ophyd.protocol import RING_BUFFER_BYTES, Measures
 from smartmeter_ophyd.storage import (
     close_client,
@@ -223,7 +223,7 @@ def test_cts_policy_refuses_unsafe_fill() -> None:
 def test_two_meters_share_a_scheduled_start_and_line_up(tmp_path, make_meter) -> None:
     # Each meter syncs to its own time server, off by a known amount (§6.2): after the NTP
     # sync before the scheduled start (§6.4) their clocks differ by about 5 ms = 40 samples.
-    with EmulatedMeters(2, name_prefix="sync", ntp_offsets_s=NTP_OFFSETS) as emulated:
+    with EmulatorFleet([{"time_server_offset_s": o} for o in NTP_OFFSETS], name_prefix="sync") as emulated:
         meters = [make_meter(m.command_port, name=m.name) for m in emulated.meters]
         start_time = int(time.time()) + 2
         armed = [
