@@ -376,7 +376,10 @@ class FlyController:
                         continue
                     writer.record_gap(*span, gap.missing_samples)
                 if block.n_samples:
-                    writer.append(block.values, block.packets, block.frame_samples)
+                    if block.packets.size:
+                        writer.append(block.values, block.packets, block.frame_samples)
+                    else:  # an unnumbered stream (MQTT, §4.14): no packet table rows
+                        writer.append(block.values)
                     if self._live is not None:
                         self._live.add(block.values)
             except (OSError, RuntimeError, ValueError) as exc:

@@ -82,11 +82,6 @@ def test_trigger_fails_naming_the_meter_while_it_samples(fleet: EmulatorFleet,
         device.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FlyController._write hands the empty packets/frame_samples of unnumbered (MQTT) "
-    "blocks to WaveformWriter.append, which wants None for unnumbered data",
-)
 async def test_fly_controller_takes_an_mqtt_meter(mqtt_broker: tuple[str, int], tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The fly path (FlyController) runs an MQTT session unchanged: AsyncMqttMeter offers
     what it uses of a client (meter_label, subscribe_logs, sample(SampleConfig)); the HDF5
