@@ -51,14 +51,22 @@ FIELDS: Final = {
 
 
 def read_waveform(meter: SmartMeter) -> Waveform | None:
-    """The meter's last fly as a :class:`Waveform` (None if it has no ``v_l1`` samples)."""
+    """The meter's last fly as a :class:`Waveform` (None if it has no ``v_l1`` samples).
+
+    A §6.5 duplicate is a copy of the sample before it, stored with the same time: it
+    carries nothing to align on and is left out (the waveform needs increasing times).
+    """
     path = meter.hdf5_path
     if path is None:
         return None
     with h5py.File(path, "r", swmr=True) as f:
         if CHANNEL not in f or f[CHANNEL].shape[0] < 2:
             return None
-        return Waveform(meter.name, f["time"][()].astype(np.float64), f[CHANNEL][()])
+        times = f["time"][()].astype(np.float64)
+        voltage = f[CHANNEL][()]
+    fresh = np.ones(times.shape, dtype=bool)
+    fresh[1:] = times[1:] != times[:-1]
+    return Waveform(meter.name, times[fresh], voltage[fresh])
 
 
 class AlignmentStream:
@@ -88,7 +96,11 @@ class AlignmentStream:
     def compute(self) -> dict[str, Alignment]:
         waveforms = {}
         for meter in self.meters:
-            waveform = read_waveform(meter)
+            try:
+                waveform = read_waveform(meter)
+            except (AlignmentError, OSError) as exc:  # never the end of the run
+                logger.warning("alignment: %s left out: %s", meter.name, exc)
+                continue
             if waveform is None:
                 logger.info("alignment: %s has no %s samples; left out", meter.name, CHANNEL)
                 continue
