@@ -52,7 +52,7 @@ logger = logging.getLogger("smartmeter_ophyd.cli")
 def cmd_emulate(args: argparse.Namespace) -> int:
     from ..emulator import EmulatorFleet
 
-    common: dict[str, Any] = {"host": args.host, "boot_delay_s": args.boot_delay}
+    common: dict[str, Any] = {"boot_delay_s": args.boot_delay}
     if args.time_server is not None:
         common.update(time_server=args.time_server, ntp_port=args.ntp_port)
     if args.state_dir is not None:
@@ -76,7 +76,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         described = fleet.call(lambda: [m.describe() for m in fleet.meters])
         sntp = fleet.sntp_address
         for line in described:
-            line["time_server"] = args.time_server or f"{sntp[0]}:{sntp[1]}"
+            line["time_server"] = (f"{args.time_server}:{args.ntp_port}" if args.time_server
+                                   else f"{sntp[0]}:{sntp[1]}")
             print_json_line(line)
         say(f"{args.count} emulated meter(s) running; SNTP responder on {sntp[0]}:{sntp[1]}; "
             "Ctrl-C stops them")

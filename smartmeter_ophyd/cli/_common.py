@@ -8,6 +8,7 @@ status 1; nothing prints a traceback unless ``-vv`` asks for it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -208,8 +209,9 @@ def find_run(client: Any, ref: str) -> Any:
             raise UsageError(f"there is no run {ref}: the catalog holds {len(client)}") from None
     if len(ref) < 4:
         raise UsageError(f"run {ref!r}: give at least 4 characters of its uid, or -1 for the latest")
-    if ref in client:
-        return client[ref]
+    with contextlib.suppress(ValueError):  # Tiled refuses partial uids shorter than 5
+        if ref in client:
+            return client[ref]
     matches = [uid for uid in client.keys() if str(uid).startswith(ref)]
     if not matches:
         raise UsageError(f"no run whose uid starts with {ref!r} (see `smartmeter runs`)")

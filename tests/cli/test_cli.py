@@ -1,127 +1,315 @@
-"""The ``smartmeter`` CLI against an emulator running in its own process (real sockets).
+"""The ``smartmeter`` CLI, every command in a subprocess against emulated meters.
 
-The emulator synchronises with the project's chrony (``ntp_server``), so the recorded
-start timestamp is a real NTP-derived time.
+Each test runs ``python -m smartmeter_ophyd.cli`` with a private data directory and Tiled
+profile directory (nothing is written to the user's home).  Meters are either started by
+``smartmeter record`` itself (no host) or by ``smartmeter emulate`` in another process.
+What the CLI prints is checked against what the catalog holds and what the meters report,
+never against itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import h5py
-import numpy as np
 import pytest
 
-from smartmeter_ophyd.cli.__main__ import main
-
 PYTHON = sys.executable
+pytestmark = pytest.mark.slow
+
+SUBCOMMANDS = ("record", "discover", "info", "get", "set", "read", "ntp", "logs", "emulate",
+               "runs", "plot", "export", "rerun")
 
 
 @pytest.fixture(scope="module")
-def emulator(ntp_server: tuple[str, int], tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[dict[str, object]]:
-    host, port = ntp_server
-    state = tmp_path_factory.mktemp("cli-emulator")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cli")
+    return {**os.environ, "SMARTMETER_DATA_DIR": str(root / "data"),
+            "TILED_PROFILES": str(root / "profiles"), "PYTHONWARNINGS": "default"}
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 120
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "smartmeter_ophyd.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def no_noise(result: subprocess.CompletedProcess[str]) -> None:
+    text = result.stdout + result.stderr
+    assert "Traceback" not in text, text
+    assert "Tiled version" not in text, text
+    assert "StarletteDeprecationWarning" not in text, text
+
+
+@pytest.fixture(scope="module")
+def recorded(cli_env: dict[str, str]) -> dict[str, Any]:
+    """One `smartmeter record` with two emulated meters (the README's main job)."""
+    t0 = time.monotonic()
+    result = run_cli(cli_env, "record", "--duration", "2", "--rate", "4000")
+    elapsed = time.monotonic() - t0
+    assert result.returncode == 0, result.stdout + result.stderr
+    listing = run_cli(cli_env, "runs", "--json")
+    assert listing.returncode == 0, listing.stderr
+    runs = json.loads(listing.stdout)
+    return {"result": result, "run": runs[-1], "elapsed": elapsed}
+
+
+@pytest.fixture(scope="module")
+def emulator(ntp_server: tuple[str, int], tmp_path_factory: pytest.TempPathFactory,
+             cli_env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """`smartmeter emulate --count 1` in its own process, timed by the project's chrony."""
+    state = tmp_path_factory.mktemp("emulate-state")
     proc = subprocess.Popen(
-        [PYTHON, "-m", "smartmeter_ophyd.emulator", "--count", "1", "--base-port", "0",
-         "--name-prefix", "cli", "--state-dir", str(state), "--no-serial",
-         "--time-server", host, "--ntp-port", str(port)],
-        stdout=subprocess.PIPE, text=True,
-    )
+        [PYTHON, "-m", "smartmeter_ophyd.cli", "emulate", "--count", "1", "--name-prefix",
+         "cli", "--time-server", ntp_server[0], "--ntp-port", str(ntp_server[1]),
+         "--state-dir", str(state)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     try:
-        assert line, "emulator printed nothing"
+        assert line, proc.stderr.read() if proc.stderr else "emulate printed nothing"
         yield json.loads(line)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0  # Ctrl-C is the normal end of `emulate`
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "smartmeter_ophyd.cli", *args],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+def address(meter: dict[str, Any]) -> str:
+    return f"{meter['host']}:{meter['command_port']}"
 
 
-def address(emulator: dict[str, object]) -> str:
-    return f"{emulator['host']}:{emulator['command_port']}"
+# ------------------------------------------------------------------------------ --help
 
 
-def test_info_prints_the_meters_info_message(emulator: dict[str, object]) -> None:
-    result = run_cli("info", address(emulator))
+def test_help_of_every_command_shows_help_and_defaults(cli_env: dict[str, str]) -> None:
+    top = run_cli(cli_env, "--help")
+    assert top.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in top.stdout
+    for name in SUBCOMMANDS:
+        result = run_cli(cli_env, name, "--help")
+        assert result.returncode == 0, result.stderr
+        options = [line for line in result.stdout.splitlines() if line.strip().startswith("--")]
+        assert options, name
+        assert "default" in result.stdout, name
+    record = run_cli(cli_env, "record", "--help").stdout
+    assert "(default: 8000)" in record and "(default: 10.0)" in record
+
+
+# ------------------------------------------------------------------------- user mistakes
+
+
+@pytest.mark.parametrize("args, words", [
+    (["record", "--rate", "7000"], ["7000", "32000"]),
+    (["record", "--emulate", "0"], ["--emulate", "1..16"]),
+    (["record", "--measures", "x,y"], ["measures", "'x,y'"]),
+    (["record", "--duration", "-1"], ["--duration", "positive"]),
+    (["record", "127.0.0.1:notaport"], ["notaport"]),
+    (["set", "127.0.0.1:9", "--calibration", "1,1,3,1,1,1"], ["calibration", "0.5..2.0"]),
+    (["plot", "-1", "--data-dir", "/nonexistent/smartmeter"], ["no catalog"]),
+])
+def test_mistakes_are_one_line_exit_2_before_any_meter(cli_env: dict[str, str], args: list[str],
+                                                       words: list[str]) -> None:
+    t0 = time.monotonic()
+    result = run_cli(cli_env, *args)
+    elapsed = time.monotonic() - t0
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "starting" not in result.stderr and "connecting" not in result.stderr
+    assert elapsed < 30  # the plan's checks run, no emulator starts, no meter is contacted
+    no_noise(result)
+
+
+def test_unreachable_meter_is_one_line_naming_it(cli_env: dict[str, str]) -> None:
+    result = run_cli(cli_env, "info", "127.0.0.1:9", "--timeout", "1")
+    assert result.returncode == 1
+    assert "127.0.0.1:9" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- the main job
+
+
+def test_record_with_no_host_records_emulated_meters(recorded: dict[str, Any],
+                                                     cli_env: dict[str, str]) -> None:
+    result, run = recorded["result"], recorded["run"]
+    no_noise(result)
+    out = result.stdout
+    assert run["plan"] == "synchronized_fly" and run["exit_status"] == "success"
+    assert run["meters"] == ["meter1", "meter2"] and run["emulated"]
+    summary = json.loads(run_cli(cli_env, "runs", run["uid"][:8], "--json").stdout)
+    for name, row in summary["meters"].items():
+        # the table prints what the catalog holds: samples, what the meter sent, gaps, NTP
+        line = next(line for line in out.splitlines() if line.startswith(name))
+        assert str(row["samples"]) in line and str(row["meter_sent"]) in line
+        assert row["samples"] >= 8000 and row["samples"] == row["meter_sent"]
+        assert row["explained"] and 0 <= row["ntp_gate_ms"] <= 5
+    assert "start spread" in out and "alignment residual" in out
+    pngs = [Path(line.split("plot: ", 1)[1]) for line in out.splitlines()
+            if line.startswith("plot: ")]
+    assert len(pngs) == 2
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert "recording 2 meter(s)" in result.stderr  # announced when the bars appear
+    assert "meter1" in result.stderr and "samples" in result.stderr  # the progress bars
+
+
+def test_ctrl_c_aborts_the_run_and_prints_the_summary(cli_env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "smartmeter_ophyd.cli", "record", "--until-stopped", "--emulate", "1",
+         "--no-plots"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
+    assert proc.stderr is not None
+    seen = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if line.startswith("recording"):
+            break
+    else:
+        proc.kill()
+        pytest.fail("record never started: " + "".join(seen))
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=90)
+    err = "".join(seen) + err
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert "exit status: abort" in out
+    uid = out.split("run ", 1)[1].split()[0]
+    summary = json.loads(run_cli(cli_env, "runs", uid, "--json").stdout)
+    assert summary["exit_status"] == "abort"
+    row = summary["meters"]["meter1"]
+    # the meter was stopped and everything it sent is in the catalog
+    assert row["samples"] > 0 and row["samples"] == row["meter_sent"] and row["explained"]
+
+
+def test_meter_without_time_server_is_refused_with_advice(cli_env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "smartmeter_ophyd.cli", "emulate", "--count", "1",
+         "--time-server", "127.0.0.1", "--ntp-port", "9"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
+    try:
+        assert proc.stdout is not None
+        meter = json.loads(proc.stdout.readline())
+        result = run_cli(cli_env, "record", address(meter), "--duration", "1",
+                         "--ntp-attempts", "1", "--no-plots", "--data-dir", str(tmp_path))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "--time-server" in result.stderr and address(meter) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------- meter commands
+
+
+def test_info_and_get_agree_with_the_meter(emulator: dict[str, Any],
+                                           cli_env: dict[str, str]) -> None:
+    info = run_cli(cli_env, "info", address(emulator), "--json")
+    assert info.returncode == 0, info.stderr
+    raw = json.loads(info.stdout)
+    assert raw["name"] == emulator["name"] and raw["version"] == "2.2"
+    assert list(raw)[:3] == ["cmd", "type", "version"]  # firmware key order (§2.5)
+    got = json.loads(run_cli(cli_env, "get", address(emulator), "--json").stdout)
+    assert got["name"] == raw["name"] and got["time_server"] == raw["time_server"]
+    assert got["calibration"] == raw["calibration"]
+    text = run_cli(cli_env, "get", address(emulator), "--setting", "name").stdout
+    assert text.split(":", 1)[1].strip() == raw["name"]
+
+
+def test_set_changes_settings_and_says_what_changed(emulator: dict[str, Any],
+                                                    cli_env: dict[str, str]) -> None:
+    before = json.loads(run_cli(cli_env, "get", address(emulator), "--json").stdout)
+    result = run_cli(cli_env, "set", address(emulator), "--calibration", "1,1,1.1,1,1,0.9",
+                     "--daily-restart", "3:15")
     assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
-    assert info["name"] == emulator["name"]
-    assert info["type"] == "smartmeter" and info["version"] == "2.2"
-    assert list(info)[:3] == ["cmd", "type", "version"]  # firmware key order (§2.5)
+    assert "calibration:" in result.stdout and "-> 1,1,1.1,1,1,0.9 (changed" in result.stdout
+    after = json.loads(run_cli(cli_env, "get", address(emulator), "--json").stdout)
+    assert after["calibration"] == [1, 1, 1.1, 1, 1, 0.9] != before["calibration"]
+    assert after["daily_restart"] == [3, 15]
 
 
-def test_read_prints_plausible_mains_values(emulator: dict[str, object]) -> None:
-    result = run_cli("read", address(emulator))
-    assert result.returncode == 0, result.stderr
-    lines = {line.split(":")[0].strip(): line.split(":")[1].split() for line in
-             result.stdout.splitlines()}
-    volts = [float(v) for v in lines["voltage"][:3]]
-    hertz = [float(v) for v in lines["frequency"][:3]]
-    assert all(200 < v < 260 for v in volts), volts
-    assert all(49.5 < f < 50.5 for f in hertz), hertz
+def test_read_and_ntp(emulator: dict[str, Any], cli_env: dict[str, str]) -> None:
+    reading = json.loads(run_cli(cli_env, "read", address(emulator), "--json").stdout)
+    assert all(200 < v < 260 for v in reading["voltage_V"])
+    assert all(49.5 < f < 50.5 for f in reading["frequency_Hz"])
+    ntp = run_cli(cli_env, "ntp", address(emulator), "--json")
+    assert ntp.returncode == 0, ntp.stderr
+    synced = json.loads(ntp.stdout)
+    assert synced["synced"] and synced["confidence_ms"] is not None
 
 
-def test_record_writes_every_sample_the_meter_sent(emulator: dict[str, object],
-                                                   tmp_path: Path) -> None:
-    out = tmp_path / "run.h5"
-    result = run_cli("record", address(emulator), "-o", str(out), "--seconds", "1",
-                     "--rate", "4000")
-    assert result.returncode == 0, result.stdout + result.stderr
-    with h5py.File(out, "r") as f:
-        summary = json.loads(f.attrs["stop_summary"]) if "stop_summary" in f.attrs else None
-        v1 = f["v_l1"][:]
-        t = f["time"][:]
-        identity = {key: f.attrs[key] for key in ("firmware", "compiled", "sampling_reply")}
-    assert identity["firmware"] == "2.2" and identity["compiled"]
-    assert json.loads(identity["sampling_reply"])["cmd"] == "sample"
-    assert v1.shape[0] >= 4000
-    assert summary is not None and summary["device_sent_samples"] == v1.shape[0]
-    assert np.allclose(np.diff(t), 1 / 4000, rtol=0, atol=1e-6)  # float64 at ~1.8e9 s
-    spectrum = np.abs(np.fft.rfft(v1[:4000] - v1[:4000].mean()))
-    assert abs(np.argmax(spectrum) * 4000 / 4000 - 50) <= 1  # 1 Hz bins
-
-
-def test_set_and_ntp(emulator: dict[str, object]) -> None:
-    result = run_cli("set", address(emulator), "--calibration", "1", "1", "1.1", "1", "1", "0.9")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(run_cli("info", address(emulator)).stdout)
-    assert info["calibration"] == [1, 1, 1.1, 1, 1, 0.9]
-    result = run_cli("ntp", address(emulator))
-    assert result.returncode == 0, result.stderr
-    assert "Time synced" in result.stdout and "confidence" in result.stdout
-
-
-def test_bad_input_is_refused_before_the_meter_is_touched(emulator: dict[str, object]) -> None:
-    result = run_cli("set", address(emulator), "--calibration", "1", "1", "3", "1", "1", "1")
-    assert result.returncode != 0
-    assert "0.5" in result.stderr and "2.0" in result.stderr
-    info = json.loads(run_cli("info", address(emulator)).stdout)
-    assert 3 not in info["calibration"]
-
-
-def test_unreachable_meter_names_the_address(capsys: pytest.CaptureFixture[str]) -> None:
-    threads = set(threading.enumerate())
-    assert main(["info", "127.0.0.1:9", "--timeout", "1"]) == 1
-    assert "127.0.0.1:9" in capsys.readouterr().err
-    assert set(threading.enumerate()) <= threads  # the client's loop thread was joined
-
-
-def test_output_into_a_closed_pipe_is_not_an_error(emulator: dict[str, object]) -> None:
+def test_output_into_a_closed_pipe_is_not_an_error(emulator: dict[str, Any],
+                                                   cli_env: dict[str, str]) -> None:
     result = subprocess.run(
-        f"{PYTHON} -m smartmeter_ophyd.cli info {address(emulator)} | head -1",
-        shell=True, capture_output=True, text=True, timeout=60)
+        f"{PYTHON} -m smartmeter_ophyd.cli info {address(emulator)} --json | head -1",
+        shell=True, capture_output=True, text=True, timeout=60, env=cli_env)
     assert result.stdout.strip() == "{"
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ run commands
+
+
+def test_runs_lists_the_recorded_run(recorded: dict[str, Any], cli_env: dict[str, str]) -> None:
+    result = run_cli(cli_env, "runs")
+    assert result.returncode == 0
+    no_noise(result)
+    line = next(line for line in result.stdout.splitlines()
+                if line.startswith(recorded["run"]["uid"][:8]))
+    assert "synchronized_fly" in line and "success" in line and "meter1,meter2" in line
+
+
+def test_plot_writes_pngs_and_refuses_to_overwrite(recorded: dict[str, Any],
+                                                   cli_env: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    uid = recorded["run"]["uid"][:8]
+    first = run_cli(cli_env, "plot", uid, "--output-dir", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{uid}-first-cycles.png",
+                                                          f"{uid}-rms.png"]
+    again = run_cli(cli_env, "plot", uid, "--output-dir", str(tmp_path))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert run_cli(cli_env, "plot", uid, "--output-dir", str(tmp_path),
+                   "--overwrite").returncode == 0
+
+
+def test_export_writes_every_meter_and_refuses_to_overwrite(recorded: dict[str, Any],
+                                                            cli_env: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    uid = recorded["run"]["uid"][:8]
+    result = run_cli(cli_env, "export", uid, "--format", "csv", "--power-summary", "parquet",
+                     "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([f"{uid}-meter1.csv", f"{uid}-meter2.csv",
+                            f"{uid}-meter1-power-1s.parquet", f"{uid}-meter2-power-1s.parquet"])
+    rows = sum(1 for _ in open(tmp_path / f"{uid}-meter1.csv")) - 1
+    summary = json.loads(run_cli(cli_env, "runs", uid, "--json").stdout)
+    assert rows == summary["meters"]["meter1"]["samples"]
+    again = run_cli(cli_env, "export", uid, "--format", "csv", "--output-dir", str(tmp_path))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_rerun_repeats_the_run(recorded: dict[str, Any], cli_env: dict[str, str]) -> None:
+    original = recorded["run"]
+    result = run_cli(cli_env, "rerun", original["uid"][:8], timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    no_noise(result)
+    runs = json.loads(run_cli(cli_env, "runs", "--json").stdout)
+    new = runs[-1]
+    assert new["rerun_of"] == original["uid"]
+    assert new["plan"] == original["plan"] and new["meters"] == original["meters"]
+    assert new["exit_status"] == "success"
