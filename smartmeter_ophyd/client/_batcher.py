@@ -16,11 +16,10 @@ every command is sent, and is raised again only when no reply is awaited, no sto
 way and the last ``batch_s`` brought at least half a batch.  EOF and errors are never
 delayed (the kernel reports them regardless of the mark).
 
-Timers: none per read.  One :class:`BatchClock` per event loop serves every watched
-connection with a single timer, armed for the earliest thing any of them is due for (a
-stall deadline, the end of a rate window, a held frame's release); while every stream is
-batched it fires at most once per ``batch_s`` (a stall is then noticed 1.5 to 2.5
-``batch_s`` after the last batch).
+Timers: none per read and none per meter.  Each batcher is a duty of the event loop's one
+:class:`~._timer.LoopTimer`, due for the earliest of a stall deadline, the end of a rate
+window, a held frame's release; while a stream is batched it is looked at most once per
+``batch_s`` (a stall is then noticed 1.5 to 2.5 ``batch_s`` after the last batch).
 
 Limits: Linux only (elsewhere ``set_receive_low_water`` refuses and nothing is batched);
 serial and UDP sessions are never batched.
@@ -32,10 +31,10 @@ import asyncio
 import logging
 import math
 import time
-import weakref
 from collections.abc import Callable
 from typing import Final, Protocol
 
+from ._timer import LoopTimer
 from ._transports import Link
 
 logger = logging.getLogger(__name__)
@@ -49,8 +48,6 @@ BATCH_STALL_FACTOR: Final = 1.5
 """Drop the low-water mark when no read came for this many ``batch_s`` (stall, slow-down)."""
 RELEASE_QUIET_S: Final = 0.2
 """A held last frame is released after the stream was quiet this long (reqSamples, §5.2)."""
-MIN_TICK_S: Final = 0.05
-"""The shared timer never fires more often than this."""
 
 
 class BatchHost(Protocol):
@@ -72,72 +69,6 @@ class BatchHost(Protocol):
         """Deliver the held frame unverified (the stream went quiet)."""
 
 
-class BatchClock:
-    """One timer per event loop for every :class:`ReadBatcher` on it."""
-
-    _clocks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BatchClock] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._batchers: list[ReadBatcher] = []
-        self._handle: asyncio.TimerHandle | None = None
-        self._due = math.inf
-        self.ticks = 0
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> BatchClock:
-        clock = cls._clocks.get(loop)
-        if clock is None:
-            clock = cls._clocks[loop] = cls(loop)
-        return clock
-
-    def add(self, batcher: ReadBatcher) -> None:
-        if batcher not in self._batchers:
-            self._batchers.append(batcher)
-        self.wake_by(time.monotonic() + MIN_TICK_S)
-
-    def remove(self, batcher: ReadBatcher) -> None:
-        if batcher in self._batchers:
-            self._batchers.remove(batcher)
-        if not self._batchers and self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-            self._due = math.inf
-
-    def wake_by(self, due: float) -> None:
-        """Fire no later than ``due`` (monotonic seconds)."""
-        if due >= self._due or self._loop.is_closed():
-            return
-        if self._handle is not None:
-            self._handle.cancel()
-        self._due = due
-        delay = max(0.0, due - time.monotonic())
-        self._handle = self._loop.call_at(self._loop.time() + delay, self._tick)
-
-    def _tick(self) -> None:
-        self._handle = None
-        self._due = math.inf
-        self.ticks += 1
-        now = time.monotonic()
-        due = math.inf
-        for batcher in list(self._batchers):
-            try:
-                due = min(due, batcher.tick(now))
-            except Exception:  # one broken connection must not stop the others' batching
-                logger.exception("%s: read batching failed", batcher.label())
-        if self._batchers and due < math.inf:
-            # While every stream is batched, deadlines only need batch_s precision: do not
-            # let staggered meters make the one timer fire several times per batch.
-            self.wake_by(max(due, now + self._min_interval()))
-
-    def _min_interval(self) -> float:
-        if all(b.low_water > 1 for b in self._batchers):
-            return max(MIN_TICK_S, min(b.batch_s for b in self._batchers))
-        return MIN_TICK_S
-
-
 class ReadBatcher:
     """The receive low-water mark of one connection while its session streams."""
 
@@ -151,7 +82,7 @@ class ReadBatcher:
         """How often batching was switched on (for tests and diagnostics)."""
         self._link: Link | None = None
         self._batch = 0
-        self._clock: BatchClock | None = None
+        self._timer: LoopTimer | None = None
         self._window_start = 0.0
         self._window_bytes = 0
         self._dropped_at = 0.0
@@ -167,16 +98,17 @@ class ReadBatcher:
         wanted = int(nbytes_per_s * self.batch_s) if batchable else 0
         self._batch = 0 if wanted < BATCH_MIN_BYTES else min(BATCH_MAX_BYTES, wanted)
         self._link = link
-        self._new_window(time.monotonic())
-        self._clock = BatchClock.of(asyncio.get_running_loop())
-        self._clock.add(self)
+        now = time.monotonic()
+        self._new_window(now)
+        self._timer = LoopTimer.of(asyncio.get_running_loop())
+        self._timer.add(self, now + min(RELEASE_QUIET_S, self.batch_s or RELEASE_QUIET_S))
 
     def unwatch(self) -> None:
         """The session ended or the link dropped: back to a wake-up per arrival."""
         self.drop()
-        if self._clock is not None:
-            self._clock.remove(self)
-        self._clock = None
+        if self._timer is not None:
+            self._timer.remove(self)
+        self._timer = None
         self._link = None
 
     def drop(self) -> None:
@@ -187,8 +119,8 @@ class ReadBatcher:
         now = time.monotonic()
         self._dropped_at = now
         self._new_window(now)
-        if self._clock is not None:
-            self._clock.wake_by(now + min(RELEASE_QUIET_S, self.batch_s or RELEASE_QUIET_S))
+        if self._timer is not None:
+            self._timer.wake_by(self, now + min(RELEASE_QUIET_S, self.batch_s or RELEASE_QUIET_S))
 
     def _new_window(self, now: float) -> None:
         self._window_start = now
@@ -203,7 +135,8 @@ class ReadBatcher:
         if link.receive_low_water > 1:
             stall = BATCH_STALL_FACTOR * self.batch_s
             if now - host.last_rx < stall:
-                return host.last_rx + stall
+                # batch_s precision is enough: reads keep pushing the deadline out
+                return max(host.last_rx + stall, now + self.batch_s)
             self.drop()  # a stall or slow-down: read what is waiting
         quiet_since = max(host.last_rx, self._dropped_at)
         due = math.inf
@@ -223,7 +156,9 @@ class ReadBatcher:
                 and link.set_receive_low_water(self._batch)
             ):
                 self.raises += 1
-                return host.last_rx + BATCH_STALL_FACTOR * self.batch_s
+                return max(host.last_rx + BATCH_STALL_FACTOR * self.batch_s, now + self.batch_s)
             self._new_window(now)
             due = min(due, now + self.batch_s)
+        elif due == math.inf:
+            due = now + RELEASE_QUIET_S  # unbatched: a held frame may appear (reqSamples)
         return due

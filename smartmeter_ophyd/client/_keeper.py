@@ -2,7 +2,8 @@
 
 :class:`ConnectionKeeper` opens the link, reads the info line (§2.1, §2.5; on serial it asks
 for it, §4.12), checks that a reconnect reached the *same* meter, sends ``!`` keep-alives
-(never ``?``, which answers with a line, §2.2) and declares the link dead when nothing
+(never ``?``, which answers with a line, §2.2; a duty of the loop's one
+:class:`~._timer.LoopTimer`, not a task per meter) and declares the link dead when nothing
 arrived for ``liveness_timeout_s`` while traffic is expected (an idle meter sends a lifeness
 line every second to connections at level INFO or below, §2.6; a sampling meter logs its
 rate every second, §4.7).  After a drop it reconnects with exponential backoff and jitter.
@@ -47,6 +48,7 @@ from ._errors import (
     MeterTimeoutError,
 )
 from ._model import ConnectionLost, Reconnected, info_changes
+from ._timer import LoopTimer
 from ._transports import Link
 
 logger = logging.getLogger(__name__)
@@ -124,8 +126,8 @@ class ConnectionKeeper:
         """Why the keeper will not reconnect (it found another meter at the address)."""
         self.name_after_reboot: str | None = None
         """The name our own factoryReset gives the meter (a reconnect may find it renamed)."""
-        self._keepalive_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._timer: LoopTimer | None = None
 
     @property
     def connected(self) -> bool:
@@ -242,10 +244,8 @@ class ConnectionKeeper:
         link, connection = self.link, self.connection
         assert link is not None and connection is not None
         self._host.link_ready(link, connection, rest)
-        if self._keepalive_task is None or self._keepalive_task.done():
-            self._keepalive_task = asyncio.create_task(
-                self._keepalive_loop(), name=f"keepalive {self._host.meter_label}"
-            )
+        self._timer = LoopTimer.of(asyncio.get_running_loop())
+        self._timer.add(self, time.monotonic() + self._next_in())
 
     # ------------------------------------------------------------------- sending
 
@@ -270,6 +270,8 @@ class ConnectionKeeper:
         overflow = connection is not None and connection.overflow_announced
         self.link = None
         self.connection = None
+        if self._timer is not None:
+            self._timer.remove(self)
         if self.reconnect and not self.closing:
             rebooted = True if (expect_drop or overflow) else None
             self._reconnect_task = asyncio.get_running_loop().create_task(
@@ -280,10 +282,11 @@ class ConnectionKeeper:
     async def close(self) -> None:
         """Stop the background tasks and close the link (its loss is reported as usual)."""
         self.closing = True
-        tasks = [t for t in (self._reconnect_task, self._keepalive_task) if t is not None]
-        for task in tasks:
+        if self._timer is not None:
+            self._timer.remove(self)
+        task = self._reconnect_task
+        if task is not None:
             task.cancel()
-        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         link = self.link
@@ -291,7 +294,7 @@ class ConnectionKeeper:
             link.close()
             await link.wait_closed()
         self.link = None
-        self._keepalive_task = self._reconnect_task = None
+        self._reconnect_task = None
 
     async def _reconnect_loop(self, rebooted: bool | None) -> None:
         host = self._host
@@ -328,33 +331,35 @@ class ConnectionKeeper:
 
     # --------------------------------------------------------------- keep-alive
 
-    def _housekeeping_delay(self) -> float:
-        """Sleep until the next keep-alive or liveness deadline (not a fixed tick: every
-        wake-up of an otherwise idle loop costs CPU), at most ``HOUSEKEEPING_MAX_S``."""
+    def label(self) -> str:
+        return self._host.meter_label
+
+    def _next_in(self) -> float:
+        """Seconds until the next keep-alive or liveness deadline, at most
+        ``HOUSEKEEPING_MAX_S`` (a duty of the loop's one timer, not a task per meter)."""
         now = time.monotonic()
         due = min(self.last_tx + self.keepalive_s, self.last_rx + self.liveness_timeout_s)
         return min(HOUSEKEEPING_MAX_S, max(HOUSEKEEPING_MIN_S, due - now + HOUSEKEEPING_MIN_S))
 
-    async def _keepalive_loop(self) -> None:
-        while not self.closing:
-            await asyncio.sleep(self._housekeeping_delay())
-            link = self.link
-            if link is None or link.is_closing:
-                continue
-            now = time.monotonic()
-            if now - self.last_tx >= self.keepalive_s:
-                try:
-                    link.write(KEEPALIVE)  # §2.2
-                    self.last_tx = now
-                except (OSError, ConnectionError) as exc:
-                    logger.info("%s: keep-alive failed: %s", self._host.meter_label, exc)
-            if self._host.expect_traffic() and now - self.last_rx > self.liveness_timeout_s:
-                logger.warning(
-                    "%s: nothing received for %.1f s; declaring the connection dead",
-                    self._host.meter_label,
-                    now - self.last_rx,
-                )
-                link.abort()
+    def tick(self, now: float) -> float:
+        """Send a keep-alive when one is due; abort a link that went silent."""
+        link = self.link
+        if link is None or link.is_closing:
+            return now + HOUSEKEEPING_MAX_S
+        if now - self.last_tx >= self.keepalive_s:
+            try:
+                link.write(KEEPALIVE)  # §2.2
+                self.last_tx = now
+            except (OSError, ConnectionError) as exc:
+                logger.info("%s: keep-alive failed: %s", self.label(), exc)
+        if self._host.expect_traffic() and now - self.last_rx > self.liveness_timeout_s:
+            logger.warning(
+                "%s: nothing received for %.1f s; declaring the connection dead",
+                self.label(),
+                now - self.last_rx,
+            )
+            link.abort()
+        return now + self._next_in()
 
 
 def quiet_level(serial: bool) -> LogLevel:

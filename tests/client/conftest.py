@@ -7,6 +7,7 @@ runs under the leak guard (tests/leak_guard.py): no thread, task or socket may o
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,11 @@ async def serial_meter() -> AsyncIterator[EmulatedMeter]:
         yield emulated
     finally:
         await emulated.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Warnings are errors here (not yet project-wide: see docs/explanations/architecture.md)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.filterwarnings("error"))
