@@ -454,3 +454,44 @@ def test_live_stream_summarises_the_fly_and_best_effort_callback_shows_it(
         assert row["frequency"] == pytest.approx(50.0, abs=0.3)
         assert row["p_total"] == pytest.approx(row["p_l1"] + row["p_l2"] + row["p_l3"])
     assert rows[0]["time"] == pytest.approx(meter.last_summary.start_ts, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_cts_survives_a_consumer_stalled_longer_than_the_ring_buffer(fleet, make_meter) -> None:
+    """A 30 s stall of the writer at 8 kHz x 6 channels: the ring buffer (19 s of it, §4.10)
+    would overflow and reboot the meter.  cts pauses the meter, resumes it before the buffer
+    is half full, the host holds the rest: no reboot, every sample recorded."""
+    (meter,) = meters_of(fleet, make_meter, 1)
+    ring = fleet.call(lambda: fleet.meter(0).ring)
+    fills: list[int] = []
+    watching = threading.Event()
+
+    def watch_ring() -> None:
+        while not watching.is_set():
+            fills.append(fleet.call(lambda: ring.readable))
+            time.sleep(0.05)
+
+    stalled: list[bool] = []
+
+    def stalling_progress(**kwargs: Any) -> None:
+        if kwargs.get("current", 0) > RATE and not stalled:  # once, a second in
+            stalled.append(True)
+            time.sleep(30.0)
+
+    watcher = threading.Thread(target=watch_ring, daemon=True)
+    watcher.start()
+    try:
+        meter.prepare(FlyConfig(rate=RATE, flow_control="cts", duration_s=33))
+        meter.kickoff().wait(5)
+        status = meter.complete()
+        status.watch(stalling_progress)
+        status.wait(90)
+    finally:
+        watching.set()
+        watcher.join(5)
+    assert stalled
+    assert fleet.call(lambda: fleet.meter(0).boot_count) == 1  # no overflow reboot
+    assert max(fills) <= 0.5 * ring.capacity, max(fills) / ring.capacity
+    stats = meter.last_flow_stats
+    assert stats is not None and stats.pauses >= 1 and stats.resumes_on_fill >= 1, stats
+    assert_every_sample_from_the_first(meter, fleet, 0)
