@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start, stop or check the local services the test-suite talks to.
 #
-#   bash scripts/services.sh start [ntp] [mqtt] [postgres]   (default: all)
+#   bash scripts/services.sh start [ntp] [mqtt] [postgres] [redis]   (default: all)
 #   bash scripts/services.sh status
 #   bash scripts/services.sh stop
 #
@@ -10,12 +10,15 @@
 # mqtt     mosquitto on 127.0.0.1:<free port>, anonymous, own pid/persistence/log files.
 # postgres scripts/postgres.sh start var/run/postgres (storage area): a private PostgreSQL
 #          cluster plus a Tiled server on it; skipped if that script does not exist.
+# redis    redis-server on 127.0.0.1:<free port> (the queue of bluesky-queueserver), no
+#          persistence, own pid/log files.
 #
 # Everything lives under the runtime directory $SMARTMETER_RUN_DIR (default var/run/, git-ignored).
 # The addresses are written to $SMARTMETER_RUN_DIR/services.env as KEY=VALUE lines, which
 # tests/conftest.py reads:
 #   SMARTMETER_NTP_HOST / SMARTMETER_NTP_PORT     (or SMARTMETER_NTP_MISSING=<debian package>)
 #   SMARTMETER_MQTT_HOST / SMARTMETER_MQTT_PORT   (or SMARTMETER_MQTT_MISSING=<debian package>)
+#   SMARTMETER_REDIS_HOST / SMARTMETER_REDIS_PORT (or SMARTMETER_REDIS_MISSING=<debian package>)
 #   SMARTMETER_POSTGRES_DIR plus postgres.sh's TILED_URI, TILED_API_KEY, TILED_HDF5_DIR,
 #   PG_PORT, PG_URI (when postgres was started)
 #
@@ -191,6 +194,38 @@ EOF
   die "mqtt: mosquitto never answered; see $MQTT_DIR/mosquitto.log"
 }
 
+# ---------------------------------------------------------------------------- redis (queueserver)
+
+REDIS_DIR="$RUN_DIR/redis"
+REDIS_PID="$REDIS_DIR/redis.pid"
+
+start_redis() {
+  if ! command -v redis-server >/dev/null; then
+    say "redis: redis-server not found (Debian package 'redis-server'; scripts/setup.sh installs it)"
+    echo "SMARTMETER_REDIS_MISSING=redis-server" >>"$ENV_FILE.new"
+    return 0
+  fi
+  mkdir -p "$REDIS_DIR"
+  local port attempt
+  for attempt in 1 2 3; do
+    port="$(free_port tcp)"
+    rm -f "$REDIS_PID"
+    redis-server --bind "$HOST" --port "$port" --dir "$REDIS_DIR" --daemonize yes \
+      --pidfile "$REDIS_PID" --logfile "$REDIS_DIR/redis.log" --save "" --appendonly no \
+      </dev/null >>"$REDIS_DIR/redis.out" 2>&1 \
+      || die "redis: redis-server refused to start; see $REDIS_DIR/redis.log"
+    if wait_until probe_tcp "$port"; then
+      echo "SMARTMETER_REDIS_HOST=$HOST" >>"$ENV_FILE.new"
+      echo "SMARTMETER_REDIS_PORT=$port" >>"$ENV_FILE.new"
+      say "redis: redis-server listens on $HOST:$port (pid $(pid_of "$REDIS_PID"))"
+      return 0
+    fi
+    stop_pidfile redis "$REDIS_PID" "redis-server"
+    say "redis: no TCP answer on port $port (attempt $attempt)"
+  done
+  die "redis: redis-server never answered; see $REDIS_DIR/redis.log"
+}
+
 # ---------------------------------------------------------------------------- postgres (delegated)
 
 POSTGRES_SCRIPT="$ROOT/scripts/postgres.sh"
@@ -224,6 +259,11 @@ status() {  # one line; exit 0 only if every service listed in the env file answ
     if probe_tcp "$port" 2>/dev/null; then parts+=("mqtt=$HOST:$port ok (pid $pid)")
     else parts+=("mqtt=$HOST:$port DOWN"); ok=1; fi
   elif [[ -n "$(env_value SMARTMETER_MQTT_MISSING)" ]]; then parts+=("mqtt=missing(mosquitto)"); fi
+  if port="$(env_value SMARTMETER_REDIS_PORT)" && [[ -n "$port" ]]; then
+    pid="$(pid_of "$REDIS_PID")" || pid="?"
+    if probe_tcp "$port" 2>/dev/null; then parts+=("redis=$HOST:$port ok (pid $pid)")
+    else parts+=("redis=$HOST:$port DOWN"); ok=1; fi
+  elif [[ -n "$(env_value SMARTMETER_REDIS_MISSING)" ]]; then parts+=("redis=missing(redis-server)"); fi
   if [[ -n "$(env_value SMARTMETER_POSTGRES_DIR)" ]]; then
     local tiled_port pg_port
     tiled_port="$(env_value TILED_URI | sed -n 's/.*:\([0-9]*\)$/\1/p')"
@@ -243,6 +283,7 @@ all_recorded() {  # $@ = services; true if the env file has an entry for each of
       ntp) [[ -n "$(env_value SMARTMETER_NTP_PORT)$(env_value SMARTMETER_NTP_MISSING)" ]] ;;
       mqtt) [[ -n "$(env_value SMARTMETER_MQTT_PORT)$(env_value SMARTMETER_MQTT_MISSING)" ]] ;;
       postgres) [[ ! -f "$POSTGRES_SCRIPT" || -n "$(env_value SMARTMETER_POSTGRES_DIR)" ]] ;;
+      redis) [[ -n "$(env_value SMARTMETER_REDIS_PORT)$(env_value SMARTMETER_REDIS_MISSING)" ]] ;;
       *) false ;;
     esac || return 1
   done
@@ -250,7 +291,7 @@ all_recorded() {  # $@ = services; true if the env file has an entry for each of
 
 start() {
   local wanted=("$@")
-  ((${#wanted[@]})) || wanted=(ntp mqtt postgres)
+  ((${#wanted[@]})) || wanted=(ntp mqtt postgres redis)
   if status >/dev/null 2>&1 && all_recorded "${wanted[@]}"; then
     say "already running"
     status
@@ -264,7 +305,8 @@ start() {
       ntp) start_ntp ;;
       mqtt) start_mqtt ;;
       postgres) start_postgres ;;
-      *) die "unknown service '$service' (expected ntp, mqtt, postgres)" ;;
+      redis) start_redis ;;
+      *) die "unknown service '$service' (expected ntp, mqtt, postgres, redis)" ;;
     esac
   done
   chmod 600 "$ENV_FILE.new"   # it may hold the Tiled API key
@@ -276,6 +318,7 @@ stop_all() {
   # Each daemon needs ~2 s to exit after SIGTERM; stop them side by side.
   stop_pidfile ntp "$CHRONY_PID" "$CHRONY_CONF" &
   stop_pidfile mqtt "$MQTT_PID" "$MQTT_CONF" &
+  stop_pidfile redis "$REDIS_PID" "redis-server" &
   wait
   if [[ -f "$POSTGRES_SCRIPT" && -d "$POSTGRES_DIR" ]]; then
     bash "$POSTGRES_SCRIPT" stop "$POSTGRES_DIR" >/dev/null || say "postgres: scripts/postgres.sh stop failed"
@@ -287,5 +330,5 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   stop) stop_all; say "stopped" ;;
   status) status ;;
-  *) echo "usage: $0 start [ntp] [mqtt] [postgres] | stop | status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [ntp] [mqtt] [postgres] [redis] | stop | status" >&2; exit 2 ;;
 esac

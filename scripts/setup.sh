@@ -12,7 +12,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 PATH="$PATH:/usr/sbin:/sbin"
-APT_PACKAGES=(ffmpeg mosquitto chrony postgresql socat)
+APT_PACKAGES=(ffmpeg mosquitto chrony postgresql socat redis-server)
 started=$SECONDS
 did=()
 
