@@ -18,8 +18,10 @@ delayed (the kernel reports them regardless of the mark).
 
 Timers: none per read and none per meter.  Each batcher is a duty of the event loop's one
 :class:`~._timer.LoopTimer`, due for the earliest of a stall deadline, the end of a rate
-window, a held frame's release; while a stream is batched it is looked at most once per
-``batch_s`` (a stall is then noticed 1.5 to 2.5 ``batch_s`` after the last batch).
+window, a held frame's release; while a stream is batched it is looked at once per
+``batch_s``, on a grid shared by every batched meter, so the timer fires about once per
+``batch_s`` whatever the number of meters (a stall is noticed 1.5 to 3 ``batch_s`` after
+the last batch).
 
 Limits: Linux only (elsewhere ``set_receive_low_water`` refuses and nothing is batched);
 serial and UDP sessions are never batched.
@@ -126,6 +128,12 @@ class ReadBatcher:
         self._window_start = now
         self._window_bytes = self._host.bytes_received
 
+    def _on_grid(self, due: float) -> float:
+        """``due`` rounded up to a multiple of ``batch_s``: batched meters with the same
+        ``batch_s`` are then due at the same instants, and the loop's one timer fires once
+        for all of them instead of once per meter."""
+        return math.ceil(due / self.batch_s) * self.batch_s
+
     def tick(self, now: float) -> float:
         """Do what is due at ``now``; return when this batcher is next due."""
         link = self._link
@@ -136,7 +144,7 @@ class ReadBatcher:
             stall = BATCH_STALL_FACTOR * self.batch_s
             if now - host.last_rx < stall:
                 # batch_s precision is enough: reads keep pushing the deadline out
-                return max(host.last_rx + stall, now + self.batch_s)
+                return self._on_grid(max(host.last_rx + stall, now + self.batch_s))
             self.drop()  # a stall or slow-down: read what is waiting
         quiet_since = max(host.last_rx, self._dropped_at)
         due = math.inf
@@ -156,7 +164,7 @@ class ReadBatcher:
                 and link.set_receive_low_water(self._batch)
             ):
                 self.raises += 1
-                return max(host.last_rx + BATCH_STALL_FACTOR * self.batch_s, now + self.batch_s)
+                return self._on_grid(now + BATCH_STALL_FACTOR * self.batch_s)
             self._new_window(now)
             due = min(due, now + self.batch_s)
         elif due == math.inf:
