@@ -19,62 +19,145 @@
 For a Tiled server, write documents with :func:`make_tiled_writer` (a ``bluesky_tiled_plugins.TiledWriter`` with
 :class:`CompactHDF5Consolidator` installed for HDF5: upstream's consolidator keeps one dict entry
 per sample, see ``_consolidator.py``); never ``bluesky.callbacks.tiled_writer``.
+
+Imports are lazy (module ``__getattr__``): ``import smartmeter_ophyd.storage`` loads nothing
+heavy, and each name loads only its own submodule, so the devices (HDF5 writing) start without
+Tiled, bluesky-tiled-plugins, xarray or pandas.  A new public name goes in ``_EXPORTS`` and
+``__all__`` (and the ``TYPE_CHECKING`` block, for type checkers).
 """
 
-from ._catalog import (
-    DEFAULT_PROFILE,
-    EmbeddedCatalog,
-    close_client,
-    connect_server,
-    open_catalog,
-    setup_embedded_catalog,
-    write_server_profile,
-)
-from ._consolidator import (
-    CompactHDF5Consolidator,
-    install_compact_consolidator,
-    make_tiled_writer,
-    uninstall_compact_consolidator,
-)
-from ._direct import CatalogWriteError, DirectCatalogWriter
-from ._documents import (
-    HDF5_MIMETYPE,
-    GapAssets,
-    StreamAssets,
-    file_uri,
-    gap_data_keys,
-    gap_key,
-    stream_data_keys,
-)
-from ._hdf5 import (
-    COMPRESSION,
-    GAP_FIELDS,
-    PACKET_FIELDS,
-    UNKNOWN_MISSING,
-    WaveformWriter,
-    default_chunk_samples,
-    read_packets,
-    sample_times,
-    tiled_chunk_samples,
-    time_spacing,
-)
-from ._journal import JournalReader, JournalWriter, read_journal, replay_journal
-from ._readback import (
-    GRID_VIEW_LABEL,
-    ReadAccess,
-    StreamNode,
-    find_time_key,
-    gap_grid,
-    nan_grid,
-    read_gaps,
-    read_gaps_hdf5,
-    read_stream,
-    search_sorted,
-    stream_nodes,
-    time_window,
-    time_window_hdf5,
-)
-from ._service import JournalSink, WriterConfig
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from ._catalog import (
+        DEFAULT_PROFILE,
+        EmbeddedCatalog,
+        close_client,
+        connect_server,
+        open_catalog,
+        setup_embedded_catalog,
+        write_server_profile,
+    )
+    from ._consolidator import (
+        CompactHDF5Consolidator,
+        install_compact_consolidator,
+        make_tiled_writer,
+        uninstall_compact_consolidator,
+    )
+    from ._direct import CatalogWriteError, DirectCatalogWriter
+    from ._documents import (
+        HDF5_MIMETYPE,
+        GapAssets,
+        StreamAssets,
+        file_uri,
+        gap_data_keys,
+        gap_key,
+        stream_data_keys,
+    )
+    from ._hdf5 import (
+        COMPRESSION,
+        GAP_FIELDS,
+        PACKET_FIELDS,
+        UNKNOWN_MISSING,
+        WaveformWriter,
+        default_chunk_samples,
+        read_packets,
+        sample_times,
+        tiled_chunk_samples,
+        time_spacing,
+    )
+    from ._journal import JournalReader, JournalWriter, read_journal, replay_journal
+    from ._readback import (
+        GRID_VIEW_LABEL,
+        ReadAccess,
+        StreamNode,
+        find_time_key,
+        gap_grid,
+        nan_grid,
+        read_gaps,
+        read_gaps_hdf5,
+        read_stream,
+        search_sorted,
+        stream_nodes,
+        time_window,
+        time_window_hdf5,
+    )
+    from ._service import JournalSink, WriterConfig
+
+_EXPORTS: Final[dict[str, tuple[str, ...]]] = {
+    "_catalog": (
+        "DEFAULT_PROFILE",
+        "EmbeddedCatalog",
+        "close_client",
+        "connect_server",
+        "open_catalog",
+        "setup_embedded_catalog",
+        "write_server_profile",
+    ),
+    "_consolidator": (
+        "CompactHDF5Consolidator",
+        "install_compact_consolidator",
+        "make_tiled_writer",
+        "uninstall_compact_consolidator",
+    ),
+    "_direct": ("CatalogWriteError", "DirectCatalogWriter"),
+    "_documents": (
+        "HDF5_MIMETYPE",
+        "GapAssets",
+        "StreamAssets",
+        "file_uri",
+        "gap_data_keys",
+        "gap_key",
+        "stream_data_keys",
+    ),
+    "_hdf5": (
+        "COMPRESSION",
+        "GAP_FIELDS",
+        "PACKET_FIELDS",
+        "UNKNOWN_MISSING",
+        "WaveformWriter",
+        "default_chunk_samples",
+        "read_packets",
+        "sample_times",
+        "tiled_chunk_samples",
+        "time_spacing",
+    ),
+    "_journal": ("JournalReader", "JournalWriter", "read_journal", "replay_journal"),
+    "_readback": (
+        "GRID_VIEW_LABEL",
+        "ReadAccess",
+        "StreamNode",
+        "find_time_key",
+        "gap_grid",
+        "nan_grid",
+        "read_gaps",
+        "read_gaps_hdf5",
+        "read_stream",
+        "search_sorted",
+        "stream_nodes",
+        "time_window",
+        "time_window_hdf5",
+    ),
+    "_service": ("JournalSink", "WriterConfig"),
+}
+_SUBMODULE: Final[dict[str, str]] = {
+    name: module for module, names in _EXPORTS.items() for name in names
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _SUBMODULE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULE))
+
 
 __all__ = [
     "COMPRESSION",
