@@ -13,7 +13,7 @@ chunk through :mod:`smartmeter_ophyd.readback` (never the whole run in memory):
   author's FIRED tooling writes it (protocol.md §13.5): one audio stream per line with that
   line's channels (``v_l1,i_l1`` …), each tagged ``title``, ``CHANNELS``, ``CHANNEL_TAGS``
   and ``TIMESTAMP`` (the first sample's time, unix seconds).  The container also carries
-  ``METER``, ``RUN_UID``, ``UNITS``, ``TIME_SOURCE`` and ``GAPS``.
+  ``METER``, ``RUN_UID``, ``UNITS``, ``TIME_SOURCE`` and ``GAPS`` (``none`` without gaps).
 
   Audio has no per-sample time: an MKV sample ``n`` is at ``TIMESTAMP + n / rate`` only
   nominally.  Samples lost in declared gaps are *not* in the file (never filled): the
@@ -236,7 +236,7 @@ def _ffmpeg_command(path: Path, meter: str, run_uid: str, rate: int, channels: S
             "-metadata", f"RUN_UID={run_uid}",
             "-metadata", "UNITS=" + ",".join(f"{c}:{units.get(c, '')}" for c in channels),
             "-metadata", f"TIME_SOURCE={source}",
-            "-metadata", "GAPS=" + ";".join(f"{i}:{m}" for i, m in gaps)]
+            "-metadata", "GAPS=" + (";".join(f"{i}:{m}" for i, m in gaps) or "none")]
     for k, (line, idx) in enumerate(streams):
         tags = ",".join(channels[i] for i in idx)
         cmd += [f"-metadata:s:a:{k}", f"title={line}",
