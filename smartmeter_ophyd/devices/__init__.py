@@ -19,7 +19,8 @@ from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
 from ._hostclock import ClockMeasurement, HostClock, HostClockError
 from ._live import LiveSummary
 from ._ntp import MeterNtp, NtpSyncError
-from ._smartmeter import GapStream, RunSummary, SmartMeter, summary_dict
+from ._records import GapStream, RunSummary, summary_dict
+from ._smartmeter import SmartMeter
 from ._timing import TimingStream
 
 __all__ = [

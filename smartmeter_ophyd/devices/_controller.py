@@ -52,6 +52,7 @@ from ..timing import SyncRecord as ModelSync
 from ._flow import CtsGovernor, CtsPolicy, FlowStats
 from ._fly import FlyConfig
 from ._live import LiveSummary
+from ._records import summary_dict
 
 logger = logging.getLogger(__name__)
 
@@ -482,8 +483,6 @@ class FlyController:
             self._live.finish()
         if writer.closed:
             return writer.samples_written
-        from ._smartmeter import summary_dict  # the device's JSON view of a summary
-
         try:
             actual = summary.start_ts if summary is not None else None
             if actual is not None and math.isfinite(actual) and actual != writer.start_ts:

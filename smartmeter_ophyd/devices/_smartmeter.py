@@ -17,12 +17,27 @@ directly (duck typing, no ``ophyd.flyers`` helpers) so a later port to ophyd-asy
   Sampling settings (rate, measures, transport, prefix, flow control) are local until
   ``prepare``/``kickoff``.  Read-only ones mirror the info line (§2.5); WiFi passwords are
   never read or stored.
-* **Flyable / Preparable / Collectable / WritesStreamAssets**: ``prepare(FlyConfig | dict)``,
-  ``kickoff()`` (done at the first sample), ``complete()`` (a :class:`ProgressStatus`, done
-  when the meter has stopped and the :class:`~smartmeter_ophyd.client.SessionSummary`
-  reconciles), ``describe_collect()`` (singly nested: ``declare_stream(..., collect=True)``),
-  ``collect_asset_docs(index)`` and ``get_index()`` (samples flushed to HDF5).
-* **Stageable**: ``stage()`` connects; ``unstage()`` stops a running fly.
+* **Flyable / Preparable / Collectable / WritesStreamAssets**:
+
+  - ``prepare(FlyConfig | dict)`` checks everything before anything is sent; a scheduled
+    (``start_time``) or plan-released (``release="plan"``) fly is armed here: the status is
+    done when the meter accepted ``sample`` (§6.4), never sent twice;
+  - ``kickoff()`` releases an armed fly (``cts true``, §5.1) or starts one, and is done when
+    the meter really sampled (the first sample; for a scheduled start, the meter's start);
+  - ``complete()`` is a :class:`ProgressStatus`, done when the meter has stopped and the
+    :class:`~smartmeter_ophyd.client.SessionSummary` reconciles; it fails naming the meter
+    and the cause, after everything received was written;
+  - ``describe_collect()`` is singly nested (``declare_stream(meter, name=meter.name,
+    collect=True)``; under a RunEngine ``kickoff`` refuses an undeclared stream, so
+    ``bluesky.plans.fly`` fails before any meter starts); ``collect_asset_docs(index)`` and
+    ``get_index()`` (samples flushed to HDF5).
+* **Stageable / Pausable**: ``stage()`` connects; ``unstage()`` and ``pause()`` stop a
+  running fly and wait until the meter is idle.
+* **Children and companions**: ``meter.ntp`` (:class:`~._ntp.MeterNtp`, trigger an NTP
+  sync), ``meter.gap_stream``, ``meter.timing_stream`` (the §6.5 sync records),
+  ``meter.live_stream`` (per-second RMS, power, frequency), ``meter.run_summary``,
+  ``meter.link_state`` (for suspenders).  At the end of a fly ``/time`` is rewritten from the
+  meter's own records (:func:`smartmeter_ophyd.timing.model_times`).
 
 Per-run metadata lands in the catalog three ways: :meth:`SmartMeter.run_metadata` (identity
 and configuration, for the start document), the ``sampling_reply``/``stop_summary`` config
@@ -36,19 +51,21 @@ asked for.  Everything the meter sends is recorded - nothing is dropped - and th
 summary accounts for every sample.  Gaps become rows of the gaps table (never zero-filled);
 a late packet (UDP, already declared missing) is logged and not inserted.
 
-Flow control: ``flow_control="cts"`` flies are governed by :class:`~._flow.CtsGovernor`
-(``cts_policy``): the meter is paused while the host-side backlog is large and resumed
-before its ring buffer nears the overflow reboot (§4.10, §5.1); ``last_flow_stats`` says
-what happened.
+Flow control (§5): ``"cts"`` flies are paused and resumed by a
+:class:`~._flow.CtsGovernor` (``cts_policy``) so the host's backlog stays bounded and the
+meter's ring buffer never nears its overflow reboot (§4.10); ``"reqSamples"`` flies are
+pulled by the host; ``slot`` flies send in their seconds (§5.3).  ``last_flow_stats`` says
+what flow control did.
 
 Failures name their cause: a fly that another connection stopped (§4.8: the meter goes
 idle, no stop reply reaches this device) fails with the clients the meter announced during
-the fly (§2.1); samples the client received that never reached the consumer fail the fly
-instead of leaving a short file behind a reconciled summary.
+the fly (§2.1); whatever ends a fly, everything received is written and declared.
 
-Threads: the client runs on its own event-loop thread; each fly runs one consumer thread
-that pulls blocks and writes HDF5 (plus a governor thread for ``cts``).  ``destroy()``/
-``close()`` stops them all.
+Threads: none of its own.  Every client of the process runs on one shared event-loop thread
+(:class:`~smartmeter_ophyd.client.MeterClient`); each fly is a
+:class:`~._controller.FlyController` coroutine there, and HDF5 writes run on that loop's
+single I/O thread.  Statuses follow coroutines (:mod:`._status`).  ``destroy()``/``close()``
+stop a running fly and wait for it.
 
 Scheduled starts (§6.4): the sample reply's ``startTs`` is only the scheduled second; the
 firmware starts about 1 ms earlier and reports the real start as ``start_ts`` in the stop
@@ -64,28 +81,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
-import enum
 import json
 import logging
-import math
 import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from ophyd import Component as Cpt
-from ophyd import Device, Kind, Signal
-from ophyd.status import DeviceStatus, Status
-from ophyd.utils.errors import ReadOnlyError
+from ophyd import Device, Kind
+from ophyd.status import DeviceStatus
 
 from .. import __version__
 from ..client import (
-    AsyncMeterClient,
     ClientEvent,
     ConnectionLost,
     MeterClient,
@@ -100,9 +112,6 @@ from ..protocol import (
     DeviceInfo,
     Measures,
     SampleReply,
-    SetCalibration,
-    SetDailyRestart,
-    SetLogLevel,
     SetMqttServer,
     SetName,
     SetStreamServer,
@@ -110,12 +119,28 @@ from ..protocol import (
     Transport,
     check_start_window,
 )
-from ..storage import GapAssets, StreamAssets, WaveformWriter, gap_data_keys, stream_data_keys
+from ..storage import GapAssets, StreamAssets, WaveformWriter, stream_data_keys
 from ._controller import FlyController, check_not_running
 from ._flow import CtsPolicy, FlowStats
-from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus, coerce_measures, coerce_transport
+from ._fly import FlyConfig, ProgressStatus, coerce_measures, coerce_transport
 from ._live import LiveSummary
 from ._ntp import MeterNtp
+from ._records import GapStream, RunSummary, jsonable, summary_dict
+from ._signals import (
+    HintedLineReadings,
+    LineReadings,
+    LineValue,
+    LocalSamplingSetting,
+    MeterReadback,
+    MeterSetting,
+    checked_bool,
+    checked_calibration,
+    checked_daily_restart,
+    checked_flow,
+    checked_log_level,
+    checked_rate,
+    checked_text,
+)
 from ._status import status_from_coroutine
 from ._timing import TimingStream
 
@@ -133,310 +158,6 @@ READING_UNITS: Final = {
     "frequency": "Hz",
     "phase_angle": "deg",
 }
-
-
-# ------------------------------------------------------------------------------ signals
-
-
-class MeterReadback(Signal):
-    """A value the device updates from the meter; users cannot write it."""
-
-    def put(self, value: Any, **kwargs: Any) -> None:
-        raise ReadOnlyError(f"{self.name} is read from the meter and cannot be written")
-
-    def set(self, value: Any, **kwargs: Any) -> Status:
-        raise ReadOnlyError(f"{self.name} is read from the meter and cannot be written")
-
-    def _update(self, value: Any, timestamp: float | None = None) -> None:
-        super().put(value, timestamp=timestamp if timestamp is not None else time.time())
-
-
-class LineValue(MeterReadback):
-    """One line's value of a reading: a float, described with the units of its parent."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, value=math.nan, **kwargs)
-
-    def describe(self) -> dict[str, dict[str, Any]]:
-        desc = super().describe()
-        units = getattr(self.parent, "units", "")
-        desc[self.name].update({"dtype": "number", "shape": [], "dtype_numpy": "<f8",
-                                "units": units})
-        return desc
-
-
-class LineReadings(Device):
-    """A per-line (L1, L2, L3) reading as three scalar signals.
-
-    Scalars, not a 3-element array: TiledWriter stores arrays of <= 16 elements in its
-    table as their text repr, while scalar fields become real float columns.  The lines are
-    ``normal``; :class:`HintedLineReadings` hints them (the line voltages).
-    """
-
-    l1 = Cpt(LineValue, kind=Kind.normal)
-    l2 = Cpt(LineValue, kind=Kind.normal)
-    l3 = Cpt(LineValue, kind=Kind.normal)
-
-    def __init__(self, *args: Any, units: str = "", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.units = units
-
-    def _update(self, values: Sequence[float], timestamp: float | None = None) -> None:
-        now = timestamp if timestamp is not None else time.time()
-        for signal, value in zip((self.l1, self.l2, self.l3), values, strict=True):
-            signal._update(float(value), now)
-
-
-class HintedLineReadings(LineReadings):
-    """Per-line readings a person wants to see live (tables and plots of ``BestEffortCallback``)."""
-
-    l1 = Cpt(LineValue, kind=Kind.hinted)
-    l2 = Cpt(LineValue, kind=Kind.hinted)
-    l3 = Cpt(LineValue, kind=Kind.hinted)
-
-
-class MeterSetting(Signal):
-    """A meter setting: ``set``/``put`` validates, sends the command, waits for the reply.
-
-    ``command(async_client, value)`` returns the request's coroutine (run on the client's
-    loop); ``validate(value)`` returns the value to store (raises ``CommandError``/
-    ``ValueError`` before anything is sent).
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        validate: Callable[[Any], Any],
-        command: Callable[[AsyncMeterClient, Any], Coroutine[Any, Any, Any]],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._validate = validate
-        self._command = command
-
-    @property
-    def meter(self) -> SmartMeter:
-        device = self.parent
-        assert isinstance(device, SmartMeter)
-        return device
-
-    def _checked(self, value: Any) -> Any:
-        try:
-            return self._validate(value)
-        except (CommandError, ValueError, TypeError) as exc:
-            raise MeterCommandError(self.meter.meter_label, f"{self.attr_name}: {exc}") from exc
-
-    def set(self, value: Any, **kwargs: Any) -> DeviceStatus:  # type: ignore[override]
-        checked = self._checked(value)
-        client = self.meter.client
-
-        async def run() -> None:
-            await self._command(client.async_client, checked)
-            super(MeterSetting, self).put(checked)
-
-        return status_from_coroutine(self.meter, client, run())
-
-    def put(self, value: Any, **kwargs: Any) -> None:
-        checked = self._checked(value)
-        client = self.meter.client
-        client.run(self._command(client.async_client, checked), f"{self.attr_name} put")
-        super().put(checked)
-
-    def _update(self, value: Any) -> None:
-        super().put(value)
-
-
-class LocalSamplingSetting(Signal):
-    """A sampling setting kept on the host until ``prepare``/``kickoff`` (validated on put)."""
-
-    def __init__(self, *args: Any, validate: Callable[[Any], Any], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._validate = validate
-
-    def put(self, value: Any, **kwargs: Any) -> None:
-        parent = self.parent
-        label = parent.meter_label if isinstance(parent, SmartMeter) else self.name
-        try:
-            value = self._validate(value)
-        except (CommandError, ValueError, TypeError) as exc:
-            raise MeterCommandError(label, f"{self.attr_name}: {exc}") from exc
-        super().put(value, **kwargs)
-
-
-def _text(command: type[Any]) -> Callable[[Any], Any]:
-    def validate(value: Any) -> Any:
-        command(value)
-        return value
-
-    return validate
-
-
-def _calibration(value: Any) -> list[float]:
-    factors = tuple(float(v) for v in value)
-    SetCalibration(factors)
-    return list(factors)
-
-
-def _daily_restart(value: Any) -> list[int]:
-    hour, minute = (int(v) for v in value)
-    SetDailyRestart(hour, minute)
-    return [hour, minute]
-
-
-def _log_level(value: Any) -> str:
-    return str(SetLogLevel(value).level.name)
-
-
-def _rate(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"rate={value!r} must be a positive integer (Hz)")
-    return value
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{value!r} must be True or False")
-    return value
-
-
-def _flow(value: Any) -> str:
-    if value not in FLOW_CONTROL_MODES:
-        raise ValueError(f"flow_control={value!r}; allowed: {', '.join(FLOW_CONTROL_MODES)}")
-    return str(value)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def summary_dict(summary: SessionSummary) -> dict[str, Any]:
-    """A :class:`SessionSummary` as plain JSON-able values."""
-    return {f.name: _jsonable(getattr(summary, f.name)) for f in dataclasses.fields(summary)}
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-class GapStream:
-    """The gaps of a meter's current fly as a collectable of its own stream.
-
-    bluesky collects one stream per ``collect``; gaps are not samples, so they go to
-    ``"<meter>_gaps"`` (see :mod:`smartmeter_ophyd.storage`).  Declare and collect it per
-    meter: gap counts differ between meters, so several meters cannot share a gaps stream.
-    """
-
-    def __init__(self, meter: SmartMeter) -> None:
-        self.meter = meter
-        self.parent = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.meter.name}_gaps"
-
-    def describe_collect(self) -> dict[str, dict[str, Any]]:
-        return gap_data_keys(self.meter.name, self.meter.source_label)
-
-    def get_index(self) -> int:
-        assets = self.meter._gap_assets
-        return 0 if assets is None else assets.get_index()
-
-    def collect_asset_docs(self, index: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        assets = self.meter._gap_assets
-        if assets is not None:
-            yield from assets.collect_asset_docs(index)
-
-
-class RunSummary:
-    """Readable: the last fly's reconciliation, read once after ``complete`` (``meter_summary``).
-
-    Its ``read_configuration`` is the meter's, so the stream's descriptor records the meter's
-    configuration *after* the fly (sample reply and stop summary included).
-    """
-
-    FIELDS: Final = {
-        "received_samples": ("integer", "<i8"),
-        "missing_samples": ("integer", "<i8"),
-        "device_sent_samples": ("integer", "<i8"),
-        "gaps": ("integer", "<i8"),
-        "explained": ("boolean", "|b1"),
-        "start_ts": ("number", "<f8"),
-        "stop_ts": ("number", "<f8"),
-        "hdf5_path": ("string", "<U0"),
-        "summary": ("string", "<U0"),
-    }
-
-    def __init__(self, meter: SmartMeter) -> None:
-        self.meter = meter
-        self.parent = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.meter.name}_run"
-
-    def _key(self, field: str) -> str:
-        return f"{self.meter.name}_run_{field}"
-
-    def describe(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for field, (dtype, dtype_numpy) in self.FIELDS.items():
-            key: dict[str, Any] = {"source": f"{self.meter.source_label}/{field}", "dtype": dtype,
-                                   "shape": []}
-            if dtype != "string":
-                key["dtype_numpy"] = dtype_numpy
-            if field in ("start_ts", "stop_ts"):
-                key["units"] = "s"
-            out[self._key(field)] = key
-        return out
-
-    def read(self) -> dict[str, dict[str, Any]]:
-        summary = self.meter.last_summary
-        path = self.meter.hdf5_path or ""
-        now = time.time()
-
-        def opt_int(v: int | None) -> int:
-            return -1 if v is None else int(v)
-
-        def opt_float(v: float | None) -> float:
-            return math.nan if v is None else float(v)
-
-        if summary is None:
-            values: dict[str, Any] = {
-                "received_samples": 0, "missing_samples": 0, "device_sent_samples": -1,
-                "gaps": 0, "explained": False, "start_ts": math.nan, "stop_ts": math.nan,
-                "hdf5_path": path, "summary": "{}",
-            }
-        else:
-            values = {
-                "received_samples": summary.received_samples,
-                "missing_samples": summary.missing_declared,
-                "device_sent_samples": opt_int(summary.device_sent_samples),
-                "gaps": summary.gaps + summary.corrupt_frames,
-                "explained": bool(summary.explained),
-                "start_ts": opt_float(summary.start_ts),
-                "stop_ts": opt_float(summary.stop_ts),
-                "hdf5_path": path,
-                "summary": json.dumps(summary_dict(summary)),
-            }
-        return {self._key(k): {"value": v, "timestamp": now} for k, v in values.items()}
-
-    def trigger(self) -> Status:
-        status = Status()
-        status.set_finished()
-        return status
-
-    def describe_configuration(self) -> dict[str, dict[str, Any]]:
-        return dict(self.meter.describe_configuration())
-
-    def read_configuration(self) -> dict[str, dict[str, Any]]:
-        return dict(self.meter.read_configuration())
 
 
 # ------------------------------------------------------------------------------ device
@@ -465,35 +186,35 @@ class SmartMeter(Device):
     # writable settings (sent on set/put)
     meter_name = Cpt(
         MeterSetting, value="", kind=Kind.config,
-        validate=_text(SetName), command=lambda c, v: c.set_name(v),
+        validate=checked_text(SetName), command=lambda c, v: c.set_name(v),
     )
     mqtt_server = Cpt(
         MeterSetting, value="", kind=Kind.config,
-        validate=_text(SetMqttServer), command=lambda c, v: c.set_mqtt_server(v),
+        validate=checked_text(SetMqttServer), command=lambda c, v: c.set_mqtt_server(v),
     )
     stream_server = Cpt(
         MeterSetting, value="", kind=Kind.config,
-        validate=_text(SetStreamServer), command=lambda c, v: c.set_stream_server(v),
+        validate=checked_text(SetStreamServer), command=lambda c, v: c.set_stream_server(v),
     )
     time_server = Cpt(
         MeterSetting, value="", kind=Kind.config,
-        validate=_text(SetTimeServer), command=lambda c, v: c.set_time_server(v),
+        validate=checked_text(SetTimeServer), command=lambda c, v: c.set_time_server(v),
     )
     calibration = Cpt(
         MeterSetting, value=[1.0] * 6, kind=Kind.config,
-        validate=_calibration, command=lambda c, v: c.set_calibration(tuple(v)),
+        validate=checked_calibration, command=lambda c, v: c.set_calibration(tuple(v)),
     )
     daily_restart = Cpt(
         MeterSetting, value=[-1, 0], kind=Kind.config,
-        validate=_daily_restart, command=lambda c, v: c.set_daily_restart(v[0], v[1]),
+        validate=checked_daily_restart, command=lambda c, v: c.set_daily_restart(v[0], v[1]),
     )
     log_level = Cpt(
         MeterSetting, value="INFO", kind=Kind.config,
-        validate=_log_level, command=lambda c, v: c.set_log_level(v),
+        validate=checked_log_level, command=lambda c, v: c.set_log_level(v),
     )
 
     # sampling settings (local until prepare/kickoff)
-    sampling_rate = Cpt(LocalSamplingSetting, value=8000, kind=Kind.config, validate=_rate)
+    sampling_rate = Cpt(LocalSamplingSetting, value=8000, kind=Kind.config, validate=checked_rate)
     measures = Cpt(
         LocalSamplingSetting, value=Measures.VI.reported, kind=Kind.config,
         validate=lambda v: coerce_measures(v).reported,
@@ -502,8 +223,8 @@ class SmartMeter(Device):
         LocalSamplingSetting, value=Transport.TCP.value, kind=Kind.config,
         validate=lambda v: coerce_transport(v).value,
     )
-    sample_prefix = Cpt(LocalSamplingSetting, value=True, kind=Kind.config, validate=_bool)
-    flow_control = Cpt(LocalSamplingSetting, value="none", kind=Kind.config, validate=_flow)
+    sample_prefix = Cpt(LocalSamplingSetting, value=True, kind=Kind.config, validate=checked_bool)
+    flow_control = Cpt(LocalSamplingSetting, value="none", kind=Kind.config, validate=checked_flow)
 
     # read-only, from the info line (§2.5) and the last fly
     firmware_version = Cpt(MeterReadback, value="", kind=Kind.config)
@@ -964,7 +685,7 @@ class SmartMeter(Device):
     async def _arm(self, controller: FlyController) -> None:
         reply = await controller.arm()
         self.last_sample_reply = reply
-        self.sampling_reply._update(json.dumps(_jsonable(reply.raw_fields)))
+        self.sampling_reply._update(json.dumps(jsonable(reply.raw_fields)))
 
     def _report_progress(self, samples: int) -> None:
         status = self._complete_status
@@ -1031,7 +752,7 @@ class SmartMeter(Device):
                 "compiled": info.compiled if info else None,
                 "emulated": self.emulated,
                 "smartmeter_ophyd": __version__,
-                "sampling_reply": _jsonable(reply.raw_fields),
+                "sampling_reply": jsonable(reply.raw_fields),
             },
         )
         self._writer = writer

@@ -239,13 +239,14 @@ def test_two_meters_share_a_scheduled_start_and_line_up(tmp_path, make_meter) ->
         for meter in meters:
             meter.complete().wait(20)
         truths = [emulated.truth(i) for i in range(2)]
+        confidences = [emulated.ntp_history(i)[-1].confidence_ms * 1e-3 for i in range(2)]
     summaries = [m.last_summary for m in meters]
     assert summaries[0].start_ts == summaries[1].start_ts  # same scheduled second
     assert abs(summaries[0].start_ts - start_time) <= 0.002
     recordings = [assert_matches_truth(m, t) for m, t in zip(meters, truths, strict=True)]
-    for truth, configured in zip(truths, NTP_OFFSETS, strict=True):
-        # the NTP setup did what we meant (SNTP's residual on a loaded host is ~1 ms, §6.2)
-        assert abs(truth.clock_offset_s - configured) < 0.003
+    for truth, configured, confidence in zip(truths, NTP_OFFSETS, confidences, strict=True):
+        # the NTP setup did what we meant, within the sync's own confidence (§6.2)
+        assert abs(truth.clock_offset_s - configured) <= confidence + 0.001
 
     # x_b[n] = x_a[n + L] with L = (offset_a - offset_b) * rate: find L by cross-correlation
     v_a = recordings[0][:RATE, 0].astype(np.float64)
