@@ -240,6 +240,8 @@ def test_two_meters_share_a_scheduled_start_and_line_up(tmp_path, make_meter) ->
             meter.complete().wait(20)
         truths = [emulated.truth(i) for i in range(2)]
         confidences = [emulated.ntp_history(i)[-1].confidence_ms * 1e-3 for i in range(2)]
+        first_true = [emulated.call(emulated.meters[i].session_truth).true_times[0]
+                      for i in range(2)]
     summaries = [m.last_summary for m in meters]
     assert summaries[0].start_ts == summaries[1].start_ts  # same scheduled second
     assert abs(summaries[0].start_ts - start_time) <= 0.002
@@ -258,7 +260,8 @@ def test_two_meters_share_a_scheduled_start_and_line_up(tmp_path, make_meter) ->
     best = int(np.argmax(score))
     y0, y1, y2 = score[best - 1: best + 2]
     measured = lags[best] + 0.5 * (y0 - y2) / (y0 - 2 * y1 + y2)  # parabolic refinement
-    expected = (truths[0].clock_offset_s - truths[1].clock_offset_s) * RATE
+    # the same true instant is L samples apart: L from where each meter really took its first
+    expected = (first_true[1] - first_true[0]) * RATE
     assert abs(expected) > 8  # a real offset of more than a millisecond, not a trivial zero
     assert abs(measured - expected) < 1.0, (measured, expected)
 
