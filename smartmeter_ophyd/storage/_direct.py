@@ -61,9 +61,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 from tiled.access_control.protocols import normalize_access_tags
 from tiled.catalog import orm
-from tiled.catalog.adapter import STRUCTURES, _prepare_structure, _resolve_access_tags
+from tiled.catalog.adapter import (
+    STORAGE_ADAPTERS_BY_MIMETYPE,
+    STRUCTURES,
+    _prepare_structure,
+    _resolve_access_tags,
+)
 from tiled.catalog.utils import compute_structure_id
 from tiled.server.core import NoEntry
+from tiled.storage import FileStorage
 from tiled.structures.core import Spec, StructureFamily
 from tiled.structures.data_source import DataSource, Management
 from tiled.structures.table import TableStructure
@@ -112,9 +118,14 @@ class _Node:
         self.access_tags = access_tags
         self.data_source = data_source
         self.adapter: Any = None
+        self.storage_adapter: Any = None  # a writable table's SQL adapter, once looked up
         self.node_id: int | None = None
         self.data_source_id: int | None = None
         self.assets: list[str] = [a.data_uri for a in data_source.assets] if data_source else []
+
+    @property
+    def path(self) -> list[str]:
+        return [*(self.parent.path if self.parent is not None else []), self.key]
 
 
 class _RunState:
@@ -136,14 +147,16 @@ class _RunState:
         self.consolidators: dict[str, ConsolidatorBase] = {}
         self.dirty: dict[int, tuple[_Node, ConsolidatorBase, list[Patch]]] = {}
         self.rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.tables: dict[str, Any] = {}
+        self.tables: dict[str, _Node] = {}
         self.metadata_updates: dict[int, _Node] = {}  # created nodes whose metadata changed
         self.notes: list[str] = []
         self.documents = 0
 
     def all_nodes(self) -> Iterable[_Node]:
         seen: set[int] = set()
-        for node in (*self.nodes.values(), *self.streams.values(), self.root):
+        for node in (
+            *self.tables.values(), *self.nodes.values(), *self.streams.values(), self.root
+        ):
             if node is not None and id(node) not in seen:
                 seen.add(id(node))
                 yield node
@@ -335,8 +348,8 @@ class DirectCatalogWriter:
             metadata["notes"] = notes
         assert run.root is not None and run.root.adapter is not None
         await run.root.adapter.replace_metadata(metadata=metadata, drop_revision=True)
-        for node in (*run.tables.values(), *(n.adapter for n in run.all_nodes())):
-            await node.close_stream()
+        for node in run.all_nodes():
+            await node.adapter.close_stream()
 
     # ------------------------------------------------------------------ external data
 
@@ -493,7 +506,7 @@ class DirectCatalogWriter:
         if source is None:
             return
         if source.management != Management.external:
-            raise CatalogWriteError(f"{node.key!r}: only external data sources are batched")
+            source = await self._init_storage(node, source)
         structure_id = await self._put_structure(db, source)
         source_row = orm.DataSource(
             structure_family=source.structure_family, mimetype=source.mimetype,
@@ -511,33 +524,51 @@ class DirectCatalogWriter:
             ))
         node.data_source_id = source_row.id
 
+    async def _init_storage(self, node: _Node, source: DataSource) -> DataSource:
+        """``create_node``'s storage step for a writable data source (an event table)."""
+        adapter_cls = STORAGE_ADAPTERS_BY_MIMETYPE[source.mimetype]
+        supported = getattr(adapter_cls, "supported_storage", lambda: {FileStorage})()
+        for storage in self.root.context.writable_storage.values():
+            if isinstance(storage, tuple(supported)):
+                break
+        else:
+            raise CatalogWriteError(
+                f"{node.key!r}: no writable storage of the catalog takes {source.mimetype} "
+                f"(it needs one of {[c.__name__ for c in supported]})"
+            )
+        initialised: DataSource = await ensure_awaitable(
+            adapter_cls.init_storage, storage, source, node.path
+        )
+        return initialised
+
     # ------------------------------------------------------------------ event data
 
     async def _write_rows(self, run: _RunState) -> None:
+        """Append the rows of every stream; tables new to this batch are created together."""
+        waiting: list[tuple[_Node, pyarrow.Table]] = []
         for stream, rows in run.rows.items():
-            if rows:
-                await self._append_rows(run, stream, rows)
-                rows.clear()
+            if not rows:
+                continue
+            table = pyarrow.Table.from_pylist(rows)
+            rows.clear()
+            for suffix, part in self._parts(table):
+                key = f"{stream}{suffix}"
+                if key not in run.tables:
+                    run.tables[key] = self._new_table(run, stream, suffix, part)
+                waiting.append((run.tables[key], part))
+        await self._materialize()
+        for node, part in waiting:
+            if node.storage_adapter is None:
+                node.storage_adapter = await node.adapter.get_adapter()
+            await ensure_awaitable(node.storage_adapter.append_partition, 0, part)
 
-    async def _append_rows(self, run: _RunState, stream: str, rows: list[dict[str, Any]]) -> None:
-        table = pyarrow.Table.from_pylist(rows)
-        if not table:
-            return
-        parts: Iterable[tuple[str, pyarrow.Table]] = [("", table)]
-        if table.num_columns > MAX_TABLE_COLUMNS:
-            parts = [(f"_{i}", t) for i, t in enumerate(split_table(table, MAX_TABLE_COLUMNS))]
-        for suffix, part in parts:
-            key = f"{stream}{suffix}"
-            node = run.tables.get(key)
-            if node is None:
-                node = await self._create_table(run, stream, suffix, part)
-                run.tables[key] = node
-            adapter = await node.get_adapter()
-            await ensure_awaitable(adapter.append_partition, 0, part)
+    @staticmethod
+    def _parts(table: pyarrow.Table) -> list[tuple[str, pyarrow.Table]]:
+        if table.num_columns <= MAX_TABLE_COLUMNS:
+            return [("", table)]
+        return [(f"_{i}", t) for i, t in enumerate(split_table(table, MAX_TABLE_COLUMNS))]
 
-    async def _create_table(
-        self, run: _RunState, stream: str, suffix: str, table: pyarrow.Table
-    ) -> Any:
+    def _new_table(self, run: _RunState, stream: str, suffix: str, table: pyarrow.Table) -> _Node:
         columns = set(table.column_names)  # a property that builds a new list each call
         metadata = truncate_json_overflow({k: v for k, v in run.data_keys.items() if k in columns})
         schema = table.schema
@@ -555,15 +586,10 @@ class DirectCatalogWriter:
             parameters={},
             management=Management.writable,
         )
-        # A writable table needs its storage initialised: the adapter's own create_node.
-        return await run.streams[stream].adapter.create_node(
-            structure_family=StructureFamily.table,
-            metadata=metadata,
-            key=f"internal{suffix}",
-            specs=[],
-            data_sources=[data_source],
-            access_tags=run.access_tags,
-        )
+        return self._new_node(_Node(
+            run.streams[stream], f"internal{suffix}", StructureFamily.table, metadata, [],
+            run.access_tags, data_source,
+        ))
 
     # ------------------------------------------------------------------ bookkeeping
 

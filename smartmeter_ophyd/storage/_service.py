@@ -11,7 +11,7 @@ and no document is lost if the writer dies.
   complete, as with ``TiledWriter``, and the only latency on the acquisition path is the
   stop -> closed time.  If the wait times out, or the writer failed on that run, the error
   is logged (or raised, ``raise_on_failure``) and the journal stays on disk.
-* the writer process (``python -m smartmeter_ophyd.storage._service CONFIG``) - tails the
+* the writer process (``python -m smartmeter_ophyd.storage._writer_main CONFIG``) - tails the
   session's journals and applies them with :class:`~._direct.DirectCatalogWriter` to the
   catalog adapter (no HTTP), updating shapes every ``live_period`` s.  A closed run's
   journal is deleted (or kept with ``keep_journals``).  On start it replays the journals
@@ -244,13 +244,13 @@ class JournalSink:
         deadline = time.monotonic() + timeout
         marker = self.session / WRITER_READY
         while True:
+            self._ensure_writer()  # a dead writer's marker must not count
             process = self._process
-            if marker.exists() and process is not None and marker.read_text() == str(process.pid):
+            assert process is not None
+            if marker.exists() and marker.read_text() == str(process.pid):
                 return True
             if time.monotonic() > deadline:
                 return False
-            if process is not None and process.poll() is not None:
-                self._ensure_writer()
             time.sleep(0.01)
 
     def _wait_closed(self, uid: str) -> None:
@@ -290,7 +290,8 @@ class JournalSink:
             log = open(self.writer_log, "ab")
             try:
                 self._process = subprocess.Popen(
-                    [sys.executable, "-m", __name__, self.config.to_json()],
+                    [sys.executable, "-m", "smartmeter_ophyd.storage._writer_main",
+                     self.config.to_json()],
                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
@@ -508,6 +509,9 @@ class _Writer:
                                         directory=session)
             finally:
                 os.close(lock)
+                with contextlib.suppress(OSError):
+                    (session / WRITER_LOCK).unlink()
+                    session.rmdir()  # only if nothing (no orphaned journal) is left
 
     async def _finish_open(self, why: str, directory: Path | None = None) -> None:
         """Runs whose stop never came: write what they have, keep their journals."""
@@ -534,7 +538,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = WriterConfig.from_json(args.config)
     asyncio.run(_Writer(config).run())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
