@@ -39,8 +39,10 @@ from ._common import (
     UsageError,
     add_json_option,
     count_in,
+    positive_float,
     print_json,
     say,
+    table,
 )
 
 logger = logging.getLogger("smartmeter_ophyd.cli")
@@ -52,7 +54,7 @@ logger = logging.getLogger("smartmeter_ophyd.cli")
 def cmd_emulate(args: argparse.Namespace) -> int:
     from ..emulator import EmulatorFleet
 
-    common: dict[str, Any] = {"boot_delay_s": args.boot_delay}
+    common: dict[str, Any] = {"boot_delay_s": args.boot_delay, "mdns": args.mdns}
     if args.time_server is not None:
         common.update(time_server=args.time_server, ntp_port=args.ntp_port)
     if args.state_dir is not None:
@@ -97,23 +99,26 @@ def print_json_line(value: Any) -> None:
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
+    """List meters announcing _elec._tcp by mDNS (§9); commands go to command_port."""
+    from ..client import discover
+
     try:
-        from ..client import _discovery  # built by the MQTT/discovery work
-    except ImportError:
-        raise CommandFailedError(
-            "smartmeter discover: mDNS discovery is not available in this version") from None
-    browse = getattr(_discovery, "discover", None)
-    if browse is None:
-        raise CommandFailedError("smartmeter discover: no discover() in smartmeter_ophyd.client")
-    found = browse(timeout=args.timeout)
-    rows = [getattr(m, "as_dict", lambda m=m: dict(vars(m)))() for m in found]
+        found = discover(args.timeout, interfaces=args.interface)
+    except ImportError as exc:
+        raise CommandFailedError(f"smartmeter discover: {exc}") from None
+    except OSError as exc:
+        raise CommandFailedError(f"smartmeter discover: mDNS failed: {exc}") from None
+    rows = [{"name": m.name, "address": m.address, "command_port": m.command_port,
+             "stream_port": m.port, "host": m.host, "addresses": list(m.addresses)}
+            for m in found]
     if args.json:
         print_json(rows)
-    else:
-        if not rows:
-            print(f"no meters announced _elec._tcp within {args.timeout:g} s")
-        for row in rows:
-            print("  ".join(f"{k}={v}" for k, v in row.items()))
+        return EXIT_OK
+    if not rows:
+        print(f"no meter announced _elec._tcp within {args.timeout:g} s")
+        return EXIT_OK
+    print(table([[r["name"], f"{r['address']}:{r['command_port']}", r["host"]] for r in rows],
+                ["name", "address (commands)", "mDNS host"]))
     return EXIT_OK
 
 
@@ -143,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _record.add_record_options(p)
 
     p = command("discover", "list meters announcing _elec._tcp (mDNS)", cmd_discover)
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
+    p.add_argument("--timeout", type=positive_float, default=3.0, help="seconds to listen")
+    p.add_argument("--interface", action="append", default=None, metavar="IPV4",
+                   help="address of an interface to browse on (repeatable; default: all)")
     add_json_option(p)
 
     p = command("info", "print meters' info line", _meters.cmd_info)
@@ -181,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="keep each meter's settings in <dir>/<name>.json across restarts")
     p.add_argument("--boot-delay", type=float, default=0.5, help="seconds a reboot takes")
+    p.add_argument("--mdns", action="store_true",
+                   help="announce each meter as _elec._tcp on --host, as the firmware does (§9)")
 
     p = command("runs", "list runs in a catalog, or print one run's summary", _runs.cmd_runs)
     p.add_argument("run", metavar="RUN", nargs="?", default=None,

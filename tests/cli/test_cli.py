@@ -313,3 +313,23 @@ def test_rerun_repeats_the_run(recorded: dict[str, Any], cli_env: dict[str, str]
     assert new["rerun_of"] == original["uid"]
     assert new["plan"] == original["plan"] and new["meters"] == original["meters"]
     assert new["exit_status"] == "success"
+
+
+def test_discover_finds_an_emulated_meter_on_loopback(cli_env: dict[str, str]) -> None:
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "smartmeter_ophyd.cli", "emulate", "--count", "1", "--mdns",
+         "--name-prefix", "mdns"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_env)
+    try:
+        assert proc.stdout is not None
+        meter = json.loads(proc.stdout.readline())
+        result = run_cli(cli_env, "discover", "--interface", "127.0.0.1", "--timeout", "2",
+                         "--json")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    assert result.returncode == 0, result.stderr
+    found = [m for m in json.loads(result.stdout) if m["name"] == meter["name"]]
+    assert len(found) == 1
+    assert found[0]["command_port"] == meter["command_port"]
+    assert found[0]["address"] == "127.0.0.1"
