@@ -49,8 +49,9 @@ from ._logtext import (
     sync_to_timestamp,
 )
 from ._model import ClientEvent, ConnectionLost, Reconnected, SampleConfig
-from ._session import Block, BufferFill, Gap, SamplingSession, SessionSummary
+from ._session import Block, BufferFill, Gap, SamplingSession
 from ._streams import RawStream, StreamServer, open_raw_stream
+from ._summary import SessionSummary
 from ._sync import MeterClient, SyncSamplingSession
 
 __all__ = [

@@ -32,7 +32,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from ..protocol import (
     COMMAND_PORT,
@@ -68,13 +68,7 @@ from ..protocol import (
 )
 from ._batcher import DEFAULT_BATCH_S, ReadBatcher
 from ._commands import CommandMethod, MeterCommands, P, R
-from ._errors import (
-    MeterCommandError,
-    MeterCommandRejected,
-    MeterConnectionError,
-    MeterProtocolError,
-    MeterTimeoutError,
-)
+from ._errors import MeterCommandError, MeterConnectionError, MeterError, MeterProtocolError
 from ._keeper import ConnectionKeeper, parse_info, quiet_level
 from ._model import ClientEvent, ConnectionLost, Reconnected, SampleConfig, redact
 from ._requests import Requests
@@ -90,8 +84,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PORT: Final = COMMAND_PORT
 _SESSION_EVENTS: Final = frozenset({Samples, PacketGap, LatePacket, CorruptFrame, RepairedFrame})
-_V = TypeVar("_V", bound=ReplyView)
-_C = TypeVar("_C", bound=Command)
 
 
 class AsyncMeterClient(MeterCommands):
@@ -275,8 +267,7 @@ class AsyncMeterClient(MeterCommands):
 
     async def after_reconnect(self) -> None:
         if self._wanted_log_level is not None:
-            with contextlib.suppress(MeterCommandError, MeterConnectionError, MeterTimeoutError,
-                                     MeterProtocolError, MeterCommandRejected):
+            with contextlib.suppress(MeterError):
                 await self.set_log_level(self._wanted_log_level)
 
     # ---------------------------------------------------- the batcher's host side

@@ -39,6 +39,7 @@ from ..protocol import (
     max_request_samples,
 )
 from ._errors import MeterCommandError, MeterConnectionError, MeterTimeoutError
+from ._summary import SessionSummary, reconcile
 
 if TYPE_CHECKING:
     from ..protocol import SampleReply, StopReply
@@ -119,45 +120,6 @@ class BufferFill:
     fraction: float
     seconds_to_overflow: float
     """At the current rate, how long until the meter overflows and reboots (inf if draining)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SessionSummary:
-    """What a session delivered, reconciled with what the meter says it sent.
-
-    ``received_samples`` were delivered in blocks; ``missing_declared`` were announced as
-    gaps (packet gaps + corrupt frames); ``late_samples`` arrived after being declared
-    missing.  With the stop reply, ``device_sent_samples`` (samples the meter's socket
-    accepted, §4.8) should equal ``received_samples + missing_declared``; ``unexplained`` is
-    the difference (None without a stop reply) and ``explained`` says whether it is zero.
-    ``notes`` explain each component in words.
-    """
-
-    meter: str
-    transport: Transport
-    measures: Measures
-    rate: int
-    ended_by: str
-    """``"stop"`` (our stop reply), ``"stopped elsewhere"`` (the meter went idle without
-    telling us: another client's stop), ``"connection lost"`` or ``"closed"``."""
-    received_samples: int
-    missing_declared: int
-    missing_unsized_gaps: int
-    late_samples: int
-    gaps: int
-    corrupt_frames: int
-    repaired_frames: int
-    skipped_bytes: int
-    frames: int
-    device_samples: int | None
-    device_sent_samples: int | None
-    start_ts: float | None
-    stop_ts: float | None
-    sample_duration_ms: int | None
-    avg_rate: float | None
-    unexplained: int | None
-    explained: bool
-    notes: tuple[str, ...]
 
 
 class SamplingSession:
@@ -310,7 +272,7 @@ class SamplingSession:
             self._pending_gaps = []
         self._stop_reply = stop
         self._end_error = error
-        self._summary = self._reconcile(ended_by, stop)
+        self._summary = reconcile(self, ended_by, stop)
         if error is not None:
             logger.warning("%s", error)
         self._wakeup.set()
@@ -487,93 +449,3 @@ class SamplingSession:
         elif fraction <= BUFFER_WARN_FRACTION:
             self._warned_fill = False
         return BufferFill(filled, fraction, remaining)
-
-    # ------------------------------------------------------------------- reconciliation
-
-    def _reconcile(self, ended_by: str, stop: StopReply | None) -> SessionSummary:
-        notes: list[str] = [
-            f"received {self.received_samples} samples in {self.frames} frames",
-        ]
-        if self.missing_declared:
-            notes.append(
-                f"{self.missing_declared} samples declared missing "
-                f"({self.gap_count} packet gaps, {self.corrupt_frames} corrupt frames)"
-            )
-        if self.missing_unsized_gaps:
-            notes.append(f"{self.missing_unsized_gaps} packet gaps of unknown size")
-        if self.late_samples:
-            notes.append(
-                f"{self.late_samples} samples arrived late (already declared missing, kept aside)"
-            )
-        if self.repaired_frames:
-            notes.append(f"{self.repaired_frames} frames had a log line cut out of them (§4.6)")
-        if self.skipped_bytes:
-            notes.append(f"{self.skipped_bytes} bytes skipped to resynchronise")
-        unexplained: int | None = None
-        explained = False
-        device_samples = device_sent = None
-        start_ts = stop_ts = avg_rate = None
-        duration = None
-        if stop is not None and stop.sent_samples is not None:
-            device_samples = stop.samples
-            device_sent = stop.sent_samples
-            start_ts = stop.start_ts
-            stop_ts = stop.stop_ts
-            avg_rate = stop.avg_rate
-            duration = stop.sample_duration_ms
-            unexplained = device_sent - self.received_samples - self.missing_declared
-            explained = unexplained == 0 and not self.missing_unsized_gaps
-            if unexplained == 0:
-                notes.append(
-                    f"device sent {device_sent} = received {self.received_samples} + "
-                    f"declared missing {self.missing_declared}: reconciled"
-                )
-            elif unexplained > 0:
-                notes.append(
-                    f"device sent {device_sent} but only {self.received_samples} received + "
-                    f"{self.missing_declared} declared missing: {unexplained} samples lost "
-                    "without a gap record (e.g. the last datagrams of a UDP stream)"
-                )
-            else:
-                notes.append(
-                    f"received {-unexplained} more samples than the device reports sending "
-                    "(its sent_samples counts bytes the socket accepted, §4.8)"
-                )
-            if device_samples is not None and device_samples != device_sent:
-                notes.append(
-                    f"device produced {device_samples} samples and sent {device_sent} "
-                    "(RTC filler and NTP corrections are counted differently, §4.8, §6.5)"
-                )
-        elif stop is not None:
-            notes.append("the meter said it was not sampling when stopped: no device counts")
-        else:
-            notes.append(f"no stop reply ({ended_by}): the device's counts are unknown")
-        summary = SessionSummary(
-            meter=self.meter,
-            transport=self.transport,
-            measures=self.measures,
-            rate=self.rate,
-            ended_by=ended_by,
-            received_samples=self.received_samples,
-            missing_declared=self.missing_declared,
-            missing_unsized_gaps=self.missing_unsized_gaps,
-            late_samples=self.late_samples,
-            gaps=self.gap_count,
-            corrupt_frames=self.corrupt_frames,
-            repaired_frames=self.repaired_frames,
-            skipped_bytes=self.skipped_bytes,
-            frames=self.frames,
-            device_samples=device_samples,
-            device_sent_samples=device_sent,
-            start_ts=start_ts,
-            stop_ts=stop_ts,
-            sample_duration_ms=duration,
-            avg_rate=avg_rate,
-            unexplained=unexplained,
-            explained=explained,
-            notes=tuple(notes),
-        )
-        if stop is not None and not explained:
-            logger.warning("%s: session summary does not reconcile: %s", self.meter, notes[-1])
-        return summary
-

@@ -27,7 +27,8 @@ from ._async import AsyncMeterClient
 from ._commands import CommandMethod, MeterCommands, P
 from ._errors import MeterTimeoutError
 from ._model import ClientEvent, SampleConfig
-from ._session import Block, BufferFill, SamplingSession, SessionSummary
+from ._session import Block, BufferFill, SamplingSession
+from ._summary import SessionSummary
 
 logger = logging.getLogger(__name__)
 
