@@ -98,13 +98,42 @@ def run_summary(run: Any) -> dict[str, Any]:
     }
 
 
+def _recorded_alignment(run: Any) -> dict[str, Any] | None:
+    """The run's own ``alignment`` stream (``synchronized_fly`` measures it at the end)."""
+    table = _read(run, "alignment")
+    if table is None or "alignment_meter" not in table or not table.sizes.get("time"):
+        return None
+    kind = np.asarray(table["alignment_kind"].values).astype(str)
+    meter = np.asarray(table["alignment_meter"].values).astype(str)
+    offset = np.asarray(table["alignment_offset_s"].values, dtype=np.float64)
+    uncertainty = np.asarray(table["alignment_uncertainty_s"].values, dtype=np.float64)
+    pieces = kind == "piece"
+    if not pieces.any():
+        return None
+    out: dict[str, Any] = {"reference": str(table["alignment_reference"].values[0]),
+                           "seconds": None, "offsets_ms": {}, "uncertainty_ms": {},
+                           "source": "the run's alignment stream"}
+    for name in dict.fromkeys(meter[pieces]):
+        rows = pieces & (meter == name)
+        out["offsets_ms"][name] = float(np.median(offset[rows])) * 1e3
+        out["uncertainty_ms"][name] = float(np.max(uncertainty[rows])) * 1e3
+    return out
+
+
 def alignment_residual(run: Any, meters: list[str]) -> dict[str, Any] | None:
-    """Median waveform offset of each meter's L1 voltage against the first meter's (ms)."""
+    """Median waveform offset of each meter's L1 voltage against the first meter's (ms).
+
+    From the run's ``alignment`` stream when it has one, else measured here on the first
+    :data:`ALIGN_SECONDS` seconds read back from the catalog.
+    """
     from ..readback import SYNCED_SOURCE, first_last_time, meter_data
     from ..timing import AlignmentError, Waveform, align
 
     if len(meters) < 2:
         return None
+    recorded = _recorded_alignment(run)
+    if recorded is not None:
+        return recorded
     spans = {m: first_last_time(run, m) for m in meters}
     if any(s is None for s in spans.values()):
         return None
@@ -121,7 +150,7 @@ def alignment_residual(run: Any, meters: list[str]) -> dict[str, Any] | None:
     except (AlignmentError, KeyError, ValueError) as exc:
         return {"reference": meters[0], "error": str(exc)}
     out: dict[str, Any] = {"reference": meters[0], "seconds": ALIGN_SECONDS, "offsets_ms": {},
-                           "uncertainty_ms": {}}
+                           "uncertainty_ms": {}, "source": f"first {ALIGN_SECONDS:g} s"}
     for m, a in results.items():
         if len(a):
             out["offsets_ms"][m] = float(np.median(a.offset_s)) * 1e3
@@ -154,8 +183,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if a and a.get("offsets_ms"):
         parts = [f"{m} {v * 1e3:+.1f} µs (±{a['uncertainty_ms'][m] * 1e3:.1f} µs)"
                  for m, v in a["offsets_ms"].items()]
-        lines.append(f"alignment residual vs {a['reference']} (L1 voltage waveforms, first "
-                     f"{a['seconds']:g} s): " + ", ".join(parts))
+        lines.append(f"alignment residual vs {a['reference']} (L1 voltage waveforms, "
+                     f"{a['source']}): " + ", ".join(parts))
     elif a and a.get("error"):
         lines.append(f"alignment residual: not available ({a['error']})")
     for name, r in s["meters"].items():
