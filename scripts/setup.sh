@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# Prepare this checkout to run: Debian packages, .venv, the package with its [test] extras.
+# Prepare this checkout to run: a .venv with the package, and what the chosen job needs.
 #
-#   bash scripts/setup.sh
+#   bash scripts/setup.sh --main   # the main job (scripts/demo.sh): .venv + the package only
+#   bash scripts/setup.sh          # everything the tests need (scripts/test.sh): also the
+#                                  # [test] extras and the Debian packages of the services
 #
+# The main job (emulated meters into the embedded catalog) needs no Debian package beyond
+# Python 3.11 with venv, and none of the test extras (MQTT, mDNS, queueserver, linters).
 # Idempotent and quick when nothing is missing: each step checks first and only acts on what
 # is absent.  Needs root (or password-less sudo) only if a Debian package must be installed.
 # Environment: PYTHON=<interpreter> picks the interpreter for a new .venv (default python3.11).
 set -euo pipefail
 
+case "${1:-}" in
+  --main) JOB=main ;;
+  ""|--test) JOB=test ;;
+  *) printf 'setup: unknown argument %q (use --main or --test)\n' "$1" >&2; exit 2 ;;
+esac
+
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 PATH="$PATH:/usr/sbin:/sbin"
-APT_PACKAGES=(ffmpeg mosquitto chrony postgresql socat redis-server)
+if [[ "$JOB" == test ]]; then
+  APT_PACKAGES=(ffmpeg mosquitto chrony postgresql socat redis-server)
+  EXTRAS="[test]"
+else
+  APT_PACKAGES=()
+  EXTRAS=""
+fi
 started=$SECONDS
 did=()
 
@@ -54,7 +70,7 @@ for package in "${APT_PACKAGES[@]}"; do
 done
 if ((${#missing[@]})); then
   install_apt "${missing[@]}"
-else
+elif ((${#APT_PACKAGES[@]})); then
   say "apt: ${APT_PACKAGES[*]} already present"
 fi
 
@@ -87,10 +103,10 @@ fi
 
 # ---------------------------------------------------------------------------- Python packages
 
-# Every requirement of pyproject.toml (dependencies + [test]) satisfied by what .venv holds, and
-# smartmeter_ophyd imported from this checkout?  Then pip has nothing to do.
+# Every requirement of pyproject.toml (dependencies, + [test] for the tests) satisfied by what
+# .venv holds, and smartmeter_ophyd imported from this checkout?  Then pip has nothing to do.
 requirements_satisfied() {
-  "$VENV/bin/python" - "$ROOT" <<'EOF'
+  "$VENV/bin/python" - "$ROOT" "$JOB" <<'EOF'
 import importlib.metadata as md
 import pathlib, sys, tomllib
 try:
@@ -100,10 +116,20 @@ except ImportError:
 
 root = pathlib.Path(sys.argv[1])
 project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-wanted = project["dependencies"] + project.get("optional-dependencies", {}).get("test", [])
+extras = project.get("optional-dependencies", {})
+wanted = list(project["dependencies"])
+if sys.argv[2] == "test":
+    wanted += extras.get("test", [])
 problems = []
-for text in wanted:
-    requirement = Requirement(text)
+seen = set()
+while wanted:
+    requirement = Requirement(wanted.pop(0))
+    if requirement.name == project["name"]:  # "smartmeter-ophyd[mqtt,discovery]": its extras
+        wanted += [r for extra in requirement.extras for r in extras.get(extra, [])]
+        continue
+    if str(requirement) in seen:
+        continue
+    seen.add(str(requirement))
     if requirement.marker is not None and not requirement.marker.evaluate():
         continue
     try:
@@ -126,17 +152,18 @@ EOF
 }
 
 if reasons="$(requirements_satisfied 2>&1)"; then
-  say "python: smartmeter-ophyd[test] and its requirements already installed"
+  say "python: smartmeter-ophyd$EXTRAS and its requirements already installed"
 else
-  say "python: installing -e .[test] ($(head -n 3 <<<"$reasons" | paste -sd ';' -)) ..."
+  say "python: installing -e .$EXTRAS ($(head -n 3 <<<"$reasons" | paste -sd ';' -)) ..."
   if command -v uv >/dev/null; then
-    uv pip install --quiet --python "$VENV/bin/python" -e ".[test]" || die "uv pip install -e .[test] failed"
+    uv pip install --quiet --python "$VENV/bin/python" -e ".$EXTRAS" \
+      || die "uv pip install -e .$EXTRAS failed"
   else
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]" \
-      || die "pip install -e .[test] failed"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".$EXTRAS" \
+      || die "pip install -e .$EXTRAS failed"
   fi
   reasons="$(requirements_satisfied 2>&1)" || die "still unsatisfied after install: $reasons"
-  did+=("python: installed -e .[test]")
+  did+=("python: installed -e .$EXTRAS")
 fi
 
 if ((${#did[@]})); then

@@ -1,14 +1,21 @@
-"""Bluesky/ophyd support for the three-phase SmartMeter (firmware 2.2)."""
+"""Bluesky/ophyd support for the three-phase SmartMeter (firmware 2.2).
 
-from typing import Any
+``__version__`` is the package's one version (pyproject.toml reads it).  Importing this
+package loads nothing else: :class:`SmartMeter` (ophyd, bluesky) is imported on first use, so
+the codec, the client and the emulator import without ophyd, bluesky or h5py.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 __all__ = ["SmartMeter", "__version__"]
 
+if TYPE_CHECKING:
+    from .devices import SmartMeter
+
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so the codec, client and emulator import without ophyd/bluesky/h5py.
     if name == "SmartMeter":
         from .devices import SmartMeter
 
