@@ -118,6 +118,8 @@ COMPRESSION: Final = "blosc2-zstd1-shuffle"
 """The default ``compression`` of :class:`WaveformWriter` (see the module docstring)."""
 MIN_CHUNK_SAMPLES: Final = 64
 MAX_CHUNK_SAMPLES: Final = 65536
+PACKET_CHUNK: Final = 4096
+GAP_CHUNK: Final = 64
 TILED_CHUNK_SAMPLES: Final = 262144
 """What Tiled is told the chunks are (a multiple of the HDF5 chunk): its HDF5 adapter
 reopens the file for every chunk a request touches, so it reads in large pieces."""
@@ -254,17 +256,18 @@ class WaveformWriter:
         )
         self._time_ds.attrs["units"] = "s"
         self._time_ds.attrs["description"] = "unix time of each sample, from the meter's start_ts"
-        # Uncompressed: these grow at every write and uncompressed chunks are rewritten in
-        # place (no dead space); 16 B per frame is ~0.4 B per sample at 8 kHz.
-        small = (4096,)
+        # Packets: one row per frame, compressed (they are arithmetic runs), written in whole
+        # chunks like the samples.  Gaps: rare, uncompressed (rewritten in place, no dead
+        # space), so each one is visible as soon as the next chunk of samples is.
         packets = f.create_group(PACKETS_GROUP)
         self._packet_ds = {
-            k: packets.create_dataset(k, (0,), maxshape=(None,), dtype="<i8", chunks=small)
+            k: packets.create_dataset(k, (0,), maxshape=(None,), dtype="<i8",
+                                      chunks=(PACKET_CHUNK,), **self._filter)
             for k in PACKET_FIELDS
         }
         gaps = f.create_group(GAPS_GROUP)
         self._gap_ds = {
-            k: gaps.create_dataset(k, (0,), maxshape=(None,), dtype="<i8", chunks=small)
+            k: gaps.create_dataset(k, (0,), maxshape=(None,), dtype="<i8", chunks=(GAP_CHUNK,))
             for k in GAP_FIELDS
         }
         attrs = f.attrs
@@ -477,7 +480,7 @@ class WaveformWriter:
                 rows = self._buffer[: self._buffered].copy()
                 self._buffered = 0
                 self._write_rows(rows)
-            self._publish()
+            self._publish(whole_chunks=False)
             return self._flushed
 
     def live_index(self, max_lag_s: float = 5.0) -> int:
@@ -586,9 +589,9 @@ class WaveformWriter:
         starts = first + np.concatenate(([0], np.cumsum(fs)[:-1])) if fs.size else fs
         return starts.astype(np.int64), pk
 
-    def _publish(self) -> None:
+    def _publish(self, whole_chunks: bool = True) -> None:
         """Tables, then SWMR-flush every dataset: readers see all rows written so far."""
-        self._write_tables()
+        self._write_tables(whole_chunks)
         for ds in (*self._channel_ds, self._time_ds):
             ds.flush()
         for ds in (*self._packet_ds.values(), *self._gap_ds.values()):
@@ -617,13 +620,20 @@ class WaveformWriter:
                 positions[index - start :] += missing
         return sample_times(self.start_ts, self.rate, self.spacing, positions)
 
-    def _write_tables(self) -> None:
+    def _write_tables(self, whole_chunks: bool) -> None:
         if self._pending_packets:
             starts = np.concatenate([p[0] for p in self._pending_packets])
             numbers = np.concatenate([p[1] for p in self._pending_packets])
             self._pending_packets.clear()
-            self._extend(self._packet_ds["first_sample"], starts)
-            self._extend(self._packet_ds["packet"], numbers)
+            written = self._packet_ds["packet"].shape[0]
+            ready = starts.shape[0]
+            if whole_chunks:
+                ready = (written + ready) // PACKET_CHUNK * PACKET_CHUNK - written
+            if ready < starts.shape[0]:
+                self._pending_packets.append((starts[ready:], numbers[ready:]))
+            if ready > 0:
+                self._extend(self._packet_ds["first_sample"], starts[:ready])
+                self._extend(self._packet_ds["packet"], numbers[:ready])
         if self._pending_gaps:
             rows = np.array(self._pending_gaps, dtype=np.int64).reshape(-1, len(GAP_FIELDS))
             self._pending_gaps.clear()

@@ -149,3 +149,65 @@ def test_search_sorted_matches_numpy(n) -> None:
         for side in ("left", "right"):
             assert search_sorted(read, n, t, side) == np.searchsorted(arr, t, side)
     assert sum(b - a for a, b in reads) < 12 * 2 * 6 * 4096 + 12
+
+
+def test_whole_chunks_are_visible_while_writing_and_the_rest_at_close(tmp_path) -> None:
+    w = WaveformWriter(tmp_path / "c.h5", Measures.VI_L1, 8000, 0.0, {"name": "chunky"},
+                       chunk_samples=64)
+    data = np.arange(400, dtype=np.float32).reshape(200, 2)
+    w.append(data[:50])
+    assert w.samples_written == 0  # not a whole chunk yet
+    w.append(data[50:100])
+    assert w.samples_written == 64 and w.samples_appended == 100
+    with h5py.File(w.path, "r", libver="latest", swmr=True) as reader:
+        assert reader["v_l1"].shape == (64,)
+        assert np.array_equal(reader["i_l1"][()], data[:64, 1])
+        assert w.live_index(max_lag_s=60.0) == 64  # rows waited less than that: no write
+        assert w.live_index(max_lag_s=0.0) == 100  # they waited longer: a partial chunk
+        reader["v_l1"].refresh()
+        assert reader["v_l1"].shape == (100,)
+    w.append(data[100:])
+    w.close()
+    with h5py.File(w.path, "r") as f:
+        assert f.attrs["compression"] == "blosc2-zstd1-shuffle"
+        assert f["v_l1"].id.get_create_plist().get_filter(0)[0] == 32026  # Blosc2
+        assert np.array_equal(f["v_l1"][()], data[:, 0]) and np.array_equal(f["i_l1"][()], data[:, 1])
+        np.testing.assert_allclose(f["time"][()], np.arange(200) / 8000, rtol=0, atol=1e-12)
+
+
+def _emulated(seconds: float) -> np.ndarray:
+    """8 kHz x 6 channels from the emulator's own physical model (§4.2 units)."""
+    from smartmeter_ophyd.emulator._clock import MeterClock
+    from smartmeter_ophyd.emulator._grid import GridModel
+    from smartmeter_ophyd.emulator._sampling import SamplingEngine
+
+    start = 1_750_000_000.25
+    engine = SamplingEngine(GridModel(seed=3), MeterClock(0.001, 2.0, anchor_true=start),
+                            circuit=1, noise_seed=3, keep_truth=False, name="bytes")
+    engine.start(Measures.VI, 8000, at_true=start)
+    return np.concatenate([engine.produce(start + k / 20) for k in range(1, int(seconds * 20) + 1)])
+
+
+def _bytes_per_sample(tmp_path, name: str, values: np.ndarray) -> tuple[float, np.ndarray]:
+    w = WaveformWriter(tmp_path / f"{name}.h5", Measures.VI, 8000, 1_750_000_000.25, {"name": name})
+    frame = 42  # samples per 1008-byte frame at 8 kHz, 3-phase (§4.5)
+    for first in range(0, values.shape[0], 8 * frame):  # the client's typical block
+        block = values[first : first + 8 * frame]
+        frames = np.full(-(-block.shape[0] // frame), frame)
+        frames[-1] = block.shape[0] - frame * (frames.size - 1)
+        w.append(block, packets=np.arange(frames.size) + first // frame, frame_samples=frames)
+    w.close()
+    with h5py.File(w.path, "r") as f:
+        back = np.stack([f[ch][()] for ch in Measures.VI.channels], axis=1)
+    return (tmp_path / f"{name}.h5").stat().st_size / values.shape[0], back
+
+
+def test_compressed_file_costs_no_more_per_sample_for_a_short_run(tmp_path) -> None:
+    values = _emulated(60.0)
+    short = values[: 10 * 8000]
+    long_cost, long_back = _bytes_per_sample(tmp_path, "long", values)
+    short_cost, short_back = _bytes_per_sample(tmp_path, "short", short)
+    assert np.array_equal(long_back.view(np.uint32), values.view(np.uint32))  # lossless
+    assert np.array_equal(short_back.view(np.uint32), short.view(np.uint32))
+    assert long_cost <= 16.0, long_cost  # 32 B raw: 24 B of float32 channels + 8 B of time
+    assert short_cost <= long_cost * 1.1, (short_cost, long_cost)

@@ -1,0 +1,176 @@
+"""Where a run's time goes beyond its data: N meters, one synchronized_fly, three writers.
+
+Emulated meters (8 kHz x 6 channels) run in child processes, synced by the real chrony.
+Each case flies them with ``plans.synchronized_fly(meters, --seconds, start_in=0)`` (each
+meter starts at its kickoff) and records, from the RunEngine's messages and documents:
+
+* ``wall``: ``RE(plan)`` from call to return; ``overhead`` = wall - the fly's duration;
+* ``gate``: call -> ``open_run`` (the NTP gate and the settings);
+* ``kickoff``: kickoff messages -> the release wait done, i.e. the first sample of every
+  meter (the device's kickoff completes on it);
+* ``data``: release -> the meters' completion (the duration, the meter's tail, §4.8);
+* ``stop -> closed``: the stop document emitted -> the run closed in the catalog.  For the
+  sink it is its wait for the writer process; for ``TiledWriter`` its stop handling (it
+  writes synchronously); for ``none`` nothing is written;
+* CPU of this process.
+
+Writers: ``none`` (no catalog), ``tiled`` (``make_tiled_writer(catalog.client)``: a
+TiledWriter over the in-process Tiled app - what this project did before), ``sink``
+(``catalog.document_sink()``: journal here, writer process there - the default now).
+A last case flies with a scheduled start (``start_in=None``) and the sink and reports the
+first sample's latency after the scheduled instant ``T`` (the synchronization record's
+``*_scheduled_start``).
+
+Last line: ``stop to run closed, 10 meters: X s`` (the sink).  Targets: <= 0.5 s, and an
+overhead beyond the duration <= 1 s.
+
+Usage: ``python benchmarks/run_overhead.py --meters 2 10 --seconds 2``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from _harness import Emulators, cpu_seconds, destroyed, host_load, smartmeters
+from bluesky import RunEngine
+
+import plans
+from smartmeter_ophyd.storage import make_tiled_writer, setup_embedded_catalog
+
+
+class Marks:
+    """Host times of the messages and documents that bound each phase."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+        self._release_wait = False
+        self.scheduled_start: float | None = None
+        self.release_wall: float | None = None
+
+    def msg(self, msg: Any) -> None:
+        now = time.monotonic()
+        if self._release_wait:
+            self.t.setdefault("released", now)
+            self.release_wall = self.release_wall or time.time()
+            self._release_wait = False
+        if msg.command == "open_run":
+            self.t.setdefault("open_run", now)
+        elif msg.command == "kickoff":
+            self.t.setdefault("kickoff", now)
+        elif msg.command == "wait" and str(msg.kwargs.get("group", "")).startswith("release"):
+            self._release_wait = True
+        elif msg.command == "trigger" and "released" in self.t:
+            self.t.setdefault("completed", now)  # the final records after the last collect
+
+    def doc(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "stop":
+            self.t["stop"] = time.monotonic()
+        elif name == "event" and self.scheduled_start is None:
+            starts = [v for k, v in doc["data"].items() if k.endswith("_scheduled_start")]
+            if starts and starts[0] == starts[0]:  # not NaN: a scheduled start
+                self.scheduled_start = float(starts[0])
+
+
+def fly_once(
+    meters: Sequence[Any], seconds: float, writer: str, catalog: Any, start_in: float | None
+) -> dict[str, float]:
+    engine = RunEngine({})
+    marks = Marks()
+    engine.msg_hook = marks.msg
+    engine.subscribe(marks.doc)  # first: it sees the stop document before any writer
+    stop_handling: list[float] = []
+    sink = None
+    if writer == "tiled":
+        tiled = make_tiled_writer(catalog.client)
+
+        def timed(name: str, doc: dict[str, Any]) -> None:
+            t0 = time.monotonic()
+            tiled(name, doc)
+            if name == "stop":
+                stop_handling.append(time.monotonic() - t0)
+
+        engine.subscribe(timed)
+    elif writer == "sink":
+        sink = catalog.document_sink()
+        engine.subscribe(sink)
+    cpu0, t0 = cpu_seconds(), time.monotonic()
+    engine(plans.synchronized_fly(meters, seconds, start_in=start_in))
+    t_end = time.monotonic()
+    t = marks.t
+    close = 0.0
+    if writer == "sink":
+        assert sink is not None and sink.last_close_s is not None
+        close = sink.last_close_s
+    elif writer == "tiled":
+        close = stop_handling[0]
+    out = {
+        "wall": t_end - t0,
+        "overhead": t_end - t0 - seconds,
+        "gate": t["open_run"] - t0,
+        "kickoff": t["released"] - t["kickoff"],
+        "data": t.get("completed", t["stop"]) - t["released"],
+        "close": close,
+        "cpu": cpu_seconds() - cpu0,
+    }
+    if marks.scheduled_start is not None and marks.release_wall is not None:
+        out["first_sample_after_T"] = marks.release_wall - marks.scheduled_start
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--meters", type=int, nargs="+", default=[2, 10])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--writers", nargs="+", default=["none", "tiled", "sink"],
+                        choices=["none", "tiled", "sink"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    work = Path(tempfile.mkdtemp(prefix="smartmeter-overhead-"))
+    catalog = setup_embedded_catalog(work / "catalog", "smartmeter-overhead",
+                                     profiles_dir=work / "profiles")
+    if "sink" in args.writers:
+        catalog.document_sink().wait_ready()
+    results: dict[tuple[int, str], dict[str, float]] = {}
+    try:
+        print(f"host: {host_load()}")
+        with Emulators(max(args.meters)) as emulators:
+            meters_all = smartmeters(emulators.described, catalog)
+            with destroyed(meters_all):
+                for count in sorted(args.meters):
+                    for writer in args.writers:
+                        r = fly_once(meters_all[:count], args.seconds, writer, catalog, 0)
+                        results[(count, writer)] = r
+                        print(
+                            f"{count:3d} meters, {writer:5}: wall {r['wall']:6.2f} s "
+                            f"(overhead {r['overhead']:5.2f} s beyond {args.seconds:g} s): gate "
+                            f"{r['gate']:.2f}, kickoff -> first samples {r['kickoff']:.3f}, "
+                            f"data {r['data']:.2f}, stop -> closed {r['close']:.3f} s; "
+                            f"CPU {r['cpu']:.2f} s; {host_load()}",
+                            flush=True,
+                        )
+                if "sink" in args.writers:
+                    count = max(args.meters)
+                    r = fly_once(meters_all[:count], args.seconds, "sink", catalog, None)
+                    after = r.get("first_sample_after_T", float("nan"))
+                    print(f"{count:3d} meters, sink, scheduled start: wall {r['wall']:.2f} s, "
+                          f"every meter's first sample {1e3 * after:.0f} ms after the "
+                          f"scheduled instant T; stop -> closed {r['close']:.3f} s", flush=True)
+    finally:
+        catalog.close()
+        shutil.rmtree(work, ignore_errors=True)
+    if "sink" in args.writers:
+        print(f"stop to run closed, {max(args.meters)} meters: "
+              f"{results[(max(args.meters), 'sink')]['close']:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
