@@ -7,7 +7,8 @@ the reference stamps the same instant ``t_r``, then ``v_m(t) = v_r(t - d)`` with
 offset ``d = t_m - t_r``.  ``align`` estimates ``d`` per window (default 1 s) and
 ``apply_alignment`` maps the meter's time axis onto the reference's: ``t - d(t)``.
 
-Method (all vectorised, one pass over each meter's samples plus one for the correlation):
+Method (all vectorised: one pass over each meter's samples for the blocks, one for the
+misfit, one strided pass for the correlation):
 
 1. **Blocks.** Each meter's samples are cut into blocks (default 0.1 s = 5 mains periods) on
    one grid, and the fundamental of each block is demodulated with a Hann taper on the
@@ -19,18 +20,25 @@ Method (all vectorised, one pass over each meter's samples plus one for the corr
    that (NTP does).  The estimate is sub-sample by construction (a phase, not a lag index).
 2. **Continuity.** Within runs of consecutive usable blocks ``d_b`` is unwrapped, so a run
    never jumps by a period; each run is folded to lie within +-half a period.
-3. **Steps.** A duplicated or dropped sample (§6.5 corrections, §4.10 fillers and drops)
-   steps ``d`` by a sample period.  Steps are found in the detrended block-to-block
-   differences, located to the sample by comparing the meter's samples with the reference
-   interpolated under the offsets before and after the step, and become *breaks*.  Gaps in
-   either meter's data (holes, NaN samples) are breaks too.  No estimate spans a break.
+3. **Steps.** ``d`` jumps wherever either meter's stored time jumps: a duplicated or
+   dropped sample (§6.5 corrections, §4.10 fillers and drops: one sample), an RTC restart
+   or a refused sample (any fraction of a sample: the time model's ``placement_s``).  Two
+   meters whose stored times jump at the same stamp make an *excursion*: ``d`` jumps and
+   jumps back ``|d|`` later, invisible to blocks on the stamps.  Candidates come from the
+   detrended block-to-block differences and from the per-period misfit of the meter's
+   samples against the reference at the same instant (``_misfit``); each is located to the
+   sample on the waveforms (``_steps``: the offset before, after, and of a middle stretch)
+   and becomes a *break*, down to ``min_step_s``, also next to the data's ends and holes.
+   Gaps in either meter's data (holes, NaN samples) are breaks too (the reference's moved
+   onto the meter's time).  Blocks holding a break are left out; no estimate spans one.
 4. **Windows.** In each window and each stretch between breaks (a *piece*), a straight
    line ``d(t) = offset + drift (t - mid)`` is fitted to the block offsets, so the clocks'
    relative drift (100 us/s at +-50 ppm) is followed inside a window.
 5. **Uncertainty.** The expanded uncertainty aims at 99 % coverage: the larger of the
    window's own scatter (Student's t on its degrees of freedom) and the scatter pooled over
-   the whole pair (normal quantile), combined in quadrature with half the float64 spacing
-   of the time stamps (the axes cannot express finer differences).
+   the whole pair (normal quantile), plus the float64 spacing of the time stamps (about
+   0.24 us for unix times now): each of the two stamps of one instant is rounded by up to
+   half of it, so the offset between the axes at an instant is defined only to that bound.
 6. **Quality.** ``correlation`` is the Pearson correlation of the meter's samples with the
    reference interpolated at ``t - d(t)``: it is near 1 - 1e-6 for a good fit, and drops for
    a different phase, a wrong branch or a bad piece.
@@ -46,16 +54,18 @@ Limits
   and bias ``d`` by tens of microseconds without any sign in the uncertainty.
 * Steps smaller than ``min_step_s`` (or than ten times the block noise) are not located;
   they widen the window's scatter instead.  A located step is placed within about one
-  sample; the samples between the true and the located position get the wrong side.
+  sample; the samples between the true and the located position get the wrong side.  At
+  most two changes are located within one event (tens of milliseconds); see ``_steps``.
 * Offsets are reported where there are usable blocks.  ``offset_at`` extends each piece's
-  line up to the next break and returns NaN in a stretch between breaks with no piece.
+  line up to the next break and returns NaN in a stretch between breaks with no piece
+  (fewer than ``min_blocks`` blocks: inside an excursion, or between a step and the data's
+  end).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -63,20 +73,17 @@ from typing import Any, Final
 import numpy as np
 
 from ._blocks import CHUNK, BlockPhasors, block_phasors, median_spacing
+from ._misfit import Reference, period_misfit
 from ._stats import COVERAGE_Z, student_t_99
+from ._steps import Axis, Change, Changes, OffsetSeries, Samples, find_changes
 
 __all__ = ["Alignment", "AlignmentError", "Waveform", "align", "align_pair", "apply_alignment"]
 
 logger = logging.getLogger(__name__)
 
 MIN_SAMPLES_PER_PERIOD: Final = 8
-_STEP_SIGMAS: Final = 10.0
-_MEDIAN_SPAN: Final = 3
-"""Half-width (blocks) of the running median that detrends block-to-block differences."""
 _CORRELATION_SAMPLES: Final = 2000
 """Samples per window the quality figure is computed on."""
-_SIDE_BLOCKS: Final = 5
-"""Blocks on each side of a step used for the offsets before and after it."""
 
 
 class AlignmentError(ValueError):
@@ -259,9 +266,10 @@ def align(
         raise AlignmentError(f"nothing to align: only the reference {reference!r} was given")
     grid = _Grid.common([ref, *others], window_s=window_s, block_s=block_s, mains_hz=mains_hz)
     ref_blocks = grid.phasors(ref)
+    samples = Reference.of(ref.time, ref.voltage)
     frequency = _reference_frequency(ref_blocks, grid)
     return {
-        w.name: _align_blocks(w, ref, grid.phasors(w), ref_blocks, frequency, grid,
+        w.name: _align_blocks(w, ref, samples, grid.phasors(w), ref_blocks, frequency, grid,
                               min_blocks=min_blocks, min_step_s=min_step_s)
         for w in others
     }
@@ -338,6 +346,14 @@ class _Grid:
     def block_start(self, index: np.ndarray | int) -> np.ndarray:
         return self.origin + np.asarray(index, dtype=np.float64) * self.block_s
 
+    @property
+    def axis(self) -> Axis:
+        return Axis(origin=self.origin, block_s=self.block_s, period_s=1.0 / self.mains_hz)
+
+    @property
+    def n_periods(self) -> int:
+        return int(math.ceil(self.n_blocks * self.block_s * self.mains_hz))
+
     def phasors(self, wave: Waveform) -> BlockPhasors:
         return block_phasors(wave.time, wave.voltage, origin=self.origin, block_s=self.block_s,
                              n_blocks=self.n_blocks, mains_hz=self.mains_hz,
@@ -366,20 +382,11 @@ def _reference_frequency(ref: BlockPhasors, grid: _Grid) -> np.ndarray:
 # ---------------------------------------------------------------------------------- pair
 
 
-@dataclass
-class _Runs:
-    """Usable blocks (compacted) and the run each belongs to."""
-
-    index: np.ndarray  # block index of each usable block
-    offset: np.ndarray  # d_b (s)
-    period: np.ndarray  # 1/f_b (s)
-    run: np.ndarray  # run id (consecutive blocks)
-
-
-def _block_offsets(meter: BlockPhasors, ref: BlockPhasors, frequency: np.ndarray) -> _Runs:
-    usable = meter.valid & ref.valid & np.isfinite(frequency)
-    index = np.flatnonzero(usable)
-    cross = meter.phasor[index] * np.conj(ref.phasor[index])
+def _offsets(meter: np.ndarray, ref: np.ndarray, usable: np.ndarray,
+             frequency: np.ndarray) -> OffsetSeries:
+    """Offsets of usable cells from the phasors' cross phase at the local mains frequency."""
+    index = np.flatnonzero(usable & np.isfinite(frequency))
+    cross = meter[index] * np.conj(ref[index])
     period = 1.0 / frequency[index]
     cycles = -np.angle(cross) / (2.0 * math.pi)
     run = np.concatenate(([0], np.cumsum(np.diff(index) > 1))) if index.size else index
@@ -392,127 +399,25 @@ def _block_offsets(meter: BlockPhasors, ref: BlockPhasors, frequency: np.ndarray
         cycles = cycles - np.concatenate(([0.0], np.cumsum(turns)))
         mean = np.bincount(run, weights=cycles) / np.bincount(run)
         cycles = cycles - np.rint(mean)[run]
-    offset = cycles * period
-    return _Runs(index=index, offset=offset, period=period, run=run)
+    return OffsetSeries(index=index, offset=cycles * period, period=period, run=run)
 
 
-@dataclass(frozen=True)
-class _Step:
-    first_block: int  # blocks [first_block, last_block] are excluded around the step
-    last_block: int
-    size: float
-    interval: tuple[float, float]
+def _block_offsets(meter: BlockPhasors, ref: BlockPhasors, frequency: np.ndarray) -> OffsetSeries:
+    return _offsets(meter.phasor, ref.phasor, meter.valid & ref.valid, frequency)
 
 
-def _find_steps(runs: _Runs, grid: _Grid, threshold_floor: float) -> tuple[list[_Step], float]:
-    """Steps in the block offsets; also returns the robust block-to-block noise (s)."""
-    if runs.index.size < 3:
-        return [], math.nan
-    diff = np.diff(runs.offset)
-    diff[runs.run[1:] != runs.run[:-1]] = np.nan
-    padded = np.pad(diff, _MEDIAN_SPAN, constant_values=np.nan)
-    view = np.lib.stride_tricks.sliding_window_view(padded, 2 * _MEDIAN_SPAN + 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices at run edges
-        baseline = np.nanmedian(view, axis=1)
-    excess = diff - baseline
-    finite = excess[np.isfinite(excess)]
-    if finite.size == 0:
-        return [], math.nan
-    sigma = 1.4826 * float(np.median(np.abs(finite)))
-    threshold = max(threshold_floor, _STEP_SIGMAS * sigma)
-    candidate = np.flatnonzero(np.abs(np.nan_to_num(excess)) > threshold / 2)
-    steps: list[_Step] = []
-    k = 0
-    while k < candidate.size:
-        group = [int(candidate[k])]
-        if (k + 1 < candidate.size and candidate[k + 1] == candidate[k] + 1
-                and np.sign(excess[candidate[k]]) == np.sign(excess[candidate[k + 1]])
-                and runs.index[candidate[k] + 2] == runs.index[candidate[k]] + 2):
-            group.append(int(candidate[k + 1]))
-        k += len(group)
-        size = float(np.sum(excess[group]))
-        if abs(size) <= threshold:
-            continue
-        first = int(runs.index[group[0]])
-        last = int(runs.index[group[-1] + 1])
-        interval = (float(grid.block_start(first)), float(grid.block_start(last + 1)))
-        steps.append(_Step(first_block=first, last_block=last, size=size, interval=interval))
-    return steps, sigma
-
-
-def _side_line(runs: _Runs, lo_block: int, hi_block: int, run_id: int) -> tuple[float, float, float] | None:
-    """(centre, offset, slope) of the blocks of run ``run_id`` in [lo_block, hi_block]."""
-    sel = (runs.run == run_id) & (runs.index >= lo_block) & (runs.index <= hi_block)
-    if not sel.any():
-        return None
-    x = runs.index[sel].astype(np.float64)
-    y = runs.offset[sel]
-    centre = float(x.mean())
-    if x.size < 2:
-        return centre, float(y[0]), 0.0
-    slope, intercept = np.polyfit(x - centre, y, 1)
-    return centre, float(intercept), float(slope)
-
-
-def _locate_step(step: _Step, runs: _Runs, grid: _Grid, meter: Waveform,
-                 ref: Waveform) -> _Step:
-    """Place the step between two meter samples (cumulative misfit of the two offsets)."""
-    at = np.flatnonzero((runs.index >= step.first_block) & (runs.index <= step.last_block))
-    if at.size == 0:
-        return step
-    run_id = int(runs.run[at[0]])
-    left = _side_line(runs, step.first_block - _SIDE_BLOCKS, step.first_block - 1, run_id)
-    right = _side_line(runs, step.last_block + 1, step.last_block + _SIDE_BLOCKS, run_id)
-    if left is None or right is None:
-        return step
-    t0, t1 = step.interval
-    lo, hi = np.searchsorted(meter.time, [t0, t1])
-    t = meter.time[lo:hi]
-    v = meter.voltage[lo:hi].astype(np.float64)
-    good = np.isfinite(t) & np.isfinite(v)
-    t, v = t[good], v[good]
-    if t.size < 2:
-        return step
-    margin = 0.05
-    rlo, rhi = np.searchsorted(ref.time, [t0 - margin, t1 + margin])
-    rt = ref.time[rlo:rhi]
-    rv = ref.voltage[rlo:rhi].astype(np.float64)
-    rgood = np.isfinite(rt) & np.isfinite(rv)
-    rt, rv = rt[rgood], rv[rgood]
-    if rt.size < 2:
-        return step
-    position = (t - grid.origin) / grid.block_s - 0.5
-    d_left = left[1] + left[2] * (position - left[0])
-    d_right = right[1] + right[2] * (position - right[0])
-    a = np.interp(t - d_left, rt, rv)
-    b = np.interp(t - d_right, rt, rv)
-    v = v - v.mean()
-    scale = float(np.std(v)) / max(float(np.std(np.concatenate([a, b]))), 1e-30)
-    a = (a - a.mean()) * scale
-    b = (b - b.mean()) * scale
-    misfit = np.concatenate(([0.0], np.cumsum((v - a) ** 2 - (v - b) ** 2)))
-    j = int(np.argmin(misfit))
-    if j == 0 or j == t.size:
-        return step
-    return _Step(first_block=step.first_block, last_block=step.last_block, size=step.size,
-                 interval=(float(t[j - 1]), float(t[j])))
-
-
-def _align_blocks(meter: Waveform, ref: Waveform, meter_blocks: BlockPhasors,
-                  ref_blocks: BlockPhasors, frequency: np.ndarray, grid: _Grid, *,
-                  min_blocks: int, min_step_s: float) -> Alignment:
+def _align_blocks(meter: Waveform, ref: Waveform, samples: Reference,
+                  meter_blocks: BlockPhasors, ref_blocks: BlockPhasors, frequency: np.ndarray,
+                  grid: _Grid, *, min_blocks: int, min_step_s: float) -> Alignment:
     notes: list[str] = []
     runs = _block_offsets(meter_blocks, ref_blocks, frequency)
-    steps, noise = _find_steps(runs, grid, min_step_s)
-    steps = [_locate_step(s, runs, grid, meter, ref) for s in steps]
-    excluded = np.zeros(grid.n_blocks, dtype=bool)
-    for s in steps:
-        excluded[s.first_block:s.last_block + 1] = True
-    keep = ~excluded[runs.index]
+    gaps = np.concatenate([meter_blocks.holes, _in_meter_time(ref_blocks.holes, runs, grid)])
+    gaps = gaps[np.argsort(gaps[:, 0], kind="stable")]
+    found = _changes(meter, samples, meter_blocks, ref_blocks, runs, gaps, grid, min_step_s)
+    steps = found.changes
+    keep = ~_straddled(steps, grid)[runs.index]
     index, offset = runs.index[keep], runs.offset[keep]
 
-    gaps = np.concatenate([meter_blocks.holes, ref_blocks.holes])
     breaks = np.concatenate([gaps, np.array([s.interval for s in steps]).reshape(-1, 2)])
     step_size = np.concatenate([np.full(gaps.shape[0], np.nan), [s.size for s in steps]])
     order = np.argsort(0.5 * (breaks[:, 0] + breaks[:, 1]), kind="stable")
@@ -547,15 +452,14 @@ def _align_blocks(meter: Waveform, ref: Waveform, meter_blocks: BlockPhasors,
     pooled = COVERAGE_Z * np.sqrt(pooled_var * var_factor) if pooled_dof > 0 else np.inf
     if not pooled_dof > 0:
         notes.append("no window had spare blocks to estimate the scatter: uncertainty unknown")
-    resolution = 0.5 * np.spacing(np.maximum(np.abs(start), np.abs(end)))
+    # Each of the two stamps of one instant is rounded by up to half the float64 spacing, so
+    # their difference is only defined to one spacing: a bound, added linearly.
+    resolution = np.spacing(np.maximum(np.abs(start), np.abs(end)))
     statistical = np.where(dof > 0, np.maximum(own, pooled), pooled)
-    uncertainty = np.sqrt(statistical**2 + resolution**2)
-    if steps:
-        notes.append(f"{len(steps)} offset steps located (duplicated or dropped samples)")
+    uncertainty = statistical + resolution
+    notes.extend(_change_notes(found))
     if gaps.size:
         notes.append(f"{gaps.shape[0]} gaps in the data break the alignment")
-    if math.isfinite(noise):
-        notes.append(f"block-to-block offset noise {noise * 1e9:.0f} ns")
     # Slope is per second: the fit runs on seconds.
     result = Alignment(
         meter=meter.name, reference=ref.name,
@@ -573,6 +477,63 @@ def _align_blocks(meter: Waveform, ref: Waveform, meter_blocks: BlockPhasors,
     logger.debug("aligned %s on %s: %d pieces, %d steps, %d gaps", meter.name, ref.name,
                  len(result), len(steps), gaps.shape[0])
     return result
+
+
+def _changes(meter: Waveform, ref: Reference, meter_blocks: BlockPhasors,
+             ref_blocks: BlockPhasors, runs: OffsetSeries, gaps: np.ndarray, grid: _Grid,
+             min_step_s: float) -> Changes:
+    """Steps and excursions of the offset (``_steps``), judged with the per-period misfit of
+    the meter against the reference under the block offsets (``_misfit``)."""
+    if runs.index.size == 0:
+        return find_changes(runs, grid.axis, np.full(grid.n_periods, np.nan),
+                            Samples(meter.time, meter.voltage), ref, ref_blocks.holes, gaps,
+                            gain=1.0, misfit_floor=math.inf, min_step_s=min_step_s)
+    amplitude = np.abs(ref_blocks.phasor[runs.index])
+    gain = float(np.median(np.abs(meter_blocks.phasor[runs.index]) / amplitude))
+    misfit = period_misfit(meter.time, meter.voltage, ref,
+                           knots=grid.centres[runs.index], offsets=runs.offset, gain=gain,
+                           origin=grid.origin, period_s=1.0 / grid.mains_hz,
+                           n_periods=grid.n_periods, gaps=gaps)
+    # A misfit far below what a step of min_step_s adds is float noise, not a change.
+    rms = math.sqrt(2.0) * float(np.median(amplitude))
+    floor = 0.01 * (2.0 * math.pi * grid.mains_hz * rms * min_step_s) ** 2
+    return find_changes(runs, grid.axis, misfit, Samples(meter.time, meter.voltage), ref,
+                        ref_blocks.holes, gaps, gain=gain, misfit_floor=floor,
+                        min_step_s=min_step_s)
+
+
+def _in_meter_time(holes: np.ndarray, blocks: OffsetSeries, grid: _Grid) -> np.ndarray:
+    """The reference's holes on the meter's time axis (moved by the block offsets)."""
+    if holes.size == 0 or blocks.index.size == 0:
+        return holes.reshape(-1, 2)
+    knots = grid.centres[blocks.index] - blocks.offset
+    return holes + np.interp(holes, knots, blocks.offset)
+
+
+def _straddled(changes: list[Change], grid: _Grid) -> np.ndarray:
+    """Blocks holding a change (their phasor mixes both sides): left out of the fits."""
+    out = np.zeros(grid.n_blocks, dtype=bool)
+    for change in changes:
+        lo, hi = np.floor((np.asarray(change.interval) - grid.origin) / grid.block_s)
+        out[max(int(lo), 0):min(int(hi), grid.n_blocks - 1) + 1] = True
+    return out
+
+
+def _change_notes(found: Changes) -> list[str]:
+    notes = []
+    located = sum(1 for c in found.changes if c.located)
+    if located:
+        notes.append(f"{located} offset steps located (stored-time jumps of either meter: "
+                     "duplicated, dropped or refused samples, RTC restarts)")
+    if found.excursions:
+        notes.append(f"{found.excursions} of them bound short excursions (both meters' "
+                     "jumps nearly coincide)")
+    if len(found.changes) > located:
+        notes.append(f"{len(found.changes) - located} offset steps could not be located "
+                     "to the sample: their blocks are breaks")
+    if math.isfinite(found.block_noise):
+        notes.append(f"block-to-block offset noise {found.block_noise * 1e9:.0f} ns")
+    return notes
 
 
 def _fit_lines(x: np.ndarray, y: np.ndarray, group: np.ndarray, n: int) -> tuple[
