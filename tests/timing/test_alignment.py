@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from smartmeter_ophyd.timing import (
     apply_alignment,
 )
 
-from ._signals import T0, SimMeter, simulate, true_offset
+from ._signals import LSB_V, NOISE_V, T0, SimMeter, simulate, true_offset
 
 RESIDUAL_LIMIT_S = 10e-6
 
@@ -51,6 +52,43 @@ def three_meters() -> tuple[dict[str, SimMeter], dict[str, Alignment]]:
     return meters, align([wave(m) for m in meters.values()], "b")
 
 
+def with_stored_jumps(m: SimMeter, jumps: tuple[tuple[float, float], ...], seed: int) -> SimMeter:
+    """The meter with its stored-time error jumping by ``size`` at stored time ``at`` (s
+    after T0) for each ``(at, size)``, as the time model's RTC restarts and refused samples
+    do: the stamps stay, the true instants (and so the values) move by ``-size``."""
+    true_rel = m.true_rel.copy()
+    for at, size in jumps:
+        true_rel[m.rel_time >= at] -= size
+    volts = GridModel(seed=7).voltage(T0 + true_rel)[:, 0]
+    rng = np.random.default_rng(seed)
+    noise = (rng.random(volts.size) + rng.random(volts.size) - 1.0) * NOISE_V * math.sqrt(6.0)
+    values = (np.rint((volts + noise) / LSB_V) * LSB_V).astype(np.float32)
+    return replace(m, true_rel=true_rel, voltage=values)
+
+
+def offset_truth(m: SimMeter, reference: SimMeter, rel: np.ndarray) -> np.ndarray:
+    """True offset at meter stamps ``rel`` (s after T0; held beyond the meter's samples):
+    each sample's stamp minus the reference's stamp of the same instant, read off the
+    reference's own samples (its jumps included)."""
+    per_sample = m.rel_time - np.interp(m.true_rel, reference.true_rel, reference.rel_time)
+    return np.interp(rel, m.rel_time, per_sample)
+
+
+def check_against_truth(a: Alignment, m: SimMeter, reference: SimMeter) -> np.ndarray:
+    """Every window and every sample with an offset within 10 us of the truth, every window
+    covered by its uncertainty; returns the samples' residuals (NaN where no offset)."""
+    mid = 0.5 * (a.window_start + a.window_end) - T0
+    error = a.offset_s - offset_truth(m, reference, mid)
+    assert np.abs(error).max() <= RESIDUAL_LIMIT_S
+    assert np.all(np.abs(error) <= a.uncertainty_s)
+    covered = (m.true_rel > reference.true_rel[0]) & (m.true_rel < reference.true_rel[-1])
+    residual = apply_alignment(m.time, a) - T0 - (
+        m.rel_time - offset_truth(m, reference, m.rel_time))
+    residual[~covered] = np.nan
+    assert np.nanmax(np.abs(residual)) <= RESIDUAL_LIMIT_S
+    return residual
+
+
 def test_three_meters_at_8khz_meet_10us_and_coverage(three_meters) -> None:
     meters, result = three_meters
     ref = meters["b"]
@@ -75,6 +113,7 @@ def test_three_meters_at_8khz_meet_10us_and_coverage(three_meters) -> None:
         assert a.correlation.min() > 0.99999
         assert a.n_samples.sum() > 0.97 * meters[name].voltage.size
         assert np.all(np.isfinite(a.uncertainty_s)) and np.all(a.uncertainty_s > 0)
+        assert len(a.breaks) == 0, a.breaks - T0  # nothing to break on in clean data
     assert np.mean(covered) >= 0.95
 
 
@@ -108,6 +147,68 @@ def test_duplicated_or_dropped_samples_become_located_steps(kind: str, n: int, s
     error = a.offset_s - window_truth(a, m, ref)
     assert np.abs(error).max() <= RESIDUAL_LIMIT_S
     assert np.all(np.abs(error) <= a.uncertainty_s)
+
+
+# Stored-time jumps of arbitrary size (not whole samples) at 0.45 s and 0.4 s from the ends:
+# fewer than five blocks (and at 18 ms, no whole block) on the short side.
+@pytest.mark.parametrize("jumps", [
+    ((0.03, 70e-6), (3.97, -117e-6)),
+    ((0.26, -40e-6), (3.88, 31e-6)),
+    ((0.45, 9e-6), (3.75, -63e-6)),
+])
+def test_non_sample_steps_next_to_both_ends_are_located(jumps) -> None:
+    ref = simulate("ref", offset_s=0.0, drift_ppm=-20.0, seed=81, duration_s=4)
+    m = with_stored_jumps(simulate("m", offset_s=1.1e-3, drift_ppm=30.0, start_rel=0.0123,
+                                   seed=82, duration_s=4), jumps, seed=82)
+    a = align_pair(wave(m), wave(ref))
+    steps = np.isfinite(a.break_step_s)
+    assert np.count_nonzero(steps) == len(jumps), (a.breaks - T0, a.break_step_s)
+    for (at, size), (lo, hi), found in zip(jumps, a.breaks[steps] - T0,
+                                           a.break_step_s[steps], strict=True):
+        assert lo < at + 1e-9 and at - 1e-9 < hi and hi - lo < 1.5 / 8000  # the sample pair
+        assert found == pytest.approx(size, abs=1e-6)
+    residual = check_against_truth(a, m, ref)
+    # Only the stretches too short for a piece (under min_blocks blocks) have no offset.
+    assert np.count_nonzero(np.isnan(residual)) < 0.15 * residual.size
+
+
+def test_jumps_at_the_same_stamp_in_both_meters_bound_an_excursion() -> None:
+    """Alike crystals, seconds started together: both stored times jump at the same stamp.
+    For the meter's offset (1 ms) after it, one meter has jumped and the other not: the
+    offset jumps and jumps back.  Blocks on the stamps shift alike and cannot see it; the
+    window midpoints (x.5 s) land inside it."""
+    jumps = ((0.4995, 62.5e-6), (2.4998, 30e-6), (4.4999, -125e-6))
+    ref = with_stored_jumps(simulate("ref", offset_s=0.0, drift_ppm=30.0, seed=91,
+                                     duration_s=5.3), jumps, seed=91)
+    m = with_stored_jumps(simulate("m", offset_s=1.0e-3, drift_ppm=30.0, seed=92,
+                                   duration_s=5.3), jumps, seed=92)
+    a = align_pair(wave(m), wave(ref))
+    assert np.count_nonzero(np.isfinite(a.break_step_s)) == 2 * len(jumps)
+    pairs = a.breaks.reshape(len(jumps), 2, 2) - T0
+    for (at, size), edges, sizes in zip(jumps, pairs, a.break_step_s.reshape(-1, 2),
+                                        strict=True):
+        start, end = edges[0].mean(), edges[1].mean()
+        assert start == pytest.approx(at, abs=1.5 / 8000)
+        assert end - start == pytest.approx(1.0e-3, abs=2.5 / 8000)  # |d| later
+        assert sizes == pytest.approx([size, -size], abs=5e-6)
+        # No piece reaches into the excursion.
+        assert not np.any((a.window_start - T0 < end) & (a.window_end - T0 > start))
+    residual = check_against_truth(a, m, ref)
+    # The excursions' samples have no offset (no piece); everything else has one.
+    assert np.count_nonzero(np.isnan(residual)) <= len(jumps) * 12
+
+
+def test_a_step_next_to_a_gap_is_located() -> None:
+    ref = simulate("ref", offset_s=0.0, drift_ppm=0.0, seed=101, duration_s=5)
+    m = simulate("m", offset_s=-1.3e-3, drift_ppm=10.0, start_rel=0.004, seed=102,
+                 duration_s=5, edits=(("gap", 2.0, 800),))
+    m = with_stored_jumps(m, ((2.141, -88e-6),), seed=102)
+    a = align_pair(wave(m), wave(ref))
+    steps = np.isfinite(a.break_step_s)
+    assert np.count_nonzero(steps) == 1 and np.count_nonzero(~steps) == 1
+    lo, hi = a.breaks[steps][0] - T0
+    assert lo < 2.141 < hi + 1e-9 and a.break_step_s[steps][0] == pytest.approx(-88e-6, abs=1e-6)
+    check_against_truth(a, m, ref)
 
 
 def test_gaps_split_windows_and_are_never_bridged() -> None:
