@@ -8,7 +8,8 @@ meter starts at its kickoff) and records, from the RunEngine's messages and docu
 * ``gate``: call -> ``open_run`` (the NTP gate and the settings);
 * ``kickoff``: kickoff messages -> the release wait done, i.e. the first sample of every
   meter (the device's kickoff completes on it);
-* ``data``: release -> the meters' completion (the duration, the meter's tail, §4.8);
+* ``data``: release -> the stop document (the duration, the meter's tail (§4.8), the last
+  collects and records);
 * ``stop -> closed``: the stop document emitted -> the run closed in the catalog.  For the
   sink it is its wait for the writer process; for ``TiledWriter`` its stop handling (it
   writes synchronously); for ``none`` nothing is written;
@@ -67,8 +68,6 @@ class Marks:
             self.t.setdefault("kickoff", now)
         elif msg.command == "wait" and str(msg.kwargs.get("group", "")).startswith("release"):
             self._release_wait = True
-        elif msg.command == "trigger" and "released" in self.t:
-            self.t.setdefault("completed", now)  # the final records after the last collect
 
     def doc(self, name: str, doc: dict[str, Any]) -> None:
         if name == "stop":
@@ -116,7 +115,7 @@ def fly_once(
         "overhead": t_end - t0 - seconds,
         "gate": t["open_run"] - t0,
         "kickoff": t["released"] - t["kickoff"],
-        "data": t.get("completed", t["stop"]) - t["released"],
+        "data": t["stop"] - t["released"],
         "close": close,
         "cpu": cpu_seconds() - cpu0,
     }

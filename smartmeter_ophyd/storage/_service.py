@@ -381,7 +381,27 @@ class _Writer:
 
             event.listen(engine.sync_engine, "connect", pragmas)
         await self.root.startup()
+        await self._warm_up()
         self.writer = DirectCatalogWriter(self.root, live_period=self.config.live_period)
+
+    async def _warm_up(self) -> None:
+        """Pay the first-use costs now, not at a run's stop: the first event table otherwise
+        costs ~0.5 s of lazy imports (anyio's thread backend, the ADBC driver) and pool setup."""
+        import anyio.to_thread
+        from tiled.adapters.sql import SQLAdapter  # noqa: F401 - imported for its side effect
+        from tiled.storage import SQLStorage
+
+        await anyio.to_thread.run_sync(lambda: None)
+        for storage in self.root.context.writable_storage.values():
+            if isinstance(storage, SQLStorage):
+                connection = storage.connect()
+                try:
+                    cursor = connection.cursor()
+                    cursor.execute("SELECT 1")
+                    cursor.fetchall()
+                    cursor.close()
+                finally:
+                    connection.close()
 
     async def run(self) -> None:
         lock = _try_lock(self.session / WRITER_LOCK)
