@@ -28,10 +28,10 @@ Method
 3. **Location.**  On the meter's own samples over the span and margins, against the
    reference interpolated (cubic Hermite) at ``t - d``.  The meter's gain and DC and the
    offset line on each side (the local block slope, an intercept per side) are fitted on
-   the margins by Gauss-Newton.  Three hypotheses: the line before, the line after, and a
-   middle stretch at a free offset.  The two change points are chosen exhaustively for
-   each of a log grid of middle offsets (prefix sums and a running minimum: O(n) per
-   trial), the best refined by Gauss-Newton.
+   the margins by Gauss-Newton.  Between the margins, three hypotheses: the line before,
+   the line after, and a middle stretch at a free offset.  The two change points are
+   chosen exhaustively for each of a log grid of middle offsets up to twelve samples
+   (prefix sums and a running minimum: O(n) per trial), the best refined by Gauss-Newton.
 4. **Decision.**  A middle stretch is kept when it lowers the misfit by more than
    ``STEP_SIGMAS**2`` sample variances against the best single step; a single step when it
    lowers it that much against no change.  A change becomes a break only if it is at least
@@ -74,8 +74,11 @@ _GROUP_PERIODS: Final = 25
 """Periods per group whose median is the misfit's local baseline."""
 _MARGIN_PERIODS: Final = 3
 """Clean periods on each side of an event that fix the gain, DC and the side offsets."""
-_TRIALS: Final = np.geomspace(0.2e-6, 5e-3, 24)
-"""Trial offsets (s) of a middle stretch against the line before, each sign."""
+_REACH_SAMPLES: Final = 12
+"""Largest offset of a middle stretch looked for, in meter samples (§6.5 corrects at most
+ten samples per sync): samples this close to a hole of the reference are not compared."""
+_UNEXPLAINED_SIGMAS: Final = 5.0
+"""A sample neither side explains misses both by this many noise deviations."""
 _NEWTON_STEPS: Final = 3
 
 
@@ -335,8 +338,8 @@ def _merge(spans: list[tuple[float, float, tuple[int, int, float] | None]], peri
 
 def _margin(clean: np.ndarray, axis: Axis, edge: float, *, before: bool,
             fence: float) -> tuple[float, float] | None:
-    """Up to ``_MARGIN_PERIODS`` clean periods next to ``edge`` (not past ``fence``), as a
-    time interval; None if the period next to it is not clean."""
+    """Up to ``_MARGIN_PERIODS`` clean periods next to the period holding ``edge`` (not past
+    ``fence``), as a time interval; None if the period next to it is not clean."""
     p = axis.period_of(edge)
     step = -1 if before else 1
     taken = 0
@@ -350,8 +353,8 @@ def _margin(clean: np.ndarray, axis: Axis, edge: float, *, before: bool,
     if taken == 0:
         return None
     if before:
-        return axis.period_start(p - taken), edge
-    return edge, axis.period_start(p + 1 + taken)
+        return axis.period_start(p - taken), axis.period_start(p)
+    return axis.period_start(p + 1), axis.period_start(p + 1 + taken)
 
 
 # ------------------------------------------------------------------------------- location
@@ -403,16 +406,20 @@ class _Model:
     dc: float
     variance: float
     """Sample variance of the residual on the margins."""
-
-    def residual(self, d: np.ndarray, sel: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        """(meter minus scaled reference at ``t - d``, the reference's slope there)."""
+    def residual(self, d: np.ndarray, sel: slice | np.ndarray = slice(None)) -> tuple[
+            np.ndarray, np.ndarray]:
+        """(meter minus scaled reference at ``t - d``, the reference's slope there); ``d``
+        may have a leading axis of hypotheses."""
         value, slope = self.cubic(self.t[sel] - d)
         return self.v[sel] - self.dc - self.gain * value, slope
 
     def prefix(self, d: np.ndarray) -> np.ndarray:
-        """Cumulative squared residual: ``out[j]`` is the misfit of the samples before ``j``."""
+        """Cumulative squared residual along the last axis: ``out[..., j]`` is the misfit of
+        the samples before ``j`` (``d`` as in ``residual``)."""
         r = self.residual(d)[0]
-        return np.concatenate(([0.0], np.cumsum(r * r)))
+        out = np.zeros(r.shape[:-1] + (r.shape[-1] + 1,))
+        np.cumsum(r * r, axis=-1, out=out[..., 1:])
+        return out
 
 
 def _sides(t: np.ndarray, v: np.ndarray, cubic: _Cubic, margins: list[tuple[np.ndarray, _Line]],
@@ -435,7 +442,8 @@ def _sides(t: np.ndarray, v: np.ndarray, cubic: _Cubic, margins: list[tuple[np.n
         r = y - dc - gain * a
         columns = [np.ones_like(x), a] + [np.where(side == k, -gain * s, 0.0)
                                           for k in range(len(lines))]
-        step = np.linalg.lstsq(np.stack(columns, axis=1), r, rcond=None)[0]
+        design = np.stack(columns)
+        step = np.linalg.solve(design @ design.T, design @ r)
         dc += float(step[0])
         gain += float(step[1])
         values = values + step[2:]
@@ -461,7 +469,8 @@ def _model(event: _Event, left: tuple[float, float] | None, right: tuple[float, 
     anchor = float(stamps[0])
     t = stamps - anchor
     guess = prior(stamps)
-    reach = float(_TRIALS[-1])
+    spacing = float(np.median(np.diff(stamps)))
+    reach = _REACH_SAMPLES * spacing
     rt, rv = _finite(ref.time, ref.voltage, float(stamps[0] - guess[0]) - 2 * reach,
                      float(stamps[-1] - guess[-1]) + 2 * reach)
     if rt.size < 16:
@@ -498,8 +507,15 @@ def _model(event: _Event, left: tuple[float, float] | None, right: tuple[float, 
     it = iter(lines)
     left_line = next(it) if margins[0] is not None else None
     right_line = next(it) if margins[1] is not None else None
-    model = _Model(t=t, v=v, cubic=cubic, gain=gain, dc=dc, variance=variance)
-    return model, stamps, left_line, right_line
+    # The margins fixed the sides; the changes are sought between them.
+    inner = np.ones(t.size, dtype=bool)
+    for margin in margins:
+        if margin is not None:
+            inner &= ~margin[0]
+    if np.count_nonzero(inner) < 4:
+        return None
+    model = _Model(t=t[inner], v=v[inner], cubic=cubic, gain=gain, dc=dc, variance=variance)
+    return model, stamps[inner], left_line, right_line
 
 
 def _locate(event: _Event, left_margin: tuple[float, float] | None,
@@ -516,9 +532,18 @@ def _locate(event: _Event, left_margin: tuple[float, float] | None,
     base_line = left if left is not None else right
     assert base_line is not None
     base = base_line(t)
-    before = model.prefix(left(t)) if left is not None else None
-    after = model.prefix(right(t)) if right is not None else None
-    middle = _middle(model, base, before, after)
+    limit = _UNEXPLAINED_SIGMAS**2 * model.variance
+    unexplained = np.ones(t.size, dtype=bool)
+    before = after = None
+    if left is not None:
+        r = model.residual(left(t))[0]
+        unexplained &= r * r > limit
+        before = np.concatenate(([0.0], np.cumsum(r * r)))
+    if right is not None:
+        r = model.residual(right(t))[0]
+        unexplained &= r * r > limit
+        after = np.concatenate(([0.0], np.cumsum(r * r)))
+    middle = _middle(model, base, before, after, unexplained)
     enough = STEP_SIGMAS**2 * model.variance
 
     def offset(line: _Line, j: int, shift: float = 0.0) -> float:
@@ -567,8 +592,11 @@ def _segment(left: np.ndarray | None, right: np.ndarray | None,
     running = np.minimum.accumulate(a, axis=1)
     total = running + b
     j1 = np.argmin(total, axis=1)
-    j0 = np.array([int(np.argmin(a[row, :j + 1])) for row, j in enumerate(j1)], dtype=np.int64)
-    return total[np.arange(rows), j1], j0, j1
+    # Where each row's running minimum was last reached: the best j0 for every j1.
+    columns = np.arange(size)
+    where = np.maximum.accumulate(np.where(a <= running, columns[None, :], 0), axis=1)
+    rows_ = np.arange(rows)
+    return total[rows_, j1], where[rows_, j1], j1
 
 
 def _refine(model: _Model, base: np.ndarray, h: float, a: int, b: int) -> float:
@@ -583,30 +611,34 @@ def _refine(model: _Model, base: np.ndarray, h: float, a: int, b: int) -> float:
 
 
 def _middle(model: _Model, base: np.ndarray, left: np.ndarray | None,
-            right: np.ndarray | None) -> tuple[float, int, int, float] | None:
-    """The best middle stretch (misfit, j0, j1, offset against ``base``) over the trial
-    offsets, its offset refined by Gauss-Newton; None if no trial has one.
+            right: np.ndarray | None, unexplained: np.ndarray) -> tuple[
+                float, int, int, float] | None:
+    """The best middle stretch (misfit, j0, j1, offset against ``base``); None without one.
 
-    The offset is fitted on the stretch's inner samples: an end sample may have been taken
-    while only one meter had jumped (the other skipped that instant) and fits no hypothesis.
+    It starts from the offset the samples neither side explains point to, and alternates
+    the change points with Gauss-Newton on the stretch's inner samples: an end sample may
+    have been taken while only one meter had jumped (the other skipped that instant) and
+    fits no hypothesis.
     """
-    trials = np.concatenate([-_TRIALS[::-1], _TRIALS])
-    cost, j0, j1 = _segment(left, right, np.stack([model.prefix(base + h) for h in trials]))
-    has = j1 > j0
-    if not has.any():
+    if not unexplained.any():
         return None
-    pick = int(np.argmin(np.where(has, cost, np.inf)))
-    best = (float(cost[pick]), int(j0[pick]), int(j1[pick]), float(trials[pick]))
-    for _ in range(3):
-        _, a, b, h = best
-        inner = (a + 1, b - 1) if b - a >= 3 else (a, b)
-        h = _refine(model, base, h, *inner)
+    r, s = model.residual(base[unexplained], unexplained)
+    weight = float(np.sum(s * s))
+    if not weight > 0:
+        return None
+    h = -float(np.sum(r * s)) / (model.gain * weight)
+    best: tuple[float, int, int, float] | None = None
+    a = b = -1
+    for _ in range(4):
         c, new0, new1 = _segment(left, right, model.prefix(base + h)[None, :])
         if not new1[0] > new0[0]:
             break
         best = (float(c[0]), int(new0[0]), int(new1[0]), h)
         if (best[1], best[2]) == (a, b):
             break
+        a, b = best[1], best[2]
+        inner = (a + 1, b - 1) if b - a >= 3 else (a, b)
+        h = _refine(model, base, h, *inner)
     return best
 
 
