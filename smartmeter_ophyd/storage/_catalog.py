@@ -52,6 +52,8 @@ from typing import Any, Final
 
 import yaml
 
+from ..quiet import quiet_tiled
+
 logger = logging.getLogger(__name__)
 
 BLUESKY_SPEC: Final = {"name": "CatalogOfBlueskyRuns", "version": "3.0"}
@@ -184,6 +186,7 @@ def setup_embedded_catalog(
     readable = (data_dir, *(Path(p).resolve() for p in extra_readable_storage))
     catalog_uri = f"sqlite:///{root / 'catalog.db'}"
 
+    quiet_tiled()
     from tiled.catalog import from_uri as catalog_from_uri
 
     if not (root / "catalog.db").exists():
@@ -250,9 +253,11 @@ def _use_wal(database: Path) -> None:
 
 
 def open_catalog(profile: str = DEFAULT_PROFILE) -> Any:
-    """Open a catalog by profile name through ``databroker.from_profile``."""
+    """Open a catalog by profile name through ``databroker.from_profile`` (quietly: no Tiled
+    banner, no Starlette test-client warning, see :mod:`smartmeter_ophyd.quiet`)."""
     import databroker
 
+    quiet_tiled()
     return databroker.from_profile(profile)
 
 
