@@ -55,6 +55,7 @@ from ..protocol import (
     ReplyView,
     Sample,
     SampleReply,
+    Samples,
     Stop,
     StopReply,
     Transport,
@@ -62,7 +63,6 @@ from ..protocol import (
     chunk_size,
     parse_reply,
 )
-from ..protocol._events import Samples
 from ._errors import (
     MeterBusyError,
     MeterCommandError,

@@ -25,8 +25,7 @@ from ophyd import Device, Kind, Signal
 from ophyd.signal import SignalRO
 from ophyd.status import Status
 
-from ..client import MeterTimeoutError, MqttBroker
-from ..client._mqtt import MeterStatus
+from ..client import MeterStatus, MeterTimeoutError, MqttBroker
 
 logger = logging.getLogger(__name__)
 

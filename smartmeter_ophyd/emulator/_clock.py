@@ -40,8 +40,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..protocol import FIRMWARE_SNTP_REQUEST, RemoteProtocolError, firmware_time_is_plausible
-from ..protocol._sntp import parse_packet
+from ..protocol import (
+    FIRMWARE_SNTP_REQUEST,
+    RemoteProtocolError,
+    firmware_time_is_plausible,
+    parse_packet,
+)
 
 __all__ = [
     "MeterClock",

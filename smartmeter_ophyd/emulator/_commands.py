@@ -40,6 +40,7 @@ from smartmeter_ophyd.protocol import (
 from . import _texts as texts
 from ._clock import split_ms
 from ._endpoints import Endpoint
+from ._model import PendingStart, SampleSettings
 from ._sinks import SINK_FACTORIES, EndpointSink, SinkRequest
 
 if TYPE_CHECKING:
@@ -460,8 +461,6 @@ async def cmd_reboot(meter: EmulatedMeter, request: Request, reply: dict[str, An
 
 async def cmd_sample(meter: EmulatedMeter, request: Request, reply: dict[str, Any]) -> object:
     """handleJSON/sample with the validation order of §4.1."""
-    from ._meter import PendingStart, SampleSettings
-
     payload = request.payload
     type_text = arduino_str(payload.get("type"))
     rate = arduino_int(payload.get("rate"))
@@ -500,7 +499,7 @@ async def cmd_sample(meter: EmulatedMeter, request: Request, reply: dict[str, An
             reply["msg"] = texts.UNSUPPORTED_UDP_PORT.format(port=udp_port)
             return None
         udp_port &= 0xFFFF
-    if transport is Transport.FFMPEG and not meter._raw_pending:
+    if transport is Transport.FFMPEG and not meter.raw_stream_pending:
         reply["msg"] = texts.NO_TCP_STREAM
         return None
     if transport is Transport.SERIAL and meter.serial is None:

@@ -32,7 +32,6 @@ from smartmeter_ophyd.protocol import (
     FRAME_HEADER_SIZE,
     RING_BUFFER_BYTES,
     LogLevel,
-    Measures,
     Transport,
     encode_frame,
     encode_frames,
@@ -47,8 +46,11 @@ from smartmeter_ophyd.protocol import (
 
 from . import _texts as texts
 from ._clock import MeterClock, NetworkModel, SntpResult, sntp_sync
+from ._commands import handle_line
+from ._control import ControlServer
 from ._endpoints import Endpoint, SerialEndpoint, TcpEndpoint
 from ._grid import GridModel
+from ._model import Faults, PendingStart, SampleSettings, Session
 from ._mqtt import MeterMqtt
 from ._sampling import RingBuffer, SamplingEngine, SessionTruth, SyncRecord
 from ._sinks import EndpointSink, MqttSink, Sink
@@ -121,77 +123,6 @@ class EmulatorConfig:
     """§2.9: echo a fragment of the reply text as ``cmd`` where the firmware corrupts it."""
     seed: int = 0
     """Seed of the emulator's own randomness (the scheduled start's 0–199 ms wait)."""
-
-
-@dataclass
-class SampleSettings:
-    """The firmware's stored stream configuration (``standardConfig``, §4.1 step 3)."""
-
-    transport: Transport = Transport.TCP
-    prefix: bool = True
-    flow_control: bool = False
-    rate: int = 8000
-    measures: Measures = Measures.VI
-    rts: bool = True
-    slot: tuple[int, int] | None = None
-
-
-@dataclass
-class Session:
-    """A running sampling session."""
-
-    settings: SampleSettings
-    engine: SamplingEngine
-    sink: Sink
-    requester: Endpoint | None
-    chunk: int
-    waveform: bool = True
-    """False for the latched path (reqSamples is refused there, §5.2)."""
-    raw_stream: bool = False
-    packet: int = 0
-    sent_payload_bytes: int = 0
-    start_ts_text: str = "0.000"
-    rate_log_marks: int = 0
-    """Rate marks of the engine already logged (§4.7)."""
-    seconds_seen: int = 0
-    """RTC seconds of the engine already checked for ``MISSED`` (§4.7)."""
-    slot_sink: Sink | None = None
-    slot_active: bool = False
-    slot_sent_bytes: int = 0
-
-    @property
-    def bps(self) -> int:
-        return self.settings.measures.bytes_per_sample
-
-    @property
-    def channels(self) -> int:
-        return self.settings.measures.values_per_sample
-
-
-@dataclass
-class PendingStart:
-    """A scheduled start waiting in the idle loop (§6.4)."""
-
-    at_s: int
-    settings: SampleSettings
-    sink: Sink
-    requester: Endpoint | None
-    due_true: float | None = None
-    """True instant the ``millis()`` countdown ends (see ``EmulatedMeter.countdown_true``);
-    None: when the meter clock reads ``at_s`` - 1 ms."""
-
-
-@dataclass
-class Faults:
-    """Test-only fault injection (control channel)."""
-
-    stall_s: float = 0.0
-    garbage: bytes = b""
-    log_in_frame: str | None = None
-    logs_into_frames: int = 0
-    """The meter's next N log lines to the sampling connection land inside data frames."""
-    held_logs: list[bytes] = field(default_factory=list)
-    drop_datagrams: int = 0
 
 
 @dataclass
@@ -324,8 +255,6 @@ class EmulatedMeter:
             self.serial.attach(loop)
             self.serial.on_input = self._wake.set
         if self.config.control_port is not None and self.control is None:
-            from ._control import ControlServer
-
             self.control = ControlServer(self, self.config.host, self.config.control_port)
             await self.control.start()
         await self._boot()
@@ -523,6 +452,11 @@ class EmulatedMeter:
                 sink.endpoint.close()
         self._wake.set()
 
+    @property
+    def raw_stream_pending(self) -> bool:
+        """A client waits on the raw stream port (§7.1; what ``type:"FFMPEG"`` needs, §7.3)."""
+        return bool(self._raw_pending)
+
     def endpoints(self) -> list[Endpoint]:
         eps: list[Endpoint] = []
         if self.serial is not None:
@@ -698,8 +632,6 @@ class EmulatedMeter:
                     await self._wake.wait()
 
     async def _handle_input(self) -> None:
-        from ._commands import handle_line
-
         for ep in self.endpoints():
             line = ep.next_line()
             if line is None:

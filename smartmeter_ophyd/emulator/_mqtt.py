@@ -53,7 +53,8 @@ from . import _texts as texts
 
 if TYPE_CHECKING:
     from ._endpoints import Endpoint
-    from ._meter import EmulatedMeter, Session
+    from ._meter import EmulatedMeter
+    from ._model import Session
 
 logger = logging.getLogger(__name__)
 
