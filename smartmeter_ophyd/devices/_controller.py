@@ -545,6 +545,8 @@ class FlyController:
         writer.rewrite_times(modelled.times, "time model", modelled.notes)
 
     def _judge(self, summary: SessionSummary | None) -> BaseException | None:
+        if self._cause is not None and self._cause is self._write_error:
+            return self._unwritten_error(summary)
         if self._cause is not None:
             return self._cause
         if summary is None:
@@ -569,6 +571,19 @@ class FlyController:
                 reason = "the connection to the meter was lost during the fly; " + reason
             return FlyError(self.label, reason)
         return None
+
+
+    def _unwritten_error(self, summary: SessionSummary | None) -> FlyError:
+        """The write error, declaring how many received samples never reached the file."""
+        writer, error = self.writer, self._write_error
+        assert writer is not None and isinstance(error, FlyError)
+        received = (summary.received_samples if summary is not None
+                    else writer.samples_appended + self._unwritten)
+        written = writer.samples_written
+        return FlyError(self.label, (
+            f"{error.detail}; {received - written} of {received} received samples were not "
+            f"written (the file holds the first {written})"
+        ))
 
 
 def check_not_running(controller: FlyController | None, label: str, what: str) -> None:

@@ -72,6 +72,7 @@ cannot advance the clock, so later times are too early - the file then carries
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -100,6 +101,10 @@ START_SOURCE_REPLY: Final = "sample reply startTs"
 """``start_ts_source`` of a file whose origin is the sample reply's ``startTs`` (§4.4)."""
 START_SOURCE_STOP_REPLY: Final = "stop reply start_ts"
 """``start_ts_source`` after :meth:`WaveformWriter.rebase_start` with the stop reply's value."""
+DISK_RESERVE_BYTES: Final = 256 * 1024
+"""Free space kept for the file's metadata: rows are refused before the disk is this full, so
+the file can still be closed.  HDF5 cannot close a file whose metadata flush hits a full disk
+(the id stays open and h5py may crash at garbage collection)."""
 UNKNOWN_MISSING: Final = -1
 """Value of ``/gaps/missing_samples`` when the decoder could not tell how many samples were lost."""
 
@@ -600,6 +605,7 @@ class WaveformWriter:
         self._last_write = time.monotonic()
 
     def _write_rows(self, values: npt.NDArray[np.float32]) -> None:
+        self._check_space(values.shape[0])
         start = self._on_disk
         stop = start + values.shape[0]
         for k, ds in enumerate(self._channel_ds):
@@ -608,6 +614,19 @@ class WaveformWriter:
         self._time_ds.resize((stop,))
         self._time_ds[start:stop] = self._times(start, stop)
         self._on_disk = stop
+
+    def _check_space(self, rows: int) -> None:
+        """Raise ENOSPC, naming the file, unless ``rows`` fit uncompressed plus the reserve."""
+        needed = rows * (4 * len(self._channel_ds) + 8) + DISK_RESERVE_BYTES
+        stats = os.statvfs(os.path.dirname(self.path) or ".")
+        free = stats.f_bavail * stats.f_frsize
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device: {free} bytes free, {rows} samples need up to "
+                f"{needed - DISK_RESERVE_BYTES} plus {DISK_RESERVE_BYTES} kept to close the file",
+                self.path,
+            )
 
     def _times(self, start: int, stop: int) -> npt.NDArray[np.float64]:
         positions = np.arange(start, stop, dtype=np.int64)
