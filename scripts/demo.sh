@@ -12,7 +12,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-bash scripts/setup.sh
+bash scripts/setup.sh --main  # only what the main job needs (the tests install the rest)
 
 export SMARTMETER_DATA_DIR="${SMARTMETER_DATA_DIR:-$ROOT/var/smartmeter}"
 exec "$ROOT/.venv/bin/python" -m smartmeter_ophyd.cli record "$@"
