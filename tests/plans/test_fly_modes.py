@@ -136,7 +136,8 @@ def test_fly_meters_flies_meters_as_prepared_one_stream_each(
     (uid,) = engine.RE(plans.fly_meters(meters, {"rate": 2000, "duration_s": 0.5}))
     run = embedded_catalog.client[uid]
     names = {d["name"] for d in engine.docs("descriptor")}
-    assert names == {"m1", "m1_gaps", "m1_timing", "m2", "m2_gaps", "m2_timing", "meter_summary"}
+    assert names == {"m1", "m1_gaps", "m1_timing", "m2", "m2_gaps", "m2_timing", "meter_summary",
+                     "alignment"}
     assert not engine.commands("trigger") or all(
         msg.obj.name.endswith("_run") for _, msg in engine.commands("trigger"))  # no NTP gate
     assert_all_recorded(run, meters)
