@@ -66,22 +66,25 @@ def period_misfit(time: np.ndarray, voltage: np.ndarray, ref: Reference, *, knot
             t, v = t[good], v[good]
         if t.size == 0:
             continue
-        # Relative times keep the interpolation exact to float64 of small numbers.
-        mapped = (t - origin) - np.interp(t, knots, offsets)
+        # Relative times keep the interpolation exact to float64 of small numbers.  Both
+        # axes increase (d changes by microseconds per period): ends bound everything.
+        rel = t - origin
+        mapped = rel - np.interp(t, knots, offsets)
         a, b = np.searchsorted(ref.time, [mapped[0] + origin, mapped[-1] + origin])
         a, b = max(int(a) - 1, 0), min(int(b) + 1, ref.time.size)
-        rt = ref.time[a:b] - origin
-        inside = (mapped >= rt[0]) & (mapped <= rt[-1]) if rt.size > 1 else np.zeros(
-            t.size, dtype=bool)
-        if not inside.all():
-            t, v, mapped = t[inside], v[inside], mapped[inside]
-        if t.size == 0:
+        if b - a < 2:
             continue
+        rt = ref.time[a:b] - origin
+        if mapped[0] < rt[0] or mapped[-1] > rt[-1]:
+            inside = (mapped >= rt[0]) & (mapped <= rt[-1])
+            rel, v, mapped = rel[inside], v[inside], mapped[inside]
+            if rel.size == 0:
+                continue
         residual = v - gain * np.interp(mapped, rt, ref.voltage[a:b])
         residual *= residual
-        period = np.floor((t - origin) * inv_period).astype(np.int64)
-        keep = (period >= 0) & (period < n_periods)
-        if not keep.all():
+        period = np.floor(rel * inv_period).astype(np.int64)
+        if period[0] < 0 or period[-1] >= n_periods:
+            keep = (period >= 0) & (period < n_periods)
             period, residual = period[keep], residual[keep]
         total += np.bincount(period, weights=residual, minlength=n_periods)
         count += np.bincount(period, minlength=n_periods)

@@ -433,12 +433,12 @@ def _sides(t: np.ndarray, v: np.ndarray, cubic: _Cubic, margins: list[tuple[np.n
     side = np.concatenate([np.full(int(np.count_nonzero(m)), k) for k, m in enumerate(sel)])
     if x.size < 8 + 2 * len(lines):
         return None
+    # Each sample's side line without its value, so that d = shape + values[side].
+    shape = np.concatenate([line(t[m]) - line.value for line, m in zip(lines, sel, strict=True)])
     values = np.array([line.value for line in lines])
     dc = 0.0
     for _ in range(_NEWTON_STEPS + 1):
-        d = np.concatenate([lines[k](t[m]) - lines[k].value + values[k]
-                            for k, m in enumerate(sel)])
-        a, s = cubic(x - d)
+        a, s = cubic(x - shape - values[side])
         r = y - dc - gain * a
         columns = [np.ones_like(x), a] + [np.where(side == k, -gain * s, 0.0)
                                           for k in range(len(lines))]
@@ -447,8 +447,9 @@ def _sides(t: np.ndarray, v: np.ndarray, cubic: _Cubic, margins: list[tuple[np.n
         dc += float(step[0])
         gain += float(step[1])
         values = values + step[2:]
-    d = np.concatenate([lines[k](t[m]) - lines[k].value + values[k] for k, m in enumerate(sel)])
-    r = y - dc - gain * cubic(x - d)[0]
+        r -= step @ design  # the residual after this step, to first order
+        if np.all(np.abs(step[2:]) < 1e-10):
+            break
     variance = float(np.sum(r * r)) / max(r.size - 2 - len(lines), 1)
     fitted = [_Line(centre=line.centre, value=float(values[k]), slope=line.slope)
               for k, line in enumerate(lines)]
