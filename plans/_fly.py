@@ -50,8 +50,8 @@ from bluesky.utils import FailedPause, FailedStatus, Msg, short_uid
 from smartmeter_ophyd.devices import AlignmentStream, FlyConfig, HostClock, SmartMeter
 from smartmeter_ophyd.protocol import Measures
 
+from . import _policy, stubs
 from . import _validate as check
-from . import stubs
 from ._errors import PlanArgumentError
 from ._settle import SettledStatus, Settling, tolerating
 from ._slots import MeterLoad, SlotPlan, plan_slots
@@ -104,6 +104,8 @@ class FlySetup:
     budget: StartBudget = field(default_factory=StartBudget)
     synchronization: bool = True
     """Whether the run gets the ``synchronization`` event (not for :func:`fly_meters`)."""
+    on_fault: str = "fail"
+    """What a lost connection mid-run does: ``"fail"`` or ``"continue"`` (see ``_policy``)."""
 
     @property
     def arms(self) -> bool:
@@ -250,6 +252,7 @@ def synchronized_fly(
     host_clock: HostClock | None = None,
     flush_period: float = 0.5,
     md: dict[str, Any] | None = None,
+    on_fault: str = "fail",
 ) -> Generator[Msg, Any, str]:
     """Record ``meters`` for ``duration`` seconds in one run, all starting on one instant.
 
@@ -283,10 +286,14 @@ def synchronized_fly(
         Seconds between collects while the meters run.
     md : dict, optional
         Metadata for the start document.
+    on_fault : {"fail", "continue"}
+        A meter's lost connection fails the run (``"fail"``), or every meter is stopped,
+        the plan waits for the link and records the rest as a new segment (``"continue"``).
 
     Returns the run's uid.
     """
     plan = "synchronized_fly"
+    on_fault = _policy.check_policy(on_fault, plan)
     setup = _fly_setup(
         plan, meters, duration, rate=rate, measures=measures, transport=transport,
         flow_control=flow_control, request_size=request_size, slot_plan_args=None,
@@ -298,7 +305,8 @@ def synchronized_fly(
         transport=transport, start_in=start_in, ntp_confidence_ms=ntp_confidence_ms,
         ntp_attempts=ntp_attempts, ntp_period=ntp_period, flow_control=flow_control,
         request_size=request_size, host_clock=host_clock, flush_period=flush_period,
-    ))
+        on_fault=on_fault,
+    ), on_fault=on_fault)
     return (yield from fly(setup))
 
 
@@ -528,7 +536,15 @@ def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[
             yield Msg("rewindable", None, True)
             state.watch.phase = "streaming"
             state.watch.paused = False
-            yield from _complete_while_collecting(setup, state)
+            try:
+                yield from _complete_while_collecting(setup, state)
+            except Exception as exc:
+                if not (arm and _policy.continues(setup.on_fault, _cause(exc))):
+                    raise
+                logger.warning("%s: %s; on_fault='continue': a new segment after reconnect",
+                               setup.plan, _cause(exc))
+                yield from _policy.stop_and_wait_for_links(setup.meters, state.completes)
+                state.watch.paused = True  # as after a pause: record, then sample the rest
             if not (arm and state.watch.paused):
                 break
             # Paused (the meters stopped, what they sent is recorded) and resumed: record this
@@ -591,6 +607,8 @@ def _remaining(setup: FlySetup, state: FlyState) -> float:
         done = 0.0
         if summary is not None and summary.stop_ts is not None and summary.start_ts is not None:
             done = max(0.0, float(summary.stop_ts) - float(summary.start_ts))
+        elif summary is not None:  # no stop reply (connection lost): what arrived
+            done = (summary.received_samples + summary.missing_declared) / config.rate
         left = min(left, (config.duration_s or 0.0) - done)
     rate = max(config.rate for config in setup.configs.values())
     return left if math.isfinite(left) and left * rate >= 1 else 0.0
