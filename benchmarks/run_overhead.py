@@ -11,8 +11,9 @@ meter starts at its kickoff) and records, from the RunEngine's messages and docu
 * ``data``: release -> the stop document (the duration, the meter's tail (§4.8), the last
   collects and records);
 * ``stop -> closed``: the stop document emitted -> the run closed in the catalog.  For the
-  sink it is its wait for the writer process; for ``TiledWriter`` its stop handling (it
-  writes synchronously); for ``none`` nothing is written;
+  sink it is its wait for the writer process (and the writer's CPU in that window: on a
+  shared host the wall time is that CPU stretched by contention); for ``TiledWriter`` its
+  stop handling (it writes synchronously); for ``none`` nothing is written;
 * CPU of this process.
 
 Writers: ``none`` (no catalog), ``tiled`` (``make_tiled_writer(catalog.client)``: a
@@ -55,6 +56,8 @@ class Marks:
         self._release_wait = False
         self.scheduled_start: float | None = None
         self.release_wall: float | None = None
+        self.writer_pid: int | None = None
+        self.writer_cpu = 0.0
 
     def msg(self, msg: Any) -> None:
         now = time.monotonic()
@@ -72,6 +75,8 @@ class Marks:
     def doc(self, name: str, doc: dict[str, Any]) -> None:
         if name == "stop":
             self.t["stop"] = time.monotonic()
+            if self.writer_pid is not None:
+                self.writer_cpu = cpu_seconds(self.writer_pid)
         elif name == "event" and self.scheduled_start is None:
             starts = [v for k, v in doc["data"].items() if k.endswith("_scheduled_start")]
             if starts and starts[0] == starts[0]:  # not NaN: a scheduled start
@@ -100,14 +105,16 @@ def fly_once(
     elif writer == "sink":
         sink = catalog.document_sink()
         engine.subscribe(sink)
+        marks.writer_pid = sink.writer_pid
     cpu0, t0 = cpu_seconds(), time.monotonic()
     engine(plans.synchronized_fly(meters, seconds, start_in=start_in))
     t_end = time.monotonic()
     t = marks.t
-    close = 0.0
+    close = close_cpu = 0.0
     if writer == "sink":
         assert sink is not None and sink.last_close_s is not None
         close = sink.last_close_s
+        close_cpu = cpu_seconds(sink.writer_pid) - marks.writer_cpu
     elif writer == "tiled":
         close = stop_handling[0]
     out = {
@@ -117,6 +124,7 @@ def fly_once(
         "kickoff": t["released"] - t["kickoff"],
         "data": t["stop"] - t["released"],
         "close": close,
+        "close_cpu": close_cpu,
         "cpu": cpu_seconds() - cpu0,
     }
     if marks.scheduled_start is not None and marks.release_wall is not None:
@@ -151,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"{count:3d} meters, {writer:5}: wall {r['wall']:6.2f} s "
                             f"(overhead {r['overhead']:5.2f} s beyond {args.seconds:g} s): gate "
                             f"{r['gate']:.2f}, kickoff -> first samples {r['kickoff']:.3f}, "
-                            f"data {r['data']:.2f}, stop -> closed {r['close']:.3f} s; "
+                            f"data {r['data']:.2f}, stop -> closed {r['close']:.3f} s"
+                            + (f" (writer CPU {r['close_cpu']:.3f} s)" if writer == "sink" else "")
+                            + "; "
                             f"CPU {r['cpu']:.2f} s; {host_load()}",
                             flush=True,
                         )
@@ -161,13 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     after = r.get("first_sample_after_T", float("nan"))
                     print(f"{count:3d} meters, sink, scheduled start: wall {r['wall']:.2f} s, "
                           f"every meter's first sample {1e3 * after:.0f} ms after the "
-                          f"scheduled instant T; stop -> closed {r['close']:.3f} s", flush=True)
+                          f"scheduled instant T; stop -> closed {r['close']:.3f} s (writer CPU "
+                          f"{r['close_cpu']:.3f} s)", flush=True)
     finally:
         catalog.close()
         shutil.rmtree(work, ignore_errors=True)
     if "sink" in args.writers:
-        print(f"stop to run closed, {max(args.meters)} meters: "
-              f"{results[(max(args.meters), 'sink')]['close']:.2f} s")
+        last = results[(max(args.meters), "sink")]
+        print(f"stop to run closed, {max(args.meters)} meters: {last['close']:.2f} s")
     return 0
 
 

@@ -4,6 +4,8 @@
   stream, and an event stream with float, int, bool, NaN and string values) written by
   ``make_tiled_writer`` and by :class:`DirectCatalogWriter` into two containers of one catalog
   give identical nodes: specs, metadata, structures, data sources and data (tables too);
+* a declared external key that never gets data: ``TiledWriter`` has no node, the direct
+  writer a node with zero rows (it creates nodes when resources arrive); both read as no gaps;
 * a run with an array event key is refused, naming the key;
 * the journal returns only complete records of a file that is still being written.
 """
@@ -29,6 +31,7 @@ from smartmeter_ophyd.storage import (
     JournalReader,
     JournalWriter,
     make_tiled_writer,
+    read_gaps,
     read_journal,
     replay_journal,
 )
@@ -187,6 +190,32 @@ def test_same_catalog_as_tiled_writer(embedded_catalog) -> None:
     assert stock["summary"]["internal"][4]["sum_ok"] == [True, True, True]
     assert stock["meter_gaps"]  # the packet gap is there
     assert_same(direct, stock)
+
+
+def test_a_stream_without_data_reads_as_empty_either_way(embedded_catalog) -> None:
+    meter = TestMeter(name="ng", directory=embedded_catalog.data_directory, seed=12)
+    docs = record(fly(meter))
+    uid = docs[0][1]["uid"]
+    gaps_desc = next(d["uid"] for n, d in docs if n == "descriptor" and d["name"] == "meter_gaps")
+    docs = [(n, d) for n, d in docs if not (n == "stream_datum" and d["descriptor"] == gaps_desc)]
+    client = embedded_catalog.client
+    suffix = uuid.uuid4().hex[:8]
+    stock_root = client.create_container(f"tw-{suffix}")
+    direct_root = client.create_container(f"direct-{suffix}")
+    writer = make_tiled_writer(stock_root)
+    for name, doc in docs:
+        writer(name, copy.deepcopy(doc))
+    asyncio.run(write_direct(embedded_catalog, f"direct-{suffix}", docs))
+    stock, direct = stock_root[uid], direct_root[uid]
+    assert list(stock["meter_gaps"].base) == []
+    assert sorted(direct["meter_gaps"].base) == sorted(
+        f"ng_gap_{f}" for f in ("sample_index", "expected_packet", "received_packet",
+                                "missing_samples"))
+    assert all(direct["meter_gaps"].base[k].shape == (0,) for k in direct["meter_gaps"].base)
+    for run in (stock, direct):
+        assert all(len(v) == 0 for v in read_gaps(run, "meter_gaps").values())
+    assert_same(summary(direct_root.include_data_sources()[uid])["meter"],
+                summary(stock_root.include_data_sources()[uid])["meter"])
 
 
 def test_array_event_key_is_refused_naming_it(embedded_catalog) -> None:
