@@ -20,7 +20,7 @@ Method
 1. **Candidates.**  From the blocks: detrended block-to-block differences above the
    threshold (they see steps down to ``min_step_s`` wherever two blocks straddle them).
    From the per-period misfit (``_misfit``): periods whose misfit exceeds the local
-   baseline (the median of their 0.5 s group) by ten robust deviations.  The misfit sees
+   baseline (the median of their 0.5 s group) by six robust deviations.  The misfit sees
    what blocks cannot: excursions, and steps in the first or last block or next to a hole.
 2. **Events.**  Overlapping candidates merge; an event's span is widened by a period and
    clipped at holes.  Up to three clean periods (judged, unflagged, hole-free) on each
@@ -29,9 +29,10 @@ Method
    reference interpolated (cubic Hermite) at ``t - d``.  The meter's gain and DC and the
    offset line on each side (the local block slope, an intercept per side) are fitted on
    the margins by Gauss-Newton.  Between the margins, three hypotheses: the line before,
-   the line after, and a middle stretch at a free offset.  The two change points are
-   chosen exhaustively for each of a log grid of middle offsets up to twelve samples
-   (prefix sums and a running minimum: O(n) per trial), the best refined by Gauss-Newton.
+   the line after, and a middle stretch at a free offset.  The change points are chosen
+   exhaustively (prefix sums and a running minimum: O(n)); the middle's offset starts
+   from the samples neither side explains and alternates with the change points
+   (Gauss-Newton on the stretch's inner samples).
 4. **Decision.**  A middle stretch is kept when it lowers the misfit by more than
    ``STEP_SIGMAS**2`` sample variances against the best single step; a single step when it
    lowers it that much against no change.  A change becomes a break only if it is at least
@@ -43,10 +44,13 @@ Limits
 * At most two changes per event: a third within one event's span (tens of milliseconds)
   is not located, and the stretch keeps a wrong offset.
 * A change is placed between two meter samples; where the waveform's slope is small, a
-  small step can land a few samples off.
-* An excursion is flagged when its added misfit stands out of its period's noise: with the
-  emulator's noise (0.05 V) at 8 kHz that is about 1 us for one sample; smaller ones bias
-  a block by at most a few nanoseconds.
+  small step can land a few samples off.  The size of an excursion one or two samples
+  long is rough (tens of percent): a sample taken while only one meter had jumped fits
+  neither side.
+* An excursion is found when the misfit it adds stands out of its period's noise: at 8 kHz
+  with the emulator's noise (0.05 V on each meter) from about 5 us over 1 ms (eight
+  samples) or about 15 us over one sample.  A smaller one stays inside a piece: it moves
+  the piece's offset by nanoseconds, but an instant inside it is off by its height.
 """
 
 from __future__ import annotations
@@ -67,7 +71,9 @@ __all__ = ["STEP_SIGMAS", "Axis", "Change", "Changes", "OffsetSeries", "Samples"
 logger = logging.getLogger(__name__)
 
 STEP_SIGMAS: Final = 10.0
-"""Block steps, flagged periods and sample-level changes must stand out this much."""
+"""Block steps and sample-level changes must stand out this much."""
+_FLAG_SIGMAS: Final = 6.0
+"""Periods whose misfit stands out this much start an event (the samples then decide)."""
 _MEDIAN_SPAN: Final = 3
 """Half-width (blocks) of the running median that detrends block-to-block differences."""
 _GROUP_PERIODS: Final = 25
@@ -279,7 +285,7 @@ def _block_candidates(runs: OffsetSeries, threshold_floor: float) -> tuple[
 
 
 def _flag_periods(misfit: np.ndarray, floor: float) -> np.ndarray:
-    """Periods whose misfit exceeds their group's median by ``STEP_SIGMAS`` robust
+    """Periods whose misfit exceeds their group's median by ``_FLAG_SIGMAS`` robust
     deviations (and by ``floor``)."""
     n = misfit.size
     groups = -(-n // _GROUP_PERIODS)
@@ -296,7 +302,7 @@ def _flag_periods(misfit: np.ndarray, floor: float) -> np.ndarray:
     excess = misfit - baseline
     finite = np.abs(excess[np.isfinite(excess)])
     sigma = 1.4826 * float(np.median(finite)) if finite.size else math.inf
-    return np.nan_to_num(excess, nan=-np.inf) > max(STEP_SIGMAS * sigma, floor)
+    return np.nan_to_num(excess, nan=-np.inf) > max(_FLAG_SIGMAS * sigma, floor)
 
 
 def _groups(flagged: np.ndarray) -> list[tuple[int, int]]:
