@@ -507,7 +507,7 @@ def _in_meter_time(holes: np.ndarray, blocks: OffsetSeries, grid: _Grid) -> np.n
     if holes.size == 0 or blocks.index.size == 0:
         return holes.reshape(-1, 2)
     knots = grid.centres[blocks.index] - blocks.offset
-    return holes + np.interp(holes, knots, blocks.offset)
+    return np.asarray(holes + np.interp(holes, knots, blocks.offset))
 
 
 def _straddled(changes: list[Change], grid: _Grid) -> np.ndarray:

@@ -163,7 +163,7 @@ class Prior:
     slopes: np.ndarray
 
     def __call__(self, t: np.ndarray) -> np.ndarray:
-        return np.interp(t, self.knots, self.offsets)
+        return np.asarray(np.interp(t, self.knots, self.offsets))
 
     def slope_near(self, lo: float, hi: float, reach: float) -> float:
         near = (self.knots > lo - reach) & (self.knots < hi + reach) & np.isfinite(self.slopes)
@@ -206,8 +206,9 @@ def find_changes(blocks: OffsetSeries, axis: Axis, misfit: np.ndarray, meter: Sa
     prior = Prior(knots=axis.origin + (blocks.index + 0.5) * axis.block_s,
                   offsets=blocks.offset, slopes=slopes / axis.block_s)
     flagged = _flag_periods(misfit, misfit_floor)
-    spans = [(float(axis.block_start(a)), float(axis.block_start(b + 1)), (a, b, size))
-             for a, b, size in candidates]
+    spans: list[tuple[float, float, tuple[int, int, float] | None]] = [
+        (float(axis.block_start(a)), float(axis.block_start(b + 1)), (a, b, size))
+        for a, b, size in candidates]
     spans += [(axis.period_start(p0), axis.period_start(p1 + 1), None)
               for p0, p1 in _groups(flagged)]
     events = _merge(spans, axis.period_s, gaps)
@@ -302,7 +303,7 @@ def _flag_periods(misfit: np.ndarray, floor: float) -> np.ndarray:
     excess = misfit - baseline
     finite = np.abs(excess[np.isfinite(excess)])
     sigma = 1.4826 * float(np.median(finite)) if finite.size else math.inf
-    return np.nan_to_num(excess, nan=-np.inf) > max(_FLAG_SIGMAS * sigma, floor)
+    return np.asarray(np.nan_to_num(excess, nan=-np.inf) > max(_FLAG_SIGMAS * sigma, floor))
 
 
 def _groups(flagged: np.ndarray) -> list[tuple[int, int]]:
@@ -494,7 +495,7 @@ def _model(event: _Event, left: tuple[float, float] | None, right: tuple[float, 
         return None
     stamps, t, v, guess = stamps[usable], t[usable], v[usable], guess[usable]
     cubic = _Cubic(rt, rv)
-    margins = []
+    margins: list[tuple[np.ndarray, _Line] | None] = []
     for interval in (left, right):
         if interval is None:
             margins.append(None)
