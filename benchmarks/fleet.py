@@ -61,10 +61,16 @@ def fly_fleet(
                 now = time.monotonic()
                 if msg.command == "open_run":
                     marks["open"] = now
-                elif msg.command == "collect":
-                    marks.setdefault("first_collect", now)
+                elif msg.command == "collect" and "first_collect" not in marks:
+                    marks["first_collect"] = now
+                    marks["first_collect_wall"] = time.time()
+
+            def stop_mark(name: str, doc: dict[str, Any]) -> None:
+                if name == "stop":
+                    marks["stop_wall"] = time.time()
 
             engine.msg_hook = hook
+            engine.subscribe(stop_mark)
             emu_cpu0 = sum(cpu_seconds(pid) for pid in emulators.pids)
             writer_cpu0 = cpu_seconds(sink.writer_pid)
             cpu0, t0 = cpu_seconds(), time.monotonic()
@@ -80,7 +86,11 @@ def fly_fleet(
             finally:
                 client.context.close()
     recording = t_end - marks["first_collect"]
+    # the meters' own stop instants (their clocks are NTP-synced to this host's chrony)
+    stopped = max(m.last_summary.stop_ts for m in meters if m.last_summary is not None)
     return {
+        "sampling_s": stopped - marks["first_collect_wall"],
+        "tail_s": marks["stop_wall"] - stopped,
         "count": count,
         "losses": losses,
         "zero_loss": all(loss.zero for loss in losses),
@@ -117,11 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"N={count:3d}: zero loss {r['zero_loss']}, first sample -> run closed "
                 f"{r['recording_s']:.2f} s for {args.seconds:g} s of data "
-                f"(real time: {r['real_time']}), RE wall {r['wall_s']:.2f} s; "
+                f"(real time: {r['real_time']}: sampling {r['sampling_s']:.2f} s, last meter "
+                f"stopped -> stop document {r['tail_s']:.2f} s, stop -> closed "
+                f"{r['close_s']:.2f} s), RE wall {r['wall_s']:.2f} s; "
                 f"acquisition CPU {r['cpu_s']:.1f} s = {100 * r['cpu_per_meter']:.1f} % of a "
                 f"core per meter; writer {r['writer_cpu_s']:.1f} s, emulators "
-                f"{r['emulator_cpu_s']:.1f} s CPU; peak threads {r['threads']}; "
-                f"stop -> closed {r['close_s']:.2f} s; {host_load()}",
+                f"{r['emulator_cpu_s']:.1f} s CPU; peak threads {r['threads']}; {host_load()}",
                 flush=True,
             )
             for loss in r["losses"]:
