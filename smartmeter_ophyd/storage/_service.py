@@ -24,6 +24,9 @@ and no document is lost if the writer dies.
 Locks: the sink holds ``sink.lock`` and the writer ``writer.lock`` in the session directory
 (``fcntl.flock``, released by the kernel when a process dies).
 
+``JournalSink.for_server(uri, api_key, journal_root)`` does the same for a Tiled server (the
+writer process runs a ``TiledWriter`` over HTTP): what each acquisition host of a fleet uses.
+
 Limits: one writer per session; several acquisition processes (each its own session) may
 share a catalog - SQLite serialises their writers.  Journals record documents, not data:
 the samples are in the meters' HDF5 files.
@@ -76,6 +79,9 @@ class WriterConfig:
     readable_storage: tuple[str, ...]
     session: str
     journal_root: str
+    server_uri: str | None = None
+    """Write to this Tiled server over HTTP (a ``TiledWriter``) instead of the catalog
+    database; its API key comes from the child's ``TILED_API_KEY``."""
     live_period: float = 1.0
     poll_s: float = 0.1
     keep_journals: bool = False
@@ -148,14 +154,16 @@ class JournalSink:
         self.session.mkdir()
         self._sink_lock = _try_lock(self.session / SINK_LOCK)
         self.config = WriterConfig(
-            uri=str(config["uri"]),
-            writable_storage=tuple(str(s) for s in config["writable_storage"]),
-            readable_storage=tuple(str(s) for s in config["readable_storage"]),
+            uri=str(config.get("uri", "")),
+            writable_storage=tuple(str(s) for s in config.get("writable_storage", ())),
+            readable_storage=tuple(str(s) for s in config.get("readable_storage", ())),
             session=str(self.session),
             journal_root=str(root),
+            server_uri=config.get("server_uri"),
             live_period=float(live_period),
             keep_journals=keep_journals,
         )
+        self._api_key = config.get("api_key")
         self.close_timeout = float(close_timeout)
         self.raise_on_failure = raise_on_failure
         self.writer_log = Path(writer_log) if writer_log else self.session / "writer.log"
@@ -168,6 +176,26 @@ class JournalSink:
         self.last_close_s: float | None = None
         """Stop document received -> run closed in the catalog, of the last run (s)."""
         self._ensure_writer()  # now: importing Tiled takes seconds, a run should not wait
+
+    @classmethod
+    def for_server(
+        cls,
+        uri: str,
+        api_key: str | None,
+        journal_root: str | os.PathLike[str],
+        **options: Any,
+    ) -> JournalSink:
+        """A sink whose writer process writes to a Tiled server over HTTP (``TiledWriter``).
+
+        For acquisition hosts of a fleet sharing one server: the RunEngine never waits for
+        the server during a run, and a server that is down or slow costs no document (the
+        journals stay; a run the server refused is kept as ``*.failed`` for
+        :func:`~._journal.replay_journal`).  The key reaches the writer through its
+        environment, never its command line.
+        """
+        if api_key is not None and not api_key.isalnum():
+            raise ValueError("Tiled single-user API keys must be alphanumeric")
+        return cls({"server_uri": uri, "api_key": api_key}, journal_root, **options)
 
     # ------------------------------------------------------------------ RunEngine callback
 
@@ -288,12 +316,15 @@ class JournalSink:
                     process.pid, process.returncode, self.writer_log,
                 )
             log = open(self.writer_log, "ab")
+            env = dict(os.environ)
+            if self._api_key:
+                env["TILED_API_KEY"] = self._api_key
             try:
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "smartmeter_ophyd.storage._writer_main",
                      self.config.to_json()],
                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    start_new_session=True, env=env,
                 )
             finally:
                 log.close()
@@ -354,13 +385,16 @@ class _Writer:
         self.config = config
         self.session = Path(config.session)
         self.root: Any = None
-        self.writer: DirectCatalogWriter | None = None
+        self.writer: DirectCatalogWriter | _HttpWriter | None = None
         self.readers: dict[Path, JournalReader] = {}
         self.uids: dict[Path, str] = {}
         self.closing = asyncio.Event()
         self.wake = asyncio.Event()
 
     async def open_catalog(self) -> None:
+        if self.config.server_uri:
+            self.writer = _HttpWriter(self.config.server_uri, os.environ.get("TILED_API_KEY"))
+            return
         from sqlalchemy import event
         from tiled.catalog import from_uri
 
@@ -426,7 +460,8 @@ class _Writer:
             if closing and not read:
                 break
         await self._finish_open("the acquisition process closed the session")
-        await self.root.shutdown()
+        if self.root is not None:
+            await self.root.shutdown()
         os.close(lock)
 
     def _watch_stdin(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -547,6 +582,47 @@ class _Writer:
             logger.warning("run %s has no stop document (%s); written as far as %s goes",
                            uid, why, path)
             os.replace(path, path.with_suffix(ORPHANED_SUFFIX))
+
+
+class _HttpWriter:
+    """The writer process's engine for a Tiled server: a ``TiledWriter`` in a worker thread
+    (its HTTP calls block), with the direct writer's interface."""
+
+    def __init__(self, uri: str, api_key: str | None) -> None:
+        from ._catalog import connect_server
+        from ._consolidator import make_tiled_writer
+
+        self.client = connect_server(uri, api_key)
+        self.tiled = make_tiled_writer(self.client)
+        self._open: set[str] = set()
+
+    @property
+    def open_runs(self) -> tuple[str, ...]:
+        return tuple(self._open)
+
+    async def process(self, name: str, doc: dict[str, Any]) -> str | None:
+        await asyncio.to_thread(self.tiled, name, doc)
+        if name == "start":
+            self._open.add(doc["uid"])
+        elif name == "stop":
+            self._open.discard(doc["run_start"])
+            return str(doc["run_start"])
+        return None
+
+    async def flush_live(self, force: bool = False) -> None:
+        """Nothing: ``TiledWriter`` writes as documents come (its own batching)."""
+
+    def abandon(self, uid: str) -> None:
+        self._open.discard(uid)
+
+    async def delete_run(self, uid: str) -> bool:
+        def delete() -> bool:
+            if uid not in self.client:
+                return False
+            self.client.base.delete_contents([uid], recursive=True, external_only=False)
+            return True
+
+        return await asyncio.to_thread(delete)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

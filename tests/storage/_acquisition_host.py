@@ -1,7 +1,9 @@
 """One "acquisition host" of the multi-host test, run as its own process.
 
 Its own emulated meters (an ``EmulatorFleet`` in this process, timed by the real chrony), its
-own RunEngine, one ``synchronized_fly`` written to a Tiled server with ``make_tiled_writer``.
+own RunEngine, one ``synchronized_fly`` written to a Tiled server with ``make_tiled_writer``
+(synchronous HTTP) or, with ``--sink``, a ``JournalSink.for_server`` (journal here, HTTP from
+a writer process).
 It prints ``ready`` once everything is connected, waits for the file ``--go`` to exist (so
 two hosts fly at the same time), flies, saves each meter's ground truth (the exact float32
 rows the emulated meter sent) as ``<out>/<meter>.npy``, and prints one JSON line:
@@ -25,7 +27,7 @@ from bluesky import RunEngine
 import plans
 from smartmeter_ophyd.devices import SmartMeter
 from smartmeter_ophyd.emulator import EmulatorFleet
-from smartmeter_ophyd.storage import connect_server, make_tiled_writer
+from smartmeter_ophyd.storage import JournalSink, connect_server, make_tiled_writer
 
 
 def main() -> int:
@@ -39,6 +41,7 @@ def main() -> int:
     parser.add_argument("--go", required=True)
     parser.add_argument("--meters", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.5)
+    parser.add_argument("--sink", action="store_true", help="journal + writer process")
     args = parser.parse_args()
     ntp_host, ntp_port = args.ntp.rsplit(":", 1)
     out = Path(args.out)
@@ -54,7 +57,14 @@ def main() -> int:
             for meter in meters:
                 meter.connect()
             engine = RunEngine({})
-            engine.subscribe(make_tiled_writer(connect_server(args.uri, args.api_key)))
+            sink = None
+            if args.sink:
+                sink = JournalSink.for_server(args.uri, args.api_key, out / "journal")
+                engine.subscribe(sink)
+                if not sink.wait_ready(120):
+                    raise SystemExit(f"the writer did not start, see {sink.writer_log}")
+            else:
+                engine.subscribe(make_tiled_writer(connect_server(args.uri, args.api_key)))
             print("ready", flush=True)
             deadline = time.monotonic() + 120
             while not Path(args.go).exists():
@@ -67,6 +77,8 @@ def main() -> int:
             t1 = time.time()
             for i, meter in enumerate(meters):
                 np.save(out / f"{meter.name}.npy", fleet.session_truth(i).values)
+            if sink is not None:
+                sink.close()
         finally:
             for meter in meters:
                 meter.destroy()

@@ -2,7 +2,8 @@
 
 Each "host" is its own process (``_acquisition_host.py``) with its own emulated meters and
 RunEngine; both fly at the same time (a shared go signal; the test checks that the runs
-overlap) and write through HTTP to the one server.  Both runs must close successfully and
+overlap) and write through HTTP to the one server - host A with a ``TiledWriter`` in its
+RunEngine, host B through ``JournalSink.for_server`` (journal, writer process).  Both runs must close successfully and
 read back - through the server's array endpoint - bit for bit equal to the rows the
 emulated meters sent (their ground truth), every sample of every meter.
 """
@@ -29,12 +30,12 @@ def test_two_hosts_write_one_postgres_catalog_at_once(postgres_server, ntp_serve
     data_root = Path(postgres_server["TILED_HDF5_DIR"])
     go = tmp_path / "go"
     hosts = {}
-    for name in ("hostA", "hostB"):
+    for name, extra in (("hostA", []), ("hostB", ["--sink"])):
         hosts[name] = subprocess.Popen(
             [sys.executable, "-m", "tests.storage._acquisition_host", "--uri", uri,
              "--api-key", key, "--data-dir", str(data_root / name),
              "--ntp", f"{ntp_server[0]}:{ntp_server[1]}", "--name", name,
-             "--out", str(tmp_path / name), "--go", str(go)],
+             "--out", str(tmp_path / name), "--go", str(go), *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
     results = {}
@@ -54,6 +55,8 @@ def test_two_hosts_write_one_postgres_catalog_at_once(postgres_server, ntp_serve
                 process.kill()
 
     a, b = results["hostA"], results["hostB"]
+    journals = list((tmp_path / "hostB" / "journal").rglob("*"))
+    assert not [p for p in journals if p.suffix in (".docs", ".failed", ".orphaned")], journals
     assert a["start"] < b["stop"] and b["start"] < a["stop"], "the two runs did not overlap"
     client = connect_server(uri, key)
     for name, result in results.items():
