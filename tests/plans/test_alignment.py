@@ -16,7 +16,7 @@ import numpy as np
 import plans
 from smartmeter_ophyd.timing import alignment_from_table, apply_alignment
 
-OFFSETS_S = (-0.0008, 0.0, 0.0009)
+OFFSETS_S = (-0.002, 0.0, 0.0025)
 
 
 def stored_error(meter, fleet, i: int) -> tuple[np.ndarray, np.ndarray]:

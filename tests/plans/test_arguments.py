@@ -143,7 +143,6 @@ def test_stubs_refuse_bad_arguments_with_zero_messages(meters) -> None:
 def test_plans_have_literal_defaults_and_keyword_only_md() -> None:
     """bluesky-queueserver reads the signatures: defaults must be plain literals."""
     import inspect
-
     import typing
 
     for plan in (plans.synchronized_fly, plans.slotted_fly, plans.monitor, plans.fly_meters):
