@@ -103,6 +103,17 @@ def record(seconds: float, ntp_period: float, per_meter: Sequence[dict[str, Any]
     return results, table
 
 
+def error_at(time: np.ndarray, error: np.ndarray, at: np.ndarray, half: int = 160) -> np.ndarray:
+    """Stored-time error at ``at``: a line through the ``2 half`` nearest samples (stored and
+    true times are float64 unix seconds rounded to 0.24 us; one sample would add that
+    rounding of the ground truth itself)."""
+    out = np.empty(np.shape(at))
+    for k, x in enumerate(np.atleast_1d(at)):
+        j = int(np.clip(np.searchsorted(time, x), half, time.size - half))
+        out[k] = np.polyfit(time[j - half:j + half] - x, error[j - half:j + half], 1)[1]
+    return out
+
+
 def alignment_residuals(results: Sequence[MeterResult], table: dict[str, list[Any]]
                         ) -> tuple[np.ndarray, np.ndarray]:
     """Per window: |measured - true offset| and whether the uncertainty covers it."""
@@ -113,8 +124,8 @@ def alignment_residuals(results: Sequence[MeterResult], table: dict[str, list[An
     for meter in results[1:]:
         result = alignment_from_table(table, meter.name)
         mid = 0.5 * (result.window_start + result.window_end)
-        truth = (np.interp(mid, meter.stored, meter.error)
-                 - np.interp(mid - result.offset_s, ref.stored, ref.error))
+        truth = (error_at(meter.stored, meter.error, mid)
+                 - error_at(ref.stored, ref.error, mid - result.offset_s))
         miss = np.abs(result.offset_s - truth)
         residual.append(miss)
         covered.append(miss <= result.uncertainty_s)
