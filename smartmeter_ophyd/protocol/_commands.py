@@ -84,6 +84,13 @@ def _fail(cmd: str, param: str, value: Any, allowed: str) -> CommandError:
     return CommandError(f"{cmd}: {param}={value!r} is not allowed; {allowed}")
 
 
+class _Hidden:
+    """Stands in for a secret in error messages."""
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -113,25 +120,30 @@ def _check_text(
     *,
     why: str,
     allow_empty: bool = False,
+    secret: bool = False,
 ) -> str:
-    """A user string the firmware copies into a fixed field and uses as printf format."""
+    """A user string the firmware copies into a fixed field and uses as printf format.
+
+    A ``secret`` (a WiFi password) is never quoted in the error: only its size is.
+    """
+    shown: Any = _Hidden() if secret else value
     if not isinstance(value, str):
-        raise _fail(cmd, param, value, f"allowed: a string of at most {max_bytes} bytes")
+        raise _fail(cmd, param, shown, f"allowed: a string of at most {max_bytes} bytes")
     size = len(value.encode("utf-8"))
     if size > max_bytes or (size == 0 and not allow_empty):
         low = 0 if allow_empty else 1
         raise _fail(
-            cmd, param, value, f"allowed: {low}..{max_bytes} bytes (UTF-8), got {size}{why}"
+            cmd, param, shown, f"allowed: {low}..{max_bytes} bytes (UTF-8), got {size}{why}"
         )
     if "%" in value:
         raise _fail(
             cmd,
             param,
-            value,
+            shown,
             "allowed: any text without '%' (the firmware uses it as a printf format, §12 #35)",
         )
     if any(ord(ch) < 0x20 for ch in value):
-        raise _fail(cmd, param, value, "allowed: printable text without control characters")
+        raise _fail(cmd, param, shown, "allowed: printable text without control characters")
     return value
 
 
@@ -543,6 +555,7 @@ class AddWifi(Command):
             MAX_WIFI_FIELD_BYTES,
             why=" (must be < 20, §3.6)",
             allow_empty=True,
+            secret=True,
         )
 
     def _payload(self) -> dict[str, Any]:

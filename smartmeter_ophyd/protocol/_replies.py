@@ -651,6 +651,12 @@ def _wifi(reply: Reply) -> WifiReply:
     base = _base(reply, outcome in _WIFI_SUCCESS)
     if base["message"]:  # "New Ap, SSID: <s>, PW: <p>" (§3.6) carries the password
         base["message"] = _PASSWORD_IN_MESSAGE.sub("PW: ***", base["message"])
+    # the raw fields keep the reply's shape, never the secret it echoes
+    raw = base["raw_fields"]
+    if "pwd" in raw:
+        raw["pwd"] = "***"
+    if isinstance(raw.get("msg"), str):
+        raw["msg"] = _PASSWORD_IN_MESSAGE.sub("PW: ***", raw["msg"])
     return WifiReply(
         **base,
         outcome=outcome,

@@ -99,9 +99,6 @@ SECRET = "Zq9SecretPW-way-too-long"
 SHORT_SECRET = "Zq9Secret"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect (issue 9, client/): add_wifi with a password over 19 bytes fails the client's "
-    "own validation (§3.6) with a MeterCommandError quoting pwd='<the password>'"))
 async def test_a_refused_wifi_password_is_not_in_the_error() -> None:
     with EmulatorFleet(1, name_prefix="wifi") as fleet:
         async with AsyncMeterClient(*fleet.addresses[0], timeout=3.0) as client:
@@ -123,9 +120,6 @@ async def test_an_accepted_wifi_password_is_not_in_the_reply_repr_or_the_logs(ca
     assert SHORT_SECRET not in caplog.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect (issue 9, client/): add_wifi(...).raw_fields keeps the firmware's `pwd` and its "
-    "`msg` 'New Ap, SSID: labnet, PW: <the password>' (§3.6)"))
 async def test_an_accepted_wifi_password_is_not_in_the_raw_fields(caplog) -> None:
     reply = await accepted_wifi(caplog)
     assert SHORT_SECRET not in repr(reply.raw_fields)
