@@ -116,6 +116,13 @@ def gate_table(results: Mapping[str, GateResult], labels: Mapping[str, str]) -> 
     return "\n".join(rows + notes)
 
 
+CLOCK_SANITY_S = 3600.0
+"""A meter whose clock is further than this from the host's after a sync fails the gate: its
+time server answered nonsense the firmware accepts (§6.2: anything in 2018..2100).  Smaller
+differences are left to the host-clock check (``measure_host_offset``), since then the host's
+clock may be the wrong one."""
+
+
 def ntp_gate(
     meters: Sequence[SmartMeter],
     confidence_ms: float = 5.0,
@@ -145,7 +152,17 @@ def ntp_gate(
             status = statuses[meter.name]
             if status.succeeded:
                 conf = yield from bps.rd(meter.ntp.confidence_ms)
-                results[meter.name] = results[meter.name].with_attempt(float(conf), None)
+                synced_at = yield from bps.rd(meter.ntp.synced_at)
+                off = float(synced_at) - time.time()
+                if math.isfinite(off) and abs(off) > CLOCK_SANITY_S:
+                    # §6.2: the firmware takes any server time in 2018..2100; a confident sync
+                    # to nonsense is still nonsense, and no common start can be set on it
+                    why = (f"after the sync its clock reads {float(synced_at):.3f}, {off:+.0f} s "
+                           "from the host's: its time server answers a wrong time (check the "
+                           "meter's time_server)")
+                    results[meter.name] = results[meter.name].with_attempt(None, why)
+                else:
+                    results[meter.name] = results[meter.name].with_attempt(float(conf), None)
             else:
                 error = status.error()
                 why = str(error) if error is not None else f"no result within {NTP_WAIT_S:g} s"

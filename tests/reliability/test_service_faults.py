@@ -82,11 +82,7 @@ def test_a_slow_time_server_leaves_the_confidence_above_the_gate(
 
 @pytest.mark.parametrize("nonsense_ntp", [
     pytest.param(b"\x00" * 48, id="zeros"),  # transmit time 1900: rejected (§6.2)
-    pytest.param(b"\xff" * 48, id="ones", marks=pytest.mark.xfail(strict=True, reason=(
-        "defect: the NTP gate (plans/stubs.py ntp_gate) checks only the confidence (half the "
-        "round trip, §6.2); all-0xff bytes carry a transmit time in 2036, inside the "
-        "firmware's 2018..2100 window, so the meter's clock is set 10 years ahead and the gate "
-        "passes; the run opens and fails later at schedule_start instead of at the gate"))),
+    pytest.param(b"\xff" * 48, id="ones"),
 ], indirect=True)
 def test_a_time_server_answering_nonsense_fails_the_gate(
     fleet_factory, smartmeters, engine, nonsense_ntp
