@@ -262,8 +262,8 @@ class FlyController:
             await session.cts(True)
             assert self._governor is not None
             self._governor.resumed_at(time.monotonic(), received_before=received, fill_samples=0)
-        elif self.config.flow_control == "reqSamples":
-            await self._pull()
+        elif self.config.flow_control == "reqSamples" and self._seconds_to_start() <= 0:
+            await self._pull()  # a scheduled start is pulled from once it began (_puller)
         self._last_data = time.monotonic()
         self._released.set()
 
@@ -422,10 +422,19 @@ class FlyController:
             else:
                 governor.paused_at(now)
 
+    def _seconds_to_start(self) -> float:
+        """Host-clock seconds until a scheduled start (0 for an immediate one)."""
+        if self.config.start_time is None:
+            return 0.0
+        return max(0.0, self.config.start_time - time.time())
+
     async def _puller(self) -> None:
         session = self.session
         assert session is not None
         await self._released.wait()
+        # §5.2: reqSamples is refused until the meter samples; a scheduled start (§6.4) only
+        # begins at its second
+        await asyncio.sleep(self._seconds_to_start())
         while session.active and self._stop_task is None:
             await asyncio.sleep(PULL_PERIOD_S)
             if self._stop_task is not None or not session.active:
