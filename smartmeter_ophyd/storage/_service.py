@@ -68,6 +68,9 @@ ORPHANED_SUFFIX: Final = ".orphaned"
 CLOSED_DIR: Final = "closed"
 WRITER_CHECK_S: Final = 1.0
 """How often (at most) the sink checks that its writer process is alive."""
+RESTART_BACKOFF_S: Final = 60.0
+"""A writer that keeps dying within this time (a server down, a broken catalog) is restarted
+after 1, 3, 7, ... s, at most this long apart: importing Tiled costs seconds of CPU."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,8 @@ class JournalSink:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._checked = time.monotonic()
+        self._started = self._next_start = 0.0
+        self._failures = 0
         self.restarts = 0
         self.last_close_s: float | None = None
         """Stop document received -> run closed in the catalog, of the last run (s)."""
@@ -309,12 +314,19 @@ class JournalSink:
             process = self._process
             if process is not None and process.poll() is None:
                 return
+            now = time.monotonic()
             if process is not None:
+                if now < self._next_start:
+                    return  # backing off: it died soon after its last start
+                lived = now - self._started
+                self._failures = self._failures + 1 if lived < RESTART_BACKOFF_S else 0
+                self._next_start = now + min(RESTART_BACKOFF_S, 2.0 ** self._failures - 1)
                 self.restarts += 1
                 logger.warning(
-                    "the catalog writer (pid %d) exited with %s; restarting it (see %s)",
-                    process.pid, process.returncode, self.writer_log,
+                    "the catalog writer (pid %d) exited with %s after %.0f s; restarting it "
+                    "(see %s)", process.pid, process.returncode, lived, self.writer_log,
                 )
+            self._started = now
             log = open(self.writer_log, "ab")
             env = dict(os.environ)
             if self._api_key:
