@@ -493,6 +493,7 @@ class FlyController:
         if writer.closed:
             return writer.samples_written
         try:
+            modelled = summary is not None and self._model_times(writer, summary)
             actual = summary.start_ts if summary is not None else None
             if actual is not None and math.isfinite(actual) and actual != writer.start_ts:
                 if self.config.start_time is None:
@@ -501,9 +502,8 @@ class FlyController:
                         "startTs %.3f of an immediate start (§4.4 says they match); using "
                         "the stop reply's", self.label, actual, writer.start_ts,
                     )
-                writer.rebase_start(actual)
-            if summary is not None:
-                self._model_times(writer, summary)
+                # the model's /time already stands on it: record the origin, rewrite nothing
+                writer.rebase_start(actual, rewrite=not modelled)
             writer.close(summary_dict(summary) if summary is not None else None)
         except (OSError, RuntimeError, ValueError) as exc:
             self._cause = self._cause or FlyError(
@@ -515,7 +515,7 @@ class FlyController:
                 logger.warning("%s: %s", self.label, abandon_exc)
         return writer.samples_written
 
-    def _model_times(self, writer: WaveformWriter, summary: SessionSummary) -> None:
+    def _model_times(self, writer: WaveformWriter, summary: SessionSummary) -> bool:
         """Rewrite ``/time`` from the meter's own records (the time model, §4.10, §6.5).
 
         Without a stop reply's ``start_ts`` or a meter clock set by NTP the provisional axis
@@ -524,7 +524,7 @@ class FlyController:
         """
         start = summary.start_ts
         if start is None or not math.isfinite(start) or start <= 0 or writer.samples_appended == 0:
-            return
+            return False
         logged = list(self._sync_records()) if self._sync_records is not None else []
         syncs = tuple(
             ModelSync(
@@ -550,8 +550,9 @@ class FlyController:
         except Exception as exc:  # the provisional axis stays; say why
             logger.warning("%s: the time model failed (%s); %s keeps the nominal time axis",
                            self.label, exc, writer.path)
-            return
+            return False
         writer.rewrite_times(modelled.times, "time model", modelled.notes)
+        return True
 
     def _judge(self, summary: SessionSummary | None) -> BaseException | None:
         if self._cause is not None and self._cause is self._write_error:

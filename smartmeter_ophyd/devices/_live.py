@@ -44,6 +44,9 @@ LIVE_FIELDS: Final = {
 }
 """Field -> (units, hinted)."""
 DEFAULT_PERIOD_S: Final = 1.0
+MAX_WINDOWS_KEPT: Final = 3600
+"""Windows held in memory: an hour at 1 s.  Older ones are forgotten once collected, or
+when nobody collects them (the samples themselves are all in the HDF5 file)."""
 
 
 def _frequency(v: npt.NDArray[np.float64], rate: float) -> float:
@@ -122,6 +125,10 @@ class LiveSummary:
         with self._lock:
             self._rows.append(row)
             self._times.append(time.time())
+            excess = len(self._rows) - MAX_WINDOWS_KEPT
+            if excess > 0:
+                del self._rows[:excess], self._times[:excess]
+                self._emitted = max(0, self._emitted - excess)
 
     def _summarise(self, w: npt.NDArray[np.float64]) -> dict[str, float]:
         row = dict.fromkeys(LIVE_FIELDS, math.nan)
@@ -158,7 +165,7 @@ class LiveSummary:
 
     @property
     def windows(self) -> list[dict[str, float]]:
-        """Every window of the current fly so far."""
+        """The windows of the current fly so far (the last ``MAX_WINDOWS_KEPT``)."""
         with self._lock:
             return [dict(row) for row in self._rows]
 

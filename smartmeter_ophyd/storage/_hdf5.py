@@ -418,8 +418,15 @@ class WaveformWriter:
                     "unknown" if missing < 0 else missing,
                 )
 
-    def rebase_start(self, actual_start_ts: float, source: str = START_SOURCE_STOP_REPLY) -> bool:
-        """Move the time origin to ``actual_start_ts``; True if ``/time`` changed.
+    def rebase_start(
+        self, actual_start_ts: float, source: str = START_SOURCE_STOP_REPLY, *,
+        rewrite: bool = True,
+    ) -> bool:
+        """Move the time origin to ``actual_start_ts``; True if the origin changed.
+
+        ``rewrite=False`` only records the new origin, for a caller that has rewritten
+        ``/time`` itself (:meth:`rewrite_times`): each rewrite of compressed chunks leaves the
+        old ones as dead space in the file.
 
         For scheduled starts, whose reply ``startTs`` is the scheduled second, not the start
         (§6.4 step 5): the ``/time`` rows already written are recomputed in chunks with the
@@ -439,13 +446,14 @@ class WaveformWriter:
                 return False
             previous = self.start_ts
             self.start_ts = actual
-            for first in range(0, self._on_disk, self.chunk_samples):
-                last = min(first + self.chunk_samples, self._on_disk)
-                self._time_ds[first:last] = self._times(first, last)
-            self._time_ds.flush()
+            if rewrite:
+                for first in range(0, self._on_disk, self.chunk_samples):
+                    last = min(first + self.chunk_samples, self._on_disk)
+                    self._time_ds[first:last] = self._times(first, last)
+                self._time_ds.flush()
             self._file.attrs["start_ts"] = actual
             self._file.attrs["start_ts_source"] = source
-            rewritten = self._on_disk
+            rewritten = self._on_disk if rewrite else 0
         logger.info(
             "smartmeter %s: time origin moved from %.3f to %.3f (%+.3f ms, %s); "
             "%d time rows rewritten",
