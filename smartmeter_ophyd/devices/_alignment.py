@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from ..timing import Alignment, AlignmentError, Waveform, align
+from ._keys import scalar_key
 
 if TYPE_CHECKING:
     from ._smartmeter import SmartMeter
@@ -82,16 +83,11 @@ class AlignmentStream:
         self._collected = False
 
     def describe_collect(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for field, (dtype, dtype_numpy, units) in FIELDS.items():
-            key: dict[str, Any] = {"source": f"smartmeter-ophyd/alignment/{field}",
-                                   "dtype": dtype, "shape": []}
-            if dtype_numpy is not None:
-                key["dtype_numpy"] = dtype_numpy
-            if units:
-                key["units"] = units
-            out[f"alignment_{field}"] = key
-        return out
+        return {
+            f"alignment_{field}": scalar_key(f"smartmeter-ophyd/alignment/{field}", dtype,
+                                             dtype_numpy, units)
+            for field, (dtype, dtype_numpy, units) in FIELDS.items()
+        }
 
     def compute(self) -> dict[str, Alignment]:
         waveforms = {}

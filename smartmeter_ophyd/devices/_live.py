@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..protocol import Measures
+from ._keys import scalar_key
 
 if TYPE_CHECKING:
     from ._smartmeter import SmartMeter
@@ -199,16 +200,11 @@ class LiveSummary:
         return {"fields": [self._key(f) for f, (_u, hinted) in LIVE_FIELDS.items() if hinted]}
 
     def describe_collect(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for field, (units, _hinted) in LIVE_FIELDS.items():
-            key: dict[str, Any] = {
-                "source": f"{self.meter.source_label}/live/{field}",
-                "dtype": "number", "shape": [], "dtype_numpy": "<f8",
-            }
-            if units:
-                key["units"] = units
-            out[self._key(field)] = key
-        return out
+        return {
+            self._key(field): scalar_key(f"{self.meter.source_label}/live/{field}", "number",
+                                         "<f8", units)
+            for field, (units, _hinted) in LIVE_FIELDS.items()
+        }
 
     def collect_pages(self) -> Iterator[dict[str, Any]]:
         with self._lock:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..client import SyncRecord, SyncRecordAssembler
 from ..protocol import LogLine
+from ._keys import scalar_key
 
 if TYPE_CHECKING:
     from ._smartmeter import SmartMeter
@@ -122,19 +123,11 @@ class TimingStream:
         return f"{self.meter.name}_timing_{field}"
 
     def describe_collect(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for field, (dtype, dtype_numpy, units) in TIMING_FIELDS.items():
-            key: dict[str, Any] = {
-                "source": f"{self.meter.source_label}/log/{field}",
-                "dtype": dtype,
-                "shape": [],
-            }
-            if dtype != "string":
-                key["dtype_numpy"] = dtype_numpy
-            if units:
-                key["units"] = units
-            out[self._key(field)] = key
-        return out
+        return {
+            self._key(field): scalar_key(f"{self.meter.source_label}/log/{field}", dtype,
+                                         dtype_numpy, units)
+            for field, (dtype, dtype_numpy, units) in TIMING_FIELDS.items()
+        }
 
     def collect_pages(self) -> Iterator[dict[str, Any]]:
         with self._lock:
