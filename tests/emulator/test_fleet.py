@@ -98,8 +98,8 @@ def test_start_close_leaves_no_threads_or_sockets() -> None:
         fleet.start()
     fleet.close()
     fleet.close()
-    assert set(threading.enumerate()) == threads
-    assert _open_fds() == fds
+    assert set(threading.enumerate()) - threads == set()
+    assert _open_fds() <= fds
     for address in addresses:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(address, timeout=2).close()
