@@ -8,6 +8,9 @@ stops it at the end of the session.  ``ntp_server`` and ``mqtt_broker`` give ``(
 A test whose service is unavailable fails with the Debian package to install when ``CI`` is
 set, and is skipped with that reason otherwise.  Area fixtures live in the areas' own
 conftest.py files.
+
+Every test runs under the leak guard (``tests/leak_guard.py``, registered here as a plugin):
+no thread, asyncio task or TCP/UDP socket it started may outlive it and its fixtures.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+pytest_plugins = ["tests.leak_guard"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES_SCRIPT = ROOT / "scripts" / "services.sh"

@@ -7,12 +7,10 @@ runs under the leak guard (tests/leak_guard.py): no thread, task or socket may o
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from smartmeter_ophyd.emulator import EmulatedMeter
-from tests.leak_guard import _leak_guard_tasks, leak_guard  # noqa: F401 (autouse guard)
 
 from .client_fakes import emulator_config, start_sntp
 
@@ -49,10 +47,3 @@ async def serial_meter() -> AsyncIterator[EmulatedMeter]:
     finally:
         await emulated.stop()
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Warnings are errors here (not yet project-wide: see docs/explanations/architecture.md)."""
-    here = Path(__file__).parent
-    for item in items:
-        if here in item.path.parents:
-            item.add_marker(pytest.mark.filterwarnings("error"))
