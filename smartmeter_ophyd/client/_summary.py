@@ -27,10 +27,12 @@ class SessionSummary:
     """What a session delivered, reconciled with what the meter says it sent.
 
     ``received_samples`` were delivered in blocks; ``missing_declared`` were announced as
-    gaps (packet gaps + corrupt frames); ``late_samples`` arrived after being declared
-    missing.  With the stop reply, ``device_sent_samples`` (samples the meter's socket
-    accepted, §4.8) should equal ``received_samples + missing_declared``; ``unexplained`` is
-    the difference (None without a stop reply) and ``explained`` says whether it is zero.
+    gaps (packet gaps + corrupt frames); ``late_samples`` came in packets older than the
+    next expected one: reordered (declared missing before) or duplicated (already received),
+    never counted as received.  With the stop reply, ``device_sent_samples`` (samples the
+    meter's socket accepted, §4.8) should equal ``received_samples + missing_declared``;
+    ``unexplained`` is the difference (None without a stop reply) and ``explained`` says
+    whether it is zero.
     ``notes`` explain each component in words.
     """
 
@@ -76,7 +78,8 @@ def reconcile(session: SamplingSession, ended_by: str, stop: StopReply | None) -
         notes.append(f"{session.missing_unsized_gaps} packet gaps of unknown size")
     if session.late_samples:
         notes.append(
-            f"{session.late_samples} samples arrived late (already declared missing, kept aside)"
+            f"{session.late_samples} samples arrived late or twice (older than the next "
+            "expected packet: declared missing before or already received; kept aside)"
         )
     if session.repaired_frames:
         notes.append(f"{session.repaired_frames} frames had a log line cut out of them (§4.6)")

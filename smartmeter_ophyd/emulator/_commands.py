@@ -524,7 +524,7 @@ async def cmd_sample(meter: EmulatedMeter, request: Request, reply: dict[str, An
             serial=meter.serial,
             udp_port=udp_port,
             datagrams=meter.datagrams,
-            drop_next_datagram=meter.take_datagram_drop,
+            datagram_fault=meter.take_datagram_fault,
             mqtt=meter.mqtt,
         )
     )

@@ -22,6 +22,11 @@ same operations exist in-process: as methods of :class:`EmulatedMeter`, the type
 | ``garbage`` | ``hex`` | these bytes precede the next data frame |
 | ``log_in_frame`` | ``text`` or ``next_logs`` | an INFO log line ``text`` is written in the middle of the next data frame; or the meter's own next ``next_logs`` log lines land inside the following frames (§4.6) |
 | ``drop_udp`` | ``count`` | the next ``count`` UDP datagrams are not sent |
+| ``duplicate_udp`` | ``count`` | each of the next ``count`` UDP datagrams arrives twice |
+| ``reorder_udp`` | ``count`` | each of the next ``count`` UDP datagrams arrives after the one that follows it |
+
+The three UDP ops are faults of the network between device and host, not firmware
+behaviour: the meter's ``sent_samples`` (§4.8) counts each such datagram once.
 
 Rows are numbered as delivered: index ``i`` is the ``i``-th sample row the meter put into its
 ring buffer in this session (fillers and correction duplicates included, §4.10, §6.5), which
@@ -242,6 +247,23 @@ def _drop_udp(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _duplicate_udp(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
+    meter.duplicate_udp_datagrams(_count(meter, req))
+    return {}
+
+
+def _reorder_udp(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
+    meter.reorder_udp_datagrams(_count(meter, req))
+    return {}
+
+
+def _count(meter: EmulatedMeter, req: dict[str, Any]) -> int:
+    count = _number(meter, req, "count")
+    if not isinstance(count, int) or count < 0:
+        raise ValueError(f"smartmeter {meter.name}: 'count' must be an integer >= 0, not {count!r}")
+    return count
+
+
 def _drop_connections(meter: EmulatedMeter, req: dict[str, Any]) -> dict[str, Any]:
     meter.drop_connections()
     return {}
@@ -259,6 +281,8 @@ FAULTS: dict[str, Callable[[EmulatedMeter, dict[str, Any]], dict[str, Any]]] = {
     "garbage": _garbage,
     "log_in_frame": _log_in_frame,
     "drop_udp": _drop_udp,
+    "duplicate_udp": _duplicate_udp,
+    "reorder_udp": _reorder_udp,
 }
 """The fault injections (shared by the control channel and ``EmulatorFleet.inject``)."""
 

@@ -377,8 +377,8 @@ class EmulatorFleet:
 
     def inject(self, i: int | str, fault: str, **args: Any) -> None:
         """A fault from the control channel's table: ``stall`` (``seconds``), ``garbage``
-        (``hex``), ``log_in_frame`` (``text``), ``drop_udp`` (``count``),
-        ``drop_connections``, ``reboot``."""
+        (``hex``), ``log_in_frame`` (``text``), ``drop_udp``, ``duplicate_udp``, ``reorder_udp``
+        (each ``count``), ``drop_connections``, ``reboot``."""
         meter = self.meter(i)
         op = _control.FAULTS.get(fault)
         if op is None:

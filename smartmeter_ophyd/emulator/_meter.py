@@ -53,7 +53,7 @@ from ._grid import GridModel
 from ._model import Faults, PendingStart, SampleSettings, Session
 from ._mqtt import MeterMqtt
 from ._sampling import RingBuffer, SamplingEngine, SessionTruth, SyncRecord
-from ._sinks import EndpointSink, MqttSink, Sink
+from ._sinks import DatagramFault, EndpointSink, MqttSink, Sink
 from ._state import StateStore, StoredConfig
 
 logger = logging.getLogger(__name__)
@@ -440,6 +440,15 @@ class EmulatedMeter:
     def drop_udp_datagrams(self, count: int) -> None:
         """Fault: the next ``count`` UDP datagrams are lost."""
         self.faults.drop_datagrams += count
+
+    def duplicate_udp_datagrams(self, count: int) -> None:
+        """Network fault: each of the next ``count`` UDP datagrams arrives twice."""
+        self.faults.duplicate_datagrams += count
+
+    def reorder_udp_datagrams(self, count: int) -> None:
+        """Network fault: each of the next ``count`` UDP datagrams arrives just after the
+        datagram that follows it (``count`` swapped pairs)."""
+        self.faults.reorder_datagrams += count
 
     def drop_connections(self) -> None:
         """Fault: every TCP connection dies at once (command clients and the raw stream)."""
@@ -966,12 +975,19 @@ class EmulatedMeter:
         frame = encode_frame(s.packet, payload, prefix=s.settings.prefix, serial=sink.serial_framing)
         return self._emit(s, sink, frame, len(frame), len(payload))
 
-    def take_datagram_drop(self) -> bool:
-        """Fault: True if the next UDP datagram is to be dropped."""
-        if self.faults.drop_datagrams > 0:
-            self.faults.drop_datagrams -= 1
-            return True
-        return False
+    def take_datagram_fault(self) -> DatagramFault | None:
+        """Fault: what the network does to the next UDP datagram (None: delivered once)."""
+        faults = self.faults
+        if faults.drop_datagrams > 0:
+            faults.drop_datagrams -= 1
+            return "drop"
+        if faults.duplicate_datagrams > 0:
+            faults.duplicate_datagrams -= 1
+            return "duplicate"
+        if faults.reorder_datagrams > 0:
+            faults.reorder_datagrams -= 1
+            return "reorder"
+        return None
 
     def random_ms(self, upper: int) -> int:
         return self._rng.randrange(upper)

@@ -86,3 +86,7 @@ class Faults:
     """The meter's next N log lines to the sampling connection land inside data frames."""
     held_logs: list[bytes] = field(default_factory=list)
     drop_datagrams: int = 0
+    duplicate_datagrams: int = 0
+    """The next N UDP datagrams are delivered twice (a network fault, not the firmware's)."""
+    reorder_datagrams: int = 0
+    """The next N UDP datagrams each arrive after the one that follows them (network fault)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from smartmeter_ophyd.protocol import Transport
 
@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 
 HIGH_WATER_BYTES: Final = 65_536
 """Unsent bytes a sink may hold before the session stops feeding it (emulates a blocking send)."""
+
+DatagramFault = Literal["drop", "duplicate", "reorder"]
+"""What the network does to one UDP datagram (test-only fault injection, not firmware)."""
+
+HELD_DATAGRAM_MAX_S: Final = 0.05
+"""A datagram held back for reordering goes out after this long if no other follows it."""
 
 
 class Sink:
@@ -82,6 +88,9 @@ class UdpSink(Sink):
     """One frame per datagram to the requester's IP and ``payload.port`` (§4.13).
 
     The session lives as long as the TCP connection that issued the command (§4.9).
+    ``datagram_fault`` is the network between device and host (test-only): a datagram may be
+    lost, arrive twice, or arrive after the one that follows it.  Every such datagram left
+    the device, so it counts as accepted (``sent_samples``, §4.8) exactly once.
     """
 
     transport = Transport.UDP
@@ -92,12 +101,13 @@ class UdpSink(Sink):
         datagrams: asyncio.DatagramTransport,
         address: tuple[str, int],
         requester: Endpoint,
-        drop_next: Callable[[], bool],
+        datagram_fault: Callable[[], DatagramFault | None],
     ) -> None:
         self.datagrams = datagrams
         self.address = address
         self.requester = requester
-        self._drop_next = drop_next
+        self._fault = datagram_fault
+        self._held: bytes | None = None
 
     def connected(self) -> bool:
         return self.requester.alive
@@ -108,13 +118,41 @@ class UdpSink(Sink):
         return max(0, HIGH_WATER_BYTES - int(queued))
 
     def send(self, frames: bytes, stride: int) -> int:
-        accepted = 0
         for offset in range(0, len(frames), stride):
             frame = frames[offset : offset + stride]
-            if not self._drop_next():
+            if self._held is not None:  # the datagram that overtakes the held one
                 self.datagrams.sendto(frame, self.address)
-            accepted += len(frame)  # a dropped datagram still left the device
-        return accepted
+                self._release_held()
+                continue
+            fault = self._fault()
+            if fault == "drop":
+                continue
+            if fault == "reorder":
+                self._held = frame
+                self._release_later(frame)
+                continue
+            self.datagrams.sendto(frame, self.address)
+            if fault == "duplicate":
+                self.datagrams.sendto(frame, self.address)
+        return len(frames)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self.datagrams.is_closing():
+            self.datagrams.sendto(held, self.address)
+
+    def _release_later(self, frame: bytes) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the meter's loop: nothing can overtake it
+            self._release_held()
+            return
+
+        def release_if_still_held() -> None:
+            if self._held is frame:
+                self._release_held()
+
+        loop.call_later(HELD_DATAGRAM_MAX_S, release_if_still_held)
 
     @property
     def local_ip(self) -> str | None:
@@ -149,7 +187,7 @@ class SinkRequest:
     serial: Endpoint | None
     udp_port: int
     datagrams: asyncio.DatagramTransport | None
-    drop_next_datagram: Callable[[], bool]
+    datagram_fault: Callable[[], DatagramFault | None]
     mqtt: MeterMqtt | None = None
 
 
@@ -167,7 +205,7 @@ def _udp(req: SinkRequest) -> Sink:
     if req.datagrams is None:
         raise RuntimeError("UDP socket not open")
     ip = getattr(req.requester, "peer_ip", "127.0.0.1")
-    return UdpSink(req.datagrams, (ip, req.udp_port), req.requester, req.drop_next_datagram)
+    return UdpSink(req.datagrams, (ip, req.udp_port), req.requester, req.datagram_fault)
 
 
 def _mqtt(req: SinkRequest) -> Sink:
