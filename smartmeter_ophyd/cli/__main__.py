@@ -11,6 +11,7 @@ Sub-commands (``smartmeter COMMAND --help`` for each)::
     smartmeter plot RUN                 # the PNGs of a run
     smartmeter export RUN --format csv|parquet|mkv [--power-summary csv|parquet]
     smartmeter rerun RUN                # repeat a run: same plan, arguments and settings
+    smartmeter replay JOURNAL…          # write kept journals of runs into a catalog
 
 Exit status: 0 success, 1 a meter/catalog/tool failed, 2 a usage mistake (nothing touched),
 130 interrupted by Ctrl-C (the run closed with exit status ``abort``).
@@ -126,7 +127,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import _meters, _record, _runs
+    from . import _meters, _record, _replay, _runs
 
     parser = Parser(prog="smartmeter", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -225,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the original run are emulated again)")
     p.add_argument("--hdf5-dir", type=Path, default=None,
                    help="with --catalog: where meters write HDF5 (the server's readable storage)")
+    p = command("replay", "write kept journals of runs into a catalog", _replay.cmd_replay)
+    p.description = _replay.__doc__
+    _replay.add_replay_options(p)
     return parser
 
 
