@@ -2,6 +2,7 @@
 
 * ``import smartmeter_ophyd`` / ``smartmeter_ophyd.devices`` / ``plans`` load no Tiled, dask,
   pandas, numba, xarray or matplotlib (checked in a fresh interpreter's ``sys.modules``);
+  ``smartmeter_ophyd.devices`` alone loads no h5py, event_model, aiomqtt or zeroconf either;
   the codec and the client load no ophyd or bluesky.
 * Every third-party module the package imports belongs to a declared distribution (core, or
   the extra its optional module needs), and every core dependency is imported somewhere.
@@ -67,6 +68,22 @@ def test_devices_and_plans_load_no_catalog_stack() -> None:
     loaded = loaded_after("import smartmeter_ophyd, smartmeter_ophyd.devices, plans")
     assert not loaded & set(HEAVY), f"heavy modules loaded: {sorted(loaded & set(HEAVY))}"
     assert {"ophyd", "bluesky", "h5py"} <= loaded  # the check itself sees imports
+
+
+def test_devices_load_only_what_constructing_a_meter_needs() -> None:
+    """HDF5 (h5py, hdf5plugin), documents (event_model), MQTT (aiomqtt) and discovery
+    (zeroconf) load with the first fly or first use, not with ``smartmeter_ophyd.devices``
+    (the import-time budget, issue 12); constructing a SmartMeter loads none of them either."""
+    loaded = loaded_after(
+        "import smartmeter_ophyd.devices as d\n"
+        "d.SmartMeter('127.0.0.1', name='m', data_directory='.')"
+    )
+    later = {*HEAVY, "h5py", "hdf5plugin", "event_model", "jsonschema", "aiomqtt", "zeroconf",
+             "bluesky"}
+    assert not loaded & later, sorted(loaded & later)
+    assert "ophyd" in loaded  # the check itself sees imports
+    names = loaded_after("from smartmeter_ophyd.devices import AlignmentStream, MeterMqttStatus")
+    assert "h5py" in names  # the lazy names resolve (AlignmentStream reads HDF5)
 
 
 def test_bare_package_and_storage_package_load_nothing_heavy() -> None:

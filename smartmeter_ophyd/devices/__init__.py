@@ -8,11 +8,15 @@
 * :class:`MeterNtp` - ``meter.ntp``: trigger the meter's NTP sync, read its confidence.
 * :class:`HostClock` - the host clock's offset from a time server (SNTP).
 * :class:`MeterMqttStatus` - a meter's 5 s MQTT status as signals (§8.2).
+
+Import cost: what constructing a :class:`SmartMeter` needs is imported here (ophyd, the
+client, the codec); h5py, event_model, the time model and the alignment (numpy-heavy) load
+with the first fly or on first use of their names, MQTT (aiomqtt) with the first MQTT fly or
+``MeterMqttStatus``.  ``tests/test_packaging.py`` keeps it so.
 """
 
 from typing import TYPE_CHECKING
 
-from ._alignment import AlignmentStream
 from ._controller import FlyError
 from ._flow import CtsPolicy, FlowStats
 from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
@@ -46,14 +50,24 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # imported on first use at run time, see __getattr__
+    from ._alignment import AlignmentStream
     from ._mqtt import MeterMqttStatus
+
+_LAZY = {"AlignmentStream": "._alignment", "MeterMqttStatus": "._mqtt"}
+"""Names whose modules load h5py/numpy analysis code or aiomqtt: imported on first use."""
 
 
 def __getattr__(name: str) -> object:
-    if name == "MeterMqttStatus":  # imported on first use (MQTT is optional)
-        from ._mqtt import MeterMqttStatus
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
 
-        globals()[name] = MeterMqttStatus
-        return MeterMqttStatus
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 

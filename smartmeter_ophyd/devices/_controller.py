@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..client import (
     AsyncMeterClient,
@@ -46,13 +46,13 @@ from ..client import (
 )
 from ..client import SyncRecord as LoggedSync
 from ..protocol import LogLine, SampleReply
-from ..storage import WaveformWriter
-from ..timing import DeclaredGap, SessionRecords, model_times
-from ..timing import SyncRecord as ModelSync
 from ._flow import CtsGovernor, CtsPolicy, FlowStats
 from ._fly import FlyConfig
 from ._live import LiveSummary
 from ._records import summary_dict
+
+if TYPE_CHECKING:  # h5py and the time model load with the first fly (import-time budget)
+    from ..storage import WaveformWriter
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +215,11 @@ class FlyController:
         self._stop_reason = reason
         logger.info("%s: stopping the meter (%s)", self.label, reason)
         self._stop_task = asyncio.get_running_loop().create_task(self._stop_session())
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why this device asked the meter to stop (None: it did not ask)."""
+        return self._stop_reason
 
     async def wait(self) -> FlyOutcome:
         return await asyncio.shield(self.outcome)
@@ -504,7 +509,8 @@ class FlyController:
                     )
                 # the model's /time already stands on it: record the origin, rewrite nothing
                 writer.rebase_start(actual, rewrite=not modelled)
-            writer.close(summary_dict(summary) if summary is not None else None)
+            writer.close(None if summary is None
+                         else {**summary_dict(summary), "stop_requested": self._stop_reason})
         except (OSError, RuntimeError, ValueError) as exc:
             self._cause = self._cause or FlyError(
                 self.label, f"cannot close {writer.path}: {exc}"
@@ -522,6 +528,9 @@ class FlyController:
         stays.  A model that fails is logged and leaves the provisional axis: the samples are
         never at stake.
         """
+        from ..timing import DeclaredGap, SessionRecords, model_times
+        from ..timing import SyncRecord as ModelSync
+
         start = summary.start_ts
         if start is None or not math.isfinite(start) or start <= 0 or writer.samples_appended == 0:
             return False

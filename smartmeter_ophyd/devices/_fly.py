@@ -85,6 +85,11 @@ class FlyConfig:
     paused meter in ``prepare`` and releases it in ``kickoff``, so a plan can release several
     meters together.  ``slot=(slot, slots)`` makes the meter send only in the seconds where
     ``second % slots == slot`` (§5.3).
+
+    ``transport="MQTT"`` (§4.14): the meter publishes one JSON message per sample to its
+    broker; the :class:`~smartmeter_ophyd.devices.SmartMeter` receives them through the MQTT
+    client (its ``mqtt_broker``).  Low rates only (the client's limit), started now (no
+    ``start_time``), no ``slot`` and no ``reqSamples``.
     """
 
     rate: int = 8000
@@ -200,6 +205,17 @@ class FlyConfig:
                 f"release='plan' needs flow_control='cts' (the meter waits paused until the "
                 f"plan sends cts, §5.1), not flow_control={self.flow_control!r}"
             )
+        if transport is Transport.MQTT:
+            if self.start_time is not None:
+                raise ValueError(
+                    "transport MQTT cannot start at a start_time: the scheduled reply's message "
+                    "exceeds PubSubClient's 256-byte packet and never arrives (§6.4, §8.3)"
+                )
+            if self.flow_control == "reqSamples":
+                raise ValueError(
+                    "transport MQTT cannot be pulled with flow_control='reqSamples': the "
+                    "meter publishes every sample itself (§4.14); use 'none' or 'cts'"
+                )
         slot = None if self.slot is None else tuple(self.slot)
         if self.flow_control == "reqSamples":
             limit = max_request_samples(measures)

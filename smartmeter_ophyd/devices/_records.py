@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Final
 from ophyd.status import Status
 
 from ..client import SessionSummary
-from ..storage import gap_data_keys
 
 if TYPE_CHECKING:
     from ._smartmeter import SmartMeter
@@ -58,6 +57,8 @@ class GapStream:
         return f"{self.meter.name}_gaps"
 
     def describe_collect(self) -> dict[str, dict[str, Any]]:
+        from ..storage import gap_data_keys  # h5py, event_model: on first use
+
         return gap_data_keys(self.meter.name, self.meter.source_label)
 
     def get_index(self) -> int:

@@ -67,6 +67,28 @@ Threads: none of its own.  Every client of the process runs on one shared event-
 single I/O thread.  Statuses follow coroutines (:mod:`._status`).  ``destroy()``/``close()``
 stop a running fly and wait for it.
 
+MQTT flies (§4.14): a fly whose ``transport`` is ``"MQTT"`` is commanded and received through
+an MQTT broker, not the TCP connection (which stays open for settings and the info line, and
+receives the firmware's one INFO log line per sample).  The broker is the one the meter
+publishes to: by default the meter's own ``mqtt_server`` setting (from the info line, or as
+last set through ``meter.mqtt_server``) on the firmware's fixed port 1883 (§8.1); ``SmartMeter(..., mqtt_broker=...)`` names it
+as this host reaches it (another address, a port other than 1883, or one shared
+:class:`~smartmeter_ophyd.client.MqttBroker` for many meters).  The device opens its own
+broker connection at the first MQTT fly and closes it in :meth:`SmartMeter.close`.  Samples
+arrive unnumbered (one JSON message each, QoS 0): a sample the broker lost shows up as
+``unexplained`` in the reconciliation, never as a silent hole.
+
+Why a fly stopped: the device records who asked the meter to stop (``"<n> samples
+reached"``, ``stop()`` from the plan or the RunEngine, ``unstage``, ``pause``, ``close``,
+silence, a write error; none when the meter stopped by itself) as ``stop_requested`` in the
+``stop_summary`` config signal (so in the run's ``meter_summary`` descriptor), in the HDF5
+file's ``stop_summary`` attribute and as :attr:`SmartMeter.last_stop_reason`.  The stop
+document's ``reason`` is not the device's to write: on a failure it is the exception's text,
+but after ``RE.abort(reason)`` bluesky (1.15) leaves it empty for every plan built on
+``bpp.run_wrapper`` - the wrapper closes the run with ``exit_status="abort"`` and no reason,
+and the RunEngine uses its stored reason only for a run the plan left open.  So the device's
+record above is where an aborted run says what happened to each meter.
+
 Scheduled starts (§6.4): the sample reply's ``startTs`` is only the scheduled second; the
 firmware starts about 1 ms earlier and reports the real start as ``start_ts`` in the stop
 reply (§6.4 step 5, §4.8).  As soon as the stop reply arrives - before the tail is written,
@@ -90,7 +112,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ophyd import Component as Cpt
 from ophyd import Device, Kind
@@ -98,6 +120,7 @@ from ophyd.status import DeviceStatus
 
 from .. import __version__
 from ..client import (
+    AsyncMeterClient,
     ClientEvent,
     ConnectionLost,
     MeterClient,
@@ -119,7 +142,6 @@ from ..protocol import (
     Transport,
     check_start_window,
 )
-from ..storage import GapAssets, StreamAssets, WaveformWriter, stream_data_keys
 from ._controller import FlyController, check_not_running
 from ._flow import CtsPolicy, FlowStats
 from ._fly import FlyConfig, ProgressStatus, coerce_measures, coerce_transport
@@ -144,9 +166,15 @@ from ._signals import (
 from ._status import status_from_coroutine
 from ._timing import TimingStream
 
+if TYPE_CHECKING:  # h5py, event_model and aiomqtt load with the first fly that needs them
+    from ..client import AsyncMqttBroker, AsyncMqttMeter, MqttBroker
+    from ..storage import GapAssets, StreamAssets, WaveformWriter
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT: Final = 54321
+MQTT_PORT: Final = 1883
+"""The port the firmware connects to on its ``mqttServer`` (§8.1); it cannot be changed."""
 
 READING_UNITS: Final = {
     "voltage": "V",
@@ -169,6 +197,14 @@ class SmartMeter(Device):
     Constructing it does no I/O; :meth:`connect` (or ``wait_for_connection``/``stage``)
     opens the connection.  ``data_directory`` is where fly scans write their HDF5 files (it
     must be readable storage of the catalog).  See the module docstring for the protocols.
+
+    ``mqtt_broker`` is only used by flies with ``transport="MQTT"`` (§4.14).  Left None, the
+    device uses the broker the meter itself is configured for - its ``mqtt_server`` setting
+    (the info line, or as last set through ``meter.mqtt_server``) on port 1883, the only
+    port the firmware uses (§8.1) - which is what a user who set the meter up expects.  Give a host, or
+    ``(host, port)``, when this host reaches that broker under another name or port (NAT, a
+    bridge, a test broker), or an open :class:`~smartmeter_ophyd.client.MqttBroker` to share
+    one connection among many meters (the device never closes a broker it was given).
     """
 
     # readings (trigger/read)
@@ -255,6 +291,7 @@ class SmartMeter(Device):
         readable_root: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         emulated: bool = False,
         live_period_s: float = 1.0,
+        mqtt_broker: MqttBroker | str | tuple[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__("", name=name, **kwargs)
@@ -295,7 +332,21 @@ class SmartMeter(Device):
         self.live_stream = LiveSummary(self, live_period_s)
         """``<meter>_live``: RMS, power and frequency per ``live_period_s`` of a fly (hinted)."""
         self.run_summary = RunSummary(self)
+        self.mqtt_broker = _checked_broker(mqtt_broker, name)
+        """Where MQTT flies go: None (the meter's own ``mqtt_server``, port 1883, §8.1), a
+        host, ``(host, port)``, or a shared :class:`~smartmeter_ophyd.client.MqttBroker`."""
+        self._own_broker: AsyncMqttBroker | None = None
+        self.last_stop_reason: str | None = None
+        """Who asked the meter to stop the last fly (None: it stopped by itself or no fly)."""
         self._check_readable()
+
+    def __repr__(self) -> str:
+        # ophyd's repr lists every component (~1.4 ms a meter, noticeable at 50 meters in
+        # logs and tracebacks); this reads attributes only: no signal, no network.
+        state = "flying" if self.flying else "connected" if self.connected else "not connected"
+        emulated = ", emulated=True" if self.emulated else ""
+        return (f"SmartMeter(name={self.name!r}, host={self.host!r}, port={self.port}"
+                f"{emulated}, state={state!r})")
 
     # ------------------------------------------------------------------ connection
 
@@ -366,6 +417,7 @@ class SmartMeter(Device):
         """Stop a running fly (keeping what it received), then close the connection."""
         self._stop_and_wait("close")
         with self._client_lock:
+            self._close_broker()
             self._close_client()
         self.link_state._update("disconnected")
 
@@ -381,6 +433,19 @@ class SmartMeter(Device):
                 logger.debug("%s: unsubscribe: %s", self.meter_label, exc)
         self._unsubscribe_events = None
         client.close()
+
+    def _close_broker(self) -> None:
+        broker, self._own_broker = self._own_broker, None
+        client = self._client
+        if broker is None or client is None:
+            return
+        if client.in_loop_thread():  # closing from a callback: let the loop finish it
+            client.loop.create_task(broker.close())
+            return
+        try:
+            client.run(broker.close(), "close the MQTT broker connection")
+        except Exception as exc:  # closing anyway
+            logger.warning("%s: closing %s: %s", self.meter_label, broker.label, exc)
 
     def _on_client_event(self, event: ClientEvent) -> None:
         """On the loop: the link's state for suspenders (``meter.link_state``)."""
@@ -428,6 +493,7 @@ class SmartMeter(Device):
             "emulated": self.emulated,
             "smartmeter_ophyd": __version__,
             "fly": self._fly_config.as_dict() if self._fly_config else None,
+            "mqtt_broker": self._broker_label(),
         }
 
     # ------------------------------------------------------------------ stage / read
@@ -440,7 +506,7 @@ class SmartMeter(Device):
         """Stop a running fly and wait until the meter is idle and the file closed.
 
         The stream declaration ends with the staging: the next run declares it anew."""
-        self._stop_and_wait("unstage")
+        self._stop_and_wait("unstage: the run ended while the fly ran")
         self._declared = False
         return super().unstage()  # type: ignore[no-any-return]
 
@@ -531,6 +597,8 @@ class SmartMeter(Device):
         return status_from_coroutine(self, self.client, self._arm(controller))
 
     def describe_collect(self) -> dict[str, dict[str, Any]]:
+        from ..storage import stream_data_keys
+
         self._declared = True
         measures = coerce_measures(self.fly_config.measures)
         return stream_data_keys(self.name, measures.channels, measures.units, self.source_label)
@@ -590,7 +658,9 @@ class SmartMeter(Device):
         client = self._client
         if controller is None or not controller.running or client is None:
             return
-        client.loop.call_soon_threadsafe(controller.request_stop, "stop() called")
+        reason = ("stop() called: the plan or the RunEngine ended the fly early (RE.abort, "
+                  "RE.stop, Ctrl-C, or a failure elsewhere in the plan)")
+        client.loop.call_soon_threadsafe(controller.request_stop, reason)
 
     def pause(self) -> None:
         """bluesky's pause (Ctrl-C twice, ``RE.request_pause()``): stop the meters, keep
@@ -668,19 +738,90 @@ class SmartMeter(Device):
         self._writer = self._assets = self._gap_assets = None
         self.timing_stream.reset()
         silence = self.timeout * 4
+        self.last_stop_reason = None
 
         async def build() -> FlyController:
+            fly_client: AsyncMeterClient | AsyncMqttMeter = client.async_client
+            if coerce_transport(config.transport) is Transport.MQTT:
+                fly_client = await self._mqtt_meter()
             return FlyController(
-                client=client.async_client, config=config, open_writer=self._open_writer,
+                client=fly_client,  # type: ignore[arg-type]  # the part of a client a fly uses
+                config=config, open_writer=self._open_writer,
                 cts_policy=self.cts_policy, silence_s=silence,
                 on_progress=self._report_progress, on_log=self.timing_stream.feed,
                 live=self.live_stream, sync_records=self.timing_stream.records_with_rtc,
                 rtc=bool(self.rtc.get()),
             )
 
-        controller = client.submit(build()).result(self.timeout)
+        # an MQTT fly may connect to the broker first (bounded by the broker's own timeout)
+        controller = client.submit(build()).result(2 * self.timeout + 1)
         self._controller = controller
         return controller
+
+    def _broker_address(self) -> tuple[str, int]:
+        """Where this host reaches the broker of MQTT flies (see the class docstring)."""
+        spec = self.mqtt_broker
+        if isinstance(spec, tuple):
+            return spec
+        if isinstance(spec, str):
+            return spec, MQTT_PORT
+        if spec is not None:
+            broker = spec.async_broker
+            return broker.host, broker.port
+        server = self.mqtt_server.get()
+        if not server or server == "-":
+            raise MeterCommandError(
+                self.meter_label,
+                f"transport MQTT: the meter has no MQTT server (mqttServer {server!r}, §3.3, "
+                "§8.1); set meter.mqtt_server, or pass SmartMeter(..., mqtt_broker=(host, port))",
+            )
+        return server, MQTT_PORT
+
+    def _broker_label(self) -> str | None:
+        """``host:port`` of the broker the current/last fly used (None: not an MQTT fly)."""
+        config = self._fly_config
+        if config is None or coerce_transport(config.transport) is not Transport.MQTT:
+            return None
+        try:
+            host, port = self._broker_address()
+        except MeterCommandError:
+            return None
+        return f"{host}:{port}"
+
+    async def _mqtt_meter(self) -> AsyncMqttMeter:
+        """On the loop: this meter on the MQTT broker, by its name (its topics, §8.2)."""
+        from ..client import AsyncMqttBroker  # aiomqtt: only MQTT flies need it
+
+        info = self.client.info
+        if info is None or not info.name:
+            raise MeterCommandError(self.meter_label, "transport MQTT: the meter's name (its "
+                                    "MQTT topics, §8.2) is not known; connect first")
+        spec = self.mqtt_broker
+        if spec is not None and not isinstance(spec, str | tuple):
+            return spec.async_broker.meter(info.name, timeout=self.timeout)
+        host, port = self._broker_address()
+        broker = self._own_broker
+        if broker is not None and ((broker.host, broker.port) != (host, port)
+                                   or not broker.connected):
+            self._own_broker = None
+            await broker.close()
+            broker = None
+        if broker is None:
+            broker = AsyncMqttBroker(host, port, timeout=self.timeout)
+            try:
+                await broker.connect()
+            except MeterError as exc:
+                await broker.close()
+                origin = ("the meter's mqtt_server setting, port 1883 (§8.1)"
+                          if self.mqtt_broker is None else "mqtt_broker")
+                raise MeterConnectionError(
+                    self.meter_label,
+                    f"transport MQTT: cannot reach the broker {host}:{port} ({origin}): "
+                    f"{getattr(exc, 'detail', exc)}; if this host reaches it under another "
+                    "address or port, pass SmartMeter(..., mqtt_broker=(host, port))",
+                ) from exc
+            self._own_broker = broker
+        return broker.meter(info.name, timeout=self.timeout)
 
     async def _arm(self, controller: FlyController) -> None:
         reply = await controller.arm()
@@ -701,8 +842,10 @@ class SmartMeter(Device):
             self.timing_stream.flush()
             self.last_summary = outcome.summary
             self.last_flow_stats = outcome.flow_stats
+            self.last_stop_reason = controller.stop_reason
             if outcome.summary is not None:
-                self.stop_summary._update(json.dumps(summary_dict(outcome.summary)))
+                self.stop_summary._update(json.dumps(
+                    {**summary_dict(outcome.summary), "stop_requested": controller.stop_reason}))
             status.report(outcome.samples_written)
             if outcome.error is not None:
                 logger.warning("%s: fly failed: %s", self.meter_label, outcome.error)
@@ -734,6 +877,8 @@ class SmartMeter(Device):
 
     def _open_writer(self, reply: SampleReply) -> WaveformWriter:
         """Runs on the I/O thread once the sample reply is known."""
+        from ..storage import GapAssets, StreamAssets, WaveformWriter
+
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         path = self.data_directory / f"{safe_file_stem(self.name)}-{stamp}-{uuid.uuid4().hex[:8]}.h5"
         start_ts = reply.start_ts if reply.start_ts is not None else 0.0
@@ -774,3 +919,25 @@ def safe_file_stem(name: str) -> str:
     """A file-name stem from a device or meter name: no separators, no leading dots."""
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
     return stem or "meter"
+
+
+def _checked_broker(
+    value: MqttBroker | str | tuple[str, int] | None, name: str
+) -> MqttBroker | str | tuple[str, int] | None:
+    """``mqtt_broker`` as given, or a ValueError naming the meter (nothing is connected)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip() and value != "-":
+            return value
+    elif isinstance(value, tuple | list):
+        if (len(value) == 2 and isinstance(value[0], str) and value[0].strip()
+                and isinstance(value[1], int) and not isinstance(value[1], bool)
+                and 0 < value[1] < 65536):
+            return (value[0], value[1])
+    elif hasattr(value, "async_broker"):  # an open client MqttBroker, shared
+        return value
+    raise ValueError(
+        f"smartmeter {name}: mqtt_broker={value!r} is not usable; give None (the meter's own "
+        "mqtt_server, port 1883), a host, (host, port) with 0 < port < 65536, or an MqttBroker"
+    )
