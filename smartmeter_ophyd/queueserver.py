@@ -23,6 +23,14 @@ The worker process inherits the manager's environment:
 * ``SMARTMETER_QS_HDF5_DIR`` - with a server catalog: where the meters write HDF5 (the
   server's readable storage).
 
+Documents reach the embedded catalog and a Tiled server through a
+:class:`~smartmeter_ophyd.storage.JournalSink`: journaled in the worker, written by a writer
+process, each plan returning once its run is closed in the catalog; the journals of a server
+catalog are kept under ``SMARTMETER_DATA_DIR/journal``.  A profile name gets a
+``TiledWriter`` over that profile's client.  The sink is closed when the worker exits (the
+writer finishes what is journaled, then stops); a worker that is killed leaves its journals
+to the writer, which finishes them when its stdin closes.
+
 Plans: thin wrappers of :mod:`plans` with annotations the queue server can check before it
 runs anything (meter lists restricted to the meters above, enums for transport and flow
 control, bounds from the plans' own limits).  ``host_clock`` is left out: it is an object,
@@ -32,6 +40,7 @@ annotations``): queueserver 0.0.25 cannot resolve string annotations.
 
 import os
 import typing
+from multiprocessing.util import Finalize
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,7 @@ import plans as _plans
 from smartmeter_ophyd.devices import SmartMeter
 from smartmeter_ophyd.quiet import quiet_tiled
 from smartmeter_ophyd.storage import (
+    JournalSink,
     connect_server,
     make_tiled_writer,
     open_catalog,
@@ -67,28 +77,42 @@ def parse_meters(text: str) -> list[tuple[str, str, int]]:
     return out
 
 
-def _catalog() -> tuple[Any, Path, tuple[Path, ...]]:
+def _at_exit(close: typing.Callable[[], None]) -> None:
+    """Call ``close`` when this process exits - also in the queue server's worker, a forked
+    ``multiprocessing`` child, which runs multiprocessing's finalizers but not ``atexit``."""
+    Finalize(None, close, exitpriority=10)
+
+
+def _catalog() -> tuple[Any, Any, Path, tuple[Path, ...]]:
+    """``(client, document sink, data directory, readable storage)`` of the catalog the
+    environment names; the sink is closed when the worker process exits."""
+    from smartmeter_ophyd.cli import default_data_dir
+
     quiet_tiled()
     spec = os.environ.get("SMARTMETER_QS_CATALOG")
     if not spec:
-        from smartmeter_ophyd.cli import default_data_dir
-
         embedded = setup_embedded_catalog(default_data_dir() / "catalog", profile="smartmeter")
-        return embedded.client, embedded.data_directory, embedded.readable_storage
+        sink = embedded.document_sink()
+        _at_exit(embedded.close)
+        return embedded.client, sink, embedded.data_directory, embedded.readable_storage
     hdf5 = os.environ.get("SMARTMETER_QS_HDF5_DIR")
     if not hdf5:
         raise RuntimeError("SMARTMETER_QS_CATALOG needs SMARTMETER_QS_HDF5_DIR (where the "
                            "meters write HDF5 files the catalog server can read)")
+    key = os.environ.get("TILED_API_KEY")
     if spec.startswith(("http://", "https://")):
-        client = connect_server(spec, api_key=os.environ.get("TILED_API_KEY"))
-    else:
+        client = connect_server(spec, api_key=key)
+        sink = JournalSink.for_server(spec, key, default_data_dir() / "journal")
+        _at_exit(sink.close)
+    else:  # a profile of another catalog: a TiledWriter over its client
         client = open_catalog(spec)
-    return client, Path(hdf5), (Path(hdf5),)
+        sink = make_tiled_writer(client)
+    return client, sink, Path(hdf5), (Path(hdf5),)
 
 
-catalog, _data_directory, _readable = _catalog()
+catalog, _sink, _data_directory, _readable = _catalog()
 RE = RunEngine({})
-RE.subscribe(make_tiled_writer(catalog))
+RE.subscribe(_sink)
 
 _emulated = os.environ.get("SMARTMETER_QS_EMULATED", "") == "1"
 METER_NAMES = []

@@ -1,6 +1,8 @@
 """bluesky-queueserver on ``smartmeter_ophyd.queueserver``: a real ``start-re-manager`` with
 the Redis that ``scripts/services.sh`` starts, emulated meters timed by the project's chrony,
-and ``synchronized_fly`` queued with ``qserver``.  The run must land in the catalog.
+and ``synchronized_fly`` queued with ``qserver``.  The run must land in the catalog (written
+by the worker's journal sink and its writer process), and closing the environment must stop
+that writer and leave no journal behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
 import pytest
 
 from tests.conftest import _read_env_file, _run_services, _unavailable
@@ -67,14 +70,25 @@ class Manager:
         self.control = control
         self.env = env
 
-    def request(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        from bluesky_queueserver import ZMQCommSendThreads
+    def request(self, method: str, params: dict[str, Any] | None = None,
+                timeout_s: float = 10.0) -> dict[str, Any]:
+        """One request on the manager's control socket (0MQ REQ, JSON: what ``qserver`` and
+        bluesky-queueserver's ``ZMQCommSendThreads`` send); its context is closed after."""
+        import zmq
 
-        comm = ZMQCommSendThreads(zmq_server_address=self.control)
+        context = zmq.Context()
+        socket_ = context.socket(zmq.REQ)
         try:
-            return comm.send_message(method=method, params=params or {}, timeout=10_000)  # ms
+            socket_.setsockopt(zmq.LINGER, 0)
+            socket_.connect(self.control)
+            socket_.send_json({"method": method, "params": params or {}})
+            if not socket_.poll(int(timeout_s * 1000)):
+                raise TimeoutError(f"queue server: no reply to {method!r} in {timeout_s:g} s")
+            reply: dict[str, Any] = socket_.recv_json()  # type: ignore[assignment]
+            return reply
         finally:
-            comm.close()
+            socket_.close()
+            context.term()
 
     def qserver(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([str(BIN / "qserver"), *args], capture_output=True, text=True,
@@ -186,16 +200,34 @@ def test_synchronized_fly_through_the_queue_lands_in_the_catalog(manager: Any) -
 
     catalog = setup_embedded_catalog(root / "data" / "catalog", profile=f"qs-read-{os.getpid()}",
                                      profiles_dir=root / "read-profiles")
+    # dask's default scheduler would start its process-wide thread pool here (a thread the
+    # leak guard counts against this test); the synchronous one reads the same values
+    with dask.config.set(scheduler="synchronous"):
+        check_run(catalog, uid, fleet.names)
+
+    # the worker's sink closes with the environment: its writer finished and stopped, and
+    # no journal (no document left unwritten) nor session directory stays behind
+    journals = root / "data" / "catalog" / "journal"
+    assert journals.is_dir()
+    qs.qserver("environment", "close")
+    qs.wait_for("environment closed", lambda s: not s.get("worker_environment_exists"), 60)
+    deadline = time.monotonic() + 30
+    while list(journals.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(journals.iterdir()) == []
+
+
+def check_run(catalog: Any, uid: str, names: list[str]) -> None:
     try:
         run = catalog.client[uid]
         assert run.start["plan_name"] == "synchronized_fly"
         assert run.start["via"] == "queueserver"
         assert run.stop["exit_status"] == "success"
-        for name in fleet.names:
+        for name in names:
             assert run.start["meters"][name]["emulated"] is True
             samples = run[name][f"{name}_v_l1"].shape[0]
             # the meter's own count of what it sent is the truth for what must be stored
-            sent = int(run["meter_summary"].read()[f"{name}_run_device_sent_samples"][0])
+            sent = int(run["meter_summary"][f"{name}_run_device_sent_samples"].read()[0])
             assert samples == sent >= 4000
     finally:
         catalog.close()
