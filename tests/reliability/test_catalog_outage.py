@@ -8,6 +8,7 @@ the catalog once it is back gives the whole run.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -60,11 +61,71 @@ def test_documents_survive_a_catalog_outage_and_replay_into_it(
     assert read_stream(run, "m1", prefix="m1").sizes["time"] == received
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "missing (issue 9): no command replays a kept journal into a catalog; "
-    "storage.replay_journal exists as a function only (`smartmeter --help` lists no replay)"))
-def test_a_command_replays_a_journal() -> None:
-    result = subprocess.run([sys.executable, "-m", "smartmeter_ophyd.cli", "replay", "--help"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+def smartmeter(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "smartmeter_ophyd.cli", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    # a private Tiled profile directory: the command registers the embedded catalog there
+    return {**os.environ, "TILED_PROFILES": str(tmp_path / "profiles")}
+
+
+def test_smartmeter_replay_writes_a_kept_journal_into_the_catalog(
+    fleet_factory, embedded_catalog, unreachable_sink, cli_env, tmp_path
+) -> None:
+    data_dir = Path(embedded_catalog.data_directory).parents[1]  # <data-dir>/catalog/hdf5
+    assert (data_dir / "catalog" / "catalog.db").exists()
+    fleet = fleet_factory(1)
+    meter = SmartMeter(*fleet.addresses[0], name="m1",
+                       data_directory=embedded_catalog.data_directory, timeout=3.0)
+    engine = RunEngine({})
+    engine.subscribe(unreachable_sink)
+    try:
+        (uid,) = engine(plans.synchronized_fly([meter], 0.5))
+        received = meter.last_summary.received_samples
+    finally:
+        meter.destroy()
+    assert uid not in embedded_catalog.client
+    (journal,) = [p for p in Path(unreachable_sink.session).rglob("*") if uid in p.name]
+
+    # the same run twice (a copy of its journal): written once, then skipped (idempotent)
+    copy = tmp_path / "copy" / journal.name  # not where the sink's writer looks for journals
+    copy.parent.mkdir()
+    copy.write_bytes(journal.read_bytes())
+    result = smartmeter("replay", str(journal), str(copy), "--data-dir", str(data_dir),
+                        env=cli_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    replayed, skipped = result.stdout.splitlines()
+    assert f"replayed run {uid}" in replayed and "exit status success" in replayed, replayed
+    assert skipped == f"{copy}: run {uid} is already in the catalog; skipped"
+    run = embedded_catalog.client[uid]
+    assert run.metadata["stop"]["exit_status"] == "success"
+    assert read_stream(run, "m1", prefix="m1").sizes["time"] == received == \
+        fleet.truth(0).sent_samples > 0
+
+
+def test_smartmeter_replay_refuses_what_is_not_a_journal_in_one_line(tmp_path, cli_env) -> None:
+    not_a_journal = tmp_path / "notes.docs"
+    not_a_journal.write_text("a text file, not msgpack records\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, problem in [
+        ([str(tmp_path / "gone.docs")], "does not exist"),
+        ([str(not_a_journal)], "is not a journal"),
+        ([str(empty)], "no journal"),
+        ([], "the following arguments are required: JOURNAL"),
+    ]:
+        result = smartmeter("replay", *args, "--data-dir", str(empty), env=cli_env)
+        assert result.returncode == 2, (args, result.stderr)
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("error: ") and problem in line, line
+        assert not result.stdout
+    assert not list(empty.iterdir())  # nothing touched: no catalog created
+
+
+def test_smartmeter_replay_has_help() -> None:
+    result = smartmeter("replay", "--help", env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-500:]
-    assert "journal" in result.stdout
+    assert "JOURNAL" in result.stdout and "--catalog" in result.stdout
