@@ -1,6 +1,7 @@
 """Hostile input that tests/client/test_hostile.py does not cover yet (issue 9): a fake meter
-sending non-UTF-8 bytes or wrong types in known keys, WiFi passwords in errors and
-``raw_fields``, and device-supplied names as file paths.
+sending non-UTF-8 bytes, wrong types in known keys or a ``Data:`` frame declaring a huge
+length, WiFi passwords in errors and ``raw_fields``, and device-supplied names as file paths.
+(A fly against a meter whose stream turns into such a frame: test_stream_cut.py.)
 
 A hostile peer must end in a typed ``MeterError`` naming the meter (or be tolerated with the
 value kept as text), never in another exception type, within the client's timeout.
@@ -9,7 +10,9 @@ value kept as text), never in another exception type, within the client's timeou
 from __future__ import annotations
 
 import logging
+import struct
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from smartmeter_ophyd.client import AsyncMeterClient, MeterError
 from smartmeter_ophyd.devices import SmartMeter
 from smartmeter_ophyd.emulator import EmulatorFleet
 from tests.client.client_fakes import INFO_LINE, FakePeer
+from tests.client.test_hostile import Flood
 
 TIMEOUT = 1.0
 
@@ -91,6 +95,50 @@ async def test_wrong_types_in_a_reading_reply(reply: bytes) -> None:
     if not isinstance(result, BaseException):  # kept: only numbers may come out as readings
         values = getattr(result, "values", ())
         assert all(isinstance(v, float) for v in values), result
+
+
+# ------------------------------------------------------------------ a Data: frame of huge length
+
+HUGE_FRAME = struct.pack("<5sHI", b"Data:", 0xFFFF, 0)
+"""A frame header declaring 65535 payload bytes (§4.6; the firmware's frames are <= 1024, §4.5)."""
+FLOOD_BYTES = 32 << 20
+
+
+async def flooded(head: bytes, ask: bool) -> tuple[object, float, int, int]:
+    """A fake meter sends ``head`` then megabytes without a frame or line start; connect
+    (and ``getVoltage`` when ``ask``).  Returns (result or exception, seconds, peak traced
+    memory, bytes the peer got to send)."""
+    flood = await Flood(head, FLOOD_BYTES).start()
+    client = AsyncMeterClient("127.0.0.1", flood.port, name="hostile", timeout=TIMEOUT,
+                              reconnect=False)
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        result: object = await client.connect()
+        if ask:
+            result = await client.get_voltage()
+    except Exception as exc:  # judged by the caller
+        result = exc
+    finally:
+        took = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        await client.close()
+        await flood.close()
+    return result, took, peak, flood.sent
+
+
+@pytest.mark.parametrize("head, ask", [
+    pytest.param(HUGE_FRAME, False, id="instead-of-the-info-line"),
+    pytest.param(INFO_LINE + HUGE_FRAME, True, id="instead-of-a-reply"),
+])
+async def test_a_data_frame_of_huge_length_ends_in_a_meter_error_in_bounded_time_and_memory(
+    head: bytes, ask: bool
+) -> None:
+    result, took, peak, _ = await flooded(head, ask)
+    assert isinstance(result, MeterError), f"{type(result).__name__}: {result}"
+    assert_typed_or_kept(result, took)  # names the meter ("fake" once its info line came)
+    assert peak < 16 << 20, f"peak traced memory {peak / 1e6:.1f} MB"
 
 
 # ------------------------------------------------------------------ WiFi passwords
