@@ -6,7 +6,7 @@ Sub-commands (``smartmeter COMMAND --help`` for each)::
     smartmeter discover                 # meters announcing _elec._tcp on the network (mDNS)
     smartmeter info|get|set HOST…       # a meter's info line and settings (--json)
     smartmeter read|ntp|logs HOST…      # readings, an NTP sync now, the log
-    smartmeter emulate --count N        # emulated meters in the foreground
+    smartmeter emulate --count N [--mqtt HOST[:PORT]]  # emulated meters in the foreground
     smartmeter runs [RUN]               # runs in a catalog, or one run's summary
     smartmeter plot RUN                 # the PNGs of a run
     smartmeter export RUN --format csv|parquet|mkv [--power-summary csv|parquet]
@@ -58,6 +58,8 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     common: dict[str, Any] = {"boot_delay_s": args.boot_delay, "mdns": args.mdns}
     if args.time_server is not None:
         common.update(time_server=args.time_server, ntp_port=args.ntp_port)
+    if args.mqtt is not None:
+        common.update(mqtt_server=args.mqtt[0], mqtt_port=args.mqtt[1])
     if args.state_dir is not None:
         args.state_dir.mkdir(parents=True, exist_ok=True)
     meters = []
@@ -76,14 +78,24 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError, ValueError) as exc:
         raise CommandFailedError(f"smartmeter emulate: {exc}") from None
     try:
-        described = fleet.call(lambda: [m.describe() for m in fleet.meters])
+        described = fleet.call(lambda: [{**m.describe(), "mqtt_connected": m.mqtt.connected()}
+                                        for m in fleet.meters])
         sntp = fleet.sntp_address
         for line in described:
             line["time_server"] = (f"{args.time_server}:{args.ntp_port}" if args.time_server
                                    else f"{sntp[0]}:{sntp[1]}")
+            if args.mqtt is not None:
+                line["mqtt"] = f"{args.mqtt[0]}:{args.mqtt[1]}"
+            else:
+                del line["mqtt_connected"]
             print_json_line(line)
         say(f"{args.count} emulated meter(s) running; SNTP responder on {sntp[0]}:{sntp[1]}; "
             "Ctrl-C stops them")
+        if args.mqtt is not None:
+            offline = [line["name"] for line in described if not line["mqtt_connected"]]
+            say(f"MQTT broker {args.mqtt[0]}:{args.mqtt[1]}: "
+                + (f"{', '.join(offline)} could not connect; retrying every second, as the "
+                   "firmware does (§8.1)" if offline else "all meters connected"))
         stop.wait()
     finally:
         fleet.close()
@@ -191,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-delay", type=float, default=0.5, help="seconds a reboot takes")
     p.add_argument("--mdns", action="store_true",
                    help="announce each meter as _elec._tcp on --host, as the firmware does (§9)")
+    p.add_argument("--mqtt", type=_broker_address, default=None, metavar="HOST[:PORT]",
+                   help="MQTT broker the meters connect to (§8): status every 5 s, the "
+                        "powermeter/<name>/cmd|state|sample topics, sampling over MQTT; "
+                        f"PORT defaults to the firmware's {MQTT_PORT}; default: no broker")
 
     p = command("runs", "list runs in a catalog, or print one run's summary", _runs.cmd_runs)
     p.add_argument("run", metavar="RUN", nargs="?", default=None,
@@ -230,6 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = _replay.__doc__
     _replay.add_replay_options(p)
     return parser
+
+
+MQTT_PORT = 1883
+"""The broker port the firmware always dials (§8.1)."""
+
+
+def _broker_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(MQTT_PORT)
+    if not host:
+        raise argparse.ArgumentTypeError(f"no host in {text!r}; expected HOST[:PORT]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"port {port!r} in {text!r} is not a number; expected HOST[:PORT]") from None
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"port {number} in {text!r} is not 1..65535")
+    return host, number
 
 
 def _named_address(text: str) -> Any:

@@ -145,21 +145,66 @@ def add_json_option(p: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Catalog:
-    """An open catalog: its client, where meters write, and how to close it."""
+    """An open catalog: a client to read it, where meters write, how runs are written into
+    it (:meth:`document_sink`) and how to close it.
 
-    client: Any
+    The client is opened on first use: ``record`` and ``rerun`` write through the sink and
+    read the catalog only after the run, so the fly does not wait for Tiled's start-up.
+    """
+
     data_directory: Path | None
     readable: tuple[Path, ...]
     description: str
     embedded: Any = None
+    server_uri: str | None = None
+    """The Tiled server the catalog lives on (an ``http(s)://`` URI or a profile's ``uri``)."""
+    journal_root: Path | None = None
+    """Where a server catalog's sink keeps its journals."""
+    _client: Any = None
+    _sink: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self.embedded.client
+        return self._client
+
+    def document_sink(self) -> Any:
+        """The RunEngine callback that writes runs here.
+
+        The embedded catalog and a Tiled server get a :class:`~smartmeter_ophyd.storage.
+        JournalSink` (documents journaled here, a writer process fills the catalog; the stop
+        document returns once the run is closed in the catalog, so it reads back complete).
+        A profile of another in-process catalog gets a ``TiledWriter`` over this client.
+        """
+        if self._sink is None:
+            if self.embedded is not None:
+                self._sink = self.embedded.document_sink()
+            elif self.server_uri is not None:
+                from ..storage import JournalSink
+
+                assert self.journal_root is not None
+                self._sink = JournalSink.for_server(
+                    self.server_uri, os.environ.get("TILED_API_KEY"), self.journal_root)
+            else:
+                from ..storage import make_tiled_writer
+
+                self._sink = make_tiled_writer(self.client)
+        return self._sink
 
     def close(self) -> None:
+        """Let the sink's writer finish, then close the client (the embedded catalog closes
+        both)."""
         from ..storage import close_client
 
         if self.embedded is not None:
             self.embedded.close()
-        else:
-            close_client(self.client)
+            return
+        close = getattr(self._sink, "close", None)
+        if close is not None:
+            close()
+        if self._client is not None:
+            close_client(self._client)
 
 
 def embedded_dir(data_dir: Path) -> Path:
@@ -169,21 +214,23 @@ def embedded_dir(data_dir: Path) -> Path:
 def open_catalog(args: argparse.Namespace, *, create: bool, hdf5_dir: Path | None = None
                  ) -> Catalog:
     """The catalog ``--catalog``/``--data-dir`` name (created only when ``create``)."""
-    from ..quiet import quiet_tiled
-
-    quiet_tiled()
     spec: str | None = args.catalog
     if spec is None:
-        from ..storage import setup_embedded_catalog
-
         root = embedded_dir(args.data_dir)
         if not create and not (root / "catalog.db").exists():
             raise UsageError(
                 f"no catalog in {args.data_dir} (no runs recorded there yet); record one with "
                 "`smartmeter record`, or give --data-dir / --catalog")
+    from ..quiet import quiet_tiled
+
+    quiet_tiled()
+    if spec is None:
+        from ..storage import setup_embedded_catalog
+
         embedded = setup_embedded_catalog(root, profile=DEFAULT_PROFILE)
-        return Catalog(embedded.client, embedded.data_directory, embedded.readable_storage,
+        return Catalog(embedded.data_directory, embedded.readable_storage,
                        f"embedded catalog {root} (Tiled profile {DEFAULT_PROFILE!r})", embedded)
+    uri = spec if re.match(r"^https?://", spec) else _profile_uri(spec)
     try:
         if re.match(r"^https?://", spec):
             from ..storage import connect_server
@@ -196,7 +243,50 @@ def open_catalog(args: argparse.Namespace, *, create: bool, hdf5_dir: Path | Non
     except Exception as exc:
         raise CommandFailedError(f"cannot open catalog {spec!r}: {exc}") from exc
     data = hdf5_dir.resolve() if hdf5_dir is not None else None
-    return Catalog(client, data, (data,) if data is not None else (), f"catalog {spec!r}")
+    return Catalog(data, (data,) if data is not None else (), f"catalog {spec!r}",
+                   server_uri=uri, journal_root=args.data_dir / "journal", _client=client)
+
+
+def _profile_uri(profile: str) -> str | None:
+    """The server URI of a Tiled profile (None for an in-process ``direct`` profile)."""
+    from tiled.profiles import load_profiles
+
+    entry = load_profiles().get(profile)
+    if entry is None:
+        return None
+    uri = entry[1].get("uri")
+    return str(uri) if uri else None
+
+
+RUN_CLOSE_WAIT_S: Final = 120.0
+"""How long ``record``/``rerun`` wait, beyond the sink's own wait at the stop document, for
+the catalog writer to close a run before they give up reading it back."""
+
+
+def wait_in_catalog(catalog: Catalog, uid: str) -> Any:
+    """Run ``uid`` read back from the catalog, once its writer has closed it there.
+
+    The sink already waited at the stop document; a writer that needed longer (a slow disk,
+    a restarted writer replaying the journal) gets :data:`RUN_CLOSE_WAIT_S` more.  A run that
+    did not land is a one-line failure naming where its documents are kept.
+    """
+    from ..storage import CatalogWriteError
+
+    sink = catalog.document_sink()
+    wait = getattr(sink, "wait_closed", None)
+    try:
+        closed = wait is None or wait(uid, timeout=RUN_CLOSE_WAIT_S)
+    except CatalogWriteError as exc:
+        raise CommandFailedError(str(exc)) from None
+    if not closed:
+        raise CommandFailedError(
+            f"run {uid} is not closed in the {catalog.description} after "
+            f"{RUN_CLOSE_WAIT_S:g} s; its documents are kept in {sink.session} and the "
+            f"catalog writer finishes it when it can (log: {sink.writer_log})")
+    try:
+        return catalog.client[uid]
+    except KeyError:
+        raise CommandFailedError(f"run {uid} is not in the {catalog.description}") from None
 
 
 def find_run(client: Any, ref: str) -> Any:

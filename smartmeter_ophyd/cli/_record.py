@@ -44,6 +44,7 @@ from ._common import (
     positive_float,
     print_json,
     say,
+    wait_in_catalog,
 )
 from ._progress import MeterProgress
 
@@ -248,6 +249,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     catalog = open_catalog(args, create=True, hdf5_dir=args.hdf5_dir)
     try:
+        catalog.document_sink()  # its writer process imports Tiled while the meters start
         with _meters(names, emulated, catalog, args.timeout) as (devices, _fleet_):
             uid, status = _run(devices, args, catalog)
         if uid is None:
@@ -267,10 +269,9 @@ def _run(devices: list[Any], args: argparse.Namespace, catalog: Catalog
     from plans import NtpGateError, PlanArgumentError, synchronized_fly
 
     from ..client import MeterError
-    from ..storage import make_tiled_writer
 
     engine = RunEngine({}, context_managers=[])
-    engine.subscribe(make_tiled_writer(catalog.client))
+    engine.subscribe(catalog.document_sink())
     uids: list[str] = []
     engine.subscribe(lambda _name, doc: uids.append(doc["uid"]), "start")
     mode = "until Ctrl-C" if args.until_stopped else f"for {args.duration:g} s"
@@ -327,7 +328,7 @@ def _report(catalog: Catalog, uid: str, status: str, args: argparse.Namespace, p
             t_start: float) -> int:
     from ._summary import format_summary, run_summary
 
-    run = catalog.client[uid]
+    run = wait_in_catalog(catalog, uid)
     summary = run_summary(run)
     pngs: list[Path] = []
     if not args.no_plots:

@@ -26,6 +26,7 @@ from ._common import (
     print_json,
     say,
     table,
+    wait_in_catalog,
 )
 
 
@@ -169,7 +170,6 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
     from ..client import MeterError
     from ..devices import SmartMeter
-    from ..storage import make_tiled_writer
     from ._record import AbortOnInterrupt, _fleet
     from ._summary import format_summary, run_summary
 
@@ -179,6 +179,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     devices: list[Any] = []
     try:
         original = find_run(catalog.client, args.run)
+        catalog.document_sink()  # its writer process imports Tiled while the meters start
         recorded: dict[str, Any] = original.start.get("meters") or {}
         names = list(recorded) or list(original.start.get("detectors", []))
         unknown = sorted(set(hosts) - set(names))
@@ -186,7 +187,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
             raise UsageError(f"smartmeter rerun: --host names {unknown} are not meters of run "
                              f"{original.start['uid'][:8]} (its meters: {names})")
         emulated = [n for n in names if (recorded.get(n) or {}).get("emulated") and n not in hosts]
-        from ..cli._common import MeterAddress
+        from ._common import MeterAddress
 
         if emulated:
             say(f"starting emulated meters {emulated} (the original run's were emulated) ...")
@@ -209,7 +210,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
                               emulated=n in emulated)
                    for n in names]
         engine = RunEngine({}, context_managers=[])
-        engine.subscribe(make_tiled_writer(catalog.client))
+        engine.subscribe(catalog.document_sink())
         uids: list[str] = []
         engine.subscribe(lambda _n, doc: uids.append(doc["uid"]), "start")
         say(f"repeating run {original.start['uid'][:8]} ({original.start.get('plan_name')}) "
@@ -227,7 +228,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         if not uids:
             say("the new run never opened; nothing was recorded")
             return EXIT_FAILED
-        summary = run_summary(catalog.client[uids[0]])
+        summary = run_summary(wait_in_catalog(catalog, uids[0]))
         print(format_summary(summary))
         print(f"rerun of {original.start['uid']}")
         return EXIT_OK if summary["exit_status"] == "success" else EXIT_FAILED
