@@ -355,7 +355,9 @@ class SamplingSession:
         """Send ``stop``, keep decoding frames until the stop reply, and reconcile (§4.8).
 
         ``timeout`` bounds the wait for the reply (default: the client's timeout); a meter
-        that flushes a large backlog first (§4.7) may need longer.
+        that flushes a large backlog first (§4.7) may need longer.  Without a reply in time
+        the session ends anyway (``summary.ended_by == "stop timed out"``, no device counts)
+        and :class:`~smartmeter_ophyd.client.MeterTimeoutError` is raised.
 
         Blocks not consumed yet stay available to :meth:`next_block` / iteration.  A
         scheduled start cannot be cancelled (``stop`` during the countdown is refused and the
@@ -371,6 +373,11 @@ class SamplingSession:
                 reply = await self._send_stop(timeout)
             except MeterConnectionError as exc:
                 self._finish(ended_by="connection lost", error=exc)
+                raise
+            except MeterTimeoutError as exc:
+                # The meter's state is unknown; end the session here so its counts are final
+                # (and recorded) rather than waiting for a reply that may never come.
+                self._finish(ended_by="stop timed out", error=exc)
                 raise
             if self._drain is not None:
                 await self._drain()

@@ -42,7 +42,8 @@ class SessionSummary:
     rate: int
     ended_by: str
     """``"stop"`` (our stop reply), ``"stopped elsewhere"`` (the meter went idle without
-    telling us: another client's stop), ``"connection lost"`` or ``"closed"``."""
+    telling us: another client's stop), ``"stop timed out"`` (no reply to our stop),
+    ``"connection lost"`` or ``"closed"``."""
     received_samples: int
     missing_declared: int
     missing_unsized_gaps: int
