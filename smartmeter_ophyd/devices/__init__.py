@@ -1,7 +1,8 @@
 """ophyd devices: :class:`SmartMeter` (readings, settings, fly scans into HDF5 + catalog).
 
 * :class:`SmartMeter` - one meter; ``bluesky.protocols`` implemented directly (Readable,
-  Triggerable, Configurable, Stageable, Preparable, Flyable, Collectable, WritesStreamAssets).
+  Triggerable, Configurable, Stageable, Preparable, Flyable, Collectable, WritesStreamAssets);
+  flies over TCP, UDP or, with ``transport="MQTT"``, through the meter's MQTT broker.
 * :class:`FlyConfig` - what ``prepare`` takes (also as a plain mapping).
 * :class:`ProgressStatus` - the ``complete()`` status; feeds ``ProgressBarManager``.
 * :class:`CtsPolicy` / :class:`FlowStats` - back-pressure of ``flow_control="cts"`` flies.

@@ -807,7 +807,10 @@ class SmartMeter(Device):
             await broker.close()
             broker = None
         if broker is None:
-            broker = AsyncMqttBroker(host, port, timeout=self.timeout)
+            try:
+                broker = AsyncMqttBroker(host, port, timeout=self.timeout)
+            except RuntimeError as exc:  # aiomqtt is not installed (the mqtt extra)
+                raise MeterCommandError(self.meter_label, f"transport MQTT: {exc}") from exc
             try:
                 await broker.connect()
             except MeterError as exc:
