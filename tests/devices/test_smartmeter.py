@@ -24,7 +24,6 @@ from event_model import DocumentNames, schema_validators
 
 from plans import fly_meters
 from smartmeter_ophyd.client import MeterBusyError, MeterCommandError, MeterConnectionError
-from smartmeter_ophyd.demo import main
 from smartmeter_ophyd.devices import FlyConfig, SmartMeter
 from smartmeter_ophyd.emulator import EmulatorFleet
 from smartmeter_ophyd.protocol import Measures
@@ -282,23 +281,3 @@ def test_destroy_leaves_no_thread(emulated, tmp_path) -> None:
             break
         time.sleep(0.05)
     assert not extra
-
-
-def test_demo_main_job(tmp_path, capsys) -> None:
-    t0 = time.monotonic()
-    code = main(["--meters", "2", "--seconds", "1", "--rate", "4000",
-                 "--directory", str(tmp_path / "demo"), "--profile", "smartmeter-demo-test"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert time.monotonic() - t0 < 60
-    assert "demo1:" in out and "demo2:" in out and "reconciled=True" in out
-    uid = out.split()[1]
-    client = databroker.from_profile("smartmeter-demo-test")
-    try:
-        run = client[uid]
-        assert sorted(run.start["meters"]) == ["demo1", "demo2"]
-        # one stream per meter (plans.synchronized_fly), each holding all its samples
-        for name in ("demo1", "demo2"):
-            assert run[name].read()[f"{name}_v_l1"].shape[0] >= 4000
-    finally:
-        close_client(client)
