@@ -19,13 +19,13 @@ delayed (the kernel reports them regardless of the mark).
 Timers and wake-ups: none per read and none per meter.  Each batcher is a duty of the event
 loop's one :class:`~._timer.LoopTimer`.  While a stream is batched its mark stays at twice a
 batch (:data:`GATE_FACTOR`), so the kernel does not wake the loop for it; instead, every
-``batch_s`` on a grid shared by all batched meters, the timer opens every gate at once (the
-mark drops to 1: ready sockets are signalled right away) and the loop reads every batched
-meter back to back in its next iteration, where a callback scheduled by the tick has already
-closed the gates again.  One loop wake-up then serves all meters: the fixed cost of waking
-(Python and numpy code and data out of the CPU caches, ~0.2-0.4 ms on a loaded host) is paid
-once per ``batch_s``, not once per meter.  A timer that is late does not hold data back
-beyond two batches (the kernel then wakes the loop for that meter alone).
+``batch_s`` on a grid shared by all batched meters, the timer's one callback reads every
+batched meter (:meth:`~._transports.Link.read_now`, one ``recv_into`` each) and decodes it
+there.  One loop wake-up then serves all meters: the fixed cost of waking (Python and numpy
+code and data out of the CPU caches, ~0.2-0.4 ms on a loaded host) is paid once per
+``batch_s``, not once per meter, and no readiness callback, ``epoll`` round or mark change
+is spent per batch.  A timer that is late does not hold data back beyond two batches (the
+kernel then wakes the loop for that meter alone), and EOF and errors still wake it at once.
 
 Limits: Linux only (elsewhere ``set_receive_low_water`` refuses and nothing is batched);
 serial and UDP sessions are never batched.
@@ -53,7 +53,7 @@ BATCH_MAX_BYTES: Final = 256 * 1024
 BATCH_STALL_FACTOR: Final = 1.5
 """Drop the low-water mark when no read came for this many ``batch_s`` (stall, slow-down)."""
 GATE_FACTOR: Final = 2
-"""While batched, the mark is this many batches: the shared tick, not the kernel, wakes the loop."""
+"""While batched, the mark is this many batches: the shared tick reads, not the kernel's wake-up."""
 RELEASE_QUIET_S: Final = 0.2
 """A held last frame is released after the stream was quiet this long (reqSamples, §5.2)."""
 
@@ -88,10 +88,9 @@ class ReadBatcher:
         self.label = label
         self.raises = 0
         """How often batching was switched on (for tests and diagnostics)."""
-        self.gate_opens = 0
-        """How often the shared tick opened this meter's gate (one read each, if data came)."""
+        self.tick_reads = 0
+        """How often the shared tick read this meter directly (for the benchmarks)."""
         self._link: Link | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._batch = 0
         self._mark = 1
         self._batched = False
@@ -102,10 +101,9 @@ class ReadBatcher:
 
     @property
     def low_water(self) -> int:
-        """The mark this batcher holds: 1 (a wake-up per arrival) unless batched; while
-        batched, the mark between two shared ticks (it is 1 only within the loop iteration
-        that reads the meter)."""
-        return self._mark if self._batched else 1
+        """The receive low-water mark now (1: the loop wakes on every arrival)."""
+        link = self._link
+        return link.receive_low_water if link is not None else 1
 
     def watch(self, link: Link, nbytes_per_s: float, batchable: bool) -> None:
         """A session streams on ``link`` at ``nbytes_per_s``; batch it if ``batchable``."""
@@ -115,8 +113,7 @@ class ReadBatcher:
         self._link = link
         now = time.monotonic()
         self._new_window(now)
-        self._loop = asyncio.get_running_loop()
-        self._timer = LoopTimer.of(self._loop)
+        self._timer = LoopTimer.of(asyncio.get_running_loop())
         self._timer.add(self, now + min(RELEASE_QUIET_S, self.batch_s or RELEASE_QUIET_S))
 
     def unwatch(self) -> None:
@@ -151,16 +148,6 @@ class ReadBatcher:
         all of them instead of once per meter."""
         return (math.floor(now / self.batch_s) + 1) * self.batch_s
 
-    def _close_gate(self) -> None:
-        """Runs first in the loop iteration that reads the meters whose gates just opened
-        (their readiness is already reported, so the reads still happen)."""
-        link = self._link
-        if not self._batched or link is None:
-            return
-        if link.is_closing or not self._host.batch_allowed() or not link.set_receive_low_water(
-                self._mark):
-            self.drop()
-
     def tick(self, now: float) -> float:
         """Do what is due at ``now``; return when this batcher is next due."""
         link = self._link
@@ -169,14 +156,14 @@ class ReadBatcher:
         host = self._host
         if self._batched:
             if now - host.last_rx < BATCH_STALL_FACTOR * self.batch_s:
-                # open the gate: ready bytes are signalled at once and read in the next
-                # iteration together with every other batched meter's
-                if link.set_receive_low_water(1):
-                    self.gate_opens += 1
-                    assert self._loop is not None
-                    self._loop.call_soon(self._close_gate)
-                    return self._next_tick(now)
-            self.drop()  # a stall or slow-down (or the mark refused): read what is waiting
+                # read it here, in the same callback as every other batched meter
+                self.tick_reads += 1
+                if link.read_now() is not None:
+                    if self._link is None:  # the read ended the session
+                        return math.inf
+                    if self._batched and host.batch_allowed():
+                        return self._next_tick(now)
+            self.drop()  # a stall or slow-down, or a reply is awaited: read at once
         quiet_since = max(host.last_rx, self._dropped_at)
         due = math.inf
         if host.held_bytes():

@@ -94,9 +94,11 @@ class LoopTimer:
             if due > now or duty not in self._duties:
                 continue
             try:
-                self._duties[duty] = duty.tick(now)
+                due = duty.tick(now)
             except Exception:  # one broken client must not stop the others' duties
                 logger.exception("%s: periodic duty failed", duty.label())
-                self._duties[duty] = now + 1.0
+                due = now + 1.0
+            if duty in self._duties:  # a duty may end its own registration while it runs
+                self._duties[duty] = due
         if self._duties:
             self._arm(min(self._duties.values()))

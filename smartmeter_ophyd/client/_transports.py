@@ -143,6 +143,12 @@ class Link:
         """
         return nbytes <= 1
 
+    def read_now(self) -> int | None:
+        """Read what is waiting now, without the event loop's readiness callback, and push
+        it to the sink; the bytes read, or None if this carrier cannot (then nothing is
+        batched on it).  EOF and errors are left to the carrier's own read path."""
+        return None
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -169,6 +175,11 @@ class _TcpProtocol(asyncio.BufferedProtocol):
         self.link = TcpLink(self)
         if self._on_link is not None:
             self._on_link(self.link)
+
+    @property
+    def buffer(self) -> memoryview:
+        """The read buffer (reused by every read; its bytes are consumed during the push)."""
+        return self._view
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view
@@ -198,6 +209,10 @@ class TcpLink(Link):
         self.peer_port = int(peer[1])
         self._socket: Any = transport.get_extra_info("socket")  # asyncio TransportSocket
         self._low_water = 1
+        self._protocol = protocol
+        self._reader: socket.socket | None = None
+        """A duplicate of the socket's descriptor for :meth:`read_now` (asyncio's own socket
+        object refuses reads); opened on first use, closed with the link."""
 
     @property
     def receive_low_water(self) -> int:
@@ -224,6 +239,47 @@ class TcpLink(Link):
         self._low_water = nbytes
         return True
 
+    def read_now(self) -> int | None:
+        """One ``recv_into`` the protocol's read buffer, now (the read batcher's shared tick
+        reads every batched meter this way in one loop callback).  The transport's own
+        reader stays registered: it still sees EOF and errors (the kernel reports them
+        whatever the mark), and bytes if the tick is late; both read the same socket in
+        stream order on the loop's one thread."""
+        if self.transport.is_closing() or self._eof or self._sink is None:
+            return 0
+        reader = self._reader
+        if reader is None:
+            sock = self._socket
+            if sock is None:
+                return None
+            try:
+                reader = self._reader = socket.socket(fileno=os.dup(sock.fileno()))
+            except OSError as exc:
+                logger.debug("no duplicate descriptor for direct reads: %s", exc)
+                return None
+            reader.setblocking(False)
+        view = self._protocol.buffer
+        try:
+            nbytes = reader.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:  # the transport may never see it: report it here
+            self._lost(exc)
+            self.transport.abort()
+            return 0
+        if nbytes:  # 0 is EOF: the transport's reader reports it
+            self._data(view[:nbytes])
+        return nbytes
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self._close_reader()
+        super()._lost(exc)
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def write(self, data: bytes) -> None:
         if self.transport.is_closing():
             raise ConnectionResetError("connection closed")
@@ -238,9 +294,11 @@ class TcpLink(Link):
             self.transport.resume_reading()
 
     def abort(self) -> None:
+        self._close_reader()
         self.transport.abort()
 
     def close(self) -> None:
+        self._close_reader()
         self.transport.close()
 
     @property

@@ -104,6 +104,8 @@ MAX_JSON_DEPTH: Final = 32
 """Deepest JSON accepted in an ``Info:`` line; firmware replies nest at most 2 levels."""
 _JSON_STRING_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
 _JSON_BRACKETS_RE: Final = re.compile(r"[\[\]{}]")
+_BYTE_RAMP: Final = bytes(range(256)) * 2
+"""Low bytes of consecutive packet numbers, from any start (see ``_scan_run``)."""
 _WINDOW_MIN: Final = 64
 """Fewest bytes moved from a new chunk to complete a frame or line split across chunks."""
 
@@ -688,7 +690,10 @@ class StreamDecoder:
         n_avail = avail // stride
         run = 1
         if n_avail >= 2 and self._sequencer.delta(packet) >= 0:
-            run = self._bulk_run(pos, packet, length, stride, n_avail)
+            if self.serial or not self._scan_run(pos, packet, length, stride, n_avail):
+                run = self._bulk_run(pos, packet, length, stride, n_avail)
+            else:
+                run = n_avail
         last_end = pos + (run - 1) * stride + FRAME_HEADER_SIZE + length
         follow = self._follow(last_end)
         if follow.ok:
@@ -708,6 +713,39 @@ class StreamDecoder:
             return False
         return self._repair_or_corrupt(packet, length)
 
+    def _scan_run(self, pos: int, packet: int, length: int, stride: int, n_avail: int) -> bool:
+        """The steady-state fast path: True if all ``n_avail`` frames from ``pos`` have frame
+        0's prefix and length and consecutive packet numbers (False: let :meth:`_bulk_run`
+        find the first bad one).
+
+        Each header byte is compared across the run with one strided slice of the bytes
+        (``buf[pos + k : end : stride]``, C code): no numpy here, since each numpy call costs
+        ~10 us when a wake-up finds the caches cold, which is most of a batched read's cost
+        (``benchmarks/ingest.py --profile``).  Frame 0 is valid: the caller read it.
+        """
+        if n_avail > 256:
+            return False
+        buf = self._buf
+        end = pos + n_avail * stride
+        for k in range(7):  # "Data:" and the length
+            column = buf[pos + k : end : stride]
+            if column.count(column[:1]) != n_avail:
+                return False
+        # packet numbers: the low byte counts up; the others change at most once (a carry)
+        low = packet & 0xFF
+        if buf[pos + 7 : end : stride] != _BYTE_RAMP[low : low + n_avail]:
+            return False
+        same = min(n_avail, 256 - low)
+        after = (packet + same) % _PACKET_MODULUS
+        for k in (1, 2, 3):
+            shift = 8 * k
+            expected = bytes(((packet >> shift) & 0xFF,)) * same
+            if same < n_avail:
+                expected += bytes(((after >> shift) & 0xFF,)) * (n_avail - same)
+            if buf[pos + 7 + k : end : stride] != expected:
+                return False
+        return True
+
     def _bulk_run(self, pos: int, packet: int, length: int, stride: int, n_avail: int) -> int:
         """How many frames from ``pos`` (at most ``n_avail``) have valid headers of the same
         length and consecutive packet numbers -- vectorised, a handful of numpy calls.
@@ -718,27 +756,25 @@ class StreamDecoder:
         Frame 0 itself is valid: the caller read its prefix, length and packet number.
         """
         buf = self._buf
-        # one strided copy makes the header words aligned and our own (no buffer view lives on)
-        headers: npt.NDArray[np.uint64] = np.ndarray(
-            (n_avail, 2), "<u8", buf, pos, (stride, _HEADER_WORD_OFFSETS[1])
-        ).copy()
-        headers -= self._header_steps(n_avail)
-        # Now a frame is valid iff its row equals frame 0's, i.e. the row before it.  In the
-        # flat view element j and j + 2 are the same word of consecutive frames.
-        flat = headers.reshape(-1)
-        differs = flat[2:] != flat[:-2]
+        # Frame i's words minus i packet steps, as a new aligned array (the strided view of
+        # the caller's bytes dies with this call); a frame is valid iff its row equals frame
+        # 0's.  Few numpy calls on purpose: each costs ~10 us when a wake-up finds the caches
+        # cold, which is most of a batched read's cost (benchmarks/ingest.py --profile).
+        rows = np.ndarray((n_avail, 2), "<u8", buf, pos, (stride, _HEADER_WORD_OFFSETS[1]))
+        rows = rows - self._header_steps(n_avail)
+        bad = rows != rows[0]
         crlf_bad: npt.NDArray[np.bool_] | None = None
         if self.serial:  # §4.12: and every frame ends with CRLF
             crlf_bad = (
                 np.ndarray((n_avail,), "<u2", buf, pos + FRAME_HEADER_SIZE + length, (stride,))
                 != _CRLF_U16
             )
-        if not np.count_nonzero(differs) and (crlf_bad is None or not crlf_bad.any()):
+        if not bad.any() and (crlf_bad is None or not crlf_bad.any()):
             return n_avail
         first_bad = n_avail
-        rows_differ = differs[0::2] | differs[1::2]  # index k: frame k + 1 vs frame k
-        if rows_differ.any():
-            first_bad = int(rows_differ.argmax()) + 1
+        rows_bad = bad.any(axis=1)
+        if rows_bad.any():
+            first_bad = int(rows_bad.argmax())
         if crlf_bad is not None and crlf_bad.any():
             first_bad = min(first_bad, int(crlf_bad.argmax()))
         return max(1, first_bad)
@@ -759,9 +795,10 @@ class StreamDecoder:
         )
         values = payloads.astype(np.float32, order="C")  # always a copy, never a view
         del payloads
-        if run == 1:
-            packets = np.array([first_packet], dtype=np.uint32)
-        else:  # _bulk_run proved the numbers consecutive (uint32 wraps like the firmware)
+        if first_packet + run <= _PACKET_MODULUS:  # proven consecutive by the caller
+            packets = np.arange(first_packet, first_packet + run, dtype=np.uint32)
+        else:  # across the 2**32 wrap (uint32 wraps like the firmware)
+            self._header_steps(run)  # grows the ramp if needed
             packets = self._packet_ramp[:run] + first_packet
         self._deliver(first_packet, packets, values.reshape(-1, self._vps), floats // self._vps)
 

@@ -16,6 +16,9 @@ import pytest
 
 from smartmeter_ophyd.client import AsyncMeterClient, MeterConnectionError, SampleConfig
 from smartmeter_ophyd.client._batcher import BATCH_MIN_BYTES
+from smartmeter_ophyd.emulator import EmulatedMeter
+
+from .client_fakes import emulator_config
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="SO_RCVLOWAT batching is Linux epoll behaviour"
@@ -224,3 +227,41 @@ async def test_scheduled_start_batches_only_once_streaming(synced_meter):
         await consumer
         assert summary.explained
         check_contiguous(blocks, summary)
+
+
+async def test_one_tick_reads_every_batched_meter(meter):
+    """The loop's shared tick reads all batched meters in one callback (one wake-up for
+    all, no readiness round per meter): a task polling both clients' read counters never
+    sees one meter read without the other, and every session still reconciles."""
+    second = EmulatedMeter(emulator_config())
+    await second.start()
+    changes: list[tuple[bool, bool]] = []
+    try:
+        async with (
+            AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0, batch_s=BATCH_S) as a,
+            AsyncMeterClient("127.0.0.1", second.command_port, timeout=3.0, batch_s=BATCH_S) as b,
+        ):
+            sessions = [await a.sample(SampleConfig(rate=8000)),
+                        await b.sample(SampleConfig(rate=8000))]
+            blocks: list[list] = [[], []]
+            consumers = [asyncio.create_task(consume(s, into)) for s, into in zip(sessions, blocks, strict=True)]
+            for client in (a, b):
+                await wait_batching(client)
+            before = (a.reads, b.reads)
+            deadline = time.monotonic() + 6 * BATCH_S
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+                now = (a.reads, b.reads)
+                if now != before:
+                    changes.append((now[0] != before[0], now[1] != before[1]))
+                before = now
+            summaries = [await s.stop() for s in sessions]
+            await asyncio.gather(*consumers)
+    finally:
+        await second.stop()
+    assert len(changes) >= 4, changes
+    together = sum(1 for change in changes if change == (True, True))
+    assert together >= 0.8 * len(changes), changes  # a late tick may let the kernel wake one
+    for summary, got in zip(summaries, blocks, strict=True):
+        assert summary.explained
+        check_contiguous(got, summary)

@@ -59,6 +59,42 @@ def test_packet_numbers_wrap_inside_a_bulk_run(serial: bool) -> None:
     assert kinds(whole.events()) == ["Samples", "LogLine"]  # one run across the wrap
 
 
+@pytest.mark.parametrize("first", [250, 0xFFF0, 0xFFFFF0, 2**32 - 5, 0x1234_56F8])
+def test_carries_between_packet_number_bytes_keep_one_run(first: int) -> None:
+    """The byte-column scan of a run: a carry out of the low byte (into one, two or all
+    three higher bytes, and the 2**32 wrap) inside a run is still consecutive."""
+    n = 12
+    numbers = [(first + i) % 2**32 for i in range(n)]
+    values = waveform(n * SPF)
+    decoder = StreamDecoder()
+    decoder.start_session(6, 1008)
+    decoder.sequencer.expected = first
+    decoder.receive_data(_frames_numbered(numbers, values) + RATE_LOG)
+    events = decoder.events()
+    assert kinds(events) == ["Samples", "LogLine"]
+    assert events[0].packets.tolist() == numbers
+    np.testing.assert_array_equal(events[0].values, values)
+
+
+@pytest.mark.parametrize("byte", [1, 2, 3])
+def test_a_wrong_high_packet_byte_inside_a_run_is_a_gap(byte: int) -> None:
+    """A frame whose number differs from the next one only in a higher byte (the low
+    byte still counts up) is not taken for part of the run."""
+    numbers = list(range(100, 110))
+    numbers[6] += 1 << (8 * byte)
+    values = waveform(len(numbers) * SPF)
+    decoder = StreamDecoder()
+    decoder.start_session(6, 1008)
+    decoder.sequencer.expected = 100
+    decoder.receive_data(_frames_numbered(numbers, values) + RATE_LOG)
+    events = decoder.events()
+    assert kinds(events)[:3] == ["Samples", "PacketGap", "Samples"]
+    assert events[0].packets.tolist() == list(range(100, 106))
+    assert events[1] == PacketGap(
+        expected=106, received=numbers[6], missing_samples=(numbers[6] - 106) * SPF
+    )
+
+
 def test_swapped_packets_are_not_taken_for_a_consecutive_run() -> None:
     # first-to-last difference is n-1 although the numbers are not consecutive
     values = waveform(4 * SPF)
