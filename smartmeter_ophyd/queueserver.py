@@ -26,8 +26,8 @@ The worker process inherits the manager's environment:
 Documents reach the embedded catalog and a Tiled server through a
 :class:`~smartmeter_ophyd.storage.JournalSink`: journaled in the worker, written by a writer
 process, each plan returning once its run is closed in the catalog; the journals of a server
-catalog are kept under ``SMARTMETER_DATA_DIR/journal``.  A profile name gets a
-``TiledWriter`` over that profile's client.  The sink is closed when the worker exits (the
+catalog (a URI, or a profile naming one) are kept under ``SMARTMETER_DATA_DIR/journal``.
+A profile of an in-process catalog gets a ``TiledWriter`` over that profile's client.  The sink is closed when the worker exits (the
 writer finishes what is journaled, then stops); a worker that is killed leaves its journals
 to the writer, which finishes them when its stdin closes.
 
@@ -100,14 +100,23 @@ def _catalog() -> tuple[Any, Any, Path, tuple[Path, ...]]:
         raise RuntimeError("SMARTMETER_QS_CATALOG needs SMARTMETER_QS_HDF5_DIR (where the "
                            "meters write HDF5 files the catalog server can read)")
     key = os.environ.get("TILED_API_KEY")
-    if spec.startswith(("http://", "https://")):
-        client = connect_server(spec, api_key=key)
-        sink = JournalSink.for_server(spec, key, default_data_dir() / "journal")
+    server = spec if spec.startswith(("http://", "https://")) else _profile_uri(spec)
+    client = connect_server(spec, api_key=key) if server == spec else open_catalog(spec)
+    if server is not None:
+        sink = JournalSink.for_server(server, key, default_data_dir() / "journal")
         _at_exit(sink.close)
-    else:  # a profile of another catalog: a TiledWriter over its client
-        client = open_catalog(spec)
+    else:  # a profile of an in-process catalog: a TiledWriter over its client
         sink = make_tiled_writer(client)
     return client, sink, Path(hdf5), (Path(hdf5),)
+
+
+def _profile_uri(profile: str) -> typing.Optional[str]:  # noqa: UP045
+    """The server URI of a Tiled profile (None for an in-process ``direct`` profile)."""
+    from tiled.profiles import load_profiles
+
+    entry = load_profiles().get(profile)
+    uri = entry[1].get("uri") if entry is not None else None
+    return str(uri) if uri else None
 
 
 catalog, _sink, _data_directory, _readable = _catalog()
