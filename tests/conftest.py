@@ -11,6 +11,8 @@ conftest.py files.
 
 Every test runs under the leak guard (``tests/leak_guard.py``, registered here as a plugin):
 no thread, asyncio task or TCP/UDP socket it started may outlive it and its fixtures.
+Tests make run engines with ``tests.run_engines.RunEngine``; ``close_run_engines`` stops
+their loop threads after the test's fixtures, before the guard looks.
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import dask
 import pytest
 
+from tests import run_engines
+
 pytest_plugins = ["tests.leak_guard"]
+
+# Tiled reads arrays through dask, whose threaded scheduler keeps a thread pool per calling
+# thread until the process exits (dask/threaded.py): the leak guard cannot tell those threads
+# from leaks.  The synchronous scheduler computes in the calling thread.
+dask.config.set(scheduler="synchronous")
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES_SCRIPT = ROOT / "scripts" / "services.sh"
@@ -122,6 +132,13 @@ def mqtt_broker(services: Services) -> tuple[str, int]:
     return services.address("mqtt")
 
 
+@pytest.fixture(autouse=True)
+def close_run_engines() -> Iterator[None]:
+    """Stop the loop thread of every RunEngine the test made (see tests/run_engines.py)."""
+    yield
+    run_engines.close_all()
+
+
 # ------------------------------------------------------------------ catalogs (storage, devices)
 
 POSTGRES_SH = Path(__file__).resolve().parents[1] / "scripts" / "postgres.sh"
@@ -137,6 +154,7 @@ def embedded_catalog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objec
     catalog = setup_embedded_catalog(
         root / "catalog", profile=f"smartmeter-test-{os.getpid()}", profiles_dir=root / "profiles"
     )
+    catalog.client  # noqa: B018 - open it now: its portal thread is the session's, not a test's
     yield catalog
     catalog.close()
 

@@ -27,12 +27,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run(embedded_catalog: Any, ntp_server: tuple[str, int]) -> Iterator[Any]:
-    from bluesky import RunEngine
-
     from plans import synchronized_fly
     from smartmeter_ophyd.devices import SmartMeter
     from smartmeter_ophyd.emulator import EmulatorFleet
     from smartmeter_ophyd.storage import make_tiled_writer
+    from tests.run_engines import RunEngine
 
     fleet = EmulatorFleet(2, name_prefix="exp", time_server=ntp_server[0],
                           ntp_port=ntp_server[1]).start()

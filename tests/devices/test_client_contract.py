@@ -30,9 +30,9 @@ def test_next_block_never_loses_a_block_when_the_loop_stalls(emulated) -> None:
         session = client.sample(SampleConfig(rate=8000))
         taken = 0
         deadline = time.monotonic() + 10
-        while not session.session._blocks and time.monotonic() < deadline:
+        while not session.session.queued_blocks and time.monotonic() < deadline:
             time.sleep(0.05)  # wait until blocks are queued on the session
-        loop = client._thread.loop
+        loop = client.loop
         # Stall the loop for longer than the blocking wait's limit (0.01 * 3 + 1 s) right
         # before the next_block task's first step: the task then pops a block and completes
         # after the blocking caller has already given up.

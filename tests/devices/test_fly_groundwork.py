@@ -19,7 +19,6 @@ import databroker
 import h5py
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from bluesky.utils import FailedPause, Msg, RunEngineInterrupted, short_uid
 
 from smartmeter_ophyd.client import (
@@ -32,6 +31,7 @@ from smartmeter_ophyd.client import (
 from smartmeter_ophyd.devices import FlyConfig, SmartMeter
 from smartmeter_ophyd.emulator import EmulatorFleet
 from smartmeter_ophyd.storage import close_client, make_tiled_writer
+from tests.run_engines import RunEngine
 
 RATE = 8000
 

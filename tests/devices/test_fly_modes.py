@@ -20,7 +20,6 @@ import databroker
 import h5py
 import numpy as np
 import pytest
-from bluesky import RunEngine
 
 from plans import fly_meters
 from smartmeter_ophyd.devices import CtsPolicy, FlyError, SmartMeter
@@ -33,6 +32,7 @@ from smartmeter_ophyd.storage import (
     read_stream,
     time_window,
 )
+from tests.run_engines import RunEngine
 
 RATE = 8000
 NTP_OFFSETS = (-0.0025, 0.0025)
@@ -272,9 +272,9 @@ def test_stop_by_another_connection_fails_the_fly_naming_it(emulated, make_meter
     meter = make_meter(emulated.meters[0].command_port)
     meter.prepare({"rate": RATE, "duration_s": 30})
     meter.kickoff().wait(10)
-    with socket.create_connection(("127.0.0.1", emulated.meters[0].command_port), 5) as other:
+    with (socket.create_connection(("127.0.0.1", emulated.meters[0].command_port), 5) as other,
+          other.makefile("rb") as stream):
         other.settimeout(5)
-        stream = other.makefile("rb")
         assert b'"type":"smartmeter"' in stream.readline()  # the info line: we are in (§2.5)
         time.sleep(0.3)  # the meter tells the device about us (§2.1)
         other.sendall(b'{"cmd":"stop"}\n')

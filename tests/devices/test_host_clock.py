@@ -11,11 +11,11 @@ from typing import Any
 
 import bluesky.plan_stubs as bps
 import pytest
-from bluesky import RunEngine
 
 from smartmeter_ophyd.devices import HostClock, HostClockError
 from smartmeter_ophyd.emulator import EmulatorFleet
 from smartmeter_ophyd.protocol import client_request, server_reply
+from tests.run_engines import RunEngine
 
 
 class UdpResponder:

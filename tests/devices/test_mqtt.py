@@ -10,12 +10,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from bluesky import plans as bp
 
 from smartmeter_ophyd.client import MeterTimeoutError, MqttBroker
 from smartmeter_ophyd.devices import MeterMqttStatus
 from smartmeter_ophyd.emulator import EmulatorFleet
+from tests.run_engines import RunEngine
 
 pytestmark = pytest.mark.service
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import bluesky.plan_stubs as bps
 import pytest
-from bluesky import RunEngine
 from bluesky.utils import FailedStatus
 
 from smartmeter_ophyd.devices import NtpSyncError, SmartMeter
 from smartmeter_ophyd.emulator import EmulatorFleet
+from tests.run_engines import RunEngine
 
 OFFSET_LINE = re.compile(rb"Offset of (-?\d+\.\d{3}) s, SecondInterrupts")
 TO_LINE = re.compile(rb"\]\d\d/\d\d \d\d:\d\d:\d\d: To (\d+\.\d{3})\r\n")

@@ -19,7 +19,6 @@ import databroker
 import h5py
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from event_model import DocumentNames, schema_validators
 
 from plans import fly_meters
@@ -34,6 +33,7 @@ from smartmeter_ophyd.storage import (
     read_gaps,
     read_stream,
 )
+from tests.run_engines import RunEngine
 
 RATE = 8000
 SECONDS = 2.0
@@ -123,15 +123,20 @@ def test_fly_into_postgres_tiled_server(emulated, postgres_server) -> None:
     hdf5_dir = Path(postgres_server["TILED_HDF5_DIR"])
     meter = SmartMeter("127.0.0.1", emulated.meters[0].command_port, name="m1",
                        data_directory=hdf5_dir, timeout=2.0)
+    clients = []
     try:
         meter.connect()
         client = connect_server(postgres_server["TILED_URI"], postgres_server["TILED_API_KEY"])
+        clients.append(client)
         config = {"rate": RATE, "measures": "VI", "duration_s": SECONDS}
         uid, docs = run_with_validation(client, fly_meters([meter], config))
         reader = connect_server(postgres_server["TILED_URI"], postgres_server["TILED_API_KEY"])
+        clients.append(reader)
         check_fly_run(reader[uid], meter, emulated, docs)
     finally:
         meter.destroy()
+        for each in clients:
+            close_client(each)
 
 
 def test_count_readings_land_in_catalog(meter, embedded_catalog) -> None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from bluesky import RunEngine
 
 from smartmeter_ophyd.devices import SmartMeter
 from smartmeter_ophyd.emulator import EmulatorFleet
 from smartmeter_ophyd.storage import make_tiled_writer
+from tests.run_engines import RunEngine
 
 
 @pytest.fixture

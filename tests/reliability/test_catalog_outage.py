@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from bluesky import RunEngine
 
 import plans
 from smartmeter_ophyd.devices import SmartMeter
 from smartmeter_ophyd.storage import make_tiled_writer, read_stream, replay_journal
 from smartmeter_ophyd.storage._service import JournalSink
+from tests.run_engines import RunEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -56,7 +56,7 @@ def test_stop_mid_fly_closes_the_run_as_success_with_every_sample_and_the_next_f
 
 SCRIPT = textwrap.dedent("""
     import json, sys, tempfile
-    from bluesky import RunEngine
+    from tests.run_engines import RunEngine
     from bluesky.utils import RunEngineInterrupted
     import plans
     from smartmeter_ophyd.devices import SmartMeter

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from bluesky_tiled_plugins import TiledWriter
 from bluesky_tiled_plugins.writing import consolidators as upstream
 
@@ -31,6 +30,7 @@ from smartmeter_ophyd.storage import (
     make_tiled_writer,
     uninstall_compact_consolidator,
 )
+from tests.run_engines import RunEngine
 
 from .test_run_roundtrip import TestMeter, fly
 

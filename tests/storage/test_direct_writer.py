@@ -23,7 +23,6 @@ from typing import Any
 import bluesky.plan_stubs as bps
 import numpy as np
 import pytest
-from bluesky import RunEngine
 
 from smartmeter_ophyd.storage import (
     CatalogWriteError,
@@ -35,6 +34,7 @@ from smartmeter_ophyd.storage import (
     read_journal,
     replay_journal,
 )
+from tests.run_engines import RunEngine
 
 from .test_run_roundtrip import TestMeter, fly
 

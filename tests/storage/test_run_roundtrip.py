@@ -20,7 +20,6 @@ import databroker
 import h5py
 import numpy as np
 import pytest
-from bluesky import RunEngine
 from event_model import DocumentNames, schema_validators
 from ophyd import Device
 from ophyd.status import DeviceStatus, Status
@@ -43,6 +42,7 @@ from smartmeter_ophyd.storage import (
     time_window_hdf5,
     write_server_profile,
 )
+from tests.run_engines import RunEngine
 
 RATE = 8000
 FRAME = 42  # samples per 1008-byte frame at 8 kHz, 3-phase (§4.5)

@@ -24,9 +24,9 @@ from typing import Any
 import bluesky.plan_stubs as bps
 import databroker
 import pytest
-from bluesky import RunEngine
 
 from smartmeter_ophyd.storage import CatalogWriteError, JournalWriter, close_client
+from tests.run_engines import RunEngine
 
 from .test_direct_writer import Readings
 from .test_run_roundtrip import TestMeter, check_run, fly
