@@ -21,10 +21,17 @@ baseline equals the per-wake-up one).  Finally the client's receive path is fed 
 sockets at several read sizes (decode + dispatch + session only), back to back (hot caches)
 and with a sleep between reads (cold caches, as in real time).
 
-Usage: ``python benchmarks/ingest.py --meters 4 16 --seconds 10``  (per count: about
-3.5 x seconds + 10 s).  The 16-meter case shows what one loop costs for a larger fleet (one
-shared batching timer, not one per meter); on a 2-core machine the emulators of 16 meters
-may not keep up with real time, which the MB figures show.
+Usage: ``python benchmarks/ingest.py --meters 1 4 16 --seconds 10``  (per count: about
+3.5 x seconds + 10 s).  The 16-meter case shows what one loop costs for a larger fleet: the
+loop's one timer reads every batched meter in one callback per ``batch_s``, so the fixed
+cost of a wake-up is shared; on a 2-core machine the emulators of 16 meters may not keep up
+with real time, which the MB figures show.
+
+``--profile`` adds, per meter count, one more client phase with the receive path timed
+stage by stage (thread CPU time around each stage, so slightly inflated): per shared tick,
+how much went to decoding (``_on_data``: decoder, dispatch, session), to the socket reads,
+to the timer's own work, and to the rest of the loop (``epoll``, waking the consumers'
+tasks); and the decode cost of the first read of a tick (cold caches) against the others.
 """
 
 from __future__ import annotations
@@ -36,9 +43,11 @@ import json
 import resource
 import selectors
 import socket
+import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 
 from smartmeter_ophyd.client import AsyncMeterClient
 from smartmeter_ophyd.client._batcher import BATCH_MAX_BYTES, BATCH_MIN_BYTES, DEFAULT_BATCH_S
@@ -237,6 +246,89 @@ def run_offline(total_mb: float, chunk: int, pause_s: float = 0.0) -> tuple[floa
     return asyncio.run(feed())
 
 
+class StageTimer:
+    """Thread CPU time spent in chosen functions while ``active`` (``--profile``)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.spent: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        self._undo: list[tuple[object, str, object]] = []
+
+    def wrap(self, owner: object, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.thread_time_ns()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if self.active:
+                    self.spent[label].append((time.monotonic(), time.thread_time_ns() - start))
+
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, original))
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            setattr(owner, name, original)
+
+    def total_ms(self, label: str) -> float:
+        return sum(ns for _, ns in self.spent.get(label, [])) / 1e6
+
+
+def run_profiled(ports: list[int], args: argparse.Namespace) -> list[str]:
+    """The client phase again, timed stage by stage: lines saying where a tick's CPU goes."""
+    import asyncio.base_events
+
+    from smartmeter_ophyd.client import _timer, _transports
+
+    stages = StageTimer()
+    stages.wrap(asyncio.base_events.BaseEventLoop, "_run_once", "loop")
+    stages.wrap(_timer.LoopTimer, "_fire", "timer")
+    stages.wrap(_transports.TcpLink, "read_now", "read")
+    stages.wrap(AsyncMeterClient, "_on_data", "decode")
+    original_cpu = cpu_times
+
+    def switching_cpu_times() -> tuple[float, float]:
+        stages.active = not stages.active  # run_client reads the clock at start and end
+        return original_cpu()
+
+    globals()["cpu_times"] = switching_cpu_times
+    try:
+        cpu, nbytes, _, _ = asyncio.run(
+            run_client(ports, args.seconds, args.warmup, args.coalesce, args.batch))
+    finally:
+        globals()["cpu_times"] = original_cpu
+        stages.restore()
+    first, later, last = [], [], -1.0
+    for at, ns in stages.spent["decode"]:
+        (later if at - last < 0.002 else first).append(ns / 1e3)
+        last = at
+    ticks = max(1, len(first))  # callbacks (or wake-ups) that read
+    loop, timer = stages.total_ms("loop"), stages.total_ms("timer")
+    read, decode = stages.total_ms("read"), stages.total_ms("decode")
+    total = 1e3 * (cpu[0] + cpu[1])
+    lines = [f"profile (instrumented run): {per_mb(cpu[0] + cpu[1], nbytes):.2f} ms/MB,"
+             f" {total:.1f} ms CPU, {len(stages.spent['decode'])} reads in {ticks} bursts,"
+             f" {len(stages.spent['timer'])} timer callbacks"]
+    rows = [
+        ("decode (decoder + dispatch + session)", decode),
+        ("socket reads (recv_into, outside decode)", read - decode),
+        ("timer callback (ticks, keep-alives)", timer - read),
+        ("rest of the loop (epoll, consumer tasks)", loop - timer),
+        ("outside the loop", total - loop),
+    ]
+    for label, ms in rows:
+        lines.append(f"  {label:42} {ms:7.2f} ms  {1e3 * ms / ticks:6.0f} us per burst"
+                     f"  {100 * ms / max(total, 1e-9):4.0f} %")
+    if first:
+        lines.append(
+            f"  decode of the first read of a burst: median {statistics.median(first):.0f} us"
+            f" (cold caches); of the others: median"
+            f" {statistics.median(later) if later else float('nan'):.0f} us")
+    return lines
+
+
 def per_mb(seconds: float, nbytes: int) -> float:
     return 1000 * seconds / (nbytes / MB)
 
@@ -255,6 +347,7 @@ def measure(count: int, args: argparse.Namespace, low_water: int) -> dict[str, f
                 continue
             base_cpu, base_bytes, wakes = run_baseline(ports, args.seconds, args.warmup, mark)
             phases.append((label, base_cpu, base_bytes, wakes))
+        profile = run_profiled(ports, args) if args.profile else []
     finally:
         child.terminate()
         child.wait(10)
@@ -280,12 +373,14 @@ def measure(count: int, args: argparse.Namespace, low_water: int) -> dict[str, f
           f" {client_ms / naive:.2f}")
     print(f"target <= 2 ms CPU per MB: {'met' if client_ms <= 2.0 else 'NOT met'}"
           f" ({client_ms:.2f} ms/MB)")
+    for line in profile:
+        print(line)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--meters", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--meters", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0,
                         help="seconds before each measurement (batching switches on)")
@@ -293,6 +388,8 @@ def main() -> None:
                         help="client batch_s (SO_RCVLOWAT read batching; 0 = off)")
     parser.add_argument("--coalesce", type=float, default=0.0,
                         help="client coalesce_s: sleep this long after a small read")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more client phase per count, timed stage by stage")
     parser.add_argument("--no-offline", action="store_true",
                         help="skip the receive path measured without sockets")
     args = parser.parse_args()
