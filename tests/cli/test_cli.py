@@ -402,13 +402,20 @@ def test_export_writes_every_meter_and_refuses_to_overwrite(recorded: dict[str, 
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-def test_rerun_repeats_the_run(recorded: dict[str, Any], cli_env: dict[str, str]) -> None:
+def test_rerun_repeats_the_run(recorded: dict[str, Any], cli_env: dict[str, str],
+                              tmp_path: Path) -> None:
     original = recorded["summary"]
     result = run_cli(cli_env, "rerun", original["uid"][:8], timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     no_noise(result)
-    runs = json.loads(run_cli(cli_env, "runs", "--json").stdout)
-    new = next(r for r in runs if r["uid"] == printed_uid(result.stdout))
-    assert new["rerun_of"] == original["uid"]
-    assert new["plan"] == original["plan"] and new["meters"] == sorted(original["meters"])
-    assert new["exit_status"] == "success"
+    assert f"rerun of {original['uid']}" in result.stdout
+    with catalog_reader(cli_env, tmp_path) as client:
+        old, new = client[original["uid"]], client[printed_uid(result.stdout)]
+        assert new.start["rerun_of"] == original["uid"]
+        assert new.start["plan_name"] == old.start["plan_name"] == "synchronized_fly"
+        assert new.start["plan_args"] == old.start["plan_args"]
+        assert new.start["detectors"] == old.start["detectors"]
+        assert new.stop["exit_status"] == "success"
+        for name in old.start["detectors"]:  # the emulated meters were emulated again
+            assert new.start["meters"][name]["emulated"] is True
+            assert new[name][f"{name}_v_l1"].shape[0] >= 8000
