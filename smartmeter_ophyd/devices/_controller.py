@@ -375,8 +375,8 @@ class FlyController:
                     span = gap.missing_packets
                     if span is None:
                         logger.warning(
-                            "%s: late packet %s (%d samples) already declared missing; "
-                            "not inserted", self.label, gap.received_packet,
+                            "%s: late or duplicate packet %s (%d samples) not inserted",
+                            self.label, gap.received_packet,
                             0 if gap.late_values is None else gap.late_values.shape[0],
                         )
                         continue

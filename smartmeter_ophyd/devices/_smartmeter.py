@@ -49,7 +49,8 @@ Samples beyond the target: when ``n_samples`` is reached the device sends ``stop
 meter then flushes its ring buffer (the tail, §4.8), so a fly may hold more samples than
 asked for.  Everything the meter sends is recorded - nothing is dropped - and the stop
 summary accounts for every sample.  Gaps become rows of the gaps table (never zero-filled);
-a late packet (UDP, already declared missing) is logged and not inserted.
+a late or duplicate packet (UDP: declared missing before, or already received) is logged and
+not inserted.
 
 Flow control (§5): ``"cts"`` flies are paused and resumed by a
 :class:`~._flow.CtsGovernor` (``cts_policy``) so the host's backlog stays bounded and the
