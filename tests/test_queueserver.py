@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
 import pytest
 
 from tests.conftest import _read_env_file, _run_services, _unavailable
@@ -200,10 +199,7 @@ def test_synchronized_fly_through_the_queue_lands_in_the_catalog(manager: Any) -
 
     catalog = setup_embedded_catalog(root / "data" / "catalog", profile=f"qs-read-{os.getpid()}",
                                      profiles_dir=root / "read-profiles")
-    # dask's default scheduler would start its process-wide thread pool here (a thread the
-    # leak guard counts against this test); the synchronous one reads the same values
-    with dask.config.set(scheduler="synchronous"):
-        check_run(catalog, uid, fleet.names)
+    check_run(catalog, uid, fleet.names)
 
     # the worker's sink closes with the environment: its writer finished and stopped, and
     # no journal (no document left unwritten) nor session directory stays behind

@@ -21,7 +21,6 @@ def setup(embedded_catalog: Any, ntp_server: tuple[str, int]) -> Iterator[dict[s
     from plans import synchronized_fly
     from smartmeter_ophyd.devices import SmartMeter
     from smartmeter_ophyd.emulator import EmulatorFleet
-    from smartmeter_ophyd.storage import make_tiled_writer
     from tests.run_engines import RunEngine
 
     fleet = EmulatorFleet(2, name_prefix="rr", time_server=ntp_server[0],
@@ -30,7 +29,7 @@ def setup(embedded_catalog: Any, ntp_server: tuple[str, int]) -> Iterator[dict[s
                          data_directory=embedded_catalog.data_directory)
               for name, (host, port) in zip(fleet.names, fleet.addresses, strict=True)]
     engine = RunEngine({})
-    engine.subscribe(make_tiled_writer(embedded_catalog.client))
+    engine.subscribe(embedded_catalog.document_sink())  # the stop waits until it is closed
     try:
         meters[0].connect()
         meters[0].calibration.set([1.0, 1.1, 1.0, 1.0, 0.9, 1.0]).wait(10)

@@ -230,20 +230,16 @@ def test_ctrl_c_aborts_the_run_and_prints_the_summary(cli_env: dict[str, str],
 @contextlib.contextmanager
 def catalog_reader(env: dict[str, str], directory: Path) -> Iterator[Any]:
     """The CLI's embedded catalog opened in this process (through a Tiled profile of its own
-    in ``directory``).  Reads use dask's synchronous scheduler: its default one starts a
-    process-wide thread pool that the leak guard would count against the test."""
-    import dask
-
+    in ``directory``)."""
     from smartmeter_ophyd.storage import setup_embedded_catalog
 
-    with dask.config.set(scheduler="synchronous"):
-        catalog = setup_embedded_catalog(Path(env["SMARTMETER_DATA_DIR"]) / "catalog",
-                                         profile=f"cli-test-{os.getpid()}",
-                                         profiles_dir=directory / "profiles")
-        try:
-            yield catalog.client
-        finally:
-            catalog.close()
+    catalog = setup_embedded_catalog(Path(env["SMARTMETER_DATA_DIR"]) / "catalog",
+                                     profile=f"cli-test-{os.getpid()}",
+                                     profiles_dir=directory / "profiles")
+    try:
+        yield catalog.client
+    finally:
+        catalog.close()
 
 
 def test_meter_without_time_server_is_refused_with_advice(cli_env: dict[str, str]) -> None:
