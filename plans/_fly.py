@@ -616,8 +616,8 @@ def _remaining(setup: FlySetup, state: FlyState) -> float:
 
 def _segment_records(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
     yield from _collect_all(setup.meters)
-    yield from bps.trigger_and_read([_sync_record(setup, state)], name="synchronization")
-    yield from bps.trigger_and_read([m.run_summary for m in setup.meters], name="meter_summary")
+    yield from _read_once([_sync_record(setup, state)], "synchronization")
+    yield from _read_once([m.run_summary for m in setup.meters], "meter_summary")
 
 
 def _next_segment(
@@ -679,11 +679,39 @@ def _release(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
 
 
 def _collect_all(meters: Sequence[Any]) -> Generator[Msg, Any, None]:
+    """Collect every meter's samples, and its gaps and sync records where there are new ones.
+
+    One ``collect`` message each (no stub generator around it); a companion stream with
+    nothing new gets none: at 50 meters that is 100 fewer messages per flush.
+    """
     for meter in meters:
         samples, gaps, timing = stream_names(meter)
-        yield from bps.collect(meter, name=samples, return_payload=False)
-        yield from bps.collect(meter.gap_stream, name=gaps, return_payload=False)
-        yield from bps.collect(meter.timing_stream, name=timing, return_payload=False)
+        yield Msg("collect", meter, stream=False, return_payload=False, name=samples)
+        if meter.gap_stream.pending:
+            yield Msg("collect", meter.gap_stream, stream=False, return_payload=False, name=gaps)
+        if meter.timing_stream.pending:
+            yield Msg("collect", meter.timing_stream, stream=False, return_payload=False,
+                      name=timing)
+
+
+def _read_once(readables: Sequence[Any], name: str) -> Generator[Msg, Any, None]:
+    """One event of ``readables`` in stream ``name``: ``trigger_and_read`` without the
+    triggers (these records hold values already known; their trigger is a no-op), so 2 + N
+    messages instead of 3 + 2 N.  The bundle is dropped if a read fails, as there."""
+
+    def reads() -> Generator[Msg, Any, None]:
+        for obj in readables:
+            yield Msg("read", obj)
+
+    def dropped(exc: BaseException) -> Generator[Msg, Any, None]:
+        yield Msg("drop")
+        raise exc
+
+    def saved() -> Generator[Msg, Any, None]:
+        yield Msg("save")
+
+    yield Msg("create", name=name)
+    yield from bpp.contingency_wrapper(reads(), except_plan=dropped, else_plan=saved)
 
 
 def _complete_while_collecting(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
@@ -730,15 +758,24 @@ def _periodic_ntp(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]
 
 
 def _final(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
-    yield from _collect_all(setup.meters)
-    if setup.synchronization:
-        yield from bps.trigger_and_read([_sync_record(setup, state)], name="synchronization")
-    if len(setup.meters) > 1:
-        # How well the meters really line up, measured on their L1 voltages
-        alignment = AlignmentStream(setup.meters)
-        yield from bps.declare_stream(alignment, name=alignment.name, collect=True)
-        yield from bps.collect(alignment, name=alignment.name, return_payload=False)
-    yield from bps.trigger_and_read([m.run_summary for m in setup.meters], name="meter_summary")
+    """The end-of-run records.  The alignment (how well the meters really line up, measured
+    on their L1 voltages; the meters' files are complete here) is computed on a worker
+    thread while the RunEngine writes the others, and collected last."""
+    alignment = AlignmentStream(setup.meters) if len(setup.meters) > 1 else None
+    if alignment is not None:
+        alignment.start()
+    try:
+        yield from _collect_all(setup.meters)
+        if setup.synchronization:
+            yield from _read_once([_sync_record(setup, state)], "synchronization")
+        yield from _read_once([m.run_summary for m in setup.meters], "meter_summary")
+        if alignment is not None:
+            yield from bps.declare_stream(alignment, name=alignment.name, collect=True)
+            yield Msg("collect", alignment, stream=False, return_payload=False,
+                      name=alignment.name)
+    finally:
+        if alignment is not None:
+            alignment.join()
 
 
 def _wind_down(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:

@@ -65,6 +65,12 @@ class GapStream:
         assets = self.meter._gap_assets
         return 0 if assets is None else assets.get_index()
 
+    @property
+    def pending(self) -> bool:
+        """Whether a ``collect`` now would emit documents (a plan may skip it otherwise)."""
+        assets = self.meter._gap_assets
+        return assets is not None and assets.pending
+
     def collect_asset_docs(self, index: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         assets = self.meter._gap_assets
         if assets is not None:
@@ -74,9 +80,16 @@ class GapStream:
 class RunSummary:
     """Readable: the last fly's reconciliation, read once after ``complete`` (``meter_summary``).
 
-    Its ``read_configuration`` is the meter's, so the stream's descriptor records the meter's
-    configuration *after* the fly (sample reply and stop summary included).
+    Its configuration is the meter's read-only state *after* the fly (``AFTER_FLY``: the
+    identity, the state, the sample reply and the stop summary), so the stream's descriptor
+    records what the fly changed.  The writable and sampling settings, which a fly does not
+    change, are in the configuration of the meter's own stream; repeating them here made the
+    ``meter_summary`` descriptor of 50 meters 1100 configuration keys, whose validation was
+    a large part of the end of such a run.
     """
+
+    AFTER_FLY: Final = ("firmware_version", "compiled", "ip", "rtc", "psram", "buffer_size",
+                        "wifi_ssids", "meter_state", "sampling_reply", "stop_summary")
 
     FIELDS: Final = {
         "received_samples": ("integer", "<i8"),
@@ -150,7 +163,13 @@ class RunSummary:
         return status
 
     def describe_configuration(self) -> dict[str, dict[str, Any]]:
-        return dict(self.meter.describe_configuration())
+        out: dict[str, dict[str, Any]] = {}
+        for attr in self.AFTER_FLY:
+            out.update(getattr(self.meter, attr).describe())
+        return out
 
     def read_configuration(self) -> dict[str, dict[str, Any]]:
-        return dict(self.meter.read_configuration())
+        out: dict[str, dict[str, Any]] = {}
+        for attr in self.AFTER_FLY:
+            out.update(getattr(self.meter, attr).read())
+        return out

@@ -91,6 +91,12 @@ class TimingStream:
         self.flush()
         return [(record, self.sets_rtc(record)) for record in self.records]
 
+    @property
+    def pending(self) -> bool:
+        """Whether a ``collect`` now would emit records (a plan may skip it otherwise)."""
+        with self._lock:
+            return len(self._records) > self._emitted
+
     def reset(self) -> None:
         with self._assembler_lock:
             self._assembler = SyncRecordAssembler()

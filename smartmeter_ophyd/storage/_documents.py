@@ -87,6 +87,12 @@ class _DatasetStream:
         """Rows readable on disk (flushes a live writer first)."""
         return self._index()
 
+    @property
+    def pending(self) -> bool:
+        """Whether a collect would emit anything: the StreamResources (the first time), or
+        StreamDatums for rows written since the last one."""
+        return not self._compose or self.get_index() > self._emitted
+
     def collect_asset_docs(self, index: int | None = None) -> Iterator[AssetDoc]:
         """Yield one StreamResource per key (first call), then StreamDatums for [emitted, index)."""
         available = self.get_index()
