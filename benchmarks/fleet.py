@@ -55,7 +55,6 @@ def fly_fleet(
         meters = smartmeters(emulators.described, catalog)
         with destroyed(meters):
             engine = RunEngine({})
-            engine.subscribe(sink)
             marks: dict[str, float] = {}
 
             def hook(msg: Any) -> None:
@@ -71,7 +70,8 @@ def fly_fleet(
                     marks["stop_wall"] = time.time()
 
             engine.msg_hook = hook
-            engine.subscribe(stop_mark)
+            engine.subscribe(stop_mark)  # before the sink, which waits at the stop for the writer
+            engine.subscribe(sink)
             emu_cpu0 = sum(cpu_seconds(pid) for pid in emulators.pids)
             writer_cpu0 = cpu_seconds(sink.writer_pid)
             cpu0, t0 = cpu_seconds(), time.monotonic()

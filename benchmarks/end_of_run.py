@@ -1,0 +1,164 @@
+"""Where the end of a fly goes: last meter stopped -> stop document -> run closed, by part.
+
+N emulated meters (child processes, as ``fleet.py``) are flown in one
+``plans.synchronized_fly`` into the embedded catalog (``catalog.document_sink()``). The
+plan's end-of-run section (``plans._fly._final``: the final collects, the
+``synchronization`` event, the ``alignment`` stream, the ``meter_summary`` event,
+``close_run``) is timed message by message on the RunEngine's thread and, with
+``--profile``, run under cProfile (everything that thread does meanwhile, the RunEngine's
+message handling and the document subscribers included).
+
+Printed per part (seconds): last meter's stop (its stop reply's ``stop_ts``, meter time,
+NTP-synced to this host's chrony) -> the plan's final section, the final collects, the
+``synchronization`` event, the ``alignment`` stream, ``meter_summary``, ``close_run`` ->
+stop document, stop document -> run closed (the sink's wait).  The wall-time figure
+``fleet.py`` checks is first sample -> closed <= duration + 1 s; this script prints the
+tail of it.
+
+Usage: ``python benchmarks/end_of_run.py --meters 50 --seconds 10 [--profile 30]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import logging
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+from _harness import Emulators, destroyed, host_load, loss_report, smartmeters
+from bluesky import RunEngine
+
+import plans
+from plans import _fly
+from smartmeter_ophyd.storage import open_catalog, setup_embedded_catalog
+
+PARTS = (
+    ("final", "last meter stopped -> final section"),
+    ("collects", "final collects (from the final section's start)"),
+    ("synchronization", "synchronization event"),
+    ("alignment", "alignment stream"),
+    ("meter_summary", "meter_summary event"),
+    ("close", "close_run -> stop document"),
+    ("closed", "stop document -> run closed"),
+)
+
+
+class Marks:
+    """Wall-clock instants of the end-of-run messages (``msg_hook`` runs on the RE thread)."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+        self.in_final = False
+
+    def hook(self, msg: Any) -> None:
+        now = time.time()
+        if msg.command == "close_run" and "final" in self.t:
+            self.t.setdefault("close", now)  # after the final section's last message
+        if not self.in_final:
+            return
+        name = msg.kwargs.get("name") if msg.kwargs else None
+        if msg.command == "create" and name == "synchronization":
+            self.t.setdefault("synchronization", now)
+        elif msg.command == "declare_stream" and name == "alignment":
+            self.t.setdefault("alignment", now)
+        elif msg.command == "create" and name == "meter_summary":
+            self.t.setdefault("meter_summary", now)
+
+    def doc(self, name: str, _doc: dict[str, Any]) -> None:
+        if name == "stop":
+            self.t["stop"] = time.time()
+
+
+def instrumented(marks: Marks, profile: cProfile.Profile | None) -> Any:
+    original = _fly._final
+
+    def final(setup: Any, state: Any) -> Generator[Any, Any, None]:
+        marks.t["final"] = time.time()
+        marks.in_final = True
+        if profile is not None:
+            profile.enable()
+        try:
+            yield from original(setup, state)
+        finally:
+            if profile is not None:
+                profile.disable()
+            marks.in_final = False
+
+    return original, final
+
+
+def parts(marks: Marks, stopped: float, closed: float) -> dict[str, float]:
+    """Seconds from each mark to the next one, in the order they came."""
+    t = sorted(marks.t.items(), key=lambda item: item[1])
+    out = {"final": t[0][1] - stopped}
+    names = {"final": "collects", "synchronization": "synchronization",
+             "alignment": "alignment", "meter_summary": "meter_summary", "close": "close"}
+    for (a, ta), (_b, tb) in zip(t, t[1:], strict=False):
+        out[names[a]] = tb - ta
+    out["closed"] = closed
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--meters", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--profile", type=int, default=0, metavar="LINES",
+                        help="profile the final section; print this many lines by cumulative time")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    work = Path(tempfile.mkdtemp(prefix="smartmeter-end-"))
+    catalog = setup_embedded_catalog(work / "catalog", "smartmeter-end",
+                                     profiles_dir=work / "profiles")
+    sink = catalog.document_sink()
+    sink.wait_ready()
+    marks = Marks()
+    profile = cProfile.Profile() if args.profile else None
+    original, final = instrumented(marks, profile)
+    _fly._final = final
+    try:
+        print(f"host: {host_load()}; {args.meters} meters x 8 kHz x 6 channels, "
+              f"{args.seconds:g} s", flush=True)
+        with Emulators(args.meters) as emulators:
+            meters = smartmeters(emulators.described, catalog)
+            with destroyed(meters):
+                engine = RunEngine({})
+                engine.subscribe(marks.doc)  # first: it marks the stop before the sink waits
+                engine.subscribe(sink)
+                engine.msg_hook = marks.hook
+                t0 = time.monotonic()
+                (uid,) = engine(plans.synchronized_fly(meters, args.seconds))
+                returned = time.time()
+                wall = time.monotonic() - t0
+                stopped = max(m.last_summary.stop_ts for m in meters
+                              if m.last_summary is not None)
+                client = open_catalog(catalog.profile)
+                try:
+                    losses = loss_report(meters, client[uid])
+                finally:
+                    client.context.close()
+    finally:
+        _fly._final = original
+        catalog.close()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"host: {host_load()}; RunEngine wall {wall:.2f} s; zero loss "
+          f"{all(loss.zero for loss in losses)}")
+    measured = parts(marks, stopped, sink.last_close_s)
+    labels = dict(PARTS)
+    for key, seconds in measured.items():  # in the order they came
+        print(f"  {labels[key]:48s} {seconds:6.3f} s")
+    print(f"last meter stopped -> run closed (RunEngine returned): {returned - stopped:.3f} s")
+    if profile is not None:
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
