@@ -1,5 +1,6 @@
 """Fixtures for the plan tests: an emulator fleet timed by the real chrony, SmartMeter devices
-on it, and a RunEngine that writes into the session's embedded catalog.
+on it, and a RunEngine that writes into the session's embedded catalog through its document
+sink (``embedded_catalog.document_sink()``: a journal here, a writer process there).
 
 The meters' NTP syncs go to chronyd on loopback (``ntp_server``) unless a test gives the
 fleet another time server.  Every message the RunEngine processes is recorded with the host
@@ -17,7 +18,6 @@ import pytest
 
 from smartmeter_ophyd.devices import SmartMeter
 from smartmeter_ophyd.emulator import EmulatorFleet
-from smartmeter_ophyd.storage import make_tiled_writer
 from tests.run_engines import RunEngine
 
 
@@ -73,9 +73,13 @@ class Engine:
 
 @pytest.fixture
 def engine(embedded_catalog) -> Engine:
+    # What users get: the sink journals each document and waits at the stop document until
+    # its writer process has closed the run, so the run reads back once RE(...) returns.
+    sink = embedded_catalog.document_sink()
+    assert sink.wait_ready(60.0), f"the catalog writer did not start, see {sink.writer_log}"
     RE = RunEngine({})
     recorder = Engine(RE)
-    RE.subscribe(make_tiled_writer(embedded_catalog.client))
+    RE.subscribe(sink)
     RE.subscribe(lambda name, doc: recorder.documents.append((name, doc)))
     RE.msg_hook = lambda msg: recorder.messages.append((time.time(), msg))
     return recorder
