@@ -322,6 +322,9 @@ class JournalSink:
                 self._failures = self._failures + 1 if lived < RESTART_BACKOFF_S else 0
                 self._next_start = now + min(RESTART_BACKOFF_S, 2.0 ** self._failures - 1)
                 self.restarts += 1
+                if process.stdin is not None:  # the dead writer's pipe
+                    with contextlib.suppress(OSError):
+                        process.stdin.close()
                 logger.warning(
                     "the catalog writer (pid %d) exited with %s after %.0f s; restarting it "
                     "(see %s)", process.pid, process.returncode, lived, self.writer_log,
