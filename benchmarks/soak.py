@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +59,13 @@ class Sample:
 class Watch:
     """The background sampler (its own catalog client, its own SWMR reader)."""
 
-    def __init__(self, every: float, meter: Any, catalog: Any, sink: Any) -> None:
+    def __init__(self, every: float, meter: Any, catalog: Any, sink: Any, frames: int = 0,
+                 trace_from: float | None = None, trace_to: float | None = None) -> None:
         self.every, self.meter, self.catalog, self.sink = every, meter, catalog, sink
         self.uid: str | None = None
         self.samples: list[Sample] = []
+        self.frames, self.trace_from, self.trace_to = frames, trace_from, trace_to
+        self.snapshots: list[tracemalloc.Snapshot] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak sampler", daemon=True)
 
@@ -101,6 +105,7 @@ class Watch:
                 )
                 last = (now, cpu, wcpu)
                 self.samples.append(sample)
+                self._trace(sample.t)
                 print(f"  t={sample.t:7.0f} s  acquisition RSS {sample.rss:6.1f} MB CPU "
                       f"{100 * sample.cpu:5.1f} %  writer RSS {sample.writer_rss:6.1f} MB CPU "
                       f"{100 * sample.writer_cpu:5.1f} %  m0 received {sample.appended:9d}, "
@@ -108,6 +113,37 @@ class Watch:
                       f"{sample.in_catalog:9d}", flush=True)
         finally:
             client.context.close()
+
+    def _trace(self, t: float) -> None:
+        """Two tracemalloc snapshots, at ``trace_from`` and ``trace_to`` seconds; tracing
+        starts a minute before the first (not earlier: it slows arming down too much)."""
+        if not self.frames or self.trace_from is None:
+            return
+        if not tracemalloc.is_tracing():
+            if t >= self.trace_from - 60.0:
+                tracemalloc.start(self.frames)
+            return
+        due = [self.trace_from, self.trace_to][len(self.snapshots):]
+        if due and due[0] is not None and t >= due[0]:
+            self.snapshots.append(tracemalloc.take_snapshot())
+            print(f"  tracemalloc snapshot {len(self.snapshots)} at t={t:.0f} s: "
+                  f"{tracemalloc.get_traced_memory()[0] / 1e6:.1f} MB traced", flush=True)
+
+    def growth(self, top: int = 15) -> list[str]:
+        """The largest growths between the two snapshots, by allocating line."""
+        if len(self.snapshots) < 2:
+            return []
+        keep = [tracemalloc.Filter(False, tracemalloc.__file__)]
+        first, second = (s.filter_traces(keep) for s in self.snapshots[:2])
+        out = []
+        for stat in second.compare_to(first, "traceback")[:top]:
+            if stat.size_diff > 0:
+                where = " <- ".join(
+                    f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}"
+                    for f in reversed(stat.traceback))
+                out.append(f"{stat.size_diff / 1e6:+.2f} MB in {stat.count_diff:+d} blocks at "
+                           f"{where}")
+        return out
 
     def __enter__(self) -> Watch:
         self._thread.start()
@@ -131,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--meters", type=int, default=3)
     parser.add_argument("--every", type=float, default=10.0, help="sampling period, s")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                        help="trace Python allocations (FRAMES deep) and print what grew "
+                             "between the end of the first minute and the end of the data")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix="smartmeter-soak-"))
@@ -146,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with destroyed(meters):
                 engine = RunEngine({})
                 engine.subscribe(sink)
-                watch = Watch(args.every, meters[0], catalog, sink)
+                watch = Watch(args.every, meters[0], catalog, sink, frames=args.tracemalloc,
+                              trace_from=120.0, trace_to=seconds - args.every)
                 engine.subscribe(watch.doc)
                 with watch:
                     (uid,) = engine(plans.synchronized_fly(meters, seconds))
@@ -172,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{100 * statistics.mean(s.writer_cpu for s in first):.1f} % -> "
               f"{100 * statistics.mean(s.writer_cpu for s in last):.1f} %")
         print(f"stop -> run closed: {sink.last_close_s:.2f} s")
+        for line in watch.growth():
+            print(f"  grew: {line}")
         print(f"zero loss: {all(loss.zero for loss in losses)}")
     finally:
         catalog.close()

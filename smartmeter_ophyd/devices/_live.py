@@ -46,8 +46,10 @@ LIVE_FIELDS: Final = {
 """Field -> (units, hinted)."""
 DEFAULT_PERIOD_S: Final = 1.0
 MAX_WINDOWS_KEPT: Final = 3600
-"""Windows held in memory: an hour at 1 s.  Older ones are forgotten once collected, or
-when nobody collects them (the samples themselves are all in the HDF5 file)."""
+"""Windows held in memory: an hour at 1 s, in a ring of float64 rows (104 B a window, 374 kB
+a meter at most, its pages touched as it fills).  Older ones are overwritten, collected or
+not (the samples themselves are all in the HDF5 file)."""
+_FIELDS: Final = tuple(LIVE_FIELDS)
 
 
 def _frequency(v: npt.NDArray[np.float64], rate: float) -> float:
@@ -75,9 +77,13 @@ class LiveSummary:
         self.parent = None
         self.period_s = period_s
         self._lock = threading.Lock()
-        self._rows: list[dict[str, float]] = []
-        self._times: list[float] = []
+        # A ring: window n of the fly is row n % MAX_WINDOWS_KEPT (allocated on first start)
+        self._rows = np.empty((0, len(_FIELDS)))
+        self._times = np.empty(0)
+        self._count = 0
+        """Windows of the current fly so far."""
         self._emitted = 0
+        """Windows of the current fly collected so far (or overwritten before)."""
         self._pending: list[npt.NDArray[np.float32]] = []
         self._pending_n = 0
         self._index = 0
@@ -93,7 +99,10 @@ class LiveSummary:
     def start(self, measures: Measures, rate: int, start_ts: float) -> None:
         """A new fly: forget the last one's windows."""
         with self._lock:
-            self._rows, self._times, self._emitted = [], [], 0
+            if self._rows.shape[0] == 0:
+                self._rows = np.empty((MAX_WINDOWS_KEPT, len(_FIELDS)))
+                self._times = np.empty(MAX_WINDOWS_KEPT)
+            self._count = self._emitted = 0
         self._pending, self._pending_n, self._index = [], 0, 0
         self._measures, self._rate, self._start_ts = measures, int(rate), float(start_ts)
         self._window = max(1, int(round(rate * self.period_s)))
@@ -123,13 +132,12 @@ class LiveSummary:
         row["time"] = self._start_ts + self._index / self._rate
         row["samples"] = float(window.shape[0])
         self._index += window.shape[0]
+        values = [row[f] for f in _FIELDS]
         with self._lock:
-            self._rows.append(row)
-            self._times.append(time.time())
-            excess = len(self._rows) - MAX_WINDOWS_KEPT
-            if excess > 0:
-                del self._rows[:excess], self._times[:excess]
-                self._emitted = max(0, self._emitted - excess)
+            at = self._count % MAX_WINDOWS_KEPT
+            self._rows[at] = values
+            self._times[at] = time.time()
+            self._count += 1
 
     def _summarise(self, w: npt.NDArray[np.float64]) -> dict[str, float]:
         row = dict.fromkeys(LIVE_FIELDS, math.nan)
@@ -158,25 +166,36 @@ class LiveSummary:
     def _key(self, field: str) -> str:
         return f"{self.meter.name}_live_{field}"
 
+    def _kept(self, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, times) of the kept windows from window ``first`` on; call under the lock."""
+        first = max(first, self._count - MAX_WINDOWS_KEPT)
+        at = np.arange(first, self._count) % MAX_WINDOWS_KEPT
+        return self._rows[at], self._times[at]
+
     @property
     def latest(self) -> dict[str, float] | None:
         """The last complete window (None before the first)."""
         with self._lock:
-            return dict(self._rows[-1]) if self._rows else None
+            if not self._count:
+                return None
+            row = self._rows[(self._count - 1) % MAX_WINDOWS_KEPT]
+            return dict(zip(_FIELDS, row.tolist(), strict=True))
 
     @property
     def windows(self) -> list[dict[str, float]]:
         """The windows of the current fly so far (the last ``MAX_WINDOWS_KEPT``)."""
         with self._lock:
-            return [dict(row) for row in self._rows]
+            rows, _times = self._kept()
+        return [dict(zip(_FIELDS, row, strict=True)) for row in rows.tolist()]
 
     def describe(self) -> dict[str, dict[str, Any]]:
         return self.describe_collect()
 
     def read(self) -> dict[str, dict[str, Any]]:
+        row = self.latest
         with self._lock:
-            row = self._rows[-1] if self._rows else None
-            stamp = self._times[-1] if self._times else time.time()
+            stamp = (float(self._times[(self._count - 1) % MAX_WINDOWS_KEPT]) if self._count
+                     else time.time())
         return {
             self._key(f): {"value": math.nan if row is None else row[f], "timestamp": stamp}
             for f in LIVE_FIELDS
@@ -208,10 +227,10 @@ class LiveSummary:
 
     def collect_pages(self) -> Iterator[dict[str, Any]]:
         with self._lock:
-            rows = self._rows[self._emitted :]
-            times = self._times[self._emitted :]
-            self._emitted = len(self._rows)
-        if not rows:
+            rows, times = self._kept(self._emitted)
+            self._emitted = self._count
+        if not rows.shape[0]:
             return
-        data = {self._key(f): [row[f] for row in rows] for f in LIVE_FIELDS}
-        yield {"data": data, "timestamps": {k: list(times) for k in data}, "time": list(times)}
+        data = {self._key(f): rows[:, j].tolist() for j, f in enumerate(_FIELDS)}
+        stamps = times.tolist()
+        yield {"data": data, "timestamps": {k: list(stamps) for k in data}, "time": stamps}
