@@ -756,25 +756,27 @@ class StreamDecoder:
         Frame 0 itself is valid: the caller read its prefix, length and packet number.
         """
         buf = self._buf
-        # Frame i's words minus i packet steps, as a new aligned array (the strided view of
-        # the caller's bytes dies with this call); a frame is valid iff its row equals frame
-        # 0's.  Few numpy calls on purpose: each costs ~10 us when a wake-up finds the caches
-        # cold, which is most of a batched read's cost (benchmarks/ingest.py --profile).
-        rows = np.ndarray((n_avail, 2), "<u8", buf, pos, (stride, _HEADER_WORD_OFFSETS[1]))
-        rows = rows - self._header_steps(n_avail)
-        bad = rows != rows[0]
+        # one strided copy makes the header words aligned and our own (no buffer view lives on)
+        headers: npt.NDArray[np.uint64] = np.ndarray(
+            (n_avail, 2), "<u8", buf, pos, (stride, _HEADER_WORD_OFFSETS[1])
+        ).copy()
+        headers -= self._header_steps(n_avail)
+        # Now a frame is valid iff its row equals frame 0's, i.e. the row before it.  In the
+        # flat view element j and j + 2 are the same word of consecutive frames.
+        flat = headers.reshape(-1)
+        differs = flat[2:] != flat[:-2]
         crlf_bad: npt.NDArray[np.bool_] | None = None
         if self.serial:  # §4.12: and every frame ends with CRLF
             crlf_bad = (
                 np.ndarray((n_avail,), "<u2", buf, pos + FRAME_HEADER_SIZE + length, (stride,))
                 != _CRLF_U16
             )
-        if not bad.any() and (crlf_bad is None or not crlf_bad.any()):
+        if not np.count_nonzero(differs) and (crlf_bad is None or not crlf_bad.any()):
             return n_avail
         first_bad = n_avail
-        rows_bad = bad.any(axis=1)
-        if rows_bad.any():
-            first_bad = int(rows_bad.argmax())
+        rows_differ = differs[0::2] | differs[1::2]  # index k: frame k + 1 vs frame k
+        if rows_differ.any():
+            first_bad = int(rows_differ.argmax()) + 1
         if crlf_bad is not None and crlf_bad.any():
             first_bad = min(first_bad, int(crlf_bad.argmax()))
         return max(1, first_bad)
