@@ -14,12 +14,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from smartmeter_ophyd.protocol import Measures
-from smartmeter_ophyd.storage import connect_server, time_window
+from smartmeter_ophyd.storage import close_client, connect_server, time_window
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,6 +60,13 @@ def test_two_hosts_write_one_postgres_catalog_at_once(postgres_server, ntp_serve
     assert not [p for p in journals if p.suffix in (".docs", ".failed", ".orphaned")], journals
     assert a["start"] < b["stop"] and b["start"] < a["stop"], "the two runs did not overlap"
     client = connect_server(uri, key)
+    try:
+        _check_runs(client, results, tmp_path)
+    finally:
+        close_client(client)
+
+
+def _check_runs(client: Any, results: dict[str, Any], tmp_path: Path) -> None:
     for name, result in results.items():
         run = client[result["uid"]]
         assert run.metadata["start"]["host"] == name

@@ -307,14 +307,29 @@ def test_postgres_server_roundtrip(postgres_server, tmp_path) -> None:
     uri, key = postgres_server["TILED_URI"], postgres_server["TILED_API_KEY"]
     hdf5_dir = Path(postgres_server["TILED_HDF5_DIR"])
     meter = TestMeter(name="lab2", directory=hdf5_dir, seed=4)
-    uid = run_and_check_documents(connect_server(uri, key), meter)
+    writing = connect_server(uri, key)
+    try:
+        uid = run_and_check_documents(writing, meter)
+    finally:
+        close_client(writing)
     write_server_profile("smartmeter-pg-test", uri, profiles_dir=tmp_path / "profiles")
     client = databroker.from_profile("smartmeter-pg-test", api_key=key)
-    run = client[uid]
-    assert run.start["meter"] == "lab2"
-    check_run(run, meter)
+    try:
+        run = client[uid]
+        assert run.start["meter"] == "lab2"
+        check_run(run, meter)
+    finally:
+        close_client(client)
 
 
 def test_server_rejects_bad_key(postgres_server) -> None:
-    with pytest.raises(Exception, match="401|Invalid API key|nauthori"):
-        connect_server(postgres_server["TILED_URI"], "wrongkey123")["x"]
+    from tiled.client import from_context
+    from tiled.client.context import Context
+
+    # connect_server's from_uri, with the context in hand: the refusal leaves it open
+    context, path = Context.from_any_uri(postgres_server["TILED_URI"], api_key="wrongkey123")
+    try:
+        with pytest.raises(Exception, match="401|Invalid API key|nauthori"):
+            from_context(context, node_path_parts=path)["x"]
+    finally:
+        context.close()
