@@ -72,9 +72,10 @@ MQTT flies (§4.14): a fly whose ``transport`` is ``"MQTT"`` is commanded and re
 an MQTT broker, not the TCP connection (which stays open for settings and the info line, and
 receives the firmware's one INFO log line per sample).  The broker is the one the meter
 publishes to: by default the meter's own ``mqtt_server`` setting (from the info line, or as
-last set through ``meter.mqtt_server``) on the firmware's fixed port 1883 (§8.1); ``SmartMeter(..., mqtt_broker=...)`` names it
-as this host reaches it (another address, a port other than 1883, or one shared
-:class:`~smartmeter_ophyd.client.MqttBroker` for many meters).  The device opens its own
+last set through ``meter.mqtt_server``) on the firmware's fixed port 1883 (§8.1);
+``SmartMeter(..., mqtt_broker=...)`` names it as this host reaches it (another address, a
+port other than 1883, or one shared :class:`~smartmeter_ophyd.client.MqttBroker` for many
+meters).  The device opens its own
 broker connection at the first MQTT fly and closes it in :meth:`SmartMeter.close`.  Samples
 arrive unnumbered (one JSON message each, QoS 0): a sample the broker lost shows up as
 ``unexplained`` in the reconciliation, never as a silent hole.
@@ -202,10 +203,11 @@ class SmartMeter(Device):
     ``mqtt_broker`` is only used by flies with ``transport="MQTT"`` (§4.14).  Left None, the
     device uses the broker the meter itself is configured for - its ``mqtt_server`` setting
     (the info line, or as last set through ``meter.mqtt_server``) on port 1883, the only
-    port the firmware uses (§8.1) - which is what a user who set the meter up expects.  Give a host, or
-    ``(host, port)``, when this host reaches that broker under another name or port (NAT, a
-    bridge, a test broker), or an open :class:`~smartmeter_ophyd.client.MqttBroker` to share
-    one connection among many meters (the device never closes a broker it was given).
+    port the firmware uses (§8.1) - which is what a user who set the meter up expects.
+    Give a host, or ``(host, port)``, when this host reaches that broker under another name
+    or port (NAT, a bridge, a test broker), or an open
+    :class:`~smartmeter_ophyd.client.MqttBroker` to share one connection among many meters
+    (the device never closes a broker it was given).
     """
 
     # readings (trigger/read)
