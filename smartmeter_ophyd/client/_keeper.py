@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 HOUSEKEEPING_MIN_S = 0.02
 HOUSEKEEPING_MAX_S = 2.0
+HOUSEKEEPING_GRID_S = 0.25
+"""Keep-alive and liveness deadlines are rounded up to multiples of this (or of a quarter of
+the shorter period): they then fall on the read batcher's default ticks and share the loop's
+wake-up instead of costing one of their own."""
 BACKOFF_JITTER = 0.2
 """Each reconnect delay is drawn within +-20 % so that a fleet does not redial in step."""
 
@@ -114,6 +119,7 @@ class ConnectionKeeper:
         self.timeout = timeout
         self.keepalive_s = keepalive_s
         self.liveness_timeout_s = liveness_timeout_s
+        self._grid = min(HOUSEKEEPING_GRID_S, keepalive_s / 4, liveness_timeout_s / 4)
         self.reconnect = reconnect
         self.backoff = backoff
         self.link: Link | None = None
@@ -245,7 +251,7 @@ class ConnectionKeeper:
         assert link is not None and connection is not None
         self._host.link_ready(link, connection, rest)
         self._timer = LoopTimer.of(asyncio.get_running_loop())
-        self._timer.add(self, time.monotonic() + self._next_in())
+        self._timer.add(self, self._on_grid(time.monotonic() + self._next_in()))
 
     # ------------------------------------------------------------------- sending
 
@@ -359,7 +365,11 @@ class ConnectionKeeper:
                 now - self.last_rx,
             )
             link.abort()
-        return now + self._next_in()
+        return self._on_grid(now + self._next_in())
+
+    def _on_grid(self, due: float) -> float:
+        grid = self._grid
+        return math.ceil(due / grid) * grid if grid > 0 else due
 
 
 def quiet_level(serial: bool) -> LogLevel:
