@@ -12,7 +12,8 @@ with :func:`smartmeter_ophyd.timing.apply_alignment`.
 
 Limits: it assumes the meters' ``v_l1`` channels measure the same phase (the plans say so
 in their docs); a meter without ``v_l1`` (``v,i_L2``, latched modes) or without samples is
-left out with a note in the log.  The computation costs about 15 ms per meter and 10 s of
+left out with a note in the log.  Meters are read one at a time (the reference and one other
+in memory).  The computation costs about 15 ms per meter and 10 s of
 8 kHz data (reading included), a few seconds per meter-hour.  :meth:`AlignmentStream.start`
 runs it on a worker thread (most of its time is in numpy and HDF5, which release the GIL)
 while the RunEngine writes the run's other end-of-run records; ``collect`` then waits for
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 import h5py
 import numpy as np
 
-from ..timing import Alignment, AlignmentError, Waveform, align
+from ..timing import Aligner, Alignment, AlignmentError, Waveform
 from ._keys import scalar_key
 
 if TYPE_CHECKING:
@@ -74,6 +75,26 @@ def read_waveform(meter: SmartMeter) -> Waveform | None:
     return Waveform(meter.name, times[fresh], voltage[fresh])
 
 
+def read_span(meter: SmartMeter) -> tuple[float, float] | None:
+    """(first, last) finite time of the meter's last fly, reading only the ends where they
+    are finite (None without ``v_l1`` samples)."""
+    path = meter.hdf5_path
+    if path is None:
+        return None
+    with h5py.File(path, "r", swmr=True) as f:
+        if CHANNEL not in f or f[CHANNEL].shape[0] < 2:
+            return None
+        times = f["time"]
+        first, last = float(times[0]), float(times[times.shape[0] - 1])
+        if not (math.isfinite(first) and math.isfinite(last)):
+            finite = times[()]
+            finite = finite[np.isfinite(finite)]
+            if finite.size < 2:
+                return None
+            first, last = float(finite[0]), float(finite[-1])
+    return first, last
+
+
 class AlignmentStream:
     """Collectable: every meter's residual offset against ``reference`` (default the first)."""
 
@@ -113,26 +134,46 @@ class AlignmentStream:
         }
 
     def compute(self) -> dict[str, Alignment]:
-        waveforms = {}
+        """Align every meter against the reference, reading one meter at a time: memory holds
+        the reference's and one other meter's waveform (a meter-hour at 8 kHz is ~350 MB of
+        times and voltages), never every meter's."""
+        spans: dict[str, tuple[float, float]] = {}
         for meter in self.meters:
             try:
-                waveform = read_waveform(meter)
-            except (AlignmentError, OSError) as exc:  # never the end of the run
+                span = read_span(meter)
+            except OSError as exc:  # never the end of the run
                 logger.warning("alignment: %s left out: %s", meter.name, exc)
                 continue
-            if waveform is None:
+            if span is None:
                 logger.info("alignment: %s has no %s samples; left out", meter.name, CHANNEL)
                 continue
-            waveforms[meter.name] = waveform
-        if self.reference not in waveforms or len(waveforms) < 2:
+            spans[meter.name] = span
+        if self.reference not in spans or len(spans) < 2:
             logger.info("alignment: fewer than two meters with %s; nothing to align", CHANNEL)
             return {}
+        span = (min(a for a, _ in spans.values()), max(b for _, b in spans.values()))
+        by_name = {meter.name: meter for meter in self.meters}
+        results: dict[str, Alignment] = {}
         try:
-            self.results = align(waveforms, self.reference)
-        except AlignmentError as exc:
-            logger.warning("alignment: %s", exc)
-            self.results = {}
-        return self.results
+            reference = read_waveform(by_name[self.reference])
+            if reference is None:
+                raise AlignmentError(f"the reference {self.reference!r} has no samples")
+            aligner = Aligner(reference, span)
+        except (AlignmentError, OSError) as exc:
+            logger.warning("alignment: reference %s: %s; nothing aligned", self.reference, exc)
+            return {}
+        for name in spans:
+            if name == self.reference:
+                continue
+            try:
+                waveform = read_waveform(by_name[name])
+                if waveform is not None:
+                    results[name] = aligner(waveform)
+            except (AlignmentError, OSError) as exc:  # never the end of the run
+                logger.warning("alignment: %s left out: %s", name, exc)
+            waveform = None  # before the next is read: two meters in memory, not three
+        self.results = results
+        return results
 
     def collect_pages(self) -> Iterator[dict[str, Any]]:
         if self._collected:

@@ -13,6 +13,7 @@ See ``docs/explanations/timing-model.md`` for what each figure means and what li
 """
 
 from ._alignment import (
+    Aligner,
     Alignment,
     AlignmentError,
     Waveform,
@@ -31,6 +32,7 @@ from ._model import (
 )
 
 __all__ = [
+    "Aligner",
     "Alignment",
     "AlignmentError",
     "DeclaredGap",

@@ -77,7 +77,8 @@ from ._misfit import Reference, period_misfit
 from ._stats import COVERAGE_Z, student_t_99
 from ._steps import Axis, Change, Changes, OffsetSeries, Samples, find_changes
 
-__all__ = ["Alignment", "AlignmentError", "Waveform", "align", "align_pair", "apply_alignment"]
+__all__ = ["Aligner", "Alignment", "AlignmentError", "Waveform", "align", "align_pair",
+           "apply_alignment"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,15 +265,64 @@ def align(
     others = [w for name, w in items.items() if name != reference]
     if not others:
         raise AlignmentError(f"nothing to align: only the reference {reference!r} was given")
-    grid = _Grid.common([ref, *others], window_s=window_s, block_s=block_s, mains_hz=mains_hz)
-    ref_blocks = grid.phasors(ref)
-    samples = Reference.of(ref.time, ref.voltage)
-    frequency = _reference_frequency(ref_blocks, grid)
-    return {
-        w.name: _align_blocks(w, ref, samples, grid.phasors(w), ref_blocks, frequency, grid,
-                              min_blocks=min_blocks, min_step_s=min_step_s)
-        for w in others
-    }
+    _Grid.spanning(0.0, 1.0, [], window_s=window_s, block_s=block_s, mains_hz=mains_hz)
+    for w in others:  # every meter's check before the work, so a bad one fails early
+        _Grid.check_spacing(w, mains_hz)
+    span = (min(w._first for w in items.values()), max(w._last for w in items.values()))
+    aligner = Aligner(ref, span, window_s=window_s, block_s=block_s, mains_hz=mains_hz,
+                      min_blocks=min_blocks, min_step_s=min_step_s)
+    return {w.name: aligner(w, check=False) for w in others}
+
+
+class Aligner:
+    """``align`` one meter at a time: memory holds the reference and one meter, not all.
+
+    ``span`` is ``(earliest, latest)`` finite time over *every* meter that will be aligned
+    (and the reference): the windows lie on whole seconds of the earliest, so results equal
+    ``align``'s over the same meters.  Each call checks and aligns one meter.
+    """
+
+    def __init__(
+        self,
+        reference: Waveform,
+        span: tuple[float, float],
+        *,
+        window_s: float = 1.0,
+        block_s: float = 0.1,
+        mains_hz: float = 50.0,
+        min_blocks: int = 3,
+        min_step_s: float = 2e-6,
+    ) -> None:
+        first, last = float(span[0]), float(span[1])
+        if not (math.isfinite(first) and math.isfinite(last) and first <= reference._first
+                and reference._last <= last):
+            raise AlignmentError(
+                f"span {span!r} does not cover the reference {reference.name!r} "
+                f"({reference._first!r} .. {reference._last!r})")
+        self.reference = reference
+        self.grid = _Grid.spanning(first, last, [reference], window_s=window_s,
+                                   block_s=block_s, mains_hz=mains_hz)
+        self.min_blocks, self.min_step_s = min_blocks, min_step_s
+        self._first, self._last = first, last
+        self._ref_blocks = self.grid.phasors(reference)
+        self._samples = Reference.of(reference.time, reference.voltage)
+        self._frequency = _reference_frequency(self._ref_blocks, self.grid)
+
+    def __call__(self, meter: Waveform, *, check: bool = True) -> Alignment:
+        """``meter`` against the reference (``check=False``: its sample spacing was checked)."""
+        if meter.name == self.reference.name:
+            raise AlignmentError(f"meter {meter.name!r} is the reference")
+        if not (self._first <= meter._first and meter._last <= self._last):
+            raise AlignmentError(
+                f"meter {meter.name!r}: its samples ({meter._first!r} .. {meter._last!r}) lie "
+                f"outside the span the aligner was built for ({self._first!r} .. "
+                f"{self._last!r})")
+        if check:
+            _Grid.check_spacing(meter, self.grid.mains_hz)
+        grid = self.grid
+        return _align_blocks(meter, self.reference, self._samples, grid.phasors(meter),
+                             self._ref_blocks, self._frequency, grid,
+                             min_blocks=self.min_blocks, min_step_s=self.min_step_s)
 
 
 def align_pair(
@@ -309,9 +359,20 @@ class _Grid:
     n_blocks: int
     mains_hz: float
 
+    @staticmethod
+    def check_spacing(w: Waveform, mains_hz: float) -> None:
+        spacing = median_spacing(w.time)
+        if not spacing <= 1.0 / (MIN_SAMPLES_PER_PERIOD * mains_hz):
+            raise AlignmentError(
+                f"meter {w.name!r}: median sample spacing {spacing * 1e3:.3f} ms is too "
+                f"coarse to align on the waveform: needs at least "
+                f"{MIN_SAMPLES_PER_PERIOD} samples per mains period "
+                f"(spacing <= {1e3 / (MIN_SAMPLES_PER_PERIOD * mains_hz):.3f} ms)")
+
     @classmethod
-    def common(cls, waves: list[Waveform], *, window_s: float, block_s: float,
-               mains_hz: float) -> _Grid:
+    def spanning(cls, first: float, last: float, checked: list[Waveform], *, window_s: float,
+                 block_s: float, mains_hz: float) -> _Grid:
+        """The grid over ``[first, last]``; ``checked`` meters' spacing is checked."""
         if not 40.0 <= mains_hz <= 70.0:
             raise AlignmentError(f"mains_hz {mains_hz} is not a mains frequency (40..70 Hz)")
         if not block_s >= 4.0 / mains_hz:
@@ -321,19 +382,9 @@ class _Grid:
         if per_window < 1 or abs(per_window * block_s - window_s) > 1e-9 * window_s:
             raise AlignmentError(
                 f"window_s {window_s} s is not a whole number of blocks of {block_s} s")
-        names = [w.name for w in waves]
-        if len(set(names)) != len(names):
-            raise AlignmentError(f"meter names must be unique, got {names}")
-        for w in waves:
-            spacing = median_spacing(w.time)
-            if not spacing <= 1.0 / (MIN_SAMPLES_PER_PERIOD * mains_hz):
-                raise AlignmentError(
-                    f"meter {w.name!r}: median sample spacing {spacing * 1e3:.3f} ms is too "
-                    f"coarse to align on the waveform: needs at least "
-                    f"{MIN_SAMPLES_PER_PERIOD} samples per mains period "
-                    f"(spacing <= {1e3 / (MIN_SAMPLES_PER_PERIOD * mains_hz):.3f} ms)")
-        origin = float(math.floor(min(w._first for w in waves)))
-        last = max(w._last for w in waves)
+        for w in checked:
+            cls.check_spacing(w, mains_hz)
+        origin = float(math.floor(first))
         n_blocks = int(math.floor((last - origin) / block_s)) + 1
         n_blocks = -(-n_blocks // per_window) * per_window
         return cls(origin=origin, window_s=window_s, block_s=block_s,

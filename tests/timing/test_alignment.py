@@ -10,6 +10,7 @@ import pytest
 
 from smartmeter_ophyd.emulator._grid import GridModel
 from smartmeter_ophyd.timing import (
+    Aligner,
     Alignment,
     AlignmentError,
     Waveform,
@@ -115,6 +116,23 @@ def test_three_meters_at_8khz_meet_10us_and_coverage(three_meters) -> None:
         assert np.all(np.isfinite(a.uncertainty_s)) and np.all(a.uncertainty_s > 0)
         assert len(a.breaks) == 0, a.breaks - T0  # nothing to break on in clean data
     assert np.mean(covered) >= 0.95
+
+
+def test_one_meter_at_a_time_equals_all_at_once(three_meters) -> None:
+    """``Aligner`` (what a run's alignment stream uses, so that memory holds two meters, not
+    all) gives exactly ``align``'s result; a meter outside its span is refused by name."""
+    meters, result = three_meters
+    span = (min(float(m.time[0]) for m in meters.values()),
+            max(float(m.time[-1]) for m in meters.values()))
+    aligner = Aligner(wave(meters["b"]), span)
+    for name in ("a", "c"):
+        alone = aligner(wave(meters[name]))
+        for field in ("window_start", "window_end", "offset_s", "drift", "uncertainty_s",
+                      "correlation", "n_samples", "breaks", "break_step_s"):
+            assert np.array_equal(getattr(alone, field), getattr(result[name], field)), field
+    late = simulate("late", offset_s=0.0, drift_ppm=0.0, start_rel=45.0, seed=4, duration_s=2.0)
+    with pytest.raises(AlignmentError, match="'late'.*outside the span"):
+        aligner(wave(late))
 
 
 def test_coverage_is_honest_when_noise_dominates() -> None:
