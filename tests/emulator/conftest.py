@@ -14,7 +14,14 @@ import pytest
 
 from smartmeter_ophyd.emulator import EmulatedMeter, EmulatorConfig
 
-from .emulator_wire import NtpServer, RawClient, _SntpServer, open_client
+from .emulator_wire import NtpServer, RawClient, _SntpServer, close_tracked, open_client
+
+
+@pytest.fixture(autouse=True)
+async def close_raw_connections() -> AsyncIterator[None]:
+    """Close the test's raw connections (``open_client``, ``track``) once it is done."""
+    yield
+    await close_tracked()
 
 
 @pytest.fixture

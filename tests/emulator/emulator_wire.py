@@ -3,6 +3,10 @@
 The raw client parses the wire by hand (``Info:`` lines to CRLF, ``Data:`` frames with the
 11-byte little-endian header of §4.6) so that conformance tests do not depend on the
 emulator's own encoder or on the client decoder.
+
+Every connection opened here (and every writer given to :func:`track`) is closed by the
+autouse fixture ``close_raw_connections`` (conftest.py) at the end of its test, so a test
+whose meter dropped the connection need not close its end by hand.
 """
 
 from __future__ import annotations
@@ -19,6 +23,25 @@ import numpy as np
 
 NTP_DELTA = 2_208_988_800
 LOG_RE = rb"^Info:\[([ADIWE])\](\d\d/\d\d \d\d:\d\d:\d\d): (.*)$"
+
+_WRITERS: list[asyncio.StreamWriter] = []
+
+
+def track(writer: asyncio.StreamWriter) -> asyncio.StreamWriter:
+    """Have ``writer`` closed at the end of the test (see :func:`close_tracked`)."""
+    _WRITERS.append(writer)
+    return writer
+
+
+async def close_tracked() -> None:
+    """Close every tracked writer (on the running loop, the test's), waiting for each."""
+    while _WRITERS:
+        writer = _WRITERS.pop()
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass  # the meter reset it first: closed all the same
 
 
 class _SntpServer(asyncio.DatagramProtocol):
@@ -165,7 +188,7 @@ class RawClient:
 
 async def open_client(port: int, *, read_info: bool = True) -> RawClient:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    client = RawClient(reader, writer)
+    client = RawClient(reader, track(writer))
     if read_info:
         info = await client.read_json(timeout=3.0)
         assert info["cmd"] == "info", info

@@ -12,7 +12,7 @@ import numpy as np
 
 from smartmeter_ophyd.emulator import EmulatedMeter
 
-from .emulator_wire import Frame, RawClient, open_client
+from .emulator_wire import Frame, RawClient, open_client, track
 from .test_conformance_sampling import collect, stop_and_drain
 
 
@@ -27,7 +27,8 @@ class Control:
 
 async def control_of(meter: EmulatedMeter) -> Control:
     assert meter.control_port is not None
-    return Control(*await asyncio.open_connection("127.0.0.1", meter.control_port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", meter.control_port)
+    return Control(reader, track(writer))
 
 
 async def test_status_and_truth(make_meter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
