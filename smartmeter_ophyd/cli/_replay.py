@@ -122,7 +122,9 @@ def replay_one(path: Path, docs: list[tuple[str, dict[str, Any]]], client: Any) 
                             "the catalog holds this run without its stop document (written "
                             "partly); remove the run from the catalog, then replay")
         return Replayed(str(path), uid, "already in the catalog", 0, exit_status)
-    writer = make_tiled_writer(client)
+    # TiledWriter batches events and stream data until the stop document; without one,
+    # nothing may wait in a batch or it would never reach the catalog.
+    writer = make_tiled_writer(client) if stops else make_tiled_writer(client, batch_size=1)
     count = 0
     try:
         for name, doc in docs:

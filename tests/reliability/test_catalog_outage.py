@@ -12,13 +12,19 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 import plans
 from smartmeter_ophyd.devices import SmartMeter
-from smartmeter_ophyd.storage import make_tiled_writer, read_stream, replay_journal
+from smartmeter_ophyd.storage import (
+    JournalWriter,
+    make_tiled_writer,
+    read_stream,
+    replay_journal,
+)
 from smartmeter_ophyd.storage._service import JournalSink
 from tests.run_engines import RunEngine
 
@@ -129,3 +135,55 @@ def test_smartmeter_replay_has_help() -> None:
     result = smartmeter("replay", "--help", env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-500:]
     assert "JOURNAL" in result.stdout and "--catalog" in result.stdout
+
+
+def journal_of(path: Path, docs: list[tuple[str, dict]]) -> Path:
+    with JournalWriter(path) as journal:
+        for name, doc in docs:
+            journal.append(name, doc)
+    return path
+
+
+def plain_run(n_events: int, stop: bool) -> list[tuple[str, dict]]:
+    """A run without external files: start, one descriptor, events, and a stop if asked."""
+    start = {"uid": str(uuid.uuid4()), "time": time.time(), "scan_id": 1}
+    descriptor = {"uid": str(uuid.uuid4()), "run_start": start["uid"], "time": time.time(),
+                  "name": "primary", "data_keys": {"x": {"source": "test", "dtype": "number",
+                                                         "shape": []}},
+                  "object_keys": {}, "configuration": {}, "hints": {}}
+    docs = [("start", start), ("descriptor", descriptor)]
+    docs += [("event", {"uid": str(uuid.uuid4()), "descriptor": descriptor["uid"],
+                        "time": time.time(), "seq_num": i + 1, "data": {"x": float(i)},
+                        "timestamps": {"x": time.time()}, "filled": {}})
+             for i in range(n_events)]
+    if stop:
+        docs.append(("stop", {"uid": str(uuid.uuid4()), "run_start": start["uid"],
+                              "time": time.time(), "exit_status": "success", "reason": "",
+                              "num_events": {"primary": n_events}}))
+    return docs
+
+
+def test_smartmeter_replay_says_what_it_could_not_write_and_what_stays_open(
+    embedded_catalog, tmp_path, cli_env
+) -> None:
+    data_dir = Path(embedded_catalog.data_directory).parents[1]
+    partly = plain_run(3, stop=True)
+    writer = make_tiled_writer(embedded_catalog.client)
+    for name, doc in partly[:2]:  # a writer died after the descriptor: the run is open
+        writer(name, doc)
+    unfinished = plain_run(2, stop=False)  # the acquisition died before its stop document
+    a = journal_of(tmp_path / "a.failed", partly)
+    b = journal_of(tmp_path / "b.orphaned", unfinished)
+
+    result = smartmeter("replay", str(a), str(b), "--data-dir", str(data_dir), env=cli_env)
+    assert result.returncode == 1, result.stderr[-2000:]  # one run could not be written
+    (refused,) = result.stderr.splitlines()
+    uid_a, uid_b = partly[0][1]["uid"], unfinished[0][1]["uid"]
+    assert refused.startswith(f"error: {a}: run {uid_a} not replayed") and \
+        "without its stop document" in refused, refused
+    (replayed,) = result.stdout.splitlines()
+    assert replayed == (f"{b}: replayed run {uid_b} (4 documents, no stop document: the run "
+                        "stays open in the catalog)")
+    run = embedded_catalog.client[uid_b]
+    assert run.metadata.get("stop") is None
+    assert list(run["primary"].read()["x"].values) == [0.0, 1.0]
