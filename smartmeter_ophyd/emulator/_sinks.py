@@ -32,8 +32,10 @@ HIGH_WATER_BYTES: Final = 65_536
 DatagramFault = Literal["drop", "duplicate", "reorder"]
 """What the network does to one UDP datagram (test-only fault injection, not firmware)."""
 
-HELD_DATAGRAM_MAX_S: Final = 0.05
-"""A datagram held back for reordering goes out after this long if no other follows it."""
+HELD_DATAGRAM_MAX_S: Final = 0.2
+"""A datagram held back for reordering goes out after this long if no other follows it (the
+session's last one): far above the gap between datagrams even on a loaded host, below the
+quiet time a client waits for stragglers after the stop reply."""
 
 
 class Sink:
