@@ -8,7 +8,8 @@ to a sink (or queued for :meth:`Link.read` until one is attached, at most
 * :func:`open_tcp_link` -- the command connection (TCP 54321, or 54322 for raw streams),
   read with ``recv_into`` a reused buffer (no allocation per read).  Its receive low-water
   mark (``SO_RCVLOWAT``) can be raised so that the event loop wakes once per batch of bytes
-  instead of once per TCP segment (see :meth:`Link.set_receive_low_water`).
+  instead of once per TCP segment (see :meth:`Link.set_receive_low_water`), and
+  :meth:`Link.read_now` lets the loop's shared timer read it directly (batched sessions).
 * :func:`open_serial_link` -- a serial device (the emulator's pty or the real USB port,
   2,000,000 baud) opened with pyserial in raw mode and read with the event loop.
 * :class:`UdpReceiver` -- a bound UDP socket that accepts datagrams only from the meter's
@@ -252,9 +253,13 @@ class TcpLink(Link):
             sock = self._socket
             if sock is None:
                 return None
+            fd = -1
             try:
-                reader = self._reader = socket.socket(fileno=os.dup(sock.fileno()))
+                fd = os.dup(sock.fileno())
+                reader = self._reader = socket.socket(fileno=fd)
             except OSError as exc:
+                if fd >= 0:
+                    os.close(fd)
                 logger.debug("no duplicate descriptor for direct reads: %s", exc)
                 return None
             reader.setblocking(False)
