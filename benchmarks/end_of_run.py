@@ -112,7 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--profile", type=int, default=0, metavar="LINES",
                         help="profile the final section; print this many lines by cumulative time")
+    parser.add_argument("--inline-alignment", action="store_true",
+                        help="compute the alignment when it is collected, not on a worker thread")
     args = parser.parse_args(argv)
+    if args.inline_alignment:
+        from smartmeter_ophyd.devices import AlignmentStream
+
+        AlignmentStream.start = lambda self: None  # type: ignore[method-assign]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix="smartmeter-end-"))
     catalog = setup_embedded_catalog(work / "catalog", "smartmeter-end",
