@@ -12,6 +12,7 @@ import datetime as dt
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ._common import (
@@ -91,10 +92,18 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from ..plotting import PlotError, plot_run
+    from ..plotting import PlotError, plot_run, run_png_paths
 
     out = args.output_dir or args.data_dir / "plots"
     check_writable_dir(out, "--output-dir")
+    if not args.overwrite and len(args.run) >= 8 and not args.run.startswith("-"):
+        # the PNGs are named by the uid's first 8 characters: with those given, existing
+        # files are refused before the catalog (and Tiled) is opened
+        named = SimpleNamespace(start={"uid": args.run})
+        existing = [str(p) for p in run_png_paths(named, out) if p.exists()]
+        if existing:
+            raise UsageError(f"smartmeter plot: {', '.join(existing)} already exist(s); "
+                             "--overwrite replaces them")
     catalog = open_catalog(args, create=False)
     try:
         run = find_run(catalog.client, args.run)

@@ -369,6 +369,7 @@ def test_plot_refuses_to_overwrite_then_replaces(recorded: dict[str, Any],
     assert sorted(p.name for p in made) == [f"{uid}-first-cycles.png", f"{uid}-rms.png"]
     again = run_cli(cli_env, "plot", uid)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
     assert {p: p.stat().st_mtime_ns for p in made} == made
     replaced = run_cli(cli_env, "plot", uid, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
