@@ -292,9 +292,14 @@ def _export_mkv(run: Any, meter: str, path: Path, chunk_s: float) -> tuple[int, 
             err = proc.stderr.read().decode(errors="replace") if proc and proc.stderr else ""
             raise ExportError(f"ffmpeg stopped reading for {meter!r}: {err.strip()}") from exc
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                for pipe in (proc.stdin, proc.stderr):
+                    if pipe is not None:
+                        with contextlib.suppress(BrokenPipeError):  # unflushed input to a dead ffmpeg
+                            pipe.close()
     if gaps:
         missing = sum(m for _i, m in gaps if m > 0)
         notes.append(

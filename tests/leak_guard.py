@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-SETTLE_S = 2.0
+SETTLE_S = 5.0
 POOL_THREADS = ("AnyIO worker thread", "(_connection_worker_thread)")
 _BEFORE = pytest.StashKey[tuple[set[threading.Thread], set[str]]]()
 _PROC_NET = ("tcp", "tcp6", "udp", "udp6")

@@ -17,7 +17,9 @@ session-scoped fixture would not outlive the first test using it (no fixture has
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import bluesky
@@ -69,6 +71,18 @@ def close_all() -> None:
             errors.append(error)
     if errors:
         raise errors[0]
+
+
+@contextlib.contextmanager
+def closing_run_engines_in(namespace: dict[str, object]) -> Iterator[None]:
+    """On exit, close every bluesky RunEngine bound in ``namespace`` (code run by ``exec``,
+    such as a documentation page, makes its own with ``bluesky.RunEngine``)."""
+    try:
+        yield
+    finally:
+        for value in list(namespace.values()):
+            if isinstance(value, bluesky.RunEngine):
+                close_run_engine(value)
 
 
 async def _current_thread() -> threading.Thread:

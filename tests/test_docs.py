@@ -36,6 +36,7 @@ from types import ModuleType
 import pytest
 
 from smartmeter_ophyd.cli._common import UsageError
+from tests.run_engines import closing_run_engines_in
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
@@ -142,16 +143,18 @@ def new_threads(before: set[threading.Thread], wait_s: float = 5.0) -> list[str]
 
 
 def close_what_a_page_left(namespace: dict[str, object]) -> None:
-    """After a page failed half-way: stop its suspenders, meters and fleets, so that nothing
-    of it acts (or prints) during the next test.  A page that ran to its end closed them."""
+    """After a page failed half-way: stop its suspenders, meters, fleets and catalogs, so that
+    nothing of it acts (or prints) during the next test.  A page that ran to its end closed
+    them."""
     from bluesky import RunEngine
 
     from smartmeter_ophyd.devices import SmartMeter
     from smartmeter_ophyd.emulator import EmulatorFleet
+    from smartmeter_ophyd.storage import EmbeddedCatalog
 
     values = list(namespace.values())
     values += [v for value in values if isinstance(value, list | tuple) for v in value]
-    for kind in (RunEngine, SmartMeter, EmulatorFleet):
+    for kind in (RunEngine, SmartMeter, EmulatorFleet, EmbeddedCatalog):
         for value in values:
             if isinstance(value, kind):
                 with contextlib.suppress(Exception):
@@ -168,7 +171,8 @@ def test_page_runs(page: Path, tmp_path: Path) -> None:
     """The page's Python blocks run in order and print what the page shows."""
     namespace: dict[str, object] = {"__name__": "__main__"}
     before = set(threading.enumerate())
-    with isolated(tmp_path), contextlib.ExitStack() as on_failure:
+    with (closing_run_engines_in(namespace), isolated(tmp_path),
+          contextlib.ExitStack() as on_failure):
         on_failure.callback(close_what_a_page_left, namespace)
         for block in (b for b in read_blocks(page) if b.runs):
             stdout = io.StringIO()
