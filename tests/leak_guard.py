@@ -1,10 +1,10 @@
 """A pytest plugin: fail a test that leaves threads, asyncio tasks or network sockets behind.
 
-Load it with ``pytest_plugins = ["tests.leak_guard"]`` in the top-level conftest, with
-``-p tests.leak_guard``, or for one directory by importing its two fixtures into that
-directory's conftest.  Its autouse fixture wraps every test *and its fixtures*: it is set up
-first and torn down last, so a fixture that closes its clients, emulators and servers leaves
-nothing and passes.  What it checks after teardown:
+``tests/conftest.py`` registers it for the whole suite (``pytest_plugins``).  Its autouse
+fixture wraps every test *and its fixtures*: it is set up first and torn down last, so a
+fixture that closes its clients, emulators and servers leaves nothing and passes.  Only
+what appeared during the test counts: a thread or socket that an earlier test left ending
+is in the "before" snapshot and is not blamed on this one.  What it checks after teardown:
 
 * threads -- every thread started during the test has ended (the shared client loop thread
   ends with the last ``MeterClient``; a fixture that closes its clients leaves none).
