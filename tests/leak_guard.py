@@ -22,7 +22,7 @@ takes a moment), so each check waits up to ``SETTLE_S`` before it fails.
 
 Limits: Linux only for sockets (``/proc``); elsewhere only threads and tasks are checked.
 A TCP socket that was only created or bound (never listening nor connected) is not in
-``/proc/net/tcp`` and is not seen; garbage-collected unclosed, it still fails its test
+``/proc/net/tcp`` and is not seen; garbage-collected unclosed, it still fails the test then
 through its ``ResourceWarning`` (warnings are errors).
 A test marked ``@pytest.mark.leaks_allowed("why")`` is not checked.
 """
