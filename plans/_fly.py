@@ -506,7 +506,10 @@ def _start_document(setup: FlySetup, state: FlyState) -> dict[str, Any]:
                 "sample_ntp_s": setup.budget.sample_ntp_s,
             },
         },
-        "hints": {"dimensions": [((f"{m.name}_time",), m.name) for m in setup.meters]},
+        # The live view is what callbacks table and plot, against time; hinting each meter's
+        # own stream would name several streams, which BestEffortCallback refuses (with a
+        # warning) and falls back from.
+        "hints": {"dimensions": [(("time",), "primary")]},
     }
     if setup.slot_plan is not None:
         md["slot_plan"] = setup.slot_plan.as_dict()
@@ -731,9 +734,10 @@ def _complete_while_collecting(setup: FlySetup, state: FlyState) -> Generator[Ms
         done = all(status.done for status in state.completes.values())
         yield from _collect_all(setup.meters)
         if not done and time.monotonic() >= next_live:
-            # The live view: every meter's latest second of RMS, power and frequency, into
-            # 'primary', which BestEffortCallback tables and plots.
-            yield from bps.trigger_and_read(live, name="primary")
+            # The live view into 'primary' (BestEffortCallback tables and plots it), read
+            # without triggers: a trigger's wait would replace the waiting_hook's progress
+            # bars of the pending complete group ("Previous ProgressBar never completed").
+            yield from _read_once(live, "primary")
             next_live += live_period * max(1, math.ceil((time.monotonic() - next_live) / live_period))
         if not done and time.monotonic() >= next_sync:
             assert setup.ntp_period is not None

@@ -7,6 +7,7 @@ instant each session started), never against what the plan or the device compute
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -158,3 +159,34 @@ def test_an_immediate_start_records_every_meter(fleet_factory, smartmeters, engi
         ds = read_stream(run, meter.name, prefix=meter.name)
         assert ds.sizes["time"] == summary.received_samples >= (4000 if i == 0 else 500)
     assert run.start["synchronization"]["scheduled"] is False
+
+
+def test_progress_bars_and_best_effort_callback_follow_a_fly(
+    fleet_factory, smartmeters, engine, caplog
+) -> None:
+    """With ``RE.waiting_hook = ProgressBarManager()`` the meters' bars last the whole fly: the
+    live view's reads open no second wait (that would replace them, with bluesky's "Previous
+    ProgressBar never competed" warning, an error in this suite)."""
+    from bluesky.callbacks.best_effort import BestEffortCallback
+    from bluesky.utils import ProgressBarManager
+
+    calls: list[object] = []
+    manager = ProgressBarManager()
+
+    def hook(statuses: object) -> None:
+        calls.append(statuses)
+        manager(statuses)
+
+    fleet = fleet_factory(2)
+    meters = smartmeters(fleet)
+    engine.RE.waiting_hook = hook
+    bec = BestEffortCallback()  # it warns (an error here) on hints it cannot follow
+    bec.disable_plots()
+    engine.RE.subscribe(bec)
+    engine.RE(plans.synchronized_fly(meters, 2.5))
+    failed = [r for r in caplog.records if r.name.startswith("bluesky.callbacks")
+              and r.levelno >= logging.ERROR]  # the RunEngine logs a callback's exceptions
+    assert not failed, failed[0].getMessage()
+    assert any(d["name"] == "primary" for d in engine.docs("descriptor"))
+    completes = [c for c in calls if c is not None and len(c) == len(meters)]
+    assert completes, calls
