@@ -230,7 +230,9 @@ def open_catalog(args: argparse.Namespace, *, create: bool, hdf5_dir: Path | Non
         embedded = setup_embedded_catalog(root, profile=DEFAULT_PROFILE)
         return Catalog(embedded.data_directory, embedded.readable_storage,
                        f"embedded catalog {root} (Tiled profile {DEFAULT_PROFILE!r})", embedded)
-    uri = spec if re.match(r"^https?://", spec) else _profile_uri(spec)
+    from ..storage import profile_server_uri
+
+    uri = spec if re.match(r"^https?://", spec) else profile_server_uri(spec)
     try:
         if re.match(r"^https?://", spec):
             from ..storage import connect_server
@@ -245,17 +247,6 @@ def open_catalog(args: argparse.Namespace, *, create: bool, hdf5_dir: Path | Non
     data = hdf5_dir.resolve() if hdf5_dir is not None else None
     return Catalog(data, (data,) if data is not None else (), f"catalog {spec!r}",
                    server_uri=uri, journal_root=args.data_dir / "journal", _client=client)
-
-
-def _profile_uri(profile: str) -> str | None:
-    """The server URI of a Tiled profile (None for an in-process ``direct`` profile)."""
-    from tiled.profiles import load_profiles
-
-    entry = load_profiles().get(profile)
-    if entry is None:
-        return None
-    uri = entry[1].get("uri")
-    return str(uri) if uri else None
 
 
 RUN_CLOSE_WAIT_S: Final = 120.0

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         close_client,
         connect_server,
         open_catalog,
+        profile_server_uri,
         setup_embedded_catalog,
         write_server_profile,
     )
@@ -92,6 +93,7 @@ _EXPORTS: Final[dict[str, tuple[str, ...]]] = {
         "close_client",
         "connect_server",
         "open_catalog",
+        "profile_server_uri",
         "setup_embedded_catalog",
         "write_server_profile",
     ),
@@ -191,6 +193,7 @@ __all__ = [
     "make_tiled_writer",
     "nan_grid",
     "open_catalog",
+    "profile_server_uri",
     "read_gaps",
     "read_journal",
     "read_gaps_hdf5",

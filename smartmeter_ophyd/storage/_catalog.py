@@ -261,6 +261,15 @@ def open_catalog(profile: str = DEFAULT_PROFILE) -> Any:
     return databroker.from_profile(profile)
 
 
+def profile_server_uri(profile: str) -> str | None:
+    """The server URI a Tiled profile names (None: no such profile, or an in-process one)."""
+    from tiled.profiles import load_profiles
+
+    entry = load_profiles().get(profile)
+    uri = entry[1].get("uri") if entry is not None else None
+    return str(uri) if uri else None
+
+
 def connect_server(uri: str, api_key: str | None = None) -> Any:
     """A tiled client for a running ``tiled serve`` (e.g. started by scripts/postgres.sh)."""
     from tiled.client import from_uri
