@@ -27,9 +27,10 @@ Documents reach the embedded catalog and a Tiled server through a
 :class:`~smartmeter_ophyd.storage.JournalSink`: journaled in the worker, written by a writer
 process, each plan returning once its run is closed in the catalog; the journals of a server
 catalog (a URI, or a profile naming one) are kept under ``SMARTMETER_DATA_DIR/journal``.
-A profile of an in-process catalog gets a ``TiledWriter`` over that profile's client.  The sink is closed when the worker exits (the
-writer finishes what is journaled, then stops); a worker that is killed leaves its journals
-to the writer, which finishes them when its stdin closes.
+A profile of an in-process catalog gets a ``TiledWriter`` over that profile's client.  The
+sink is closed when the worker exits (the writer finishes what is journaled, then stops); a
+worker that is killed leaves its journals to the writer, which finishes them when its stdin
+closes.
 
 Plans: thin wrappers of :mod:`plans` with annotations the queue server can check before it
 runs anything (meter lists restricted to the meters above, enums for transport and flow
@@ -55,6 +56,7 @@ from smartmeter_ophyd.storage import (
     connect_server,
     make_tiled_writer,
     open_catalog,
+    profile_server_uri,
     setup_embedded_catalog,
 )
 
@@ -100,7 +102,7 @@ def _catalog() -> tuple[Any, Any, Path, tuple[Path, ...]]:
         raise RuntimeError("SMARTMETER_QS_CATALOG needs SMARTMETER_QS_HDF5_DIR (where the "
                            "meters write HDF5 files the catalog server can read)")
     key = os.environ.get("TILED_API_KEY")
-    server = spec if spec.startswith(("http://", "https://")) else _profile_uri(spec)
+    server = spec if spec.startswith(("http://", "https://")) else profile_server_uri(spec)
     client = connect_server(spec, api_key=key) if server == spec else open_catalog(spec)
     if server is not None:
         sink = JournalSink.for_server(server, key, default_data_dir() / "journal")
@@ -108,15 +110,6 @@ def _catalog() -> tuple[Any, Any, Path, tuple[Path, ...]]:
     else:  # a profile of an in-process catalog: a TiledWriter over its client
         sink = make_tiled_writer(client)
     return client, sink, Path(hdf5), (Path(hdf5),)
-
-
-def _profile_uri(profile: str) -> typing.Optional[str]:  # noqa: UP045
-    """The server URI of a Tiled profile (None for an in-process ``direct`` profile)."""
-    from tiled.profiles import load_profiles
-
-    entry = load_profiles().get(profile)
-    uri = entry[1].get("uri") if entry is not None else None
-    return str(uri) if uri else None
 
 
 catalog, _sink, _data_directory, _readable = _catalog()
