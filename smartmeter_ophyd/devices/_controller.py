@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..client import (
     AsyncMeterClient,
@@ -220,6 +220,11 @@ class FlyController:
     def stop_reason(self) -> str | None:
         """Why this device asked the meter to stop (None: it did not ask)."""
         return self._stop_reason
+
+    def stop_record(self, summary: SessionSummary) -> dict[str, Any]:
+        """The stop summary as stored (the file's ``stop_summary`` attribute, the device's
+        ``stop_summary`` signal): the session's counts and who asked the meter to stop."""
+        return {**summary_dict(summary), "stop_requested": self._stop_reason}
 
     async def wait(self) -> FlyOutcome:
         return await asyncio.shield(self.outcome)
@@ -509,8 +514,7 @@ class FlyController:
                     )
                 # the model's /time already stands on it: record the origin, rewrite nothing
                 writer.rebase_start(actual, rewrite=not modelled)
-            writer.close(None if summary is None
-                         else {**summary_dict(summary), "stop_requested": self._stop_reason})
+            writer.close(None if summary is None else self.stop_record(summary))
         except (OSError, RuntimeError, ValueError) as exc:
             self._cause = self._cause or FlyError(
                 self.label, f"cannot close {writer.path}: {exc}"

@@ -75,8 +75,8 @@ publishes to: by default the meter's own ``mqtt_server`` setting (from the info 
 last set through ``meter.mqtt_server``) on the firmware's fixed port 1883 (§8.1);
 ``SmartMeter(..., mqtt_broker=...)`` names it as this host reaches it (another address, a
 port other than 1883, or one shared :class:`~smartmeter_ophyd.client.MqttBroker` for many
-meters).  The device opens its own
-broker connection at the first MQTT fly and closes it in :meth:`SmartMeter.close`.  Samples
+meters).  The device opens its own broker connection at the first MQTT fly and closes it in
+:meth:`SmartMeter.close`.  Samples
 arrive unnumbered (one JSON message each, QoS 0): a sample the broker lost shows up as
 ``unexplained`` in the reconciliation, never as a silent hole.
 
@@ -149,7 +149,7 @@ from ._flow import CtsPolicy, FlowStats
 from ._fly import FlyConfig, ProgressStatus, coerce_measures, coerce_transport
 from ._live import LiveSummary
 from ._ntp import MeterNtp
-from ._records import GapStream, RunSummary, jsonable, summary_dict
+from ._records import GapStream, RunSummary, jsonable
 from ._signals import (
     HintedLineReadings,
     LineReadings,
@@ -850,8 +850,7 @@ class SmartMeter(Device):
             self.last_flow_stats = outcome.flow_stats
             self.last_stop_reason = controller.stop_reason
             if outcome.summary is not None:
-                self.stop_summary._update(json.dumps(
-                    {**summary_dict(outcome.summary), "stop_requested": controller.stop_reason}))
+                self.stop_summary._update(json.dumps(controller.stop_record(outcome.summary)))
             status.report(outcome.samples_written)
             if outcome.error is not None:
                 logger.warning("%s: fly failed: %s", self.meter_label, outcome.error)
