@@ -29,12 +29,13 @@ Limits
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 
-__all__ = ["CHUNK", "BlockPhasors", "block_phasors", "median_spacing"]
+__all__ = ["CHUNK", "BlockPhasors", "block_phasors", "finite_chunks", "median_spacing"]
 
 CHUNK: Final = 1 << 20
 """Samples processed per pass (bounds temporary memory)."""
@@ -70,6 +71,19 @@ def median_spacing(time: np.ndarray) -> float:
     return float(np.median(diffs)) if diffs.size else math.nan
 
 
+def finite_chunks(time: np.ndarray, voltage: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(time, voltage)`` as float64 chunks of at most ``CHUNK`` rows (arrays or h5py
+    datasets), rows with a non-finite time or voltage left out; empty chunks are skipped."""
+    for lo in range(0, time.shape[0], CHUNK):
+        t = np.asarray(time[lo:lo + CHUNK], dtype=np.float64)
+        v = np.asarray(voltage[lo:lo + CHUNK], dtype=np.float64)
+        good = np.isfinite(t) & np.isfinite(v)
+        if not good.all():
+            t, v = t[good], v[good]
+        if t.size:
+            yield t, v
+
+
 def block_phasors(
     time: np.ndarray,
     voltage: np.ndarray,
@@ -97,15 +111,7 @@ def block_phasors(
     two_pi = 2.0 * math.pi
     previous_t = math.nan
     first_t = math.nan
-    n = time.shape[0]
-    for lo in range(0, n, CHUNK):
-        t = np.asarray(time[lo:lo + CHUNK], dtype=np.float64)
-        v = np.asarray(voltage[lo:lo + CHUNK], dtype=np.float64)
-        good = np.isfinite(t) & np.isfinite(v)
-        if not good.all():
-            t, v = t[good], v[good]
-        if t.size == 0:
-            continue
+    for t, v in finite_chunks(time, voltage):
         if math.isnan(first_t):
             first_t = float(t[0])
         # Holes: spacings too large, including the one across the chunk boundary.

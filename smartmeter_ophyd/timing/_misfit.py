@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._blocks import CHUNK
+from ._blocks import finite_chunks
 
 __all__ = ["Reference", "period_misfit"]
 
@@ -58,14 +58,7 @@ def period_misfit(time: np.ndarray, voltage: np.ndarray, ref: Reference, *, knot
     if ref.time.size < 2 or knots.size == 0:
         return np.full(n_periods, np.nan)
     inv_period = 1.0 / period_s
-    for lo in range(0, time.shape[0], CHUNK):
-        t = np.asarray(time[lo:lo + CHUNK], dtype=np.float64)
-        v = np.asarray(voltage[lo:lo + CHUNK], dtype=np.float64)
-        good = np.isfinite(t) & np.isfinite(v)
-        if not good.all():
-            t, v = t[good], v[good]
-        if t.size == 0:
-            continue
+    for t, v in finite_chunks(time, voltage):
         # Relative times keep the interpolation exact to float64 of small numbers.  Both
         # axes increase (d changes by microseconds per period): ends bound everything.
         rel = t - origin
