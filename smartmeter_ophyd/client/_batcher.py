@@ -4,9 +4,9 @@ At 8 kHz x 6 channels a meter sends ~195 kB/s in TCP segments of a few kB, and w
 loop per segment costs far more CPU than decoding the bytes.  While a TCP session streams at
 full rate, :class:`ReadBatcher` raises the socket's receive low-water mark (``SO_RCVLOWAT``;
 Linux epoll honours it for TCP) above ``batch_s`` seconds of data (at most 256 KiB), and the
-loop reads it about once per ``batch_s``, all batched meters in the same wake-up (below).  Streams slower than 16 KiB per ``batch_s``
-are never batched (below ~2.7 kHz for 24-byte samples at the default 0.25 s), and neither
-are paused, slotted or not-yet-started ones.
+loop reads it about once per ``batch_s``, all batched meters in the same wake-up (below).
+Streams slower than 16 KiB per ``batch_s`` are never batched (below ~2.7 kHz for 24-byte
+samples at the default 0.25 s), and neither are paused, slotted or not-yet-started ones.
 
 The trade-off is latency: samples and log lines reach the session up to ``batch_s`` later.
 A stream that stalls or slows down is unbatched 1.5 to 2.5 ``batch_s`` after its last

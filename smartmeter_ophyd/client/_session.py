@@ -60,7 +60,8 @@ class Gap:
     ``received_packet``), ``"corrupt-frame"`` (a frame whose extent proved wrong; its samples
     are declared missing) or ``"late-packet"`` (a datagram older than the next expected one:
     reordered, so already declared missing by an earlier gap, or duplicated, so already
-    received; its samples are in ``late_values``, not in the stream, and not counted).  ``missing_samples`` is None when the codec could not size the gap.
+    received; its samples are in ``late_values``, not in the stream, and not counted).
+    ``missing_samples`` is None when the codec could not size the gap.
     """
 
     kind: str
