@@ -15,19 +15,22 @@ stop document, stop document -> run closed (the sink's wait).  The wall-time fig
 ``fleet.py`` checks is first sample -> closed <= duration + 1 s; this script prints the
 tail of it.
 
-Usage: ``python benchmarks/end_of_run.py --meters 50 --seconds 10 [--profile 30]``
+Usage: ``python benchmarks/end_of_run.py --meters 50 --seconds 10 [--profile 30] [--sample 25]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import logging
 import pstats
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,57 @@ PARTS = (
     ("close", "close_run -> stop document"),
     ("closed", "stop document -> run closed"),
 )
+
+
+class StackSampler:
+    """Every thread's Python stack, sampled every ``period`` s with wall-clock stamps, so
+    that a window (last meter stopped -> run closed) can be cut from it afterwards."""
+
+    def __init__(self, period: float = 0.01) -> None:
+        self.period = period
+        self.samples: list[tuple[float, str, tuple[str, ...]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
+
+    def __enter__(self) -> StackSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.wait(self.period):
+            now = time.time()
+            names = {t.ident: t.name for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                stack: list[str] = []
+                f: Any = frame
+                while f is not None:
+                    code = f.f_code
+                    stack.append(f"{code.co_name} {Path(code.co_filename).name}:{f.f_lineno}")
+                    f = f.f_back
+                self.samples.append((now, names.get(ident, str(ident)), tuple(stack)))
+
+    def report(self, start: float, end: float, lines: int) -> None:
+        """Per thread: samples in the window, then the most frequent frames (inclusive) and
+        innermost frames."""
+        by_thread: dict[str, list[tuple[str, ...]]] = {}
+        for t, name, stack in self.samples:
+            if start <= t <= end:
+                by_thread.setdefault(name, []).append(stack)
+        for name, stacks in sorted(by_thread.items()):
+            leaf = Counter(stack[0] for stack in stacks)
+            inclusive = Counter(frame for stack in stacks for frame in set(stack))
+            print(f"== thread {name}: {len(stacks)} samples ({self.period * 1e3:g} ms each)")
+            for frame, count in leaf.most_common(6):
+                print(f"   innermost {count:5d}  {frame}")
+            for frame, count in inclusive.most_common(lines):
+                print(f"   inclusive {count:5d}  {frame}")
 
 
 class Marks:
@@ -112,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--profile", type=int, default=0, metavar="LINES",
                         help="profile the final section; print this many lines by cumulative time")
+    parser.add_argument("--sample", type=int, default=0, metavar="LINES",
+                        help="sample every thread's stack from the last stop to the run's close; "
+                             "print this many frames per thread")
     parser.add_argument("--inline-alignment", action="store_true",
                         help="compute the alignment when it is collected, not on a worker thread")
     args = parser.parse_args(argv)
@@ -139,8 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 engine.subscribe(marks.doc)  # first: it marks the stop before the sink waits
                 engine.subscribe(sink)
                 engine.msg_hook = marks.hook
+                sampler = StackSampler()
                 t0 = time.monotonic()
-                (uid,) = engine(plans.synchronized_fly(meters, args.seconds))
+                with sampler if args.sample else contextlib.nullcontext():
+                    (uid,) = engine(plans.synchronized_fly(meters, args.seconds))
                 returned = time.time()
                 wall = time.monotonic() - t0
                 stopped = max(m.last_summary.stop_ts for m in meters
@@ -161,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, seconds in measured.items():  # in the order they came
         print(f"  {labels[key]:48s} {seconds:6.3f} s")
     print(f"last meter stopped -> run closed (RunEngine returned): {returned - stopped:.3f} s")
+    if args.sample:
+        sampler.report(stopped, returned, args.sample)
     if profile is not None:
         pstats.Stats(profile).sort_stats("cumulative").print_stats(args.profile)
     return 0
