@@ -19,10 +19,12 @@ The sequence (each step a stub of :mod:`plans.stubs` or a few messages here):
 6. **release** (kickoff all), then **complete** all while collecting every ``flush_period``
    and triggering each meter's NTP every ``ntp_period`` (§6.5: the firmware never syncs on
    its own on Ethernet, §6.2, so without this there are no drift records);
-7. final collects, a ``synchronization`` event (gate, host offset, ``T``, the replies'
+7. final collects, the ``synchronization`` table (gate, host offset, ``T``, the replies'
    ``startTs``, the confidence of the sync the meter ran inside ``sample``) and the
-   ``meter_summary`` event (the stop replies' ``start_ts``/``stop_ts``, samples,
-   sent_samples, received, gaps).
+   ``meter_summary`` table (the stop replies' ``start_ts``/``stop_ts``, samples,
+   sent_samples, received, gaps, the meter's state after the fly): long tables, one row
+   per meter (``meter`` and ``segment`` columns), each collected as one event page, so
+   their cost does not grow with the fleet's width (see :data:`SYNC_COLUMNS`).
 
 When a meter fails mid-run the others are stopped, everything received is still collected
 and summarised, and the run closes with the *meter's* error as its reason.
@@ -31,8 +33,8 @@ Pause and resume (Ctrl-C, ``RE.request_pause()``, a suspender): the meters' devi
 their flies when the RunEngine pauses (their ``pause()``), so what they sent is recorded.
 A pause while the meters stream resumes as a new *segment*: the plan gates on NTP again,
 schedules a new common start for the rest of the duration and records it in the same
-streams; the ``synchronization`` and ``meter_summary`` streams get one event per segment
-(``segment`` 0, 1, ...).  Arming and releasing are never replayed (a replay could re-send
+streams; the ``synchronization`` and ``meter_summary`` tables get one row per meter and
+segment (``segment`` 0, 1, ...).  Arming and releasing are never replayed (a replay could re-send
 ``sample``, §6.4): a pause there fails the run with :class:`FlyInterruptedError` once resumed.
 """
 
@@ -47,7 +49,15 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 from bluesky.utils import FailedPause, FailedStatus, Msg, short_uid
 
-from smartmeter_ophyd.devices import AlignmentStream, FlyConfig, HostClock, SmartMeter
+from smartmeter_ophyd.devices import (
+    AlignmentStream,
+    FlyConfig,
+    HostClock,
+    MeterSummary,
+    SmartMeter,
+    TableColumn,
+    TableStream,
+)
 from smartmeter_ophyd.protocol import Measures
 
 from . import _policy, stubs
@@ -437,7 +447,8 @@ class FlyState:
     segment: int = 0
     """0 for the first recording; +1 for each one after a pause and resume."""
     watch: "PauseWatch" = field(default_factory=lambda: PauseWatch())
-    record: "SyncRecord" = field(default_factory=lambda: SyncRecord())
+    sync_table: TableStream = field(default_factory=lambda: sync_table())
+    summary_table: MeterSummary = field(default_factory=MeterSummary)
 
 
 def fly(setup: FlySetup) -> Generator[Msg, Any, str]:
@@ -524,6 +535,19 @@ def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[
         yield from bps.declare_stream(meter, name=samples, collect=True)
         yield from bps.declare_stream(meter.gap_stream, name=gaps, collect=True)
         yield from bps.declare_stream(meter.timing_stream, name=timing, collect=True)
+    # its worker process starts now, so that its imports are paid while the meters sample
+    alignment = AlignmentStream(meters) if len(meters) > 1 else None
+    try:
+        if alignment is not None:
+            alignment.open()
+        yield from _segments(setup, state, alignment, arm=arm)
+    finally:
+        if alignment is not None:
+            alignment.close()
+
+
+def _segments(setup: FlySetup, state: FlyState, alignment: AlignmentStream | None, *,
+              arm: bool) -> Generator[Msg, Any, None]:
     yield Msg("null", state.watch)  # the RunEngine now tells it when it pauses
     try:
         while True:
@@ -564,7 +588,7 @@ def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[
         logger.error("%s failed: %s; stopping every meter and recording what arrived",
                      setup.plan, str(cause) or type(cause).__name__)
         errors: list[BaseException] = []
-        yield from tolerating(_wind_down(setup, state), errors)
+        yield from tolerating(_wind_down(setup, state, alignment), errors)
         for error in errors:
             logger.warning("while winding down %s: %s", setup.plan, _cause(error))
         if isinstance(exc, FlyInterruptedError):
@@ -574,7 +598,7 @@ def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[
         if cause is exc:
             raise
         raise cause from exc
-    yield from _final(setup, state)
+    yield from _final(setup, state, alignment)
 
 
 class PauseWatch:
@@ -619,8 +643,7 @@ def _remaining(setup: FlySetup, state: FlyState) -> float:
 
 def _segment_records(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
     yield from _collect_all(setup.meters)
-    yield from _read_once([_sync_record(setup, state)], "synchronization")
-    yield from _read_once([m.run_summary for m in setup.meters], "meter_summary")
+    yield from _write_tables(setup, state)
 
 
 def _next_segment(
@@ -634,7 +657,7 @@ def _next_segment(
     armed = {m.name: replace(setup.armed[m.name], duration_s=remaining) for m in meters}
     setup = replace(setup, configs=configs, armed=armed)
     state = FlyState(host=state.host, segment=state.segment + 1, watch=state.watch,
-                     record=state.record)
+                     sync_table=state.sync_table, summary_table=state.summary_table)
     state.gate = yield from stubs.ntp_gate(meters, setup.ntp_confidence_ms, setup.ntp_attempts)
     group = short_uid(label="configure")
     for meter in meters:
@@ -761,28 +784,27 @@ def _periodic_ntp(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]
         history.append(status)
 
 
-def _final(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+def _final(setup: FlySetup, state: FlyState,
+           alignment: AlignmentStream | None) -> Generator[Msg, Any, None]:
     """The end-of-run records.  The alignment (how well the meters really line up, measured
-    on their L1 voltages; the meters' files are complete here) is computed on a worker
-    thread while the RunEngine writes the others, and collected last."""
-    alignment = AlignmentStream(setup.meters) if len(setup.meters) > 1 else None
+    on their L1 voltages; the meters' files are complete here) is computed by its worker
+    process while the RunEngine writes the others, and collected last."""
     if alignment is not None:
         alignment.start()
     try:
         yield from _collect_all(setup.meters)
-        if setup.synchronization:
-            yield from _read_once([_sync_record(setup, state)], "synchronization")
-        yield from _read_once([m.run_summary for m in setup.meters], "meter_summary")
+        yield from _write_tables(setup, state)
         if alignment is not None:
             yield from bps.declare_stream(alignment, name=alignment.name, collect=True)
             yield Msg("collect", alignment, stream=False, return_payload=False,
                       name=alignment.name)
     finally:
         if alignment is not None:
-            alignment.join()
+            alignment.close()
 
 
-def _wind_down(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+def _wind_down(setup: FlySetup, state: FlyState,
+               alignment: AlignmentStream | None) -> Generator[Msg, Any, None]:
     """After a failure: stop what runs, wait for the tails, collect and summarise all."""
     meters = setup.meters
     group = short_uid(label="wind_down")
@@ -798,85 +820,79 @@ def _wind_down(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
     while (any(not s.done for s in state.completes.values())
            and time.monotonic() < deadline):
         yield from bps.sleep(0.1)
-    yield from _final(setup, state)
+    yield from _final(setup, state, alignment)
 
 
-class SyncRecord:
-    """A readable holding fixed values: the ``synchronization`` event, read once.
-
-    Keys: ``host_offset_s``, ``host_delay_s``, ``start_margin_s`` and per meter
-    ``<meter>_gate_confidence_ms``, ``_gate_attempts``, ``_scheduled_start`` (``T``, the
-    meters' clock), ``_reply_start_ts``, ``_sample_ntp_confidence_ms`` (the sync inside a
-    scheduled ``sample``, §6.4), ``_periodic_syncs`` and ``_periodic_sync_failures``.  NaN
-    means "not known" (not measured, immediate start, no such sync), never zero.
-    """
-
-    def __init__(self) -> None:
-        self.name = "synchronization"
-        self.parent = None
-        self._values: dict[str, float | int] = {}
-        self._units: dict[str, str] = {}
-        self._time = math.nan
-
-    def update(self, values: Mapping[str, float | int], units: Mapping[str, str]) -> None:
-        """This segment's values (one object for the whole run: bluesky reads the same
-        object into a stream every time)."""
-        self._values = dict(values)
-        self._units = dict(units)
-        self._time = time.time()
-
-    def describe(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for key, value in self._values.items():
-            integer = isinstance(value, int)
-            out[key] = {"source": "plans.synchronized_fly", "shape": [],
-                        "dtype": "integer" if integer else "number",
-                        "dtype_numpy": "<i8" if integer else "<f8"}
-            unit = self._units.get(key)
-            if unit:
-                out[key]["units"] = unit
-        return out
-
-    def read(self) -> dict[str, dict[str, Any]]:
-        return {key: {"value": value, "timestamp": self._time}
-                for key, value in self._values.items()}
-
-    def describe_configuration(self) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def read_configuration(self) -> dict[str, dict[str, Any]]:
-        return {}
+SYNC_COLUMNS = {
+    "meter": TableColumn("string"),
+    "segment": TableColumn("integer"),
+    "host_offset_s": TableColumn("number", "s"),
+    "host_delay_s": TableColumn("number", "s"),
+    "start_margin_s": TableColumn("number", "s"),
+    "gate_confidence_ms": TableColumn("number", "ms"),
+    "gate_attempts": TableColumn("integer"),
+    "scheduled_start": TableColumn("number", "s"),
+    "reply_start_ts": TableColumn("number", "s"),
+    "sample_ntp_confidence_ms": TableColumn("number", "ms"),
+    "periodic_syncs": TableColumn("integer"),
+    "periodic_sync_failures": TableColumn("integer"),
+}
+"""The ``synchronization`` table, one row per meter and segment: the run-wide
+``host_offset_s``, ``host_delay_s`` (the host clock against the time server) and
+``start_margin_s`` repeated in every row of the segment; per meter the NTP gate's last
+confidence and attempts, ``scheduled_start`` (``T``, the meters' clock), the sample reply's
+``reply_start_ts``, ``sample_ntp_confidence_ms`` (the sync inside a scheduled ``sample``,
+§6.4) and its periodic syncs during the segment (and how many failed).  NaN means "not known"
+(not measured, immediate start, no such sync), never zero."""
 
 
-def _sync_record(setup: FlySetup, state: FlyState) -> SyncRecord:
-    """What each meter's start stands on, as known after the fly (see :class:`SyncRecord`)."""
-    values: dict[str, float | int] = {
+def sync_table() -> TableStream:
+    """An empty ``synchronization`` table (see :data:`SYNC_COLUMNS`)."""
+    return TableStream("synchronization", SYNC_COLUMNS, source="plans.synchronized_fly")
+
+
+def _write_tables(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+    """This segment's rows of the ``synchronization`` and ``meter_summary`` tables, each
+    declared the first time (a stream is declared once per run) and collected as one page."""
+    tables: list[TableStream] = []
+    if setup.synchronization:
+        state.sync_table.add(_sync_rows(setup, state))
+        tables.append(state.sync_table)
+    state.summary_table.record(setup.meters, state.segment)
+    tables.append(state.summary_table)
+    for table in tables:
+        if not table.declared:
+            yield from bps.declare_stream(table, name=table.name, collect=True)
+            table.declared = True
+        yield Msg("collect", table, stream=False, return_payload=False, name=table.name)
+
+
+def _sync_rows(setup: FlySetup, state: FlyState) -> list[dict[str, Any]]:
+    """What each meter's start stands on, as known after the segment (:data:`SYNC_COLUMNS`)."""
+    common = {
         "segment": state.segment,
         "host_offset_s": state.host.offset_s if state.host is not None else math.nan,
         "host_delay_s": state.host.delay_s if state.host is not None else math.nan,
         "start_margin_s": state.schedule.margin_s if state.schedule is not None else math.nan,
+        "scheduled_start": (float(state.schedule.start_time) if state.schedule is not None
+                            else math.nan),
     }
-    units = {"host_offset_s": "s", "host_delay_s": "s", "start_margin_s": "s"}
+    rows = []
     for meter in setup.meters:
         gate = state.gate.get(meter.name)
         reply = getattr(meter, "last_sample_reply", None)
         periodic = state.periodic.get(meter.name, [])
-        name = meter.name
-        values.update({
-            f"{name}_gate_confidence_ms": _nan(gate.confidence_ms if gate else None),
-            f"{name}_gate_attempts": gate.attempts if gate else 0,
-            f"{name}_scheduled_start": (float(state.schedule.start_time)
-                                        if state.schedule is not None else math.nan),
-            f"{name}_reply_start_ts": _nan(reply.start_ts if reply is not None else None),
-            f"{name}_sample_ntp_confidence_ms": _start_sync_confidence(meter, state),
-            f"{name}_periodic_syncs": len(periodic),
-            f"{name}_periodic_sync_failures": sum(
+        rows.append({
+            "meter": meter.name, **common,
+            "gate_confidence_ms": _nan(gate.confidence_ms if gate else None),
+            "gate_attempts": int(gate.attempts) if gate else 0,
+            "reply_start_ts": _nan(reply.start_ts if reply is not None else None),
+            "sample_ntp_confidence_ms": _start_sync_confidence(meter, state),
+            "periodic_syncs": len(periodic),
+            "periodic_sync_failures": sum(
                 1 for s in periodic if s.inner.done and not s.succeeded),
         })
-        units.update({f"{name}_gate_confidence_ms": "ms", f"{name}_scheduled_start": "s",
-                      f"{name}_reply_start_ts": "s", f"{name}_sample_ntp_confidence_ms": "ms"})
-    state.record.update(values, units)
-    return state.record
+    return rows
 
 
 def _start_sync_confidence(meter: Any, state: FlyState) -> float:

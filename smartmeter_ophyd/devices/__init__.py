@@ -8,6 +8,8 @@
 * :class:`CtsPolicy` / :class:`FlowStats` - back-pressure of ``flow_control="cts"`` flies.
 * :class:`MeterNtp` - ``meter.ntp``: trigger the meter's NTP sync, read its confidence.
 * :class:`HostClock` - the host clock's offset from a time server (SNTP).
+* :class:`TableStream` / :class:`MeterSummary` - the run's long tables (one row per meter);
+  :func:`meter_rows` reads one back as rows per meter.
 * :class:`MeterMqttStatus` - a meter's 5 s MQTT status as signals (§8.2).
 
 Import cost: what constructing a :class:`SmartMeter` needs is imported here (ophyd, the
@@ -24,7 +26,15 @@ from ._fly import FLOW_CONTROL_MODES, FlyConfig, ProgressStatus
 from ._hostclock import ClockMeasurement, HostClock, HostClockError
 from ._live import LiveSummary
 from ._ntp import MeterNtp, NtpSyncError
-from ._records import GapStream, RunSummary, summary_dict
+from ._records import (
+    GapStream,
+    MeterSummary,
+    RunSummary,
+    TableColumn,
+    TableStream,
+    meter_rows,
+    summary_dict,
+)
 from ._smartmeter import SmartMeter
 from ._timing import TimingStream
 
@@ -41,12 +51,16 @@ __all__ = [
     "LiveSummary",
     "HostClockError",
     "MeterMqttStatus",
+    "MeterSummary",
     "MeterNtp",
     "NtpSyncError",
     "ProgressStatus",
     "RunSummary",
     "SmartMeter",
+    "TableColumn",
+    "TableStream",
     "TimingStream",
+    "meter_rows",
     "summary_dict",
 ]
 

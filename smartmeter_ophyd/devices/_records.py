@@ -1,8 +1,23 @@
-"""Small collectables and readables a fly adds to its run besides the samples.
+"""Small collectables a fly adds to its run besides the samples.
 
 * :class:`GapStream` - the gaps of a meter's current fly as its ``<meter>_gaps`` stream.
-* :class:`RunSummary` - the fly's reconciliation, read once after it (``meter_summary``).
+* :class:`TableStream` - a long table, one row per meter (per segment of a paused fly), a
+  fixed set of columns whatever the fleet size, collected as one event page.
+* :class:`MeterSummary` - the ``meter_summary`` table: each fly's reconciliation and the
+  meter's configuration after it, one row per meter and segment.
+* :class:`RunSummary` - one meter's row of it (``meter.run_summary``).
+* :func:`meter_rows` - a stored table (``run["meter_summary"].read()``, an event page's
+  ``data``, a dict of columns) as rows per meter.
 * :func:`summary_dict` - a :class:`~smartmeter_ophyd.client.SessionSummary` as JSON values.
+
+Why tables: bluesky validates every descriptor and event against its schema (jsonschema).
+One wide event with keys per meter (``<meter>_run_<field>``) made that cost grow with the
+fleet: about 1 s of the RunEngine's thread at the end of a 50-meter run.  A table's
+descriptor has the same dozen keys at 1 meter or 50, and its rows go in one page, validated
+once.
+
+Limits: a table holds scalars only (numbers, integers, booleans, strings); NaN in a number
+column means "not known" (never zero); an integer count that is not known is -1.
 """
 
 from __future__ import annotations
@@ -11,11 +26,10 @@ import dataclasses
 import enum
 import json
 import math
+import numbers
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
-
-from ophyd.status import Status
 
 from ..client import SessionSummary
 
@@ -77,99 +91,220 @@ class GapStream:
             yield from assets.collect_asset_docs(index)
 
 
-class RunSummary:
-    """Readable: the last fly's reconciliation, read once after ``complete`` (``meter_summary``).
+# ------------------------------------------------------------------------- long tables
 
-    Its configuration is the meter's read-only state *after* the fly (``AFTER_FLY``: the
-    identity, the state, the sample reply and the stop summary), so the stream's descriptor
-    records what the fly changed.  The writable and sampling settings, which a fly does not
-    change, are in the configuration of the meter's own stream; repeating them here made the
-    ``meter_summary`` descriptor of 50 meters 1100 configuration keys, whose validation was
-    a large part of the end of such a run.
+
+@dataclasses.dataclass(frozen=True)
+class TableColumn:
+    """One column of a :class:`TableStream`: its bluesky dtype and units."""
+
+    dtype: str
+    """``"string"``, ``"integer"``, ``"number"`` or ``"boolean"``."""
+    units: str = ""
+
+    def value(self, value: Any) -> Any:
+        """``value`` as this column stores it (None is NaN in a number column: not known)."""
+        if self.dtype == "number":
+            return math.nan if value is None else float(value)
+        if self.dtype == "integer":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{value!r} is not an integer")
+            return int(value)
+        if self.dtype == "boolean":
+            if not isinstance(value, bool):
+                raise TypeError(f"{value!r} is not a boolean")
+            return value
+        if not isinstance(value, str):
+            raise TypeError(f"{value!r} is not a string")
+        return value
+
+
+_NUMPY: Final = {"string": None, "integer": "<i8", "number": "<f8", "boolean": "|b1"}
+METER: Final = "meter"
+"""The column every table has: the meter's name (the row's key, with ``segment``)."""
+
+
+class TableStream:
+    """Collectable: a long table of ``columns``, one row per meter, as one event page.
+
+    Declare it once per run (``declare_stream(table, name=table.name, collect=True)``),
+    then per segment: :meth:`add` its rows and ``collect`` it.  A ``collect`` without rows
+    added since the last emits nothing.  The descriptor's keys are the column names; every
+    column has one value per row.
     """
 
-    AFTER_FLY: Final = ("firmware_version", "compiled", "ip", "rtc", "psram", "buffer_size",
-                        "wifi_ssids", "meter_state", "sampling_reply", "stop_summary")
+    def __init__(self, name: str, columns: Mapping[str, TableColumn], source: str) -> None:
+        if METER not in columns or columns[METER].dtype != "string":
+            raise ValueError(f"table {name!r}: the first column must be the string {METER!r}")
+        self.name = name
+        self.columns = dict(columns)
+        self.source = source
+        self.parent = None
+        self.declared = False
+        """Whether the run's stream was declared (the plan sets it; a stream is declared once)."""
+        self._rows: list[dict[str, Any]] = []
+        self._stamps: list[dict[str, float]] = []
+
+    def add(self, rows: Sequence[Mapping[str, Any]],
+            timestamps: Sequence[Mapping[str, float]] | None = None) -> None:
+        """Queue ``rows`` (column -> value) for the next ``collect``; ``timestamps`` per row
+        and column where a value is older than now (default: now).  A row with a missing,
+        extra or mistyped column raises ``ValueError`` naming the meter and the column."""
+        now = time.time()
+        for i, row in enumerate(rows):
+            meter = row.get(METER, f"row {i}")
+            if set(row) != set(self.columns):
+                missing = sorted(set(self.columns) - set(row))
+                extra = sorted(set(row) - set(self.columns))
+                raise ValueError(f"{self.name}: {meter}: columns missing {missing}, "
+                                 f"unknown {extra}")
+            clean: dict[str, Any] = {}
+            for key, column in self.columns.items():
+                try:
+                    clean[key] = column.value(row[key])
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{self.name}: {meter}: column {key!r}: {exc}") from None
+            stamps = dict(timestamps[i]) if timestamps is not None else {}
+            self._rows.append(clean)
+            self._stamps.append({key: float(stamps.get(key, now)) for key in self.columns})
+
+    @property
+    def pending(self) -> bool:
+        """Whether rows wait for a ``collect``."""
+        return bool(self._rows)
+
+    def describe_collect(self) -> dict[str, dict[str, Any]]:
+        from ._keys import scalar_key
+
+        return {key: scalar_key(f"{self.source}/{key}", column.dtype, _NUMPY[column.dtype],
+                                column.units)
+                for key, column in self.columns.items()}
+
+    def collect_pages(self) -> Iterator[dict[str, Any]]:
+        rows, stamps = self._rows, self._stamps
+        if not rows:
+            return
+        self._rows, self._stamps = [], []
+        yield {"data": {key: [row[key] for row in rows] for key in self.columns},
+               "timestamps": {key: [s[key] for s in stamps] for key in self.columns},
+               "time": [max(s.values()) for s in stamps]}
+
+
+def meter_rows(table: Any) -> dict[str, list[dict[str, Any]]]:
+    """A stored long table as ``{meter: [row, ...]}``, rows in stored order (segment 0, 1..).
+
+    ``table`` is anything that maps column names to equal-length columns: what
+    ``run["meter_summary"].read()`` or ``run["synchronization"].read()`` returns (an xarray
+    Dataset), a pandas DataFrame, an event page's ``data``.  Each row is a dict of plain
+    Python values (NaN kept: "not known").  Raises ``KeyError`` without a ``meter`` column.
+    """
+    import numpy as np  # on first use: this module loads with the device
+
+    if METER not in table:
+        raise KeyError(f"not a per-meter table: no {METER!r} column (columns: {list(table)})")
+    columns = {str(key): np.asarray(table[key]).tolist() for key in table}
+    meters = [str(m) for m in columns[METER]]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for i, meter in enumerate(meters):
+        row = {key: values[i] for key, values in columns.items()}
+        row[METER] = meter
+        out.setdefault(meter, []).append(row)
+    return out
+
+
+# ----------------------------------------------------------------------- meter_summary
+
+
+class RunSummary:
+    """One meter's row of the ``meter_summary`` table (``meter.run_summary``): its last
+    fly's reconciliation and its read-only state after the fly.
+
+    The state columns (``AFTER_FLY``: the identity, the state, the sample reply and the
+    stop summary, each named as the meter's signal without its prefix) record what the fly
+    changed.  The writable and sampling settings, which a fly does not change, are in the
+    configuration of the meter's own stream.
+    """
 
     FIELDS: Final = {
-        "received_samples": ("integer", "<i8"),
-        "missing_samples": ("integer", "<i8"),
-        "device_sent_samples": ("integer", "<i8"),
-        "gaps": ("integer", "<i8"),
-        "explained": ("boolean", "|b1"),
-        "start_ts": ("number", "<f8"),
-        "stop_ts": ("number", "<f8"),
-        "hdf5_path": ("string", "<U0"),
-        "summary": ("string", "<U0"),
+        "received_samples": TableColumn("integer"),
+        "missing_samples": TableColumn("integer"),
+        "device_sent_samples": TableColumn("integer"),
+        "gaps": TableColumn("integer"),
+        "explained": TableColumn("boolean"),
+        "start_ts": TableColumn("number", "s"),
+        "stop_ts": TableColumn("number", "s"),
+        "hdf5_path": TableColumn("string"),
+        "summary": TableColumn("string"),
     }
+    """The reconciliation: ``device_sent_samples`` is -1 when the meter never said (no
+    stop reply), ``start_ts``/``stop_ts`` NaN; ``summary`` is the whole
+    :class:`~smartmeter_ophyd.client.SessionSummary` as JSON."""
+
+    AFTER_FLY: Final = {
+        "firmware_version": TableColumn("string"),
+        "compiled": TableColumn("string"),
+        "ip": TableColumn("string"),
+        "rtc": TableColumn("boolean"),
+        "psram": TableColumn("boolean"),
+        "buffer_size": TableColumn("integer"),
+        "wifi_ssids": TableColumn("string"),
+        "meter_state": TableColumn("string"),
+        "sampling_reply": TableColumn("string"),
+        "stop_summary": TableColumn("string"),
+    }
+    """The meter's read-only state after the fly (its signals of these names; JSON text for
+    ``wifi_ssids``, ``sampling_reply`` and ``stop_summary``)."""
 
     def __init__(self, meter: SmartMeter) -> None:
         self.meter = meter
-        self.parent = None
 
-    @property
-    def name(self) -> str:
-        return f"{self.meter.name}_run"
-
-    def _key(self, field: str) -> str:
-        return f"{self.meter.name}_run_{field}"
-
-    def describe(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for field, (dtype, dtype_numpy) in self.FIELDS.items():
-            key: dict[str, Any] = {"source": f"{self.meter.source_label}/{field}", "dtype": dtype,
-                                   "shape": []}
-            if dtype != "string":
-                key["dtype_numpy"] = dtype_numpy
-            if field in ("start_ts", "stop_ts"):
-                key["units"] = "s"
-            out[self._key(field)] = key
-        return out
-
-    def read(self) -> dict[str, dict[str, Any]]:
+    def row(self) -> tuple[dict[str, Any], dict[str, float]]:
+        """``(values, timestamps)``: this meter's row, without ``meter`` and ``segment``;
+        the state columns carry their signals' timestamps."""
         summary = self.meter.last_summary
-        path = self.meter.hdf5_path or ""
-        now = time.time()
-
-        def opt_int(v: int | None) -> int:
-            return -1 if v is None else int(v)
-
-        def opt_float(v: float | None) -> float:
-            return math.nan if v is None else float(v)
-
+        values: dict[str, Any]
         if summary is None:
-            values: dict[str, Any] = {
+            values = {
                 "received_samples": 0, "missing_samples": 0, "device_sent_samples": -1,
-                "gaps": 0, "explained": False, "start_ts": math.nan, "stop_ts": math.nan,
-                "hdf5_path": path, "summary": "{}",
+                "gaps": 0, "explained": False, "start_ts": None, "stop_ts": None,
+                "summary": "{}",
             }
         else:
             values = {
-                "received_samples": summary.received_samples,
-                "missing_samples": summary.missing_declared,
-                "device_sent_samples": opt_int(summary.device_sent_samples),
-                "gaps": summary.gaps + summary.corrupt_frames,
+                "received_samples": int(summary.received_samples),
+                "missing_samples": int(summary.missing_declared),
+                "device_sent_samples": (-1 if summary.device_sent_samples is None
+                                        else int(summary.device_sent_samples)),
+                "gaps": int(summary.gaps + summary.corrupt_frames),
                 "explained": bool(summary.explained),
-                "start_ts": opt_float(summary.start_ts),
-                "stop_ts": opt_float(summary.stop_ts),
-                "hdf5_path": path,
+                "start_ts": summary.start_ts,
+                "stop_ts": summary.stop_ts,
                 "summary": json.dumps(summary_dict(summary)),
             }
-        return {self._key(k): {"value": v, "timestamp": now} for k, v in values.items()}
-
-    def trigger(self) -> Status:
-        status = Status()
-        status.set_finished()
-        return status
-
-    def describe_configuration(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
+        values["hdf5_path"] = self.meter.hdf5_path or ""
+        stamps: dict[str, float] = {}
         for attr in self.AFTER_FLY:
-            out.update(getattr(self.meter, attr).describe())
-        return out
+            reading = getattr(self.meter, attr).read()
+            ((value, stamp),) = ((r["value"], r["timestamp"]) for r in reading.values())
+            values[attr] = value
+            stamps[attr] = float(stamp)
+        return values, stamps
 
-    def read_configuration(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for attr in self.AFTER_FLY:
-            out.update(getattr(self.meter, attr).read())
-        return out
+
+class MeterSummary(TableStream):
+    """The ``meter_summary`` table: ``meter``, ``segment`` and :class:`RunSummary`'s
+    columns, one row per meter each time :meth:`record` is called (once per segment)."""
+
+    def __init__(self, name: str = "meter_summary") -> None:
+        super().__init__(name, {METER: TableColumn("string"), "segment": TableColumn("integer"),
+                                **RunSummary.FIELDS, **RunSummary.AFTER_FLY},
+                         source="smartmeter-ophyd/meter_summary")
+
+    def record(self, meters: Sequence[SmartMeter], segment: int) -> None:
+        """Add every meter's row for ``segment`` as its devices hold it now."""
+        rows, stamps = [], []
+        for meter in meters:
+            values, stamp = meter.run_summary.row()
+            rows.append({METER: meter.name, "segment": segment, **values})
+            stamps.append(stamp)
+        self.add(rows, stamps)

@@ -16,7 +16,7 @@ import pytest
 import plans
 from plans import NtpGateError, StartScheduleError
 from plans._settle import Settling
-from smartmeter_ophyd.devices import HostClock
+from smartmeter_ophyd.devices import HostClock, MeterSummary, meter_rows
 from smartmeter_ophyd.storage import read_stream
 
 GATE_MS = 5.0
@@ -75,20 +75,32 @@ def test_three_meters_pass_the_gate_and_start_on_one_instant(
     (stop,) = engine.docs("stop")
     assert stop["exit_status"] == "success", stop
 
-    (record,) = [e for e in engine.docs("event")
-                 if e["descriptor"] == next(d["uid"] for d in engine.docs("descriptor")
-                                            if d["name"] == "synchronization")]
-    values = record["data"]
+    # the end-of-run records are long tables: the same columns whatever the fleet size, one
+    # row per meter, in one page each
+    pages = {}
+    for name, columns in (("synchronization", set(plans._fly.SYNC_COLUMNS)),
+                          ("meter_summary", set(MeterSummary().columns))):
+        (descriptor,) = [d for d in engine.docs("descriptor") if d["name"] == name]
+        assert set(descriptor["data_keys"]) == columns
+        assert descriptor["configuration"] == {name: {"data": {}, "timestamps": {},
+                                                      "data_keys": {}}}
+        (page,) = [p for p in engine.docs("event_page") if p["descriptor"] == descriptor["uid"]]
+        assert page["data"]["meter"] == [m.name for m in meters]
+        pages[name] = meter_rows(page["data"])
     run = embedded_catalog.client[uid]
+    assert meter_rows(run["synchronization"].read()) == pages["synchronization"]
     for i, meter in enumerate(meters):
-        T = values[f"{meter.name}_scheduled_start"]
-        assert T == int(T) and T == values[meters[0].name + "_scheduled_start"]
+        (values,) = pages["synchronization"][meter.name]
+        T = values["scheduled_start"]
+        assert T == int(T) and T == pages["synchronization"][meters[0].name][0]["scheduled_start"]
+        assert values["segment"] == 0 and values["gate_attempts"] >= 1
+        assert values["host_offset_s"] == sync["host_clock"]["offset_s"]
         assert meter.last_sample_reply.raw_fields["startTs"] == f"{int(T)}.000"  # §6.4
         truth = fleet.truth(i)
         summary = meter.last_summary
         # the stored start is the stop reply's start_ts (§6.4 step 5), which is the truth's
         assert truth.reported_start_ts == f"{summary.start_ts:.3f}"
-        conf_s = values[f"{meter.name}_sample_ntp_confidence_ms"] / 1000
+        conf_s = values["sample_ntp_confidence_ms"] / 1000
         assert math.isfinite(conf_s), "the sync inside `sample` was not recorded"
         assert abs(truth.true_start - (T - 0.001)) <= conf_s + 0.001
         # the catalog holds every sample received, in this meter's own stream
@@ -105,7 +117,7 @@ def test_three_meters_pass_the_gate_and_start_on_one_instant(
                       < first_arm]
         assert [h.confidence_ms for h in gate_syncs] == sync["gate"][meter.name]["confidences_ms"]
         (in_sample,) = [h for h in history if first_arm <= h.true_time < truth.true_start]
-        assert in_sample.confidence_ms == values[f"{meter.name}_sample_ntp_confidence_ms"]
+        assert in_sample.confidence_ms == values["sample_ntp_confidence_ms"]
         for h in [*gate_syncs, in_sample]:
             assert abs(h.error_s) <= h.confidence_ms / 1000 + 0.001, h
 
@@ -151,9 +163,11 @@ def test_an_immediate_start_records_every_meter(fleet_factory, smartmeters, engi
     (uid,) = engine.RE(plans.synchronized_fly(meters, 0.5, start_in=0,
                                               rate={"m1": 8000, "m2": 1000}))
     run = embedded_catalog.client[uid]
-    sync = run["synchronization"].read()
+    sync = meter_rows(run["synchronization"].read())
     for i, meter in enumerate(meters):
-        assert np.isnan(sync[f"{meter.name}_scheduled_start"].values[0])
+        (row,) = sync[meter.name]
+        assert np.isnan(row["scheduled_start"]) and np.isnan(row["start_margin_s"])
+        assert np.isnan(row["host_offset_s"])  # no host clock given: not measured, not 0
         summary = meter.last_summary
         assert summary.explained
         ds = read_stream(run, meter.name, prefix=meter.name)
