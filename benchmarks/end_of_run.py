@@ -3,7 +3,7 @@
 N emulated meters (child processes, as ``fleet.py``) are flown in one
 ``plans.synchronized_fly`` into the embedded catalog (``catalog.document_sink()``). The
 plan's end-of-run section (``plans._fly._final``: the final collects, the
-``synchronization`` event, the ``alignment`` stream, the ``meter_summary`` event,
+``synchronization`` table, the ``meter_summary`` table, the ``alignment`` stream,
 ``close_run``) is timed message by message on the RunEngine's thread and, with
 ``--profile``, run under cProfile (everything that thread does meanwhile, the RunEngine's
 message handling and the document subscribers included).
@@ -118,12 +118,11 @@ class Marks:
         if not self.in_final:
             return
         name = msg.kwargs.get("name") if msg.kwargs else None
-        if msg.command == "create" and name == "synchronization":
-            self.t.setdefault("synchronization", now)
+        if msg.command in ("declare_stream", "collect") and name in (
+                "synchronization", "meter_summary"):  # tables: declared then collected
+            self.t.setdefault(name, now)
         elif msg.command == "declare_stream" and name == "alignment":
             self.t.setdefault("alignment", now)
-        elif msg.command == "create" and name == "meter_summary":
-            self.t.setdefault("meter_summary", now)
 
     def doc(self, name: str, _doc: dict[str, Any]) -> None:
         if name == "stop":
@@ -133,13 +132,13 @@ class Marks:
 def instrumented(marks: Marks, profile: cProfile.Profile | None) -> Any:
     original = _fly._final
 
-    def final(setup: Any, state: Any) -> Generator[Any, Any, None]:
+    def final(setup: Any, state: Any, *rest: Any) -> Generator[Any, Any, None]:
         marks.t["final"] = time.time()
         marks.in_final = True
         if profile is not None:
             profile.enable()
         try:
-            yield from original(setup, state)
+            yield from original(setup, state, *rest)
         finally:
             if profile is not None:
                 profile.disable()

@@ -12,9 +12,12 @@
   the acquisition process (:class:`JournalWriter`), written to the catalog by a writer process
   with :class:`DirectCatalogWriter` (Tiled's catalog adapter, no HTTP); the RunEngine waits
   only at each stop document until the run is closed.  :func:`replay_journal` feeds a kept
-  journal to any callback.
+  journal to any callback; :func:`replay_into_tiled` writes one into a Tiled catalog (stop-less
+  journals unbatched) and returns a :class:`ReplayReport`.
 * :func:`read_stream`, :func:`time_window`, :func:`gap_grid` (+ HDF5 variants) - read-back;
   :func:`stream_nodes` lists a stream's arrays with shapes and data sources in one request.
+* :func:`align_recordings` - meters' residual offsets measured on their recorded L1
+  voltages; :class:`AlignmentWorker` runs it in a process of its own.
 
 For a Tiled server, write documents with :func:`make_tiled_writer` (a ``bluesky_tiled_plugins.TiledWriter`` with
 :class:`CompactHDF5Consolidator` installed for HDF5: upstream's consolidator keeps one dict entry
@@ -30,6 +33,13 @@ import importlib
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    from ._alignment import (
+        AlignmentWorker,
+        AlignmentWorkerError,
+        RecordedAlignment,
+        align_recordings,
+        read_waveform,
+    )
     from ._catalog import (
         DEFAULT_PROFILE,
         EmbeddedCatalog,
@@ -68,7 +78,15 @@ if TYPE_CHECKING:
         tiled_chunk_samples,
         time_spacing,
     )
-    from ._journal import JournalReader, JournalWriter, read_journal, replay_journal
+    from ._journal import (
+        JournalReader,
+        JournalWriter,
+        ReplayReport,
+        read_journal,
+        read_run_journal,
+        replay_into_tiled,
+        replay_journal,
+    )
     from ._readback import (
         GRID_VIEW_LABEL,
         ReadAccess,
@@ -87,6 +105,13 @@ if TYPE_CHECKING:
     from ._service import JournalSink, WriterConfig
 
 _EXPORTS: Final[dict[str, tuple[str, ...]]] = {
+    "_alignment": (
+        "AlignmentWorker",
+        "AlignmentWorkerError",
+        "RecordedAlignment",
+        "align_recordings",
+        "read_waveform",
+    ),
     "_catalog": (
         "DEFAULT_PROFILE",
         "EmbeddedCatalog",
@@ -125,7 +150,8 @@ _EXPORTS: Final[dict[str, tuple[str, ...]]] = {
         "tiled_chunk_samples",
         "time_spacing",
     ),
-    "_journal": ("JournalReader", "JournalWriter", "read_journal", "replay_journal"),
+    "_journal": ("JournalReader", "JournalWriter", "ReplayReport", "read_journal",
+                 "read_run_journal", "replay_into_tiled", "replay_journal"),
     "_readback": (
         "GRID_VIEW_LABEL",
         "ReadAccess",
@@ -162,6 +188,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AlignmentWorker",
+    "AlignmentWorkerError",
     "COMPRESSION",
     "DEFAULT_PROFILE",
     "GAP_FIELDS",
@@ -169,6 +197,8 @@ __all__ = [
     "HDF5_MIMETYPE",
     "PACKET_FIELDS",
     "ReadAccess",
+    "RecordedAlignment",
+    "ReplayReport",
     "UNKNOWN_MISSING",
     "CatalogWriteError",
     "CompactHDF5Consolidator",
@@ -181,6 +211,7 @@ __all__ = [
     "StreamAssets",
     "StreamNode",
     "WaveformWriter",
+    "align_recordings",
     "close_client",
     "connect_server",
     "default_chunk_samples",
@@ -196,9 +227,12 @@ __all__ = [
     "profile_server_uri",
     "read_gaps",
     "read_journal",
+    "read_run_journal",
     "read_gaps_hdf5",
     "read_packets",
     "read_stream",
+    "read_waveform",
+    "replay_into_tiled",
     "replay_journal",
     "sample_times",
     "search_sorted",

@@ -1,0 +1,121 @@
+"""``align_recordings`` and its worker process, on HDF5 files of simulated meters whose true
+offsets are known (the grid model's ground truth, as in ``tests/timing``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from smartmeter_ophyd.storage import (
+    AlignmentWorker,
+    AlignmentWorkerError,
+    align_recordings,
+)
+
+from ..timing._signals import T0, SimMeter, simulate, true_offset
+
+TRUTH_LIMIT_S = 10e-6
+
+
+def record(path: Path, meter: SimMeter, *, with_voltage: bool = True) -> str:
+    """The meter as the writer stores it: float64 ``/time``, float32 channels, Blosc2."""
+    blosc = hdf5plugin.Blosc2(cname="zstd", clevel=1, filters=hdf5plugin.Blosc2.SHUFFLE)
+    with h5py.File(path, "w", libver="latest") as f:
+        f.create_dataset("time", data=meter.time, chunks=(8192,), **blosc)
+        if with_voltage:
+            f.create_dataset("v_l1", data=meter.voltage.astype(np.float32), chunks=(8192,),
+                             **blosc)
+        else:
+            f.create_dataset("i_l1", data=meter.voltage.astype(np.float32), chunks=(8192,))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, SimMeter],
+                                                                  dict[str, str]]:
+    directory = tmp_path_factory.mktemp("recordings")
+    meters = {
+        "ref": simulate("ref", offset_s=0.0, drift_ppm=0.0, seed=11, duration_s=6.0),
+        "early": simulate("early", offset_s=-1.3e-3, drift_ppm=20.0, start_rel=0.004,
+                          seed=12, duration_s=6.0),
+        "late": simulate("late", offset_s=2.1e-3, drift_ppm=-30.0, start_rel=0.011, seed=13,
+                         duration_s=6.0),
+    }
+    files = {name: record(directory / f"{name}.h5", m) for name, m in meters.items()}
+    return meters, files
+
+
+def test_the_worker_finds_the_true_offsets_and_agrees_with_this_process(
+    recordings: tuple[dict[str, SimMeter], dict[str, str]],
+) -> None:
+    meters, files = recordings
+    with AlignmentWorker() as worker:
+        worker.submit("ref", files)
+        found = worker.result()
+    here = align_recordings("ref", files)
+    assert found.reference == "ref" and set(found.results) == {"early", "late"}
+    for name, result in found.results.items():
+        np.testing.assert_array_equal(result.offset_s, here.results[name].offset_s)
+        mid = 0.5 * (result.window_start + result.window_end) - T0
+        truth = np.interp(mid, meters[name].rel_time, true_offset(meters[name], meters["ref"]))
+        assert len(result) >= 5
+        assert np.max(np.abs(result.offset_s - truth)) < TRUTH_LIMIT_S, name
+
+
+def test_a_meter_without_v_l1_is_left_out_with_a_note(
+    recordings: tuple[dict[str, SimMeter], dict[str, str]], tmp_path: Path,
+) -> None:
+    meters, files = recordings
+    current_only = record(tmp_path / "current.h5", meters["late"], with_voltage=False)
+    with AlignmentWorker() as worker:
+        worker.submit("ref", {**files, "current": current_only})
+        found = worker.result()
+    assert set(found.results) == {"early", "late"}
+    assert (logging.INFO, "alignment: current has no v_l1 samples; left out") in found.notes
+
+
+def test_a_missing_reference_aligns_nothing_and_says_why(tmp_path: Path) -> None:
+    found = align_recordings("gone", {"gone": str(tmp_path / "absent.h5")})
+    assert found.results == {}
+    assert any(level == logging.WARNING and "gone left out" in note
+               for level, note in found.notes)
+
+
+def test_close_ends_a_busy_worker_at_once(
+    recordings: tuple[dict[str, SimMeter], dict[str, str]],
+) -> None:
+    _, files = recordings
+    worker = AlignmentWorker()
+    worker.start()
+    worker.submit("ref", files)
+    begun = time.monotonic()
+    worker.close()
+    assert time.monotonic() - begun < 2.0
+    assert not worker.running
+
+
+def test_a_dead_worker_is_reported_not_awaited(
+    recordings: tuple[dict[str, SimMeter], dict[str, str]],
+) -> None:
+    _, files = recordings
+    worker = AlignmentWorker()
+    worker.start()
+    try:
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while worker.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(AlignmentWorkerError, match="gone: exited with -9"):
+            worker.submit("ref", files)
+            worker.result()
+    finally:
+        worker.close()
