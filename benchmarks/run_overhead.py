@@ -21,7 +21,7 @@ TiledWriter over the in-process Tiled app - what this project did before), ``sin
 (``catalog.document_sink()``: journal here, writer process there - the default now).
 A last case flies with a scheduled start (``start_in=None``) and the sink and reports the
 first sample's latency after the scheduled instant ``T`` (the synchronization record's
-``*_scheduled_start``).
+``scheduled_start``).
 
 Last line: ``stop to run closed, 10 meters: X s`` (the sink).  Targets: <= 0.5 s, and an
 overhead beyond the duration <= 1 s.
@@ -77,8 +77,8 @@ class Marks:
             self.t["stop"] = time.monotonic()
             if self.writer_pid is not None:
                 self.writer_cpu = cpu_seconds(self.writer_pid)
-        elif name == "event" and self.scheduled_start is None:
-            starts = [v for k, v in doc["data"].items() if k.endswith("_scheduled_start")]
+        elif name == "event_page" and self.scheduled_start is None:
+            starts = doc["data"].get("scheduled_start", [])  # the synchronization table
             if starts and starts[0] == starts[0]:  # not NaN: a scheduled start
                 self.scheduled_start = float(starts[0])
 

@@ -5,6 +5,8 @@ the same index are *not* the same instant.  These helpers give every meter's sam
 the meter's own absolute time as coordinate, so meters line up by time, never by index:
 
 * :func:`run_meters` - the meters recorded in a run (from its start document);
+* :func:`meter_rows` - a run's per-meter table (``meter_summary``, ``synchronization``) as
+  rows per meter;
 * :func:`meter_data` - one meter's samples (optionally only ``t0 <= time < t1``) as an
   ``xarray.Dataset`` with plain channel names (``v_l1``, ``i_l1``, …), a ``time``
   coordinate (unix seconds, float64) and ``sample_index``;
@@ -64,6 +66,26 @@ def run_meters(run: Any) -> list[str]:
             f"run {start.get('uid', '?')[:8]} has no meter sample streams (streams: {list(run)})"
         )
     return names
+
+
+def meter_rows(table: Any) -> dict[str, list[dict[str, Any]]]:
+    """A stored per-meter table as ``{meter: [row, ...]}``, rows in stored order (segment 0,
+    1, ... of a paused and resumed fly).
+
+    ``table`` maps column names to equal-length columns: ``run["meter_summary"].read()`` or
+    ``run["synchronization"].read()`` (an ``xarray.Dataset``), a pandas DataFrame, an event
+    page's ``data``.  Each row is a dict of plain Python values; NaN stays NaN ("not known").
+    Raises :class:`ReadbackError` without a ``meter`` column.
+    """
+    if "meter" not in table:
+        raise ReadbackError(f"not a per-meter table: no 'meter' column (columns: {list(table)})")
+    columns = {str(key): np.asarray(table[key]).tolist() for key in table}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for i, meter in enumerate(columns["meter"]):
+        row = {key: values[i] for key, values in columns.items()}
+        row["meter"] = str(meter)
+        out.setdefault(str(meter), []).append(row)
+    return out
 
 
 def _check_meter(run: Any, meter: str) -> None:

@@ -1,11 +1,14 @@
 """The summary table printed after ``smartmeter record`` (and by ``smartmeter runs RUN``).
 
 Everything comes from the run as the catalog holds it (start document, ``meter_summary`` and
-``synchronization`` events, the samples), so the table says what was stored, not what the
+``synchronization`` tables, the samples), so the table says what was stored, not what the
 process believed.  Columns per meter: samples stored / sent by the meter, samples declared
 missing and in how many gaps, the NTP gate's confidence and the confidence of the sync the
 meter ran at the start (§6.4), and the meter's real start (stop reply ``start_ts``) relative
-to the earliest.  Below it: the start spread and, for two or more meters recording L1
+to the earliest.  A run paused and resumed has one row per meter and segment in its tables:
+counts are summed over the segments (a count the meter never gave, -1, makes the sum
+unknown), ``accounted`` needs every segment accounted, and the start and the sync at the
+start are the first segment's.  Below it: the start spread and, for two or more meters recording L1
 voltage, the residual offset between their waveforms (:func:`smartmeter_ophyd.timing.align`
 over the first seconds), which checks the clocks against the grid itself.
 """
@@ -22,13 +25,6 @@ import numpy as np
 from ._common import table
 
 ALIGN_SECONDS: Final = 10.0
-
-
-def _first(ds: Any, key: str) -> Any:
-    if ds is None or key not in ds:
-        return None
-    value = ds[key].values
-    return value[0] if value.shape else value.item()
 
 
 def _num(value: Any) -> float:
@@ -50,39 +46,62 @@ def _read(run: Any, stream: str) -> Any:
         return None
 
 
+def _rows(run: Any, stream: str) -> dict[str, list[dict[str, Any]]]:
+    """The run's long table ``stream`` as rows per meter ({} if it has none)."""
+    from ..readback import meter_rows
+
+    table = _read(run, stream)
+    if table is None or "meter" not in table:
+        return {}
+    return meter_rows(table)
+
+
+def _total(rows: list[dict[str, Any]], column: str) -> int:
+    """``column`` summed over a meter's segments; -1 if any is unknown (-1) or none stored."""
+    values = [int(_num(row[column])) for row in rows]
+    return -1 if not values or min(values) < 0 else sum(values)
+
+
+def _notes(rows: list[dict[str, Any]]) -> list[str]:
+    notes: list[str] = []
+    for row in rows:
+        try:
+            detail = json.loads(row["summary"]) if row["summary"] else {}
+        except ValueError:
+            detail = {}
+        notes += [n for n in detail.get("notes", []) if n not in notes]
+    return notes
+
+
 def run_summary(run: Any) -> dict[str, Any]:
     """The summary as data (what ``--json`` prints)."""
     from ..readback import run_meters, time_source
 
     start, stop = run.start, run.stop or {}
     meters = run_meters(run)
-    summary = _read(run, "meter_summary")
-    sync = _read(run, "synchronization")
+    summary = _rows(run, "meter_summary")
+    sync = _rows(run, "synchronization")
     gate = (start.get("synchronization") or {}).get("gate") or {}
     rows = {}
     for m in meters:
-        detail = _first(summary, f"{m}_run_summary")
-        try:
-            detail = json.loads(detail) if detail else {}
-        except ValueError:
-            detail = {}
+        mine = summary.get(m, [])
+        first = mine[0] if mine else {}
         confidences = (gate.get(m) or {}).get("confidences_ms") or []
         rows[m] = {
-            "samples": int(_num(_first(summary, f"{m}_run_received_samples")))
-            if summary is not None else int(run[m][f"{m}_time"].shape[0]),
-            "meter_sent": int(_num(_first(summary, f"{m}_run_device_sent_samples")))
-            if summary is not None else -1,
-            "missing": int(_num(_first(summary, f"{m}_run_missing_samples")))
-            if summary is not None else -1,
-            "gaps": int(_num(_first(summary, f"{m}_run_gaps"))) if summary is not None else -1,
-            "explained": bool(_first(summary, f"{m}_run_explained")),
-            "start_ts": _num(_first(summary, f"{m}_run_start_ts")),
+            "samples": _total(mine, "received_samples") if mine
+            else int(run[m][f"{m}_time"].shape[0]),
+            "meter_sent": _total(mine, "device_sent_samples"),
+            "missing": _total(mine, "missing_samples"),
+            "gaps": _total(mine, "gaps"),
+            "explained": bool(mine) and all(bool(row["explained"]) for row in mine),
+            "start_ts": _num(first.get("start_ts")),
             "ntp_gate_ms": _num(confidences[-1]) if confidences and confidences[-1] is not None
             else math.nan,
-            "ntp_at_start_ms": _num(_first(sync, f"{m}_sample_ntp_confidence_ms")),
+            "ntp_at_start_ms": _num(sync[m][0]["sample_ntp_confidence_ms"]) if sync.get(m)
+            else math.nan,
             "emulated": bool((start.get("meters", {}).get(m) or {}).get("emulated")),
             "time_source": time_source(run, m),
-            "notes": detail.get("notes", []),
+            "notes": _notes(mine),
         }
     starts = [r["start_ts"] for r in rows.values() if r["start_ts"] > 0]
     spread = (max(starts) - min(starts)) * 1e3 if len(starts) > 1 else math.nan

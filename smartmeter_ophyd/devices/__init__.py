@@ -8,8 +8,7 @@
 * :class:`CtsPolicy` / :class:`FlowStats` - back-pressure of ``flow_control="cts"`` flies.
 * :class:`MeterNtp` - ``meter.ntp``: trigger the meter's NTP sync, read its confidence.
 * :class:`HostClock` - the host clock's offset from a time server (SNTP).
-* :class:`TableStream` / :class:`MeterSummary` - the run's long tables (one row per meter);
-  :func:`meter_rows` reads one back as rows per meter.
+* :class:`TableStream` / :class:`MeterSummary` - the run's long tables (one row per meter).
 * :class:`MeterMqttStatus` - a meter's 5 s MQTT status as signals (§8.2).
 
 Import cost: what constructing a :class:`SmartMeter` needs is imported here (ophyd, the
@@ -32,7 +31,6 @@ from ._records import (
     RunSummary,
     TableColumn,
     TableStream,
-    meter_rows,
     summary_dict,
 )
 from ._smartmeter import SmartMeter
@@ -60,7 +58,6 @@ __all__ = [
     "TableColumn",
     "TableStream",
     "TimingStream",
-    "meter_rows",
     "summary_dict",
 ]
 

@@ -6,8 +6,6 @@
 * :class:`MeterSummary` - the ``meter_summary`` table: each fly's reconciliation and the
   meter's configuration after it, one row per meter and segment.
 * :class:`RunSummary` - one meter's row of it (``meter.run_summary``).
-* :func:`meter_rows` - a stored table (``run["meter_summary"].read()``, an event page's
-  ``data``, a dict of columns) as rows per meter.
 * :func:`summary_dict` - a :class:`~smartmeter_ophyd.client.SessionSummary` as JSON values.
 
 Why tables: bluesky validates every descriptor and event against its schema (jsonschema).
@@ -17,7 +15,8 @@ descriptor has the same dozen keys at 1 meter or 50, and its rows go in one page
 once.
 
 Limits: a table holds scalars only (numbers, integers, booleans, strings); NaN in a number
-column means "not known" (never zero); an integer count that is not known is -1.
+column means "not known" (never zero); an integer count that is not known is -1.  Readers:
+:func:`smartmeter_ophyd.readback.meter_rows` gives a stored table as rows per meter.
 """
 
 from __future__ import annotations
@@ -190,28 +189,6 @@ class TableStream:
                "time": [max(s.values()) for s in stamps]}
 
 
-def meter_rows(table: Any) -> dict[str, list[dict[str, Any]]]:
-    """A stored long table as ``{meter: [row, ...]}``, rows in stored order (segment 0, 1..).
-
-    ``table`` is anything that maps column names to equal-length columns: what
-    ``run["meter_summary"].read()`` or ``run["synchronization"].read()`` returns (an xarray
-    Dataset), a pandas DataFrame, an event page's ``data``.  Each row is a dict of plain
-    Python values (NaN kept: "not known").  Raises ``KeyError`` without a ``meter`` column.
-    """
-    import numpy as np  # on first use: this module loads with the device
-
-    if METER not in table:
-        raise KeyError(f"not a per-meter table: no {METER!r} column (columns: {list(table)})")
-    columns = {str(key): np.asarray(table[key]).tolist() for key in table}
-    meters = [str(m) for m in columns[METER]]
-    out: dict[str, list[dict[str, Any]]] = {}
-    for i, meter in enumerate(meters):
-        row = {key: values[i] for key, values in columns.items()}
-        row[METER] = meter
-        out.setdefault(meter, []).append(row)
-    return out
-
-
 # ----------------------------------------------------------------------- meter_summary
 
 
@@ -281,7 +258,7 @@ class RunSummary:
                 "stop_ts": summary.stop_ts,
                 "summary": json.dumps(summary_dict(summary)),
             }
-        values["hdf5_path"] = self.meter.hdf5_path or ""
+        values["hdf5_path"] = str(self.meter.hdf5_path or "")
         stamps: dict[str, float] = {}
         for attr in self.AFTER_FLY:
             reading = getattr(self.meter, attr).read()

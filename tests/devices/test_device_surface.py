@@ -60,7 +60,7 @@ def test_abort_mid_fly_records_the_reason_and_who_stopped_the_meter(
 ) -> None:
     """bluesky's run_wrapper closes an aborted run without the reason given to
     ``RE.abort(reason)``; the device records that the plan or the RunEngine stopped its
-    fly, in the run's ``meter_summary`` descriptor and the HDF5 file."""
+    fly, in the run's ``meter_summary`` table and the HDF5 file."""
     docs: list[tuple[str, dict[str, Any]]] = []
     engine = RunEngine({})
     engine.subscribe(lambda name, doc: docs.append((name, doc)))
@@ -83,7 +83,9 @@ def test_abort_mid_fly_records_the_reason_and_who_stopped_the_meter(
     assert meter.last_stop_reason is not None
     assert meter.last_stop_reason.startswith("stop() called: the plan or the RunEngine")
     (descriptor,) = [d for n, d in docs if n == "descriptor" and d["name"] == "meter_summary"]
-    recorded = json.loads(descriptor["configuration"]["m1_run"]["data"]["m1_stop_summary"])
+    (page,) = [p for n, p in docs if n == "event_page" and p["descriptor"] == descriptor["uid"]]
+    assert page["data"]["meter"] == ["m1"]
+    recorded = json.loads(page["data"]["stop_summary"][0])
     assert recorded["stop_requested"] == meter.last_stop_reason
     assert recorded["ended_by"] == "stop"
     with h5py.File(meter.hdf5_path, "r") as f:

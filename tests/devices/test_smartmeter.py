@@ -26,6 +26,7 @@ from smartmeter_ophyd.client import MeterBusyError, MeterCommandError, MeterConn
 from smartmeter_ophyd.devices import FlyConfig, SmartMeter
 from smartmeter_ophyd.emulator import EmulatorFleet
 from smartmeter_ophyd.protocol import Measures
+from smartmeter_ophyd.readback import meter_rows
 from smartmeter_ophyd.storage import (
     close_client,
     connect_server,
@@ -78,21 +79,23 @@ def check_fly_run(run: Any, meter: SmartMeter, emulated: EmulatorFleet,
     assert len(read_gaps(run, "m1_gaps")["sample_index"]) == 0
     assert len(read_gaps(run, "m1_gaps", prefix="m1")["sample_index"]) == 0  # gap-free run
 
-    # per-run metadata in the catalog: start document, summary stream, its configuration
+    # per-run metadata in the catalog: start document, the summary table (with the meter's
+    # state after the fly in its columns)
     start = run.start
     assert start["meters"]["m1"]["firmware"] == "2.2"
     assert start["meters"]["m1"]["fly"]["rate"] == RATE
-    summary_ds = run["meter_summary"].read()
-    assert int(summary_ds["m1_run_received_samples"][0]) == n_sent
-    assert int(summary_ds["m1_run_device_sent_samples"][0]) == n_sent
-    assert bool(summary_ds["m1_run_explained"][0])
-    stored = json.loads(str(summary_ds["m1_run_summary"].values[0]))
+    (row,) = meter_rows(run["meter_summary"].read())["m1"]
+    assert row["segment"] == 0
+    assert row["received_samples"] == row["device_sent_samples"] == n_sent
+    assert row["explained"] is True and row["hdf5_path"] == str(meter.hdf5_path)
+    assert row["start_ts"] == summary.start_ts and row["stop_ts"] == summary.stop_ts
+    stored = json.loads(row["summary"])
     assert stored["device_sent_samples"] == n_sent and stored["ended_by"] == "stop"
+    assert json.loads(row["sampling_reply"])["chunksize"] == 1008
+    assert json.loads(row["stop_summary"])["device_sent_samples"] == n_sent
+    assert row["firmware_version"] == "2.2" and row["meter_state"]
     (descriptor,) = [d for n, d in docs if n == "descriptor" and d["name"] == "meter_summary"]
-    config = descriptor["configuration"]["m1_run"]["data"]
-    assert json.loads(config["m1_sampling_reply"])["chunksize"] == 1008
-    assert json.loads(config["m1_stop_summary"])["device_sent_samples"] == n_sent
-    assert config["m1_firmware_version"] == "2.2"
+    assert descriptor["data_keys"]["start_ts"]["units"] == "s"
     # HDF5 attributes hold the same
     with h5py.File(meter.hdf5_path, "r") as f:
         assert json.loads(f.attrs["stop_summary"])["received_samples"] == n_sent

@@ -14,6 +14,7 @@ import pytest
 from bluesky.utils import RunEngineInterrupted
 
 import plans
+from smartmeter_ophyd.readback import meter_rows
 from smartmeter_ophyd.storage import read_stream
 
 
@@ -127,11 +128,13 @@ def test_pause_and_resume_records_a_second_synchronized_segment(
     (stop,) = engine.docs("stop")
     assert stop["exit_status"] == "success", stop
     run = embedded_catalog.client[stop["run_start"]]
-    sync = run["synchronization"].read()
-    assert list(sync["segment"].values) == [0, 1]
-    starts = sync["m1_scheduled_start"].values
-    assert starts[1] > starts[0] and list(sync["m2_scheduled_start"].values) == list(starts)
-    assert run["meter_summary"].read().sizes["time"] == 2
+    sync = meter_rows(run["synchronization"].read())
+    assert [row["segment"] for row in sync["m1"]] == [0, 1]
+    starts = [row["scheduled_start"] for row in sync["m1"]]
+    assert starts[1] > starts[0] and [row["scheduled_start"] for row in sync["m2"]] == starts
+    summary = meter_rows(run["meter_summary"].read())  # one row per meter and segment
+    assert {m: [row["segment"] for row in rows] for m, rows in summary.items()} == {
+        "m1": [0, 1], "m2": [0, 1]}
     for meter, before in zip(meters, first, strict=True):
         after = meter.last_summary
         assert after.start_ts > before.stop_ts  # a new session, after the pause

@@ -16,7 +16,8 @@ import pytest
 import plans
 from plans import NtpGateError, StartScheduleError
 from plans._settle import Settling
-from smartmeter_ophyd.devices import HostClock, MeterSummary, meter_rows
+from smartmeter_ophyd.devices import HostClock, MeterSummary
+from smartmeter_ophyd.readback import meter_rows
 from smartmeter_ophyd.storage import read_stream
 
 GATE_MS = 5.0

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from smartmeter_ophyd.readback import meter_rows
 from smartmeter_ophyd.storage import read_stream
 
 
@@ -34,11 +35,8 @@ def assert_idle(fleet: Any) -> None:
 
 
 def run_summary(run: Any, meter: Any) -> dict[str, Any]:
-    """The meter's last row of the run's ``meter_summary`` stream."""
-    table = run["meter_summary"].read()
-    key = f"{meter.name}_run_"
-    return {name[len(key):]: table[name].values[-1].item()
-            for name in table.data_vars if name.startswith(key)}
+    """The meter's last row (its last segment) of the run's ``meter_summary`` table."""
+    return meter_rows(run["meter_summary"].read())[meter.name][-1]
 
 
 def assert_accounted(run: Any, meter: Any, produced: int) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import pytest
 
 import plans
 from smartmeter_ophyd.devices import SmartMeter
+from smartmeter_ophyd.readback import meter_rows
 
 from ._support import run_summary, when_sampling
 
@@ -149,10 +150,11 @@ def test_continue_records_a_new_segment_once_the_killed_meter_is_restarted(
     (stop,) = engine.docs("stop")
     assert stop["exit_status"] == "success", stop
     run = embedded_catalog.client[uid]
-    table = run["meter_summary"].read()
-    received = table["m1_run_received_samples"].values
-    missing = table["m1_run_missing_samples"].values
-    assert list(run["synchronization"].read()["segment"].values) == [0, 1]
+    rows = meter_rows(run["meter_summary"].read())["m1"]  # one row per segment
+    received = [row["received_samples"] for row in rows]
+    missing = [row["missing_samples"] for row in rows]
+    assert [row["segment"] for row in meter_rows(run["synchronization"].read())["m1"]] == [0, 1]
+    assert [row["segment"] for row in rows] == [0, 1]
     (truth,) = killed
     assert received[0] + missing[0] == truth["sent_samples"] > 0
     assert received[1] + missing[1] == emulator.control("truth")["sent_samples"] > 0
