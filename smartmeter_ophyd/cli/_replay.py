@@ -3,14 +3,15 @@
 A run's documents are journaled on disk before any catalog sees them (the storage's
 ``JournalSink``).  When the catalog was unreachable, or
 refused a run, the journal stays: ``<run uid>.docs`` (kept or still waiting),
-``<run uid>.failed`` (refused by the writer) or ``<run uid>.orphaned``.  This command feeds
-each one, in order, to the catalog's writer (``TiledWriter``), so the run appears in the
-catalog as if it had been written live.
+``<run uid>.failed`` (refused by the writer) or ``<run uid>.orphaned``.  This command writes
+each one, in order, through the catalog's writer (``TiledWriter``, by the storage's
+``replay_into_tiled``), so the run appears in the catalog as if it had been written live.
 
 JOURNAL is a journal file or a directory: every journal under it is replayed, oldest
 first.  A run the catalog already holds is skipped (replaying is idempotent).  A journal
-without a stop document is replayed as far as it goes and reported as such: the run stays
-open in the catalog.
+without a stop document is replayed as far as it goes (unbatched, so no event waits for the
+missing stop) and reported as such: the run stays open in the catalog.  A run the catalog
+refuses is reported with the document it refused.
 
 The run's HDF5 files are not copied: the catalog must be able to read them where the run
 wrote them (the embedded catalog under --data-dir reads its own data directory; a Tiled
@@ -24,9 +25,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
 from ._common import (
     EXIT_FAILED,
@@ -39,24 +39,13 @@ from ._common import (
     say,
 )
 
+if TYPE_CHECKING:
+    from ..storage import ReplayReport
+
 logger = logging.getLogger(__name__)
 
 JOURNAL_SUFFIXES: Final = (".docs", ".failed", ".orphaned")
 """How the journal sink names a run's journal: waiting or kept, refused, left by a dead process."""
-
-
-@dataclass
-class Replayed:
-    """What happened to one journal."""
-
-    journal: str
-    uid: str
-    outcome: str
-    """``"replayed"``, ``"already in the catalog"`` or ``"failed"``."""
-    documents: int
-    exit_status: str | None
-    """The run's stop document's ``exit_status``; None if the journal has no stop."""
-    error: str | None = None
 
 
 def add_replay_options(p: argparse.ArgumentParser) -> None:
@@ -88,84 +77,40 @@ def journal_files(paths: list[Path]) -> list[Path]:
     return list(unique)
 
 
-def read_run(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Every document of one journal; refuses, as a usage mistake, a file that is not one."""
-    from ..storage import read_journal
+def check_journal(path: Path) -> None:
+    """Refuse, as a usage mistake, a file that is not one run's journal (read before any
+    catalog is opened, so a mistake touches nothing)."""
+    from ..storage import read_run_journal
 
     try:
-        docs = list(read_journal(path))
+        read_run_journal(path)
     except OSError as exc:
         raise UsageError(f"cannot read journal {path}: {exc.strerror or exc}") from None
-    except (TypeError, ValueError):  # msgpack, but not [name, document] records
-        raise UsageError(f"{path} is not a journal: its records are not [name, document] "
-                         "pairs") from None
-    except Exception as exc:  # msgpack's format errors share no base class worth naming
-        raise UsageError(f"{path} is not a journal: {type(exc).__name__}: {exc}") from None
-    if not docs:
-        raise UsageError(f"{path} is not a journal: it holds no complete document")
-    first, doc = docs[0]
-    if first != "start" or not isinstance(doc, dict) or not isinstance(doc.get("uid"), str):
-        raise UsageError(f"{path} is not a journal: it begins with a {first!r} "
-                         "document, not a run's start document")
-    return docs
-
-
-def replay_one(path: Path, docs: list[tuple[str, dict[str, Any]]], client: Any) -> Replayed:
-    from ..storage import make_tiled_writer
-
-    uid = docs[0][1]["uid"]
-    stops = [doc for name, doc in docs if name == "stop"]
-    exit_status = stops[-1].get("exit_status") if stops else None
-    if uid in client:
-        if stops and client[uid].metadata.get("stop") is None:
-            return Replayed(str(path), uid, "failed", 0, exit_status,
-                            "the catalog holds this run without its stop document (written "
-                            "partly); remove the run from the catalog, then replay")
-        return Replayed(str(path), uid, "already in the catalog", 0, exit_status)
-    # TiledWriter batches events and stream data until the stop document; without one,
-    # nothing may wait in a batch or it would never reach the catalog.
-    writer = make_tiled_writer(client) if stops else make_tiled_writer(client, batch_size=1)
-    count = 0
-    try:
-        for name, doc in docs:
-            writer(name, doc)
-            count += 1
-    except Exception as exc:
-        name = docs[count][0]
-        logger.debug("replaying %s failed at document %d", path, count, exc_info=True)
-        return Replayed(str(path), uid, "failed", count, exit_status,
-                        f"the catalog refused its {name} document (#{count + 1}): "
-                        f"{type(exc).__name__}: {exc}")
-    return Replayed(str(path), uid, "replayed", count, exit_status)
-
-
-def describe(result: Replayed) -> str:
-    if result.outcome == "failed":
-        return f"{result.journal}: run {result.uid} not replayed: {result.error}"
-    if result.outcome != "replayed":
-        return f"{result.journal}: run {result.uid} is already in the catalog; skipped"
-    end = (f"exit status {result.exit_status}" if result.exit_status is not None
-           else "no stop document: the run stays open in the catalog")
-    return f"{result.journal}: replayed run {result.uid} ({result.documents} documents, {end})"
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Write kept journals into a catalog (see ``smartmeter replay --help``)."""
-    runs = [(path, read_run(path)) for path in journal_files(args.journals)]
+    from ..storage import replay_into_tiled
+
+    paths = journal_files(args.journals)
+    for path in paths:
+        check_journal(path)
     catalog = open_catalog(args, create=False)
     try:
-        results = []
-        for path, docs in runs:
-            result = replay_one(path, docs, catalog.client)
+        results: list[ReplayReport] = []
+        for path in paths:
+            result = replay_into_tiled(path, catalog.client)
             results.append(result)
             if args.json:
                 continue
-            if result.outcome == "failed":
-                say(f"error: {describe(result)}")
+            if result.ok:
+                print(result.describe(), flush=True)
             else:
-                print(describe(result), flush=True)
+                say(f"error: {result.describe()}")
     finally:
         catalog.close()
     if args.json:
         print_json(results)
-    return EXIT_FAILED if any(r.outcome == "failed" for r in results) else EXIT_OK
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED

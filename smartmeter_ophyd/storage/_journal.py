@@ -7,8 +7,15 @@ slow, stuck or dead.  So every document goes first into a **journal**: one file 
 file survives the death of any process; the stop document is ``fsync``-ed, which makes the
 whole run durable against a host crash too).  A writer process reads journals with
 :class:`JournalReader`, which returns only complete records, so it can tail a file that is
-still growing.  :func:`replay_journal` feeds a journal to any bluesky callback - for example a
-``TiledWriter`` for a catalog the direct writer cannot reach.
+still growing.  :func:`replay_journal` feeds a journal to any bluesky callback;
+:func:`replay_into_tiled` writes one kept journal (one run) into a Tiled catalog the direct
+writer cannot reach, and reports, per journal, which document the catalog refused.
+
+A ``TiledWriter`` keeps events and stream data in batches until the run's stop document; a
+journal whose process died before the stop would leave those batches unwritten for ever.
+:func:`replay_into_tiled` therefore writes a stop-less journal unbatched (``batch_size=1``):
+slower, but every document reaches the catalog.  ``replay_journal(path,
+make_tiled_writer(client))`` does not know this and loses the events of such a journal.
 
 Encoding: documents are JSON-like; numpy arrays become lists and numpy scalars Python
 scalars (what ``event_model.sanitize_doc`` does), so the journal needs no numpy to be read.
@@ -23,8 +30,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgpack
 import numpy as np
@@ -132,9 +140,114 @@ def read_journal(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, 
 
 
 def replay_journal(path: str | os.PathLike[str], callback: Callable[[str, Any], Any]) -> int:
-    """Feed every document of a journal to ``callback(name, doc)``; the number fed."""
+    """Feed every document of a journal to ``callback(name, doc)``; the number fed.
+
+    For a Tiled catalog use :func:`replay_into_tiled`: a ``TiledWriter`` fed here holds a
+    stop-less journal's events in its batches and never writes them.
+    """
     count = 0
     for name, doc in read_journal(path):
         callback(name, doc)
         count += 1
     return count
+
+
+ReplayOutcome = Literal["replayed", "already in the catalog", "failed"]
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """What :func:`replay_into_tiled` did with one journal (one run)."""
+
+    journal: str
+    uid: str
+    outcome: ReplayOutcome
+    documents: int
+    """Documents the catalog's writer took without error (when ``failed``: the refused one is
+    number ``documents + 1``; with batching, the refusal may concern data batched before it)."""
+    exit_status: str | None
+    """The run's stop document's ``exit_status``; None if the journal has no stop."""
+    error: str | None = None
+    """Why the run was not written (``failed`` only)."""
+    refused_document: str | None = None
+    """The name of the document the catalog refused (None: refused before any document)."""
+
+    @property
+    def ok(self) -> bool:
+        """Replayed, or already in the catalog."""
+        return self.outcome != "failed"
+
+    def describe(self) -> str:
+        """One line for a person: the journal, the run and what happened to it."""
+        if self.outcome == "failed":
+            return f"{self.journal}: run {self.uid} not replayed: {self.error}"
+        if self.outcome == "already in the catalog":
+            return f"{self.journal}: run {self.uid} is already in the catalog; skipped"
+        end = (f"exit status {self.exit_status}" if self.exit_status is not None
+               else "no stop document: the run stays open in the catalog")
+        return f"{self.journal}: replayed run {self.uid} ({self.documents} documents, {end})"
+
+
+def read_run_journal(path: str | os.PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Every document of one run's journal, checked to begin with the run's start document.
+
+    Raises ``ValueError`` naming ``path`` for a file that is not a journal (not msgpack
+    ``[name, document]`` records, empty, or not beginning with a start document with a
+    ``uid``); ``OSError`` when it cannot be read.
+    """
+    try:
+        docs = list(read_journal(path))
+    except OSError:
+        raise
+    except (TypeError, ValueError):  # msgpack, but not [name, document] records
+        raise ValueError(f"{path} is not a journal: its records are not [name, document] "
+                         "pairs") from None
+    except Exception as exc:  # msgpack's format errors share no base class worth naming
+        raise ValueError(f"{path} is not a journal: {type(exc).__name__}: {exc}") from None
+    if not docs:
+        raise ValueError(f"{path} is not a journal: it holds no complete document")
+    first, doc = docs[0]
+    if first != "start" or not isinstance(doc, dict) or not isinstance(doc.get("uid"), str):
+        raise ValueError(f"{path} is not a journal: it begins with a {first!r} "
+                         "document, not a run's start document")
+    return docs
+
+
+def replay_into_tiled(path: str | os.PathLike[str], client: Any) -> ReplayReport:
+    """Write one run's journal into the Tiled catalog ``client`` (a bluesky-runs container).
+
+    A run the catalog already holds is skipped (replaying is idempotent), unless it is
+    there without its stop document while the journal has one: then the run was written
+    partly, and is reported as ``failed`` (remove it from the catalog and replay).  A journal
+    with a stop document is written with the writer's batching; one without is written
+    unbatched, so no event or stream datum waits for a stop that will never come (see the
+    module docstring); the run then stays open in the catalog.  The catalog refusing a
+    document ends the replay: the report names the document and its number (the run stays
+    in the catalog as far as it was written).  Raises as :func:`read_run_journal` for what is not a journal.
+    """
+    from ._consolidator import make_tiled_writer
+
+    docs = read_run_journal(path)
+    uid: str = docs[0][1]["uid"]
+    stops = [doc for name, doc in docs if name == "stop"]
+    exit_status = stops[-1].get("exit_status") if stops else None
+    journal = str(path)
+    if uid in client:
+        if stops and client[uid].metadata.get("stop") is None:
+            return ReplayReport(journal, uid, "failed", 0, exit_status,
+                                "the catalog holds this run without its stop document (written "
+                                "partly); remove the run from the catalog, then replay")
+        return ReplayReport(journal, uid, "already in the catalog", 0, exit_status)
+    writer = make_tiled_writer(client) if stops else make_tiled_writer(client, batch_size=1)
+    count = 0
+    try:
+        for name, doc in docs:
+            writer(name, doc)
+            count += 1
+    except Exception as exc:
+        name = docs[count][0]
+        logger.debug("replaying %s failed at document %d", journal, count + 1, exc_info=True)
+        return ReplayReport(journal, uid, "failed", count, exit_status,
+                            f"the catalog refused its {name} document (#{count + 1}): "
+                            f"{type(exc).__name__}: {exc}", refused_document=name)
+    return ReplayReport(journal, uid, "replayed", count, exit_status)
