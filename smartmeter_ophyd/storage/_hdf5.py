@@ -470,11 +470,15 @@ class WaveformWriter:
         self, times: npt.NDArray[np.float64], source: str, notes: Sequence[str] = ()
     ) -> None:
         """Replace ``/time`` with ``times`` (one per sample appended), e.g. from the time
-        model once a run's records are complete; ``time_source``/``time_notes`` say whence."""
+        model once a run's records are complete; ``time_source``/``time_notes`` say whence.
+
+        SWMR readers see the new axis after the next :meth:`flush`, or once the file is
+        closed (what a fly's close does next).
+        """
         times = np.asarray(times, dtype=np.float64)
         with self._lock:
             self._check_open()
-            self.flush()
+            self._write_buffered()
             if times.shape != (self._on_disk,):
                 raise ValueError(
                     f"smartmeter {self.meter_name}: {times.shape[0]} times for "
@@ -483,7 +487,6 @@ class WaveformWriter:
             for first in range(0, self._on_disk, self.chunk_samples):
                 last = min(first + self.chunk_samples, self._on_disk)
                 self._time_ds[first:last] = times[first:last]
-            self._time_ds.flush()
             self._file.attrs["time_source"] = source
             self._file.attrs["time_notes"] = json.dumps(list(notes))
         logger.info("smartmeter %s: /time rewritten from %s", self.meter_name, source)
@@ -497,10 +500,7 @@ class WaveformWriter:
         """
         with self._lock:
             self._check_open()
-            if self._buffered:
-                rows = self._buffer[: self._buffered].copy()
-                self._buffered = 0
-                self._write_rows(rows)
+            self._write_buffered()
             self._publish(whole_chunks=False)
             return self._flushed
 
@@ -529,12 +529,16 @@ class WaveformWriter:
             return self._flushed if self._closed else self.flush()
 
     def close(self, stop_summary: Mapping[str, Any] | None = None) -> None:
-        """Flush, store the stop reply (§4.8) as JSON, and close the file.  Idempotent."""
+        """Write what is buffered, store the stop reply (§4.8) as JSON, and close the file
+        (closing flushes every dataset: no SWMR flush first).  Idempotent."""
         with self._lock:
             if self._closed:
                 return
             try:
-                self.flush()
+                self._check_open()
+                self._write_buffered()
+                self._write_tables(whole_chunks=False)
+                self._flushed = self._on_disk
                 if stop_summary is not None:
                     self._file.attrs["stop_summary"] = json.dumps(dict(stop_summary))
             finally:
@@ -619,6 +623,12 @@ class WaveformWriter:
             ds.flush()
         self._flushed = self._on_disk
         self._last_write = time.monotonic()
+
+    def _write_buffered(self) -> None:
+        if self._buffered:
+            rows = self._buffer[: self._buffered].copy()
+            self._buffered = 0
+            self._write_rows(rows)
 
     def _write_rows(self, values: npt.NDArray[np.float32]) -> None:
         self._check_space(values.shape[0])
