@@ -93,6 +93,9 @@ class GapStream:
 # ------------------------------------------------------------------------- long tables
 
 
+_NUMPY: Final = {"string": None, "integer": "<i8", "number": "<f8", "boolean": "|b1"}
+
+
 @dataclasses.dataclass(frozen=True)
 class TableColumn:
     """One column of a :class:`TableStream`: its bluesky dtype and units."""
@@ -101,10 +104,18 @@ class TableColumn:
     """``"string"``, ``"integer"``, ``"number"`` or ``"boolean"``."""
     units: str = ""
 
+    def __post_init__(self) -> None:
+        if self.dtype not in _NUMPY:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_NUMPY)}")
+
     def value(self, value: Any) -> Any:
         """``value`` as this column stores it (None is NaN in a number column: not known)."""
         if self.dtype == "number":
-            return math.nan if value is None else float(value)
+            if value is None:
+                return math.nan
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{value!r} is not a number")
+            return float(value)
         if self.dtype == "integer":
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{value!r} is not an integer")
@@ -118,7 +129,6 @@ class TableColumn:
         return value
 
 
-_NUMPY: Final = {"string": None, "integer": "<i8", "number": "<f8", "boolean": "|b1"}
 METER: Final = "meter"
 """The column every table has: the meter's name (the row's key, with ``segment``)."""
 
@@ -134,7 +144,7 @@ class TableStream:
 
     def __init__(self, name: str, columns: Mapping[str, TableColumn], source: str) -> None:
         if METER not in columns or columns[METER].dtype != "string":
-            raise ValueError(f"table {name!r}: the first column must be the string {METER!r}")
+            raise ValueError(f"table {name!r}: it needs a string column {METER!r}")
         self.name = name
         self.columns = dict(columns)
         self.source = source
@@ -150,6 +160,8 @@ class TableStream:
         and column where a value is older than now (default: now).  A row with a missing,
         extra or mistyped column raises ``ValueError`` naming the meter and the column."""
         now = time.time()
+        clean_rows: list[dict[str, Any]] = []
+        clean_stamps: list[dict[str, float]] = []
         for i, row in enumerate(rows):
             meter = row.get(METER, f"row {i}")
             if set(row) != set(self.columns):
@@ -164,8 +176,10 @@ class TableStream:
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"{self.name}: {meter}: column {key!r}: {exc}") from None
             stamps = dict(timestamps[i]) if timestamps is not None else {}
-            self._rows.append(clean)
-            self._stamps.append({key: float(stamps.get(key, now)) for key in self.columns})
+            clean_rows.append(clean)
+            clean_stamps.append({key: float(stamps.get(key, now)) for key in self.columns})
+        self._rows += clean_rows  # all or nothing: a bad row queues none of them
+        self._stamps += clean_stamps
 
     @property
     def pending(self) -> bool:
