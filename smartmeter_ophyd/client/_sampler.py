@@ -37,12 +37,12 @@ from ..protocol import (
 )
 from ._errors import (
     MeterCommandError,
-    MeterCommandRejected,
     MeterConnectionError,
     MeterProtocolError,
 )
 from ._model import SampleConfig
 from ._session import SamplingSession
+from ._stop_reply import judge_stop_reply
 from ._transports import UdpReceiver, open_udp_receiver
 
 if TYPE_CHECKING:
@@ -188,21 +188,10 @@ class Sampler:
 
         async def send_stop(timeout: float | None = None) -> StopReply:
             reply = (await client.requests.exchange(Stop(), timeout)).reply
-            assert isinstance(reply, Reply)
-            stop_view = client.requests.view(Stop(), reply)
-            if not isinstance(stop_view, StopReply):
-                raise MeterProtocolError(client.meter_label, f"unusable stop reply: {reply}")
-            if stop_view.was_idle:
-                logger.warning(
-                    "%s: stop: the meter says it was not sampling (session already ended)",
-                    client.meter_label,
-                )
-            elif not stop_view.succeeded:
-                raise MeterCommandRejected(
-                    client.meter_label, "stop", stop_view.message, stop_view.raw_fields
-                )
+            if not isinstance(reply, Reply):
+                raise MeterProtocolError(client.meter_label, f"unusable stop reply: {reply!r}")
             # Frames the decoder still holds came before the reply; they are already routed.
-            return stop_view
+            return judge_stop_reply(client.meter_label, reply)
 
         async def send_cts(ready: bool) -> None:
             await client.requests.typed(Cts(ready), MessageReply)

@@ -39,6 +39,7 @@ from .._errors import (
     MeterTimeoutError,
 )
 from .._session import SamplingSession
+from .._stop_reply import judge_stop_reply
 from ._messages import (
     MAX_MQTT_RATE_HZ,
     NOT_OVER_MQTT,
@@ -312,16 +313,8 @@ class AsyncMqttMeter:
             reply = await self._exchange("reply", meter_topic(self.name, "cmd"),
                                          self._command_payload(Stop(), meter_topic(self.name, "cmd")),
                                          Stop(), timeout, what="stop")
-            try:
-                stop_view = parse_reply(reply, "stop")
-            except RemoteProtocolError as exc:
-                raise MeterProtocolError(self.meter_label, f"stop: {exc}") from exc
-            if not isinstance(stop_view, StopReply):
-                raise MeterProtocolError(self.meter_label, f"unusable stop reply: {reply.raw}")
-            if stop_view.was_idle:
-                logger.warning("%s: stop: the meter says it was not sampling", self.meter_label)
             # Same topic, same publisher: the tail came before this reply (§4.8, §4.14).
-            return stop_view
+            return judge_stop_reply(self.meter_label, reply)
 
         async def send_cts(ready: bool) -> None:
             await self.request(Cts(ready))
