@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import plans
+from smartmeter_ophyd.cli._summary import run_summary as cli_summary
 from smartmeter_ophyd.readback import meter_rows
 from smartmeter_ophyd.storage import read_stream
 
@@ -68,6 +69,14 @@ def test_continue_records_a_new_segment_after_the_connection_comes_back(
         assert stored == received.sum()
     # the lost meter's first segment ended without a stop reply, and says so
     assert "connection lost" in table["m2"][0]["summary"]
+    assert table["m2"][0]["device_sent_samples"] == -1 and not table["m2"][0]["explained"]
+    # the CLI's summary: counts over both segments, a count the meter never gave stays unknown
+    printed = cli_summary(run)["meters"]
+    for meter in meters:
+        assert printed[meter.name]["samples"] == sum(
+            row["received_samples"] for row in table[meter.name])
+    assert printed["m2"]["meter_sent"] == -1 and printed["m2"]["explained"] is False
+    assert printed["m1"]["start_ts"] == table["m1"][0]["start_ts"]  # the first segment's
     # the rest of the duration was recorded: segment lengths add up to the duration
     summary = meters[1].last_summary
     seg1 = summary.stop_ts - summary.start_ts
