@@ -6,9 +6,9 @@ everything received is collected and the run closes with the meter's own error.
 or WiFi dropped, §4.9): every meter is stopped and what arrived is recorded as a segment,
 the plan waits (bounded) until the lost meter's link is back, then records the rest of the
 duration as a new synchronized segment (gated and scheduled again), exactly as after a
-pause.  The boundary and the gap are in the run: one ``synchronization`` and one
-``meter_summary`` row per segment (each meter's ``start_ts``/``stop_ts``), and the failed
-segment's summary says why it ended.  Any other fault (a write error, a refused command, a
+pause.  The boundary and the gap are in the run: the ``synchronization`` and
+``meter_summary`` tables have one row per meter and segment (``segment`` 0, 1, ...; each
+meter's ``start_ts``/``stop_ts``), and the failed segment's summary says why it ended.  Any other fault (a write error, a refused command, a
 timeout) still fails the run, under either policy.
 
 Limits: the meter must come back at the same address within ``RECONNECT_S``; a meter that

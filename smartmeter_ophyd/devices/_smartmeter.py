@@ -41,8 +41,8 @@ directly (duck typing, no ``ophyd.flyers`` helpers) so a later port to ophyd-asy
 
 Per-run metadata lands in the catalog three ways: :meth:`SmartMeter.run_metadata` (identity
 and configuration, for the start document), the ``sampling_reply``/``stop_summary`` config
-signals, and the :attr:`SmartMeter.run_summary` readable, read once after the fly into a
-small ``meter_summary`` stream whose descriptor carries the meter's final configuration.
+signals, and :attr:`SmartMeter.run_summary`, the meter's row of the run's ``meter_summary``
+table (its counts and its final state, written once after the fly).
 The HDF5 file carries the same identity, sample reply and stop summary as attributes.
 
 Samples beyond the target: when ``n_samples`` is reached the device sends ``stop``; the
@@ -83,7 +83,7 @@ arrive unnumbered (one JSON message each, QoS 0): a sample the broker lost shows
 Why a fly stopped: the device records who asked the meter to stop (``"<n> samples
 reached"``, ``stop()`` from the plan or the RunEngine, ``unstage``, ``pause``, ``close``,
 silence, a write error; none when the meter stopped by itself) as ``stop_requested`` in the
-``stop_summary`` config signal (so in the run's ``meter_summary`` descriptor), in the HDF5
+``stop_summary`` config signal (so in the run's ``meter_summary`` table), in the HDF5
 file's ``stop_summary`` attribute and as :attr:`SmartMeter.last_stop_reason`.  The stop
 document's ``reason`` is not the device's to write: on a failure it is the exception's text,
 but after ``RE.abort(reason)`` bluesky (1.15) leaves it empty for every plan built on
