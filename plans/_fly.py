@@ -564,7 +564,7 @@ def _segments(setup: FlySetup, state: FlyState, alignment: AlignmentStream | Non
             state.watch.phase = "streaming"
             state.watch.paused = False
             try:
-                yield from _complete_while_collecting(setup, state)
+                yield from _complete_while_collecting(setup, state, alignment)
             except Exception as exc:
                 if not (arm and _policy.continues(setup.on_fault, _cause(exc))):
                     raise
@@ -740,10 +740,13 @@ def _read_once(readables: Sequence[Any], name: str) -> Generator[Msg, Any, None]
     yield from bpp.contingency_wrapper(reads(), except_plan=dropped, else_plan=saved)
 
 
-def _complete_while_collecting(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
+def _complete_while_collecting(setup: FlySetup, state: FlyState,
+                               alignment: AlignmentStream | None) -> Generator[Msg, Any, None]:
     group = short_uid(label="complete")
     for meter in setup.meters:
         state.completes[meter.name] = yield from bps.complete(meter, group=group)
+    if alignment is not None:  # each meter's file is aligned once it is complete
+        alignment.follow(state.completes)
     next_sync = time.monotonic() + setup.ntp_period if setup.ntp_period is not None else math.inf
     live = [meter.live_stream for meter in setup.meters]
     live_period = min(stream.period_s for stream in live)

@@ -15,24 +15,30 @@ in their docs); a meter without ``v_l1`` (``v,i_L2``, latched modes) or without 
 left out with a note in the log.  The computation costs about 15 ms per meter and 10 s of
 8 kHz data (reading included), a few seconds per meter-hour.  :meth:`AlignmentStream.open`
 launches a worker process (:class:`smartmeter_ophyd.storage.AlignmentWorker`) while the
-meters sample; :meth:`AlignmentStream.start` hands it the complete files, so the alignment
-runs on the host's other core while the RunEngine writes the run's other end-of-run records;
-``collect`` then waits for it.  Without ``start`` it runs when the stream is collected, in
-this process.  :meth:`AlignmentStream.close` ends the worker (at once if it is still busy).
+meters sample; :meth:`AlignmentStream.follow` hands it each meter's file as soon as that
+meter's fly is complete, so the alignment runs on the host's other core while the other
+files close and the RunEngine writes the run's other end-of-run records;
+:meth:`AlignmentStream.start` asks for the result and ``collect`` waits for it.  Without
+``start``, or if the worker fails, it runs in this process when the stream is collected.
+:meth:`AlignmentStream.close` ends the worker (at once if it is still busy).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from ..storage import AlignmentWorker, AlignmentWorkerError
 from ._keys import scalar_key
 
 if TYPE_CHECKING:
-    from ..storage import AlignmentWorker, RecordedAlignment
+    from ophyd.status import StatusBase as Status
+
+    from ..storage import RecordedAlignment
     from ..timing import Alignment
     from ._smartmeter import SmartMeter
 
@@ -65,24 +71,74 @@ class AlignmentStream:
         self.results: dict[str, Alignment] = {}
         self._collected = False
         self._worker: AlignmentWorker | None = None
+        self._worker_failed = False
+        self._following = False
         self._submitted = False
 
     def open(self) -> None:
         """Launch the worker process now (its imports take a few tenths of a second)."""
-        if self._worker is None:
-            from ..storage import AlignmentWorker
+        if self._worker is None and not self._worker_failed:
+            worker = AlignmentWorker()
+            try:
+                worker.start()
+            except AlignmentWorkerError as exc:
+                self._fail(exc)
+                return
+            self._worker = worker
 
-            self._worker = AlignmentWorker()
-            self._worker.start()
+    def follow(self, completes: Mapping[str, Status]) -> None:
+        """Align each meter's file in the worker as soon as its fly is complete (its
+        ``complete`` status, by meter name, is done).  Each call begins anew: a resumed run
+        aligns its last segment's files."""
+        self.open()
+        worker = self._worker
+        if worker is None:
+            return
+        try:
+            worker.begin(self.reference)
+        except AlignmentWorkerError as exc:
+            self._fail(exc)
+            return
+        self._following = True
+        for meter in self.meters:
+            status = completes.get(meter.name)
+            if status is not None:
+                status.add_callback(functools.partial(self._complete, worker, meter))
+
+    def _complete(self, worker: AlignmentWorker, meter: SmartMeter, _status: Status) -> None:
+        """On the thread that finished the status (the client's loop): a small write."""
+        path = meter.hdf5_path
+        if path is None or worker is not self._worker:
+            return
+        try:
+            worker.add(meter.name, path)
+        except AlignmentWorkerError as exc:  # said once, when the result is asked for
+            logger.debug("alignment: %s not handed over: %s", meter.name, exc)
 
     def start(self) -> None:
-        """Hand the meters' files to the worker (they must be complete); ``open`` first if
-        not opened."""
-        if not self._submitted:
-            self.open()
-            assert self._worker is not None
-            self._worker.submit(self.reference, self._files())
-            self._submitted = True
+        """Ask the worker for the result (the files must be complete; the ones ``follow``
+        did not hand over go now); ``open`` first if not opened."""
+        if self._submitted:
+            return
+        self.open()
+        worker = self._worker
+        if worker is None:
+            return
+        try:
+            if self._following:
+                worker.finish(self._files())
+            else:
+                worker.submit(self.reference, self._files())
+        except AlignmentWorkerError as exc:
+            self._fail(exc)
+            return
+        self._submitted = True
+
+    def _fail(self, exc: AlignmentWorkerError) -> None:
+        """The worker is no use: the alignment is computed here when collected."""
+        logger.warning("alignment: %s; computed in this process instead", exc)
+        self._worker_failed = True
+        self.close()
 
     def close(self) -> None:
         """End the worker process (at once if it is still computing).  Idempotent."""
@@ -102,17 +158,16 @@ class AlignmentStream:
 
     def compute(self) -> dict[str, Alignment]:
         """Align every meter against the reference: the worker's answer if ``start`` was
-        called, else computed here."""
-        from ..storage import AlignmentWorkerError, align_recordings
+        called, else (or if the worker failed) computed here."""
+        from ..storage import align_recordings
 
-        if self._submitted:
-            assert self._worker is not None
+        found: RecordedAlignment | None = None
+        if self._submitted and self._worker is not None:
             try:
-                found: RecordedAlignment = self._worker.result()
-            except AlignmentWorkerError as exc:  # the samples are safe; only this record lacks
-                logger.error("alignment: %s; the run gets no alignment stream", exc)
-                return {}
-        else:
+                found = self._worker.result()
+            except AlignmentWorkerError as exc:
+                self._fail(exc)
+        if found is None:
             found = align_recordings(self.reference, self._files())
         for level, note in found.notes:
             logger.log(level, "%s", note)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from ._alignment import (
+        AlignmentSession,
         AlignmentWorker,
         AlignmentWorkerError,
         RecordedAlignment,
@@ -106,6 +107,7 @@ if TYPE_CHECKING:
 
 _EXPORTS: Final[dict[str, tuple[str, ...]]] = {
     "_alignment": (
+        "AlignmentSession",
         "AlignmentWorker",
         "AlignmentWorkerError",
         "RecordedAlignment",
@@ -188,6 +190,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AlignmentSession",
     "AlignmentWorker",
     "AlignmentWorkerError",
     "COMPRESSION",

@@ -7,12 +7,14 @@ reads each file's ``v_l1`` and (modelled) ``/time`` and aligns every meter again
 one meter at a time: memory holds the reference's and one other meter's waveform (a meter-hour
 at 8 kHz is ~350 MB of times and voltages), never every meter's.
 
-:class:`AlignmentWorker` runs it in a process of its own (``python -m
-smartmeter_ophyd.storage._alignment_main``, requests and results pickled over its pipes).  At
+:class:`AlignmentSession` does the same one file at a time, as the files become complete.
+:class:`AlignmentWorker` runs sessions in a process of its own (``python -m
+smartmeter_ophyd.storage._alignment_main``, messages and results pickled over its pipes).  At
 the end of a multi-meter fly the acquisition process closes every meter's file and writes the
 run's last documents; the alignment (numpy and h5py, ~15 ms per meter and 10 s of 8 kHz data)
-would compete with them for the GIL.  In its own process it uses the host's other core, and its
-imports are paid when it starts (before the meters sample), not when the run ends.
+would compete with them for the GIL.  In its own process it uses the host's other core, it
+follows the files as they close, and its imports are paid when it starts (before the meters
+sample), not when the run ends.
 
 Limits: the meters' ``v_l1`` must measure the same phase (the plans say so); a meter without
 ``v_l1`` (``v,i_L2``, latched modes) or without samples is left out, with a note.  Notes are
@@ -25,11 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import pickle
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
@@ -46,6 +48,9 @@ __all__ = ["AlignmentWorker", "AlignmentWorkerError", "RecordedAlignment", "alig
 logger = logging.getLogger(__name__)
 
 CHANNEL: Final = "v_l1"
+SPAN_PAD_S: Final = 2.0
+"""How far past the reference's recording another meter's may reach and still be aligned
+as soon as it is complete (see :class:`AlignmentSession`)."""
 
 
 @dataclass(frozen=True)
@@ -78,79 +83,142 @@ def read_waveform(name: str, path: str) -> Waveform | None:
     return Waveform(name, times[fresh], voltage[fresh])
 
 
-def read_span(path: str) -> tuple[float, float] | None:
-    """(first, last) finite time of the recording at ``path``, reading only the ends where
-    they are finite (None without two ``v_l1`` samples)."""
-    with h5py.File(path, "r", swmr=True) as f:
-        if CHANNEL not in f or f[CHANNEL].shape[0] < 2:
-            return None
-        times = f["time"]
-        first, last = float(times[0]), float(times[times.shape[0] - 1])
-        if not (math.isfinite(first) and math.isfinite(last)):
-            finite = times[()]
-            finite = finite[np.isfinite(finite)]
-            if finite.size < 2:
-                return None
-            first, last = float(finite[0]), float(finite[-1])
-    return first, last
-
-
 def align_recordings(reference: str, files: Mapping[str, str]) -> RecordedAlignment:
     """Align every recording in ``files`` (meter name -> HDF5 path) against ``reference``'s.
 
     A meter that cannot be read or aligned is left out with a note; so is everything when
     the reference has no ``v_l1`` samples or fewer than two meters have.
     """
-    notes: list[tuple[int, str]] = []
-    spans: dict[str, tuple[float, float]] = {}
-    for name, path in files.items():
+    return AlignmentSession(reference).finish(files)
+
+
+class AlignmentSession:
+    """:func:`align_recordings` one file at a time, as the files become complete.
+
+    ``add`` aligns a meter at once if the reference has come (the reference waits for
+    nothing; a meter added before it waits for it), so the work can follow the meters' files
+    closing one by one.  The windows lie on whole seconds: the reference's span widened by
+    ``pad_s`` on each side gives the same windows as the span over every meter (the empty
+    ones yield no rows), so a meter is aligned without waiting for the others.  A meter
+    outside that span is aligned at ``finish``, over the exact span.
+    """
+
+    def __init__(self, reference: str, pad_s: float = SPAN_PAD_S) -> None:
+        self.reference = reference
+        self.pad_s = pad_s
+        self._paths: dict[str, str] = {}
+        self._aligner: Aligner | None = None
+        self._reference_failed = False
+        self._waiting: list[str] = []
+        self._outside: dict[str, tuple[float, float]] = {}
+        self._results: dict[str, Alignment] = {}
+        self._notes: list[tuple[int, str]] = []
+        self._with_voltage: set[str] = set()
+
+    def add(self, name: str, path: str) -> None:
+        """``name``'s recording at ``path`` is complete (a second ``add`` of it is ignored)."""
+        if name in self._paths:
+            return
+        self._paths[name] = path
+        if name == self.reference:
+            self._begin(path)
+            waiting, self._waiting = self._waiting, []
+            for other in waiting:
+                self._align(other)
+        elif self._aligner is None and not self._reference_failed:
+            self._waiting.append(name)
+        else:
+            self._align(name)
+
+    def finish(self, files: Mapping[str, str]) -> RecordedAlignment:
+        """Add what ``files`` holds that was not added (the reference first), align what
+        lay outside the reference's span, and return everything found."""
+        if self.reference in files:
+            self.add(self.reference, files[self.reference])
+        for name, path in files.items():
+            self.add(name, path)
+        for name in self._waiting:  # the reference never came
+            self._note(logging.WARNING, f"alignment: {name} left out: the reference "
+                                        f"{self.reference!r} has no recording")
+        self._waiting = []
+        if self._outside and self._aligner is not None:
+            self._align_outside()
+        if not self._results and len(self._with_voltage) < 2:
+            self._note(logging.INFO,
+                       f"alignment: fewer than two meters with {CHANNEL}; nothing to align")
+        return RecordedAlignment(self.reference, dict(self._results), tuple(self._notes))
+
+    def _note(self, level: int, message: str) -> None:
+        self._notes.append((level, message))
+
+    def _begin(self, path: str) -> None:
         try:
-            span = read_span(path)
-        except OSError as exc:
-            notes.append((logging.WARNING, f"alignment: {name} left out: {exc}"))
-            continue
-        if span is None:
-            notes.append((logging.INFO, f"alignment: {name} has no {CHANNEL} samples; left out"))
-            continue
-        spans[name] = span
-    if reference not in spans or len(spans) < 2:
-        notes.append((logging.INFO,
-                      f"alignment: fewer than two meters with {CHANNEL}; nothing to align"))
-        return RecordedAlignment(reference, {}, tuple(notes))
-    whole = (min(a for a, _ in spans.values()), max(b for _, b in spans.values()))
-    try:
-        reference_wave = read_waveform(reference, files[reference])
-        if reference_wave is None:
-            raise AlignmentError(f"the reference {reference!r} has no samples")
-        aligner = Aligner(reference_wave, whole)
-    except (AlignmentError, OSError) as exc:
-        notes.append((logging.WARNING,
-                      f"alignment: reference {reference}: {exc}; nothing aligned"))
-        return RecordedAlignment(reference, {}, tuple(notes))
-    results: dict[str, Alignment] = {}
-    for name in spans:
-        if name == reference:
-            continue
-        try:
-            waveform = read_waveform(name, files[name])
-            if waveform is not None:
-                results[name] = aligner(waveform)
+            wave = read_waveform(self.reference, path)
+            if wave is None:
+                self._note(logging.INFO, f"alignment: {self.reference} has no {CHANNEL} "
+                                         f"samples; left out")
+                raise AlignmentError(f"the reference {self.reference!r} has no samples")
+            self._with_voltage.add(self.reference)
+            first, last = wave.span
+            self._aligner = Aligner(wave, (first - self.pad_s, last + self.pad_s))
         except (AlignmentError, OSError) as exc:
-            notes.append((logging.WARNING, f"alignment: {name} left out: {exc}"))
-        waveform = None  # before the next is read: two meters in memory, not three
-    return RecordedAlignment(reference, results, tuple(notes))
+            self._reference_failed = True
+            self._note(logging.WARNING,
+                       f"alignment: reference {self.reference}: {exc}; nothing aligned")
+
+    def _align(self, name: str) -> None:
+        if self._aligner is None:
+            return  # the reference failed: said once, in _begin
+        aligner = self._aligner
+        try:
+            wave = read_waveform(name, self._paths[name])
+            if wave is None:
+                self._note(logging.INFO, f"alignment: {name} has no {CHANNEL} samples; "
+                                         f"left out")
+                return
+            self._with_voltage.add(name)
+            first, last = wave.span
+            if not (aligner.span[0] <= first and last <= aligner.span[1]):
+                self._outside[name] = (first, last)
+                return
+            self._results[name] = aligner(wave)
+        except (AlignmentError, OSError) as exc:
+            self._note(logging.WARNING, f"alignment: {name} left out: {exc}")
+
+    def _align_outside(self) -> None:
+        assert self._aligner is not None
+        reference = self._aligner.reference
+        spans = [reference.span, *self._outside.values()]
+        try:
+            aligner = Aligner(reference, (min(a for a, _ in spans), max(b for _, b in spans)))
+        except AlignmentError as exc:
+            for name in self._outside:
+                self._note(logging.WARNING, f"alignment: {name} left out: {exc}")
+            return
+        for name in self._outside:
+            try:
+                wave = read_waveform(name, self._paths[name])
+                if wave is not None:
+                    self._results[name] = aligner(wave)
+            except (AlignmentError, OSError) as exc:
+                self._note(logging.WARNING, f"alignment: {name} left out: {exc}")
+        self._outside.clear()
 
 
 class AlignmentWorker:
-    """A process of its own running :func:`align_recordings`, one request at a time.
+    """A process of its own running alignment sessions (:class:`AlignmentSession`), one at
+    a time.
 
     ``start`` launches it (idempotent; its imports take a few tenths of a second, so start it
-    well before the first request), ``submit`` sends a request, ``result`` waits for it,
-    ``close`` ends the process (killing it if a request is still running).
+    well before it is needed).  ``begin`` opens a session (dropping an unfinished one),
+    ``add`` hands it a complete file (from any thread), ``finish`` asks for the result and
+    ``result`` waits for it; ``submit`` is ``begin`` + ``finish``.  ``close`` ends the process
+    (killing it if it is still computing).
     """
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
         self._pending = False
 
     @property
@@ -163,30 +231,41 @@ class AlignmentWorker:
         return None if self._process is None else self._process.pid
 
     def start(self) -> None:
-        if self._process is not None:
-            return
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "smartmeter_ophyd.storage._alignment_main"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_environment(),
-        )
+        with self._lock:
+            if self._process is None:
+                try:
+                    self._process = subprocess.Popen(
+                        [sys.executable, "-m", "smartmeter_ophyd.storage._alignment_main"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        env=_child_environment(),
+                    )
+                except OSError as exc:
+                    raise AlignmentWorkerError(
+                        f"cannot launch the alignment worker: {exc}") from exc
 
-    def submit(self, reference: str, files: Mapping[str, str]) -> None:
-        """Ask for :func:`align_recordings` (``start`` first if not started)."""
+    def begin(self, reference: str) -> None:
+        """A new session against ``reference`` (``start`` first if not started)."""
+        self.start()
+        self._send(("begin", reference))
+
+    def add(self, name: str, path: str) -> None:
+        """``name``'s file at ``path`` is complete: aligned as soon as the reference is."""
+        self._send(("add", name, path))
+
+    def finish(self, files: Mapping[str, str]) -> None:
+        """Ask for the session's result over ``files`` (what was not added is added)."""
         if self._pending:
             raise AlignmentWorkerError("the alignment worker is still busy with a request")
-        self.start()
-        process = self._process
-        assert process is not None and process.stdin is not None
-        try:
-            pickle.dump((reference, dict(files)), process.stdin,
-                        protocol=pickle.HIGHEST_PROTOCOL)
-            process.stdin.flush()
-        except OSError as exc:
-            raise AlignmentWorkerError(f"the alignment worker is gone: {self._exit()}") from exc
+        self._send(("finish", dict(files)))
         self._pending = True
 
+    def submit(self, reference: str, files: Mapping[str, str]) -> None:
+        """:func:`align_recordings` in the worker: ``result`` gives the answer."""
+        self.begin(reference)
+        self.finish(files)
+
     def result(self) -> RecordedAlignment:
-        """The last request's answer (blocks until it comes)."""
+        """The finished session's answer (blocks until it comes)."""
         if not self._pending:
             raise AlignmentWorkerError("no alignment request is pending")
         process = self._process
@@ -202,8 +281,9 @@ class AlignmentWorker:
         return payload
 
     def close(self, timeout: float = 5.0) -> None:
-        """End the process: at once if a request is running, else after its input closes."""
-        process, self._process = self._process, None
+        """End the process: at once if it is computing, else after its input closes."""
+        with self._lock:
+            process, self._process = self._process, None
         if process is None:
             return
         if self._pending:
@@ -220,6 +300,18 @@ class AlignmentWorker:
                            process.pid, timeout)
             process.kill()
             process.wait()
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._lock:
+            process = self._process
+            if process is None or process.stdin is None:
+                raise AlignmentWorkerError("the alignment worker is not running")
+            try:
+                pickle.dump(message, process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                process.stdin.flush()
+            except OSError as exc:
+                raise AlignmentWorkerError(
+                    f"the alignment worker is gone: {self._exit()}") from exc
 
     def _exit(self) -> str:
         process = self._process
@@ -248,16 +340,35 @@ def _child_environment() -> dict[str, str]:
 
 
 def serve(requests: IO[bytes], answers: IO[bytes]) -> int:
-    """The worker's loop: one pickled ``(reference, files)`` in, one ``(ok, payload)`` out,
-    until its input closes."""
+    """The worker's loop: ``("begin", reference)``, ``("add", name, path)`` and
+    ``("finish", files)`` in; one pickled ``(ok, RecordedAlignment or error)`` out per
+    ``finish``; until its input closes."""
+    session: AlignmentSession | None = None
+    failure: str | None = None
     while True:
         try:
-            reference, files = pickle.load(requests)
+            kind, *arguments = pickle.load(requests)
         except EOFError:
             return 0
         try:
-            answer: tuple[bool, Any] = (True, align_recordings(reference, files))
-        except Exception as exc:  # reported to the caller, who names the run
-            answer = (False, f"{type(exc).__name__}: {exc}")
-        pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
-        answers.flush()
+            if kind == "begin":
+                session, failure = AlignmentSession(*arguments), None
+            elif session is not None and failure is None and kind == "add":
+                session.add(*arguments)
+            elif kind == "finish":
+                answer: tuple[bool, Any]
+                if session is None:
+                    answer = (False, "finish before begin")
+                elif failure is not None:
+                    answer = (False, failure)
+                else:
+                    answer = (True, session.finish(*arguments))
+                session = None
+                pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
+                answers.flush()
+        except Exception as exc:  # reported at finish, to the caller who names the run
+            failure = f"{type(exc).__name__}: {exc}"
+            if kind == "finish":
+                session = None
+                pickle.dump((False, failure), answers, protocol=pickle.HIGHEST_PROTOCOL)
+                answers.flush()

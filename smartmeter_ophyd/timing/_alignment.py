@@ -128,6 +128,11 @@ class Waveform:
         object.__setattr__(self, "_first", first)
         object.__setattr__(self, "_last", last)
 
+    @property
+    def span(self) -> tuple[float, float]:
+        """(first, last) finite time."""
+        return self._first, self._last
+
 
 def _check_increasing(name: str, time: np.ndarray) -> tuple[float, float]:
     """(first, last) finite time; raises unless finite times strictly increase."""
@@ -307,6 +312,11 @@ class Aligner:
         self._ref_blocks = self.grid.phasors(reference)
         self._samples = Reference.of(reference.time, reference.voltage)
         self._frequency = _reference_frequency(self._ref_blocks, self.grid)
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """The ``span`` it was built for: every meter it aligns must lie inside."""
+        return self._first, self._last
 
     def __call__(self, meter: Waveform, *, check: bool = True) -> Alignment:
         """``meter`` against the reference (``check=False``: its sample spacing was checked)."""

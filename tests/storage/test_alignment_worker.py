@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 
 from smartmeter_ophyd.storage import (
+    AlignmentSession,
     AlignmentWorker,
     AlignmentWorkerError,
     align_recordings,
+    read_waveform,
 )
+from smartmeter_ophyd.timing import Alignment, align
 
 from ..timing._signals import T0, SimMeter, simulate, true_offset
 
@@ -70,6 +73,39 @@ def test_the_worker_finds_the_true_offsets_and_agrees_with_this_process(
         assert np.max(np.abs(result.offset_s - truth)) < TRUTH_LIMIT_S, name
 
 
+def assert_same(found: Alignment, expected: Alignment) -> None:
+    for name in ("window_start", "window_end", "offset_s", "drift", "uncertainty_s",
+                 "correlation", "n_samples"):
+        np.testing.assert_array_equal(getattr(found, name), getattr(expected, name), name)
+
+
+def test_files_handed_over_as_they_close_give_what_aligning_all_at_once_gives(
+    recordings: tuple[dict[str, SimMeter], dict[str, str]], tmp_path: Path,
+) -> None:
+    """The worker aligns each file against the reference's span widened by 2 s; a meter
+    reaching past it (``long``: 4 s more) is aligned at finish over the exact span."""
+    meters, files = recordings
+    longer = simulate("long", offset_s=0.7e-3, drift_ppm=10.0, start_rel=0.002, seed=14,
+                      duration_s=10.0)
+    files = {**files, "long": record(tmp_path / "long.h5", longer)}
+    expected = align([w for name, path in files.items()
+                      if (w := read_waveform(name, path)) is not None], "ref")
+    with AlignmentWorker() as worker:
+        worker.begin("ref")
+        worker.add("late", files["late"])  # before the reference: waits for it
+        worker.add("ref", files["ref"])
+        worker.add("long", files["long"])
+        worker.finish(files)  # "early" was never added: added now
+        found = worker.result()
+    assert set(found.results) == {"early", "late", "long"}
+    for name, result in found.results.items():
+        assert_same(result, expected[name])
+    session = AlignmentSession("ref")
+    session.add("early", files["early"])
+    session.add("ref", files["ref"])
+    assert_same(session.finish(files).results["early"], expected["early"])
+
+
 def test_a_meter_without_v_l1_is_left_out_with_a_note(
     recordings: tuple[dict[str, SimMeter], dict[str, str]], tmp_path: Path,
 ) -> None:
@@ -85,8 +121,8 @@ def test_a_meter_without_v_l1_is_left_out_with_a_note(
 def test_a_missing_reference_aligns_nothing_and_says_why(tmp_path: Path) -> None:
     found = align_recordings("gone", {"gone": str(tmp_path / "absent.h5")})
     assert found.results == {}
-    assert any(level == logging.WARNING and "gone left out" in note
-               for level, note in found.notes)
+    assert any(level == logging.WARNING and note.startswith("alignment: reference gone: ")
+               and note.endswith("; nothing aligned") for level, note in found.notes)
 
 
 def test_close_ends_a_busy_worker_at_once(
