@@ -221,9 +221,11 @@ def replay_into_tiled(path: str | os.PathLike[str], client: Any) -> ReplayReport
     partly, and is reported as ``failed`` (remove it from the catalog and replay).  A journal
     with a stop document is written with the writer's batching; one without is written
     unbatched, so no event or stream datum waits for a stop that will never come (see the
-    module docstring); the run then stays open in the catalog.  The catalog refusing a
+    module docstring; consecutive StreamDatums are merged first, as the batches would have
+    been); the run then stays open in the catalog.  The catalog refusing a
     document ends the replay: the report names the document and its number (the run stays
-    in the catalog as far as it was written).  Raises as :func:`read_run_journal` for what is not a journal.
+    in the catalog as far as it was written).  Raises as :func:`read_run_journal` for what is
+    not a journal.
     """
     from ._consolidator import make_tiled_writer
 
@@ -238,16 +240,53 @@ def replay_into_tiled(path: str | os.PathLike[str], client: Any) -> ReplayReport
                                 "the catalog holds this run without its stop document (written "
                                 "partly); remove the run from the catalog, then replay")
         return ReplayReport(journal, uid, "already in the catalog", 0, exit_status)
-    writer = make_tiled_writer(client) if stops else make_tiled_writer(client, batch_size=1)
+    if stops:
+        writer, plan = make_tiled_writer(client), [(i, 1, name, doc) for i, (name, doc)
+                                                   in enumerate(docs)]
+    else:
+        writer, plan = make_tiled_writer(client, batch_size=1), _unbatched_plan(docs)
     count = 0
-    try:
-        for name, doc in docs:
+    for index, parts, name, doc in plan:
+        try:
             writer(name, doc)
-            count += 1
-    except Exception as exc:
-        name = docs[count][0]
-        logger.debug("replaying %s failed at document %d", journal, count + 1, exc_info=True)
-        return ReplayReport(journal, uid, "failed", count, exit_status,
-                            f"the catalog refused its {name} document (#{count + 1}): "
-                            f"{type(exc).__name__}: {exc}", refused_document=name)
+        except Exception as exc:
+            logger.debug("replaying %s failed at document %d", journal, index + 1, exc_info=True)
+            return ReplayReport(journal, uid, "failed", count, exit_status,
+                                f"the catalog refused its {name} document (#{index + 1}): "
+                                f"{type(exc).__name__}: {exc}", refused_document=name)
+        count += parts
     return ReplayReport(journal, uid, "replayed", count, exit_status)
+
+
+def _unbatched_plan(
+    docs: list[tuple[str, dict[str, Any]]],
+) -> list[tuple[int, int, str, dict[str, Any]]]:
+    """A stop-less journal for an unbatched writer, as ``(index, parts, name, doc)``.
+
+    Unbatched, a writer updates the catalog once per StreamDatum (one request each: minutes
+    for a long run).  So consecutive StreamDatums of one StreamResource are merged into one,
+    as a batching writer does until its stop, and each merged one is written where the next
+    does not continue it, or at the end; ``index`` is the journal position of its first part
+    and ``parts`` how many journal documents it stands for.
+    """
+    from bluesky_tiled_plugins.writing.tiled_writer import concatenate_stream_datums
+
+    plan: list[tuple[int, int, str, dict[str, Any]]] = []
+    pending: dict[str, tuple[int, int, dict[str, Any]]] = {}  # by StreamResource uid
+    for index, (name, doc) in enumerate(docs):
+        if name != "stream_datum":
+            plan.append((index, 1, name, doc))
+            continue
+        key = doc["stream_resource"]
+        held = pending.pop(key, None)
+        if held is not None:
+            first, parts, merged = held
+            if (merged["descriptor"] == doc["descriptor"]
+                    and merged["indices"]["stop"] == doc["indices"]["start"]
+                    and merged["seq_nums"]["stop"] == doc["seq_nums"]["start"]):
+                pending[key] = (first, parts + 1, dict(concatenate_stream_datums(merged, doc)))
+                continue
+            plan.append((first, parts, name, merged))
+        pending[key] = (index, 1, doc)
+    plan += [(first, parts, "stream_datum", merged) for first, parts, merged in pending.values()]
+    return plan
