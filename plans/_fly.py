@@ -535,11 +535,8 @@ def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[
         yield from bps.declare_stream(meter, name=samples, collect=True)
         yield from bps.declare_stream(meter.gap_stream, name=gaps, collect=True)
         yield from bps.declare_stream(meter.timing_stream, name=timing, collect=True)
-    # its worker process starts now, so that its imports are paid while the meters sample
     alignment = AlignmentStream(meters) if len(meters) > 1 else None
     try:
-        if alignment is not None:
-            alignment.open()
         yield from _segments(setup, state, alignment, arm=arm)
     finally:
         if alignment is not None:
@@ -745,7 +742,9 @@ def _complete_while_collecting(setup: FlySetup, state: FlyState,
     group = short_uid(label="complete")
     for meter in setup.meters:
         state.completes[meter.name] = yield from bps.complete(meter, group=group)
-    if alignment is not None:  # each meter's file is aligned once it is complete
+    if alignment is not None:
+        # Its worker starts now, once the meters sample (its imports would compete with the
+        # arming's deadline), and aligns each meter's file as soon as that fly is complete.
         alignment.follow(state.completes)
     next_sync = time.monotonic() + setup.ntp_period if setup.ntp_period is not None else math.inf
     live = [meter.live_stream for meter in setup.meters]

@@ -13,10 +13,9 @@ with :func:`smartmeter_ophyd.timing.apply_alignment`.
 Limits: it assumes the meters' ``v_l1`` channels measure the same phase (the plans say so
 in their docs); a meter without ``v_l1`` (``v,i_L2``, latched modes) or without samples is
 left out with a note in the log.  The computation costs about 15 ms per meter and 10 s of
-8 kHz data (reading included), a few seconds per meter-hour.  :meth:`AlignmentStream.open`
+8 kHz data (reading included), a few seconds per meter-hour.  :meth:`AlignmentStream.follow`
 launches a worker process (:class:`smartmeter_ophyd.storage.AlignmentWorker`) while the
-meters sample; :meth:`AlignmentStream.follow` hands it each meter's file as soon as that
-meter's fly is complete, so the alignment runs on the host's other core while the other
+meters sample and hands it each meter's file as soon as that meter's fly is complete, so the alignment runs on the host's other core while the other
 files close and the RunEngine writes the run's other end-of-run records;
 :meth:`AlignmentStream.start` asks for the result and ``collect`` waits for it.  Without
 ``start``, or if the worker fails, it runs in this process when the stream is collected.
