@@ -13,8 +13,9 @@ writer cannot reach, and reports, per journal, which document the catalog refuse
 
 A ``TiledWriter`` keeps events and stream data in batches until the run's stop document; a
 journal whose process died before the stop would leave those batches unwritten for ever.
-:func:`replay_into_tiled` therefore writes a stop-less journal unbatched (``batch_size=1``):
-slower, but every document reaches the catalog.  ``replay_journal(path,
+:func:`replay_into_tiled` therefore writes a stop-less journal unbatched (``batch_size=1``),
+with each run of consecutive StreamDatums merged first (one catalog update each, as a batch
+would have been): every document reaches the catalog.  ``replay_journal(path,
 make_tiled_writer(client))`` does not know this and loses the events of such a journal.
 
 Encoding: documents are JSON-like; numpy arrays become lists and numpy scalars Python
@@ -163,8 +164,9 @@ class ReplayReport:
     uid: str
     outcome: ReplayOutcome
     documents: int
-    """Documents the catalog's writer took without error (when ``failed``: the refused one is
-    number ``documents + 1``; with batching, the refusal may concern data batched before it)."""
+    """Journal documents the catalog's writer took without error (when ``failed``, ``error``
+    gives the refused document's number; with batching, the refusal may concern data batched
+    before it)."""
     exit_status: str | None
     """The run's stop document's ``exit_status``; None if the journal has no stop."""
     error: str | None = None
