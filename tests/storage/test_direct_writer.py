@@ -1,7 +1,8 @@
 """DirectCatalogWriter against TiledWriter, and the journal format.
 
 * catalog level: the documents of one run (a samples stream with a packet gap, its gaps
-  stream, and an event stream with float, int, bool, NaN and string values) written by
+  stream, and event streams with float, int, bool, NaN and string values: as events, as one
+  event page, and with the reserved key names ``time`` and ``seq_num``) written by
   ``make_tiled_writer`` and by :class:`DirectCatalogWriter` into two containers of one catalog
   give identical nodes: specs, metadata, structures, data sources and data (tables too);
 * a declared external key that never gets data: ``TiledWriter`` has no node, the direct
@@ -21,6 +22,7 @@ import uuid
 from typing import Any
 
 import bluesky.plan_stubs as bps
+import event_model
 import numpy as np
 import pytest
 
@@ -42,8 +44,9 @@ from .test_run_roundtrip import TestMeter, fly
 class Readings:
     """A plain bluesky Readable with fixed values of every scalar type a table holds."""
 
-    def __init__(self, name: str, values: dict[str, Any]) -> None:
+    def __init__(self, name: str, values: dict[str, Any], *, prefix: bool = True) -> None:
         self.name, self.parent, self._values = name, None, values
+        self._prefix = f"{name}_" if prefix else ""
 
     def describe(self) -> dict[str, Any]:
         out = {}
@@ -59,13 +62,14 @@ class Readings:
             else:
                 kind, numpy = "array", "<f8"
             shape = list(np.shape(value))
-            out[f"{self.name}_{key}"] = {"source": "test", "dtype": kind, "shape": shape,
+            out[f"{self._prefix}{key}"] = {"source": "test", "dtype": kind, "shape": shape,
                                          "dtype_numpy": numpy}
         return out
 
     def read(self) -> dict[str, Any]:
         now = time.time()
-        return {f"{self.name}_{k}": {"value": v, "timestamp": now} for k, v in self._values.items()}
+        return {f"{self._prefix}{k}": {"value": v, "timestamp": now}
+                for k, v in self._values.items()}
 
     def describe_configuration(self) -> dict[str, Any]:
         return {}
@@ -74,7 +78,9 @@ class Readings:
         return {}
 
 
-def run_with_events(meter: TestMeter, readings: Readings) -> Any:
+def run_with_events(meter: TestMeter, readings: Readings, *more: Readings) -> Any:
+    """A fly of ``meter``, then 3 events of ``readings`` (stream ``summary``) and of each of
+    ``more`` (a stream named after it)."""
     def plan() -> Any:
         uid = yield from fly(meter)
         return uid
@@ -89,6 +95,9 @@ def run_with_events(meter: TestMeter, readings: Readings) -> Any:
         yield from bps.collect(meter.gaps, name="meter_gaps")
         for _ in range(3):
             yield from bps.trigger_and_read([readings], name="summary")
+        for other in more:
+            for _ in range(3):
+                yield from bps.trigger_and_read([other], name=other.name)
         yield from bps.close_run()
 
     return with_events()
@@ -100,6 +109,23 @@ def record(plan: Any) -> list[tuple[str, dict[str, Any]]]:
     engine.subscribe(lambda name, doc: docs.append((name, copy.deepcopy(doc))))
     engine(plan)
     return docs
+
+
+def paged(docs: list[tuple[str, dict[str, Any]]], stream: str) -> list[tuple[str, dict[str, Any]]]:
+    """The documents with the events of ``stream`` packed into one event page (at the place
+    of its first event), as the RunEngine emits a collected stream."""
+    descriptor = next(d["uid"] for n, d in docs if n == "descriptor" and d["name"] == stream)
+    events = [d for n, d in docs if n == "event" and d["descriptor"] == descriptor]
+    page = dict(event_model.pack_event_page(*events))
+    out, placed = [], False
+    for name, doc in docs:
+        if name == "event" and doc["descriptor"] == descriptor:
+            if not placed:
+                out.append(("event_page", page))
+                placed = True
+            continue
+        out.append((name, doc))
+    return out
 
 
 def summary(run: Any) -> dict[str, Any]:
@@ -171,7 +197,10 @@ def test_same_catalog_as_tiled_writer(embedded_catalog) -> None:
     meter = TestMeter(name="dw", directory=embedded_catalog.data_directory, seed=11)
     readings = Readings("sum", {"count": 7, "ok": True, "level": 1.5, "missing": math.nan,
                                 "label": "phase L2"})
-    docs = record(run_with_events(meter, readings))
+    page = Readings("page", {"n": 3, "on": False, "x": -0.25, "nan": math.nan, "s": "L1"})
+    reserved = Readings("reserved", {"time": 2.5, "seq_num": 4, "other": 1.0}, prefix=False)
+    docs = paged(record(run_with_events(meter, readings, page, reserved)), "page")
+    assert [n for n, d in docs].count("event_page") == 1
     uid = docs[0][1]["uid"]
     assert sum(1 for n, _ in docs if n == "stream_datum") > 10
 
@@ -186,8 +215,11 @@ def test_same_catalog_as_tiled_writer(embedded_catalog) -> None:
 
     stock = summary(stock_root.include_data_sources()[uid])
     direct = summary(direct_root.include_data_sources()[uid])
-    assert set(stock) == {"metadata", "specs", "meter", "meter_gaps", "summary"}
+    assert set(stock) == {"metadata", "specs", "meter", "meter_gaps", "summary", "page",
+                          "reserved"}
     assert stock["summary"]["internal"][4]["sum_ok"] == [True, True, True]
+    assert stock["page"]["internal"][4]["page_x"] == [-0.25] * 3
+    assert stock["reserved"]["internal"][4]["time_"] == [2.5] * 3  # renamed by the normalizer
     assert stock["meter_gaps"]  # the packet gap is there
     assert_same(direct, stock)
 
