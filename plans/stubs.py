@@ -279,7 +279,8 @@ def schedule_start(
         confidences = {m.name: float(confidences_ms[m.name]) for m in meters}
     offset = host_offset.offset_s if host_offset is not None else 0.0
     uncertainty = host_offset.uncertainty_s if host_offset is not None else 0.0
-    choice = choose_start(time.time(), confidences, host_offset_s=offset,
+    chosen_at = time.time()
+    choice = choose_start(chosen_at, confidences, host_offset_s=offset,
                           host_offset_uncertainty_s=uncertainty, start_in=start_in, budget=budget)
     start = choice.start_time
     logger.info("scheduling %d meters at T=%d (%.3f s ahead)", len(meters), start, choice.lead_s)
@@ -288,6 +289,13 @@ def schedule_start(
     for meter in meters:
         armed = replace(configs[meter.name], start_time=start)
         statuses[meter.name] = yield from bps.prepare(Settling(meter), armed, group=group)
+    dispatched_s = time.time() - chosen_at
+    if dispatched_s > budget.dispatch_s:
+        logger.warning("%s: the %d sample commands went out %.3f s after T was chosen, more "
+                       "than the %.3f s allowed (StartBudget.dispatch_s): a meter may refuse T",
+                       plan, len(meters), dispatched_s, budget.dispatch_s)
+    else:
+        logger.debug("%s: %d sample commands out in %.3f s", plan, len(meters), dispatched_s)
     yield from bps.wait(group=group, timeout=ARM_WAIT_S, error_on_timeout=False)
     margin = replies_in_time(start, time.time(), offset)
     replies: dict[str, str] = {}

@@ -15,12 +15,17 @@ is in the "before" snapshot and is not blamed on this one.  What it checks after
 * tasks -- (async tests) no task of the test's event loop is still pending once the test's
   fixtures are torn down; leaked tasks are cancelled, then the test fails;
 * sockets -- no TCP or UDP socket opened during the test is still open (Unix socket pairs,
-  such as an event loop's self-pipe, are not counted).
+  such as an event loop's self-pipe, are not counted);
+* child processes -- none started during the test still runs (an alignment worker, an
+  emulator or CLI subprocess must be ended by whoever started it).  A catalog's writer
+  process (``SHARED_CHILDREN``) is not counted: it starts with the first run written to the
+  catalog, often a module's or the session's fixture, and ends with that catalog.
 
 Closing is often asynchronous (a transport closes on the next loop pass, a joined thread
 takes a moment), so each check waits up to ``SETTLE_S`` before it fails.
 
-Limits: Linux only for sockets (``/proc``); elsewhere only threads and tasks are checked.
+Limits: Linux only for sockets and processes (``/proc``); elsewhere only threads and tasks
+are checked.
 A TCP socket that was only created or bound (never listening nor connected) is not in
 ``/proc/net/tcp`` and is not seen; garbage-collected unclosed, it still fails the test then
 through its ``ResourceWarning`` (warnings are errors).
@@ -41,7 +46,8 @@ import pytest
 
 SETTLE_S = 5.0
 POOL_THREADS = ("AnyIO worker thread", "(_connection_worker_thread)")
-_BEFORE = pytest.StashKey[tuple[set[threading.Thread], set[str]]]()
+SHARED_CHILDREN = ("smartmeter_ophyd.storage._writer_main",)
+_BEFORE = pytest.StashKey[tuple[set[threading.Thread], set[str], set[int]]]()
 _PROC_NET = ("tcp", "tcp6", "udp", "udp6")
 
 
@@ -72,11 +78,40 @@ def _inet_sockets() -> set[str]:
     return inet
 
 
+def _children() -> set[int]:
+    """This process's running (not zombie) children (empty where /proc is missing)."""
+    me = os.getpid()
+    children = set()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return children
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == me and state != "Z" and not any(
+                name in _command(pid) for name in SHARED_CHILDREN):
+            children.add(pid)
+    return children
+
+
+def _command(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"pid {pid}"
+    return f"pid {pid}: " + raw.replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+
+
 def _pool_thread(thread: threading.Thread) -> bool:
     return any(name in thread.name for name in POOL_THREADS)
 
 
-def _leftovers(threads_before: set[threading.Thread], sockets_before: set[str]) -> list[str]:
+def _leftovers(threads_before: set[threading.Thread], sockets_before: set[str],
+               children_before: set[int]) -> list[str]:
     problems = []
     threads = [
         t for t in threading.enumerate()
@@ -87,6 +122,10 @@ def _leftovers(threads_before: set[threading.Thread], sockets_before: set[str]) 
     sockets = _inet_sockets() - sockets_before
     if sockets:
         problems.append(f"{len(sockets)} TCP/UDP socket(s) left open")
+    children = _children() - children_before
+    if children:
+        problems.append("child processes left running: "
+                        + "; ".join(_command(pid) for pid in sorted(children)))
     return problems
 
 
@@ -100,7 +139,7 @@ def leak_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     if request.node.get_closest_marker("leaks_allowed") is not None:
         yield
         return
-    before = (set(threading.enumerate()), _inet_sockets())
+    before = (set(threading.enumerate()), _inet_sockets(), _children())
     function = getattr(request.node, "obj", None)
     if inspect.iscoroutinefunction(function) or request.node.get_closest_marker("asyncio"):
         # async test: the event-loop side checks after the loop's fixtures are torn down
