@@ -105,6 +105,7 @@ class Waveform:
     voltage: np.ndarray
     _first: float = field(default=math.nan, init=False, repr=False, compare=False)
     _last: float = field(default=math.nan, init=False, repr=False, compare=False)
+    _spacing: float | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         time = np.asarray(self.time)
@@ -132,6 +133,14 @@ class Waveform:
     def span(self) -> tuple[float, float]:
         """(first, last) finite time."""
         return self._first, self._last
+
+    @property
+    def spacing(self) -> float:
+        """Median positive spacing of the finite times (computed once)."""
+        if self._spacing is None:
+            object.__setattr__(self, "_spacing", median_spacing(self.time))
+        assert self._spacing is not None
+        return self._spacing
 
 
 def _check_increasing(name: str, time: np.ndarray) -> tuple[float, float]:
@@ -371,7 +380,7 @@ class _Grid:
 
     @staticmethod
     def check_spacing(w: Waveform, mains_hz: float) -> None:
-        spacing = median_spacing(w.time)
+        spacing = w.spacing
         if not spacing <= 1.0 / (MIN_SAMPLES_PER_PERIOD * mains_hz):
             raise AlignmentError(
                 f"meter {w.name!r}: median sample spacing {spacing * 1e3:.3f} ms is too "
@@ -418,7 +427,7 @@ class _Grid:
     def phasors(self, wave: Waveform) -> BlockPhasors:
         return block_phasors(wave.time, wave.voltage, origin=self.origin, block_s=self.block_s,
                              n_blocks=self.n_blocks, mains_hz=self.mains_hz,
-                             spacing=median_spacing(wave.time))
+                             spacing=wave.spacing)
 
 
 def _wrap(phase: np.ndarray) -> np.ndarray:
