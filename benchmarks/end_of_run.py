@@ -168,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=0, metavar="LINES",
                         help="sample every thread's stack from the last stop to the run's close; "
                              "print this many frames per thread")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the catalog and the meters' files (their directory is printed)")
     parser.add_argument("--inline-alignment", action="store_true",
                         help="compute the alignment when it is collected, not on a worker thread")
     args = parser.parse_args(argv)
@@ -211,7 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         _fly._final = original
         catalog.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(f"host: {host_load()}; RunEngine wall {wall:.2f} s; zero loss "
           f"{all(loss.zero for loss in losses)}")
     measured = parts(marks, stopped, sink.last_close_s)

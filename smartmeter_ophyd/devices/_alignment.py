@@ -12,14 +12,16 @@ with :func:`smartmeter_ophyd.timing.apply_alignment`.
 
 Limits: it assumes the meters' ``v_l1`` channels measure the same phase (the plans say so
 in their docs); a meter without ``v_l1`` (``v,i_L2``, latched modes) or without samples is
-left out with a note in the log.  The computation costs about 15 ms per meter and 10 s of
-8 kHz data (reading included), a few seconds per meter-hour.  :meth:`AlignmentStream.follow`
-launches a worker process (:class:`smartmeter_ophyd.storage.AlignmentWorker`) while the
-meters sample and hands it each meter's file as soon as that meter's fly is complete, so the alignment runs on the host's other core while the other
-files close and the RunEngine writes the run's other end-of-run records;
+left out with a note in the log.  The computation costs about 20-25 ms per meter and 10 s
+of 8 kHz data (reading included), a few seconds per meter-hour.
+:meth:`AlignmentStream.follow` launches worker processes
+(:class:`smartmeter_ophyd.storage.AlignmentWorker`, one per ``METERS_PER_WORKER`` meters, at
+most one per core) while the meters sample, and hands each its share of the files, a file
+as soon as that meter's fly is complete: the alignment runs on the host's other cores while
+the other files close and the RunEngine writes the run's other end-of-run records.
 :meth:`AlignmentStream.start` asks for the result and ``collect`` waits for it.  Without
-``start``, or if the worker fails, it runs in this process when the stream is collected.
-:meth:`AlignmentStream.close` ends the worker (at once if it is still busy).
+``start``, or if a worker fails, it runs in this process when the stream is collected.
+:meth:`AlignmentStream.close` ends the workers (at once if still busy).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -37,7 +40,6 @@ from ._keys import scalar_key
 if TYPE_CHECKING:
     from ophyd.status import StatusBase as Status
 
-    from ..storage import RecordedAlignment
     from ..timing import Alignment
     from ._smartmeter import SmartMeter
 
@@ -58,6 +60,17 @@ FIELDS: Final = {
 }
 
 
+METERS_PER_WORKER: Final = 16
+"""A worker process per this many meters, at most one per core: 50 meters x 10 s of 8 kHz
+data are ~1.2 s of alignment for one process, about what the files take to close."""
+
+
+def worker_count(meters: int, cores: int | None = None) -> int:
+    """How many worker processes share the alignment of ``meters`` meters."""
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return max(1, min(cores, math.ceil(meters / METERS_PER_WORKER)))
+
+
 class AlignmentStream:
     """Collectable: every meter's residual offset against ``reference`` (default the first)."""
 
@@ -69,80 +82,93 @@ class AlignmentStream:
         self.parent = None
         self.results: dict[str, Alignment] = {}
         self._collected = False
-        self._worker: AlignmentWorker | None = None
-        self._worker_failed = False
+        self._workers: list[AlignmentWorker] = []
+        self._failed = False
         self._following = False
         self._submitted = False
+        others = [m.name for m in self.meters if m.name != self.reference]
+        count = worker_count(len(self.meters))
+        self._share = {name: k % count for k, name in enumerate(others)}
+        """Which worker aligns which meter (each gets the reference too)."""
 
     def open(self) -> None:
-        """Launch the worker process now (its imports take a few tenths of a second)."""
-        if self._worker is None and not self._worker_failed:
-            worker = AlignmentWorker()
-            try:
+        """Launch the worker processes now (their imports take a few tenths of a second)."""
+        if self._workers or self._failed:
+            return
+        count = max(self._share.values(), default=0) + 1
+        workers = [AlignmentWorker() for _ in range(count)]
+        self._workers = workers
+        try:
+            for worker in workers:
                 worker.start()
-            except AlignmentWorkerError as exc:
-                self._fail(exc)
-                return
-            self._worker = worker
+        except AlignmentWorkerError as exc:
+            self._fail(exc)
 
     def follow(self, completes: Mapping[str, Status]) -> None:
-        """Align each meter's file in the worker as soon as its fly is complete (its
+        """Align each meter's file in a worker as soon as its fly is complete (its
         ``complete`` status, by meter name, is done).  Each call begins anew: a resumed run
         aligns its last segment's files."""
         self.open()
-        worker = self._worker
-        if worker is None:
-            return
+        workers = list(self._workers)
         try:
-            worker.begin(self.reference)
+            for worker in workers:
+                worker.begin(self.reference)
         except AlignmentWorkerError as exc:
             self._fail(exc)
+            return
+        if not workers:
             return
         self._following = True
         for meter in self.meters:
             status = completes.get(meter.name)
             if status is not None:
-                status.add_callback(functools.partial(self._complete, worker, meter))
+                status.add_callback(functools.partial(self._complete, workers, meter))
 
-    def _complete(self, worker: AlignmentWorker, meter: SmartMeter, _status: Status) -> None:
-        """On the thread that finished the status (the client's loop): a small write."""
+    def _complete(self, workers: list[AlignmentWorker], meter: SmartMeter,
+                  _status: Status) -> None:
+        """On the thread that finished the status (the client's loop): small writes."""
         path = meter.hdf5_path
-        if path is None or worker is not self._worker:
+        if path is None or workers != self._workers:
             return
+        share = self._share.get(meter.name)
         try:
-            worker.add(meter.name, path)
+            for worker in workers if share is None else [workers[share]]:
+                worker.add(meter.name, path)
         except AlignmentWorkerError as exc:  # said once, when the result is asked for
             logger.debug("alignment: %s not handed over: %s", meter.name, exc)
 
     def start(self) -> None:
-        """Ask the worker for the result (the files must be complete; the ones ``follow``
+        """Ask the workers for the result (the files must be complete; the ones ``follow``
         did not hand over go now); ``open`` first if not opened."""
         if self._submitted:
             return
         self.open()
-        worker = self._worker
-        if worker is None:
+        if not self._workers:
             return
+        files = self._files()
         try:
-            if self._following:
-                worker.finish(self._files())
-            else:
-                worker.submit(self.reference, self._files())
+            for k, worker in enumerate(self._workers):
+                mine = {name: path for name, path in files.items()
+                        if name == self.reference or self._share.get(name) == k}
+                if self._following:
+                    worker.finish(mine)
+                else:
+                    worker.submit(self.reference, mine)
         except AlignmentWorkerError as exc:
             self._fail(exc)
             return
         self._submitted = True
 
     def _fail(self, exc: AlignmentWorkerError) -> None:
-        """The worker is no use: the alignment is computed here when collected."""
+        """The workers are no use: the alignment is computed here when collected."""
         logger.warning("alignment: %s; computed in this process instead", exc)
-        self._worker_failed = True
+        self._failed = True
         self.close()
 
     def close(self) -> None:
-        """End the worker process (at once if it is still computing).  Idempotent."""
-        worker, self._worker = self._worker, None
-        if worker is not None:
+        """End the worker processes (at once if still computing).  Idempotent."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
             worker.close()
 
     def _files(self) -> dict[str, str]:
@@ -156,14 +182,15 @@ class AlignmentStream:
         }
 
     def compute(self) -> dict[str, Alignment]:
-        """Align every meter against the reference: the worker's answer if ``start`` was
-        called, else (or if the worker failed) computed here."""
-        from ..storage import align_recordings
+        """Align every meter against the reference: the workers' answer if ``start`` was
+        called, else (or if a worker failed) computed here."""
+        from ..storage import RecordedAlignment, align_recordings
 
         found: RecordedAlignment | None = None
-        if self._submitted and self._worker is not None:
+        if self._submitted and self._workers:
             try:
-                found = self._worker.result()
+                found = RecordedAlignment.merged(
+                    self.reference, [worker.result() for worker in self._workers])
             except AlignmentWorkerError as exc:
                 self._fail(exc)
         if found is None:

@@ -32,7 +32,7 @@ import pickle
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
@@ -48,6 +48,7 @@ __all__ = ["AlignmentWorker", "AlignmentWorkerError", "RecordedAlignment", "alig
 logger = logging.getLogger(__name__)
 
 CHANNEL: Final = "v_l1"
+NOTHING_TO_ALIGN: Final = f"alignment: fewer than two meters with {CHANNEL}; nothing to align"
 SPAN_PAD_S: Final = 2.0
 """How far past the reference's recording another meter's may reach and still be aligned
 as soon as it is complete (see :class:`AlignmentSession`)."""
@@ -61,6 +62,18 @@ class RecordedAlignment:
     results: dict[str, Alignment] = field(default_factory=dict)
     notes: tuple[tuple[int, str], ...] = ()
     """``(logging level, message)``: meters left out and why."""
+
+    @classmethod
+    def merged(cls, reference: str, parts: Sequence[RecordedAlignment]) -> RecordedAlignment:
+        """One answer from sessions that shared out the meters (each with ``reference``):
+        every result, each note once, and "nothing to align" only if nothing was."""
+        results: dict[str, Alignment] = {}
+        for part in parts:
+            results.update(part.results)
+        notes = dict.fromkeys(note for part in parts for note in part.notes)
+        if results:
+            notes.pop((logging.INFO, NOTHING_TO_ALIGN), None)
+        return cls(reference, results, tuple(notes))
 
 
 class AlignmentWorkerError(RuntimeError):
@@ -144,8 +157,7 @@ class AlignmentSession:
         if self._outside and self._aligner is not None:
             self._align_outside()
         if not self._results and len(self._with_voltage) < 2:
-            self._note(logging.INFO,
-                       f"alignment: fewer than two meters with {CHANNEL}; nothing to align")
+            self._note(logging.INFO, NOTHING_TO_ALIGN)
         return RecordedAlignment(self.reference, dict(self._results), tuple(self._notes))
 
     def _note(self, level: int, message: str) -> None:

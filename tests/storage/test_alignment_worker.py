@@ -18,6 +18,7 @@ from smartmeter_ophyd.storage import (
     AlignmentSession,
     AlignmentWorker,
     AlignmentWorkerError,
+    RecordedAlignment,
     align_recordings,
     read_waveform,
 )
@@ -104,6 +105,26 @@ def test_files_handed_over_as_they_close_give_what_aligning_all_at_once_gives(
     session.add("early", files["early"])
     session.add("ref", files["ref"])
     assert_same(session.finish(files).results["early"], expected["early"])
+
+
+def test_shares_of_the_meters_merge_into_one_answer(
+    recordings: tuple[dict[str, SimMeter], dict[str, str]], tmp_path: Path,
+) -> None:
+    meters, files = recordings
+    files = {**files, "current": record(tmp_path / "current.h5", meters["late"],
+                                        with_voltage=False)}
+    parts = [align_recordings("ref", {"ref": files["ref"], "early": files["early"]}),
+             align_recordings("ref", {"ref": files["ref"], "current": files["current"]}),
+             align_recordings("ref", {"ref": files["ref"], "late": files["late"]})]
+    merged = RecordedAlignment.merged("ref", parts)
+    whole = align_recordings("ref", files)
+    assert set(merged.results) == set(whole.results) == {"early", "late"}
+    assert merged.notes == whole.notes == (
+        (logging.INFO, "alignment: current has no v_l1 samples; left out"),)
+    nothing = RecordedAlignment.merged("ref", parts[1:2] * 2)
+    assert nothing.results == {} and nothing.notes == (
+        (logging.INFO, "alignment: current has no v_l1 samples; left out"),
+        (logging.INFO, "alignment: fewer than two meters with v_l1; nothing to align"))
 
 
 def test_a_meter_without_v_l1_is_left_out_with_a_note(
