@@ -26,7 +26,10 @@ first sample's latency after the scheduled instant ``T`` (the synchronization re
 Last line: ``stop to run closed, 10 meters: X s`` (the sink).  Targets: <= 0.5 s, and an
 overhead beyond the duration <= 1 s.
 
-Usage: ``python benchmarks/run_overhead.py --meters 2 10 --seconds 2``
+``--keep-journal DIR`` copies the sink's run journals to DIR (``<run uid>.docs``, for
+``benchmarks/writer_stop.py``).
+
+Usage: ``python benchmarks/run_overhead.py --meters 2 10 --seconds 2 [--keep-journal DIR]``
 """
 
 from __future__ import annotations
@@ -138,13 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--writers", nargs="+", default=["none", "tiled", "sink"],
                         choices=["none", "tiled", "sink"])
+    parser.add_argument("--keep-journal", type=Path, metavar="DIR",
+                        help="copy the sink's run journals here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix="smartmeter-overhead-"))
     catalog = setup_embedded_catalog(work / "catalog", "smartmeter-overhead",
                                      profiles_dir=work / "profiles")
     if "sink" in args.writers:
-        catalog.document_sink().wait_ready()
+        catalog.document_sink(keep_journals=args.keep_journal is not None).wait_ready()
     results: dict[tuple[int, str], dict[str, float]] = {}
     try:
         print(f"host: {host_load()}")
@@ -175,10 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                           f"{r['close_cpu']:.3f} s)", flush=True)
     finally:
         catalog.close()
+        if args.keep_journal is not None:
+            args.keep_journal.mkdir(parents=True, exist_ok=True)
+            for journal in catalog.journal_directory.glob("*/closed/*.docs"):
+                shutil.copy(journal, args.keep_journal / journal.name)
         shutil.rmtree(work, ignore_errors=True)
     if "sink" in args.writers:
         last = results[(max(args.meters), "sink")]
-        print(f"stop to run closed, {max(args.meters)} meters: {last['close']:.2f} s")
+        print(f"stop to run closed, {max(args.meters)} meters: {last['close']:.3f} s")
     return 0
 
 

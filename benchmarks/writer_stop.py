@@ -3,14 +3,16 @@
 ``end_of_run.py`` times "stop document -> run closed" inside a real fly, where the writer
 process competes with the acquisition for the host's cores.  This script isolates the writer:
 it replays one run's journal (``catalog.document_sink(keep_journals=True)`` keeps them in
-``<catalog>/journal/<session>/closed/``; ``end_of_run.py --keep-journal DIR`` copies its run's
-one there) into a fresh embedded catalog with the writer process's own code
+``<catalog>/journal/<session>/closed/``; ``run_overhead.py --keep-journal DIR`` copies its
+runs' ones there) into a fresh embedded catalog with the writer process's own code
 (``_service._Writer.open_catalog`` and :class:`~smartmeter_ophyd.storage._direct.DirectCatalogWriter`),
-and times the end of the run in two ways:
+and times the end of the run in three ways:
 
-* ``kept up``: the writer applied the final section (the last collects, the end-of-run
-  streams: everything after the earliest of the streams' last StreamDatums) in its own pass
-  before the stop document came - the stop alone is timed;
+* ``caught up``: the writer applied and wrote the final section (the last collects, the
+  end-of-run streams: everything after the earliest of the streams' last StreamDatums) before
+  the stop document came (its journals went quiet in between) - the stop alone is timed;
+* ``last stream``: as above up to the last descriptor; that stream's documents and the stop
+  come in one pass (this project's plans declare ``alignment`` right before ``close_run``);
 * ``all at stop``: the final section and the stop in one pass (the writer saw nothing of the
   final section before the stop) - the upper bound.
 
@@ -58,6 +60,11 @@ def final_section(docs: Sequence[tuple[str, dict[str, Any]]]) -> int:
     return max(i for i, (name, _) in enumerate(docs) if name != "stop")
 
 
+def last_stream(docs: Sequence[tuple[str, dict[str, Any]]]) -> int:
+    """Index of the last descriptor."""
+    return max(i for i, (name, _) in enumerate(docs) if name == "descriptor")
+
+
 async def replay(config: WriterConfig, docs: list[tuple[str, dict[str, Any]]], repeat: int,
                  profile: cProfile.Profile | None = None) -> dict[str, list[tuple[float, float]]]:
     writer = _Writer(config)
@@ -65,26 +72,26 @@ async def replay(config: WriterConfig, docs: list[tuple[str, dict[str, Any]]], r
     direct = writer.writer
     assert direct is not None
     split = final_section(docs)
+    cases = {"caught up": len(docs) - 1, "last stream": max(split, last_stream(docs)),
+             "all at stop": split}
     uid = docs[0][1]["uid"]
-    out: dict[str, list[tuple[float, float]]] = {"kept up": [], "all at stop": []}
+    out: dict[str, list[tuple[float, float]]] = {case: [] for case in cases}
     try:
         for _ in range(repeat):
-            for case in out:
+            for case, at in cases.items():
                 run = copy.deepcopy(docs)  # the writer keeps references to documents
                 for name, doc in run[:split]:
                     await direct.process(name, doc)
                 await direct.flush_live(force=True)
-                if case == "kept up":
-                    for name, doc in run[split:-1]:
+                if at > split:  # the writer's passes, then a quiet one
+                    for name, doc in run[split:at]:
                         await direct.process(name, doc)
                     await direct.flush_live()
-                    tail = run[-1:]
-                else:
-                    tail = run[split:]
+                    await direct.flush_live(force=direct.pending)
                 if profile is not None and case == "all at stop":
                     profile.enable()
                 t0, c0 = time.perf_counter(), time.process_time()
-                for name, doc in tail:
+                for name, doc in run[at:]:
                     await direct.process(name, doc)
                 await direct.flush_live()
                 if profile is not None:

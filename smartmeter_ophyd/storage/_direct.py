@@ -20,8 +20,9 @@ table, ``start``/``stop`` metadata).  What it does differently, each measured:
   pass, in ONE transaction (the adapter's ``create_node``/``put_data_source`` statements,
   without a commit, refresh and reload per node): ~1 ms per node instead of ~10 ms;
 * StreamDatums only update a consolidator in memory; shapes are written at most every
-  ``live_period`` s (:meth:`DirectCatalogWriter.flush_live`) and at stop - so while the run
-  goes on the catalog lags the files by at most that period, and it is exact at close;
+  ``live_period`` s (:meth:`DirectCatalogWriter.flush_live`; the writer process also
+  flushes as soon as its journals go quiet) and at stop - so while the run goes on the
+  catalog lags the files by at most that period, and it is exact at close;
 * documents go through upstream's ``RunNormalizer`` (legacy Resource/Datum, reserved key
   names) **without its second jsonschema validation** (24 ms per descriptor here), and
   StreamDatums bypass it (it only copies them): the documents are the RunEngine's;
@@ -306,17 +307,26 @@ class DirectCatalogWriter:
             return uid
         return None
 
+    @property
+    def pending(self) -> bool:
+        """Whether anything applied is not in the catalog yet (nodes, rows, shapes)."""
+        return bool(self._pending) or any(
+            run.dirty or run.metadata_updates or any(run.rows.values())
+            for run in self._runs.values()
+        )
+
     async def flush_live(self, force: bool = False) -> None:
         """Create pending nodes; every ``live_period`` s (or ``force``) write shapes and rows."""
-        await self._materialize()
         now = time.monotonic()
         if not force and now - self._last_live < self.live_period:
+            await self._materialize()
             return
         self._last_live = now
         for run in list(self._runs.values()):
-            await self._write_rows(run)
+            await self._write_rows(run)  # creates every pending node too, in one transaction
             await self._write_shapes(run)
             await self._write_metadata(run)
+        await self._materialize()
 
     def abandon(self, uid: str) -> None:
         """Forget an open run (failed, or its journal ended without a stop document)."""
@@ -405,7 +415,7 @@ class DirectCatalogWriter:
         internal, external = run.internal_keys, run.external_keys
         if (
             stream is None
-            or any(doc.get("filled", {}).values())
+            or doc.get("filled")  # even False: the normalizer drops an unfilled key
             or not data.keys() <= internal
             or not timestamps.keys() <= internal
             or not external.isdisjoint(data)
@@ -462,8 +472,7 @@ class DirectCatalogWriter:
 
     async def _stop(self, run: _RunState, doc: dict[str, Any]) -> None:
         doc = dict(doc)
-        await self._materialize()
-        await self._write_rows(run)
+        await self._write_rows(run)  # creates the pending nodes with the new tables
         await self._write_shapes(run)
         seen: set[int] = set()
         for key, consolidator in run.consolidators.items():

@@ -13,7 +13,8 @@ and no document is lost if the writer dies.
   is logged (or raised, ``raise_on_failure``) and the journal stays on disk.
 * the writer process (``python -m smartmeter_ophyd.storage._writer_main CONFIG``) - tails the
   session's journals and applies them with :class:`~._direct.DirectCatalogWriter` to the
-  catalog adapter (no HTTP), updating shapes every ``live_period`` s.  A closed run's
+  catalog adapter (no HTTP), updating shapes every ``live_period`` s and whenever the
+  journals go quiet (a poll that finds nothing new).  A closed run's
   journal is deleted (or kept with ``keep_journals``).  On start it replays the journals
   left in its session by a writer that died: the partial run is deleted from the catalog
   and rewritten from its journal.  It adopts the sessions of dead acquisition processes
@@ -223,12 +224,12 @@ class JournalSink:
         if name == "start":
             self._poke()
         elif name == "stop":
+            self._ensure_writer()
+            self._poke()  # first: the writer closes the run while the journal is synced
             run.journal.sync()
             run.journal.close()
             del self._runs[uid]
             self._forget(uid)
-            self._ensure_writer()
-            self._poke()
             self._wait_closed(uid)
 
     def _route(self, name: str, doc: dict[str, Any]) -> str:
@@ -471,7 +472,10 @@ class _Writer:
             closing = self.closing.is_set()
             read = await self._pass(self.session)
             assert self.writer is not None
-            await self.writer.flush_live()
+            # Quiet journals: write what is applied now, not at the next live period - the
+            # end of a run (its last collects, its summary streams) is then in the catalog
+            # when the stop document comes, and the stop has little left to do.
+            await self.writer.flush_live(force=not read and self.writer.pending)
             if closing and not read:
                 break
         await self._finish_open("the acquisition process closed the session")
@@ -623,6 +627,11 @@ class _HttpWriter:
             self._open.discard(doc["run_start"])
             return str(doc["run_start"])
         return None
+
+    @property
+    def pending(self) -> bool:
+        """Never: ``TiledWriter`` writes as documents come (its own batching)."""
+        return False
 
     async def flush_live(self, force: bool = False) -> None:
         """Nothing: ``TiledWriter`` writes as documents come (its own batching)."""

@@ -9,7 +9,10 @@
   writer: a finished run is written whole, an unfinished one as far as it goes and its
   journal is kept as ``*.orphaned``;
 * a run the writer cannot write fails the RunEngine at its stop document, naming the run
-  and the key, and its journal is kept as ``*.failed``.
+  and the key, and its journal is kept as ``*.failed``;
+* the writer writes what it has applied as soon as the journal goes quiet, not at its next
+  live period: a run's events are in the catalog before its stop document (the stop then
+  has little left to do).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import bluesky.plan_stubs as bps
 import databroker
 import pytest
 
-from smartmeter_ophyd.storage import CatalogWriteError, JournalWriter, close_client
+from smartmeter_ophyd.storage import CatalogWriteError, JournalSink, JournalWriter, close_client
 from tests.run_engines import RunEngine
 
 from .test_direct_writer import Readings
@@ -167,3 +170,40 @@ def test_a_run_the_writer_refuses_fails_at_its_stop(embedded_catalog, sink) -> N
         check_run(run, meter)
     finally:
         close_client(client)
+
+
+def test_a_quiet_journal_is_written_before_the_stop(embedded_catalog, tmp_path) -> None:
+    # a live period far beyond the test: only the quiet-journal flush can write the rows
+    sink = JournalSink(embedded_catalog.writer_config, tmp_path / "journal", live_period=3600)
+    reader = embedded_catalog.open()
+    readings = Readings("quiet", {"count": 3, "level": 0.5})
+    seen: list[int] = []
+
+    def rows(uid: str) -> int:
+        try:
+            return len(reader[uid]["primary"].base["internal"].read())
+        except KeyError:
+            return 0
+
+    def plan() -> Any:
+        uid = yield from bps.open_run()
+        for _ in range(3):
+            yield from bps.trigger_and_read([readings], name="primary")
+        deadline = time.monotonic() + 5.0
+        while not seen and time.monotonic() < deadline:
+            yield from bps.sleep(0.05)
+            if rows(uid) == 3:
+                seen.append(1)
+        yield from bps.close_run()
+        return uid
+
+    try:
+        assert sink.wait_ready(WAIT_S), f"the writer did not start, see {sink.writer_log}"
+        engine = RunEngine({})
+        engine.subscribe(sink)
+        (uid,) = engine(plan())
+        assert seen, "the events were not in the catalog before the stop document"
+        assert rows(uid) == 3
+    finally:
+        sink.close()
+        close_client(reader)
