@@ -8,7 +8,8 @@ meter ran at the start (§6.4), and the meter's real start (stop reply ``start_t
 to the earliest.  A run paused and resumed has one row per meter and segment in its tables:
 counts are summed over the segments (a count the meter never gave, -1, makes the sum
 unknown), ``accounted`` needs every segment accounted, and the start and the sync at the
-start are the first segment's.  Below it: the start spread and, for two or more meters recording L1
+start are the first segment's.  Runs recorded before these were tables (one wide event per
+segment, keys ``<meter>_run_<field>`` and ``<meter>_<field>``) are read as well.  Below it: the start spread and, for two or more meters recording L1
 voltage, the residual offset between their waveforms (:func:`smartmeter_ophyd.timing.align`
 over the first seconds), which checks the clocks against the grid itself.
 """
@@ -25,6 +26,9 @@ import numpy as np
 from ._common import table
 
 ALIGN_SECONDS: Final = 10.0
+WIDE_FIELDS: Final = ("received_samples", "missing_samples", "device_sent_samples", "gaps",
+                      "explained", "start_ts", "summary", "sample_ntp_confidence_ms")
+"""What the summary reads of a run recorded before the tables."""
 
 
 def _num(value: Any) -> float:
@@ -46,19 +50,35 @@ def _read(run: Any, stream: str) -> Any:
         return None
 
 
-def _rows(run: Any, stream: str) -> dict[str, list[dict[str, Any]]]:
-    """The run's long table ``stream`` as rows per meter ({} if it has none)."""
+def _rows(run: Any, stream: str, meters: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The run's per-meter table ``stream`` as rows per meter ({} if it has none)."""
     from ..readback import meter_rows
 
     table = _read(run, stream)
-    if table is None or "meter" not in table:
+    if table is None:
         return {}
-    return meter_rows(table)
+    if "meter" in table:
+        return meter_rows(table)
+    return _wide_rows(table, meters, "{}_run_" if stream == "meter_summary" else "{}_")
+
+
+def _wide_rows(table: Any, meters: list[str], prefix: str) -> dict[str, list[dict[str, Any]]]:
+    """A run recorded before the tables: one event per segment, a key per meter and field."""
+    n = int(table.sizes.get("time", 0))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for meter in meters:
+        keys = {field: prefix.format(meter) + field for field in WIDE_FIELDS}
+        columns = {field: np.asarray(table[key]).tolist() for field, key in keys.items()
+                   if key in table}
+        if columns:
+            out[meter] = [{field: values[i] for field, values in columns.items()}
+                          for i in range(n)]
+    return out
 
 
 def _total(rows: list[dict[str, Any]], column: str) -> int:
     """``column`` summed over a meter's segments; -1 if any is unknown (-1) or none stored."""
-    values = [int(_num(row[column])) for row in rows]
+    values = [int(_num(row.get(column, -1))) for row in rows]
     return -1 if not values or min(values) < 0 else sum(values)
 
 
@@ -66,7 +86,7 @@ def _notes(rows: list[dict[str, Any]]) -> list[str]:
     notes: list[str] = []
     for row in rows:
         try:
-            detail = json.loads(row["summary"]) if row["summary"] else {}
+            detail = json.loads(row.get("summary") or "{}")
         except ValueError:
             detail = {}
         notes += [n for n in detail.get("notes", []) if n not in notes]
@@ -79,8 +99,8 @@ def run_summary(run: Any) -> dict[str, Any]:
 
     start, stop = run.start, run.stop or {}
     meters = run_meters(run)
-    summary = _rows(run, "meter_summary")
-    sync = _rows(run, "synchronization")
+    summary = _rows(run, "meter_summary", meters)
+    sync = _rows(run, "synchronization", meters)
     gate = (start.get("synchronization") or {}).get("gate") or {}
     rows = {}
     for m in meters:
@@ -93,11 +113,11 @@ def run_summary(run: Any) -> dict[str, Any]:
             "meter_sent": _total(mine, "device_sent_samples"),
             "missing": _total(mine, "missing_samples"),
             "gaps": _total(mine, "gaps"),
-            "explained": bool(mine) and all(bool(row["explained"]) for row in mine),
+            "explained": bool(mine) and all(bool(row.get("explained")) for row in mine),
             "start_ts": _num(first.get("start_ts")),
             "ntp_gate_ms": _num(confidences[-1]) if confidences and confidences[-1] is not None
             else math.nan,
-            "ntp_at_start_ms": _num(sync[m][0]["sample_ntp_confidence_ms"]) if sync.get(m)
+            "ntp_at_start_ms": _num(sync[m][0].get("sample_ntp_confidence_ms")) if sync.get(m)
             else math.nan,
             "emulated": bool((start.get("meters", {}).get(m) or {}).get("emulated")),
             "time_source": time_source(run, m),
