@@ -30,6 +30,14 @@ the partial chunk now and pays that dead space once.  A short run costs no more 
 than a long one: nothing is preallocated, and the last, partial chunk is compressed like the
 others.  ``compression=None`` writes plain float32/float64.
 
+Memory: a writer holds its chunk buffer and, in HDF5's chunk cache, up to ``rdcc_nbytes`` of
+recently written chunks per dataset; the cache fills in the first minutes (the ``/packets``
+tables' 4096-row chunks take ~6 min at 8 kHz: +1 MB per file) and is freed at close.  Rows
+are written from the chunk buffer itself: a per-chunk temporary (384 KiB at 8 kHz, freed by
+the I/O thread) raised glibc's dynamic mmap threshold above it, so such buffers came from the
+thread's arena, whose free space then grew through a run (measured in ``benchmarks/soak.py
+--diagnose``).
+
 Blosc threads: importing this module sets ``BLOSC_NTHREADS=1`` unless it is set already
 (the HDF5 Blosc2 filter reads it at every call).  The filter's default, one thread per core,
 costs more than it gains on a host shared by many meters: measured here, compressing a
@@ -356,20 +364,21 @@ class WaveformWriter:
                 self._pending_packets.append(self._frame_rows(first, n, packets, frame_samples))
             if n == 0:
                 return
-            chunk = self.chunk_samples
-            # rows up to the last chunk boundary reached go to disk; the rest waits
-            boundary = (self._on_disk + self._buffered + n) // chunk * chunk
-            if boundary <= self._on_disk:
-                self._buffer[self._buffered : self._buffered + n] = values
-                self._buffered += n
-                return
-            ready = boundary - self._on_disk
-            if self._buffered:
-                values = np.concatenate((self._buffer[: self._buffered], values))
-            self._buffered = values.shape[0] - ready
-            self._buffer[: self._buffered] = values[ready:]
-            self._write_rows(values[:ready])
-            self._publish()
+            # Rows fill the chunk buffer up to the next chunk boundary and are written from
+            # it: no chunk-sized temporary per chunk (see "Memory" in the module docstring).
+            wrote = False
+            done = 0
+            while done < n:
+                room = self.chunk_samples - (self._on_disk + self._buffered) % self.chunk_samples
+                take = min(room, n - done)
+                self._buffer[self._buffered : self._buffered + take] = values[done : done + take]
+                self._buffered += take
+                done += take
+                if take == room:
+                    self._write_buffered()
+                    wrote = True
+            if wrote:
+                self._publish()
 
     def record_gap(self, expected: int, received: int, missing_samples: int | None) -> None:
         """Declare that packets ``expected..received-1`` never arrived (§4.6 numbering).
@@ -626,9 +635,8 @@ class WaveformWriter:
 
     def _write_buffered(self) -> None:
         if self._buffered:
-            rows = self._buffer[: self._buffered].copy()
-            self._buffered = 0
-            self._write_rows(rows)
+            rows, self._buffered = self._buffered, 0
+            self._write_rows(self._buffer[:rows])
 
     def _write_rows(self, values: npt.NDArray[np.float32]) -> None:
         self._check_space(values.shape[0])
