@@ -64,7 +64,7 @@ from bluesky_tiled_plugins.writing.consolidators import (
     consolidator_factory,
 )
 from bluesky_tiled_plugins.writing.tiled_writer import RunNormalizer
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 from tiled.access_control.protocols import normalize_access_tags
@@ -611,8 +611,11 @@ class DirectCatalogWriter:
         if tables:
             await anyio.to_thread.run_sync(self._init_tables, tables)
         async with context.session() as db:
-            for node in pending:
-                await self._insert_node(db, node)
+            if any(node.access_tags for node in pending):
+                for node in pending:
+                    await self._insert_node(db, node)
+            else:
+                await self._insert_nodes(db, pending)
             await db.commit()
             ids = [node.node_id for node in pending]
             rows = (
@@ -634,6 +637,74 @@ class DirectCatalogWriter:
             node.storage_adapter = context.adapters_by_mimetype[source.mimetype].from_catalog(
                 source, by_id[node.node_id], **source.parameters
             )
+
+    async def _insert_nodes(self, db: Any, nodes: list[_Node]) -> None:
+        """``create_node``'s statements for many nodes without access tags: per tree level ONE
+        INSERT of the nodes (RETURNING their ids), then one of their data sources, one of the
+        structures and one of the asset links - instead of two ORM flushes and a few
+        statements per node (2-10 ms of CPU per node on this host, for ~500 nodes at the
+        first collect of 50 meters)."""
+        todo = list(nodes)
+        while todo:
+            level = [n for n in todo if n.parent is None or n.parent.node_id is not None]
+            if not level:
+                raise CatalogWriteError(f"nodes {[n.path for n in todo]} have no parent")
+            chosen = {id(n) for n in level}
+            todo = [n for n in todo if id(n) not in chosen]
+            rows = [
+                {"key": n.key, "metadata_": n.metadata, "structure_family": n.family,
+                 "specs": n.specs,
+                 "parent": self.root.node.id if n.parent is None else n.parent.node_id}
+                for n in level
+            ]
+            try:
+                result = await db.execute(
+                    insert(orm.Node).returning(orm.Node.id, sort_by_parameter_order=True), rows
+                )
+            except IntegrityError as exc:
+                raise CatalogWriteError(
+                    f"cannot create {[n.key for n in level]}: a node of one of these names "
+                    f"exists already ({exc.orig})"
+                ) from exc
+            for n, node_id in zip(level, result.scalars().all(), strict=True):
+                n.node_id = node_id
+        sourced = [n for n in nodes if n.data_source is not None]
+        if not sourced:
+            return
+        structures: dict[str, Any] = {}
+        sources = []
+        for n in sourced:
+            source = n.data_source
+            assert source is not None
+            structure = _prepare_structure(source.structure_family, source.structure)
+            structure_id = compute_structure_id(structure)
+            structures[structure_id] = structure
+            sources.append({
+                "node_id": n.node_id, "structure_family": source.structure_family,
+                "mimetype": source.mimetype, "management": source.management,
+                "parameters": source.parameters, "properties": source.properties,
+                "structure_id": structure_id,
+            })
+        await db.execute(
+            self.root.insert(orm.Structure).on_conflict_do_nothing(index_elements=["id"]),
+            [{"id": k, "structure": v} for k, v in structures.items()],
+        )
+        result = await db.execute(
+            insert(orm.DataSource).returning(orm.DataSource.id, sort_by_parameter_order=True),
+            sources,
+        )
+        assets: dict[str, int] = {}  # data_uri -> id: a meter's file backs all its keys
+        links = []
+        for n, source_id in zip(sourced, result.scalars().all(), strict=True):
+            n.data_source_id = source_id
+            assert n.data_source is not None
+            for asset in n.data_source.assets:
+                if asset.data_uri not in assets:
+                    assets[asset.data_uri] = await self.root._put_asset(db, asset)
+                links.append({"asset_id": assets[asset.data_uri], "data_source_id": source_id,
+                              "parameter": asset.parameter, "num": asset.num})
+        if links:
+            await db.execute(insert(orm.DataSourceAssetAssociation), links)
 
     async def _insert_node(self, db: Any, node: _Node) -> None:
         """``create_node``'s statements for one node with at most one external data source."""
