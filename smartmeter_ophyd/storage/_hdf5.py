@@ -33,10 +33,11 @@ others.  ``compression=None`` writes plain float32/float64.
 Memory: a writer holds its chunk buffer and, in HDF5's chunk cache, up to ``rdcc_nbytes`` of
 recently written chunks per dataset; the cache fills in the first minutes (the ``/packets``
 tables' 4096-row chunks take ~6 min at 8 kHz: +1 MB per file) and is freed at close.  Rows
-are written from the chunk buffer itself: a per-chunk temporary (384 KiB at 8 kHz, freed by
-the I/O thread) raised glibc's dynamic mmap threshold above it, so such buffers came from the
-thread's arena, whose free space then grew through a run (measured in ``benchmarks/soak.py
---diagnose``).
+are written from the chunk buffer itself and ``/time`` in pieces of :data:`TIME_PIECE` rows:
+chunk-sized temporaries (a 384 KiB concatenation and several 128 KiB time-model arrays per
+chunk at 8 kHz, freed on the I/O thread) raised glibc's dynamic mmap threshold above them, so
+such buffers came from the thread's arena, whose free space then grew through a run
+(``benchmarks/soak.py --diagnose``).
 
 Blosc threads: importing this module sets ``BLOSC_NTHREADS=1`` unless it is set already
 (the HDF5 Blosc2 filter reads it at every call).  The filter's default, one thread per core,
@@ -141,6 +142,8 @@ MIN_CHUNK_SAMPLES: Final = 64
 MAX_CHUNK_SAMPLES: Final = 65536
 PACKET_CHUNK: Final = 4096
 GAP_CHUNK: Final = 64
+TIME_PIECE: Final = 4096
+"""Rows of ``/time`` computed and written at once (32 KiB of float64)."""
 TILED_CHUNK_SAMPLES: Final = 262144
 """What Tiled is told the chunks are (a multiple of the HDF5 chunk): its HDF5 adapter
 reopens the file for every chunk a request touches, so it reads in large pieces."""
@@ -646,7 +649,11 @@ class WaveformWriter:
             ds.resize((stop,))
             ds[start:stop] = values[:, k]
         self._time_ds.resize((stop,))
-        self._time_ds[start:stop] = self._times(start, stop)
+        # in pieces (their chunk waits in HDF5's chunk cache and is compressed once, at the
+        # flush): the time model's temporaries stay small (see "Memory")
+        for first in range(start, stop, TIME_PIECE):
+            last = min(first + TIME_PIECE, stop)
+            self._time_ds[first:last] = self._times(first, last)
         self._on_disk = stop
 
     def _check_space(self, rows: int) -> None:
