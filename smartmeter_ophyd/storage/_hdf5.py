@@ -33,11 +33,16 @@ others.  ``compression=None`` writes plain float32/float64.
 Memory: a writer holds its chunk buffer and, in HDF5's chunk cache, up to ``rdcc_nbytes`` of
 recently written chunks per dataset; the cache fills in the first minutes (the ``/packets``
 tables' 4096-row chunks take ~6 min at 8 kHz: +1 MB per file) and is freed at close.  Rows
-are written from the chunk buffer itself and ``/time`` in pieces of :data:`TIME_PIECE` rows:
-chunk-sized temporaries (a 384 KiB concatenation and several 128 KiB time-model arrays per
-chunk at 8 kHz, freed on the I/O thread) raised glibc's dynamic mmap threshold above them, so
-such buffers came from the thread's arena, whose free space then grew through a run
-(``benchmarks/soak.py --diagnose``).
+are written from the chunk buffer itself and ``/time`` in pieces of :data:`TIME_PIECE` rows,
+so an append allocates no chunk-sized temporaries.  The compression filter does, on the I/O
+thread, for every chunk (its output and Blosc2's context buffers, sizes varying with the
+data).  With glibc's *dynamic* mmap threshold, the first such buffer freed raises the
+threshold above them, and from then on they come from that thread's malloc arena, whose free
+space grew without bound: 3 meters at 8 kHz, in a 40-minute replay of the I/O thread's
+appends, +8 MB free in the arena (and growing) with the dynamic threshold, flat (1.6 MB) with
+it fixed, flat without compression.  Importing this module therefore fixes the threshold at
+glibc's default (:data:`MMAP_THRESHOLD`, ``mallopt(M_MMAP_THRESHOLD)``; large buffers are then
+mapped and unmapped each time) unless ``MALLOC_MMAP_THRESHOLD_`` is set, which it respects.
 
 Blosc threads: importing this module sets ``BLOSC_NTHREADS=1`` unless it is set already
 (the HDF5 Blosc2 filter reads it at every call).  The filter's default, one thread per core,
@@ -87,6 +92,7 @@ cannot advance the clock, so later times are too early - the file then carries
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -107,6 +113,26 @@ from smartmeter_ophyd.protocol import Measures, decimation
 logger = logging.getLogger(__name__)
 
 os.environ.setdefault("BLOSC_NTHREADS", "1")  # see "Blosc threads" in the module docstring
+
+MMAP_THRESHOLD: Final = 128 * 1024
+"""glibc's default mmap threshold, fixed at import (see "Memory" in the module docstring)."""
+_M_MMAP_THRESHOLD: Final = -3  # mallopt's parameter number (malloc.h)
+
+
+def _fix_mmap_threshold() -> bool:
+    """``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` on glibc unless ``MALLOC_MMAP_THRESHOLD_`` is set;
+    True if it was set here."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # not glibc: nothing to fix
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+_fix_mmap_threshold()
 
 FORMAT_VERSION: Final = 1
 TIME_DATASET: Final = "time"
