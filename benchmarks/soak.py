@@ -14,8 +14,8 @@ Where the memory is (``--diagnose``, :mod:`_memory`): RSS by kind of mapping for
 processes, and for this one glibc's malloc (in use / free in its arenas) and pymalloc's arenas
 and blocks; ``--trim`` (diagnostic only) calls ``malloc_trim(0)`` after each sample;
 ``--types`` counts objects by type; ``--tracemalloc`` diffs Python allocations.  The sampler's
-own read-back (an in-process catalog client and the SWMR reader) lives in this process too:
-``--no-read-back`` leaves it out.
+read-back (a catalog client and a SWMR reader) runs in a child process, so its memory is not
+counted as the acquisition's; ``--no-read-back`` leaves it out.
 
 Usage: ``python benchmarks/soak.py --minutes 60``
 """
@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import multiprocessing
+import os
 import shutil
 import statistics
 import sys
@@ -73,14 +75,39 @@ class Sample:
     pymalloc: tuple[float, float] | None = None
 
 
+def read_back(conn: Any, profile: str, tiled_profiles: str, profiles_dir: str) -> None:
+    """The sampler's reader, in a child process: for each (run uid, meter, HDF5 path) asked,
+    the rows of the meter's time in the catalog and in its file (a SWMR reader); an
+    exception's text if it could not read them."""
+    os.environ["TILED_PROFILES"] = os.pathsep.join(p for p in (tiled_profiles, profiles_dir) if p)
+    client = open_catalog(profile)
+    try:
+        while (request := conn.recv()) is not None:
+            uid, name, path = request
+            try:
+                in_catalog = in_file = 0
+                if uid is not None and uid in client:
+                    node = stream_nodes(client[uid], name).get(f"{name}_time")
+                    in_catalog = node.shape[0] if node is not None else 0
+                if path:
+                    with h5py.File(path, "r", libver="latest", swmr=True) as f:
+                        in_file = int(f["time"].shape[0])
+                conn.send((in_catalog, in_file))
+            except Exception as exc:  # a reader hiccup is a data point, not the end
+                conn.send(f"{type(exc).__name__}: {exc}")
+    finally:
+        client.context.close()
+
+
 class Watch:
     """The background sampler (its own catalog client, its own SWMR reader)."""
 
     def __init__(self, every: float, meter: Any, catalog: Any, sink: Any, frames: int = 0,
                  trace_from: float | None = None, trace_to: float | None = None,
                  diagnose: bool = False, trim: bool = False, types_every: float = 0.0,
-                 read_back: bool = True) -> None:
+                 read_back: bool = True, profiles_dir: Path | None = None) -> None:
         self.every, self.meter, self.catalog, self.sink = every, meter, catalog, sink
+        self.profiles_dir = profiles_dir
         self.uid: str | None = None
         self.samples: list[Sample] = []
         self.diagnose, self.trim, self.read_back = diagnose, trim, read_back
@@ -95,22 +122,25 @@ class Watch:
         if name == "start":
             self.uid = doc["uid"]
 
-    def _rows(self, client: Any) -> tuple[int, int]:
-        in_catalog = in_file = 0
-        if not self.read_back:
-            return in_catalog, in_file
-        if self.uid is not None and self.uid in client:
-            nodes = stream_nodes(client[self.uid], self.meter.name)
-            node = nodes.get(f"{self.meter.name}_time")
-            in_catalog = node.shape[0] if node is not None else 0
-        path = self.meter.hdf5_path
-        if path:
-            with h5py.File(path, "r", libver="latest", swmr=True) as f:
-                in_file = int(f["time"].shape[0])
-        return in_catalog, in_file
+    def _rows(self, reader: Any) -> tuple[int, int]:
+        if reader is None:
+            return 0, 0
+        reader.send((self.uid, self.meter.name, self.meter.hdf5_path))
+        answer = reader.recv()
+        if isinstance(answer, str):
+            raise RuntimeError(answer)
+        return answer
 
     def _run(self) -> None:
-        client = open_catalog(self.catalog.profile)
+        reader = process = None
+        if self.read_back:  # in a child process: its memory is not the acquisition's
+            context = multiprocessing.get_context("spawn")
+            reader, child = context.Pipe()
+            process = context.Process(
+                target=read_back, name="soak read-back", daemon=True,
+                args=(child, self.catalog.profile, os.environ.get("TILED_PROFILES", ""),
+                      str(self.profiles_dir)))
+            process.start()
         t0 = time.monotonic()
         last = (t0, cpu_seconds(), cpu_seconds(self.sink.writer_pid))
         try:
@@ -118,7 +148,7 @@ class Watch:
                 now, cpu, wcpu = time.monotonic(), cpu_seconds(), cpu_seconds(self.sink.writer_pid)
                 dt = now - last[0]
                 try:
-                    in_catalog, in_file = self._rows(client)
+                    in_catalog, in_file = self._rows(reader)
                 except Exception as exc:  # a reader hiccup is a data point, not the end
                     logging.getLogger("soak").warning("reading back: %s", exc)
                     in_catalog = in_file = -1
@@ -149,7 +179,9 @@ class Watch:
                 if self.diagnose:
                     print(f"    {_describe(sample)}", flush=True)
         finally:
-            client.context.close()
+            if process is not None:
+                reader.send(None)
+                process.join(30)
 
     def _trace(self, t: float) -> None:
         """Two tracemalloc snapshots, at ``trace_from`` and ``trace_to`` seconds; tracing
@@ -307,8 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="count gc-tracked objects by type every SECONDS from the first "
                              "minute on and print the types that grew")
     parser.add_argument("--no-read-back", action="store_true",
-                        help="the sampler neither opens a catalog client nor the SWMR file "
-                             "(their own memory is then not in the acquisition process)")
+                        help="no read-back process (no catalog or SWMR lag figures)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix="smartmeter-soak-"))
@@ -327,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 watch = Watch(args.every, meters[0], catalog, sink, frames=args.tracemalloc,
                               trace_from=120.0, trace_to=seconds - args.every,
                               diagnose=args.diagnose, trim=args.trim, types_every=args.types,
-                              read_back=not args.no_read_back)
+                              read_back=not args.no_read_back,
+                              profiles_dir=work / "profiles")
                 engine.subscribe(watch.doc)
                 with watch:
                     (uid,) = engine(plans.synchronized_fly(meters, seconds))
