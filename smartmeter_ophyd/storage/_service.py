@@ -224,13 +224,14 @@ class JournalSink:
         if name == "start":
             self._poke()
         elif name == "stop":
+            received = time.monotonic()
             self._ensure_writer()
             self._poke()  # first: the writer closes the run while the journal is synced
             run.journal.sync()
             run.journal.close()
             del self._runs[uid]
             self._forget(uid)
-            self._wait_closed(uid)
+            self._wait_closed(uid, received)
 
     def _route(self, name: str, doc: dict[str, Any]) -> str:
         if name == "start":
@@ -287,8 +288,7 @@ class JournalSink:
                 return False
             time.sleep(0.01)
 
-    def _wait_closed(self, uid: str) -> None:
-        t0 = time.monotonic()
+    def _wait_closed(self, uid: str, received: float) -> None:
         try:
             done = self.wait_closed(uid)
         except CatalogWriteError as exc:
@@ -296,7 +296,7 @@ class JournalSink:
             if self.raise_on_failure:
                 raise
             return
-        self.last_close_s = time.monotonic() - t0
+        self.last_close_s = time.monotonic() - received
         if not done:
             logger.error(
                 "run %s: the catalog writer did not close it within %.0f s; the documents are "
