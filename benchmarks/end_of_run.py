@@ -103,6 +103,31 @@ class StackSampler:
             for frame, count in inclusive.most_common(lines):
                 print(f"   inclusive {count:5d}  {frame}")
 
+    def timeline(self, start: float, end: float, bucket: float = 0.1) -> None:
+        """Per 0.1 s from ``start``: what each busy thread was doing (its frame nearest the
+        top of the stack among the project's own, or its innermost), '.' for waiting."""
+        waiting = ("wait ", "select ", "_worker thread.py:81", "_wait_for_tstate_lock",
+                   "acquire", "sleep")
+        columns: dict[str, list[str]] = {}
+        for t, name, stack in self.samples:
+            if not start <= t <= end or not stack:
+                continue
+            k = int((t - start) / bucket)
+            busy = not any(w in stack[0] for w in waiting)
+            label = "."
+            if busy:
+                own = [f for f in stack if "site-packages" not in f and "python3.11" not in f]
+                label = (own[0] if own else stack[0]).split(" ")[0]
+            columns.setdefault(name, []).append(f"{k}:{label}")
+        for name, entries in sorted(columns.items()):
+            by_bucket: dict[int, Counter[str]] = {}
+            for entry in entries:
+                k, label = entry.split(":", 1)
+                by_bucket.setdefault(int(k), Counter())[label] += 1
+            row = [f"{k * bucket:4.1f}s {c.most_common(1)[0][0]}" for k, c in sorted(by_bucket.items())
+                   if c.most_common(1)[0][0] != "."]
+            print(f"== {name}: " + ("; ".join(row) if row else "waiting throughout"))
+
 
 class Marks:
     """Wall-clock instants of the end-of-run messages (``msg_hook`` runs on the RE thread)."""
@@ -226,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"last meter stopped -> run closed (RunEngine returned): {returned - stopped:.3f} s")
     if args.sample:
         sampler.report(stopped, returned, args.sample)
+        print("timeline from the last meter's stop (per 0.1 s, the most frequent busy frame):")
+        sampler.timeline(stopped, returned)
     if profile is not None:
         pstats.Stats(profile).sort_stats("cumulative").print_stats(args.profile)
     return 0

@@ -12,7 +12,12 @@ import sys
 
 from ._alignment import serve
 
+WORKER_NICENESS = 5
+"""Below the acquisition process, which closes the meters' files at the same moment: the
+alignment takes the CPU the acquisition leaves, never the other way round."""
+
 if __name__ == "__main__":
+    os.nice(WORKER_NICENESS)
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     code = serve(sys.stdin.buffer, answers)
