@@ -11,8 +11,9 @@ meter starts at its kickoff) and records, from the RunEngine's messages and docu
 * ``data``: release -> the stop document (the duration, the meter's tail (§4.8), the last
   collects and records);
 * ``stop -> closed``: the stop document emitted -> the run closed in the catalog.  For the
-  sink it is its wait for the writer process (and the writer's CPU in that window: on a
-  shared host the wall time is that CPU stretched by contention); for ``TiledWriter`` its
+  sink it is its stop handling (the journal's fsync and the wait for the writer process,
+  which works meanwhile) and the writer's CPU in that window (on a shared host the wall time
+  is that CPU stretched by contention); for ``TiledWriter`` its
   stop handling (it writes synchronously); for ``none`` nothing is written;
 * CPU of this process.
 
