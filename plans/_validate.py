@@ -88,6 +88,12 @@ def number(
     return float(value)
 
 
+def flag(value: Any, what: str, plan: str) -> bool:
+    if not isinstance(value, bool):
+        raise PlanArgumentError(f"{plan}: {what}={value!r} must be True or False")
+    return value
+
+
 def integer(value: Any, what: str, plan: str, *, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise PlanArgumentError(f"{plan}: {what}={value!r} must be an integer")

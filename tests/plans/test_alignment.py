@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 
 import plans
+from plans import PlanArgumentError
 from smartmeter_ophyd.devices import _alignment
+from smartmeter_ophyd.readback import meter_rows
+from smartmeter_ophyd.storage import align_recordings
 from smartmeter_ophyd.timing import alignment_from_table, apply_alignment
 
 OFFSETS_S = (-0.002, 0.0, 0.0025)
@@ -84,3 +88,23 @@ def test_alignment_recovers_the_residual_offsets(fleet_factory, smartmeters, eng
     assert max(abs(r) for r in raw) > 1e-3  # a real misalignment, not a trivial zero
     assert max(residuals) <= 10e-6
     assert np.mean(covered) >= 0.95
+
+
+def test_alignment_false_closes_the_run_without_it_and_the_files_still_align(
+        fleet_factory, smartmeters, engine, embedded_catalog) -> None:
+    with pytest.raises(PlanArgumentError, match="alignment='no' must be True or False"):
+        list(plans.synchronized_fly([], 1.0, alignment="no"))
+    fleet = fleet_factory([{"time_server_offset_s": off} for off in OFFSETS_S[:2]],
+                          chrony=False)
+    meters = smartmeters(fleet)
+    (uid,) = engine.RE(plans.synchronized_fly(meters, 2.0, alignment=False))
+    assert not [d for d in engine.docs("descriptor") if d["name"] == "alignment"]
+    run = embedded_catalog.client[uid]
+    assert run.start["plan_args"]["alignment"] is False
+    rows = meter_rows(run["meter_summary"].read())
+    files = {name: rows[name][-1]["hdf5_path"] for name in (m.name for m in meters)}
+    found = align_recordings(meters[0].name, files)  # afterwards, from the stored files
+    offset = np.median(found.results[meters[1].name].offset_s)
+    truth = np.median(stored_error(meters[1], fleet, 1)[1]) - np.median(
+        stored_error(meters[0], fleet, 0)[1])
+    assert abs(truth) > 1e-3 and abs(offset - truth) < 20e-6, (offset, truth)
