@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._direct import CatalogWriteError, DirectCatalogWriter
-from ._journal import JOURNAL_SUFFIX, JournalReader, JournalWriter
+from ._journal import JOURNAL_SUFFIX, JournalReader, JournalWriter, replay_into_tiled
 
 logger = logging.getLogger(__name__)
 
@@ -598,9 +598,13 @@ class _Writer:
             del self.readers[path]
             uid = self.uids.pop(path, path.stem)
             self.writer.abandon(uid)
+            orphaned = path.with_suffix(ORPHANED_SUFFIX)
+            if isinstance(self.writer, _HttpWriter):
+                # before the rename: a writer dying here leaves a journal the next one replays
+                await self.writer.rewrite_unfinished(uid, path, orphaned, reader.records)
             logger.warning("run %s has no stop document (%s); written as far as %s goes",
                            uid, why, path)
-            os.replace(path, path.with_suffix(ORPHANED_SUFFIX))
+            os.replace(path, orphaned)
 
 
 class _HttpWriter:
@@ -639,11 +643,42 @@ class _HttpWriter:
     def abandon(self, uid: str) -> None:
         self._open.discard(uid)
 
+    async def rewrite_unfinished(
+        self, uid: str, journal: Path, kept_as: Path, documents: int
+    ) -> bool:
+        """Rewrite an abandoned run (no stop document will come) whole from its journal.
+
+        ``TiledWriter`` holds a run's events, and its StreamDatums until they span a batch,
+        for the stop document: abandoned, they would never reach the server although the
+        journal holds them.  So the partial run is deleted and written again by
+        :func:`~._journal.replay_into_tiled`, which writes a stop-less journal unbatched.
+        False (and an error in the log naming the run, what is missing and ``kept_as``, where
+        the journal will be) if the server refused the rewrite: the run is then incomplete.
+        """
+        try:
+            await self.delete_run(uid)
+            report = await asyncio.to_thread(replay_into_tiled, journal, self.client)
+        except Exception as exc:  # the server down, a refused delete: the journal stays
+            logger.error("run %s is INCOMPLETE in the catalog: rewriting it from its journal "
+                         "failed (%s: %s); its events and stream data after the last batch "
+                         "written are missing. All %d documents are in %s: remove the run "
+                         "and replay it (smartmeter replay)", uid, type(exc).__name__, exc,
+                         documents, kept_as)
+            return False
+        if not report.ok:
+            logger.error("run %s is INCOMPLETE in the catalog: %d of its %d documents written; "
+                         "%s. All are in %s: remove the run and replay it (smartmeter replay)",
+                         uid, report.documents, documents, report.error, kept_as)
+            return False
+        logger.info("run %s rewritten from its journal without batching: %d documents",
+                    uid, report.documents)
+        return True
+
     async def delete_run(self, uid: str) -> bool:
         def delete() -> bool:
             if uid not in self.client:
                 return False
-            self.client.base.delete_contents([uid], recursive=True, external_only=False)
+            self.client.delete_contents([uid], recursive=True, external_only=False)
             return True
 
         return await asyncio.to_thread(delete)
