@@ -27,6 +27,10 @@ Locks: the sink holds ``sink.lock`` and the writer ``writer.lock`` in the sessio
 
 ``JournalSink.for_server(uri, api_key, journal_root)`` does the same for a Tiled server (the
 writer process runs a ``TiledWriter`` over HTTP): what each acquisition host of a fleet uses.
+A ``TiledWriter`` holds events and stream data for the stop document, so a run whose stop
+never comes (its acquisition process died) is deleted from the server and rewritten from its
+journal by :func:`~._journal.replay_into_tiled`, unbatched: every journaled document reaches
+the catalog, or the writer log names the run as INCOMPLETE with what is missing.
 
 Limits: one writer per session; several acquisition processes (each its own session) may
 share a catalog - SQLite serialises their writers.  Journals record documents, not data:
