@@ -126,7 +126,7 @@ def _fix_mmap_threshold() -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):  # not glibc: nothing to fix
+    except (AttributeError, OSError, TypeError):  # no mallopt (not glibc): nothing to fix
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
