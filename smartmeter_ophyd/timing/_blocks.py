@@ -130,15 +130,19 @@ def block_phasors(
             rel, position, block, v = rel[inside], position[inside], block[inside], v[inside]
         index = block.astype(np.int64)
         frac = position - block
-        weight = np.sin(math.pi * frac)
+        # The taper and the phase are reduced in float64, then their sines taken in float32
+        # (NumPy's SIMD paths, ~20x faster): an error of ~1e-7 rad, where one microsecond
+        # at 50 Hz is 3e-4 rad.
+        weight = np.sin(np.float32(math.pi) * frac.astype(np.float32))
         weight *= weight
         cycles = rel * mains_hz
         cycles -= np.floor(cycles)
         cycles *= two_pi
+        phase = cycles.astype(np.float32)
         wv = weight * v
         sum_w += np.bincount(index, weights=weight, minlength=n_blocks)
-        sum_re += np.bincount(index, weights=wv * np.cos(cycles), minlength=n_blocks)
-        sum_im -= np.bincount(index, weights=wv * np.sin(cycles), minlength=n_blocks)
+        sum_re += np.bincount(index, weights=wv * np.cos(phase), minlength=n_blocks)
+        sum_im -= np.bincount(index, weights=wv * np.sin(phase), minlength=n_blocks)
         count += np.bincount(index, minlength=n_blocks)
     holes = np.concatenate(hole_list) if hole_list else np.zeros((0, 2))
     # A hole invalidates every block it touches.
