@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import h5py
@@ -21,29 +24,39 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 glibc = pytest.mark.skipif(not hasattr(_libc, "mallinfo2"), reason="glibc >= 2.33 only")
 
 
-class _Mallinfo2(ctypes.Structure):
+_ARENA_CHECK = """
+import ctypes, ctypes.util, sys
+import numpy as np
+from smartmeter_ophyd.protocol import Measures
+from smartmeter_ophyd.storage import WaveformWriter
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
         "fordblks", "keepcost")]
 
-
-def _mmapped_bytes() -> int:
-    """Bytes in chunks glibc mapped on their own (outside every arena)."""
-    _libc.mallinfo2.restype = _Mallinfo2
-    return int(_libc.mallinfo2().hblkhd)
+libc.mallinfo2.restype = Mallinfo2
+WaveformWriter(sys.argv[1], Measures.VI, 8000, 0.0).close()  # storage is in use
+# with the dynamic threshold, freeing this mapped 4 MiB buffer would raise the threshold to
+# 4 MiB and the next 1 MiB buffer would come from an arena
+big = np.ones(4 << 20, dtype=np.uint8)
+del big
+before = libc.mallinfo2().hblkhd
+buffer = np.ones(1 << 20, dtype=np.uint8)
+print(libc.mallinfo2().hblkhd - before)
+"""
 
 
 @glibc
 def test_a_freed_large_buffer_leaves_later_ones_outside_the_arenas(tmp_path) -> None:
-    WaveformWriter(tmp_path / "m.h5", Measures.VI, 8000, 0.0).close()  # storage is in use
-    # with the dynamic threshold, freeing this mapped 4 MiB buffer would raise the threshold
-    # to 4 MiB and the next 1 MiB buffer would come from an arena
-    big = np.ones(4 << 20, dtype=np.uint8)
-    del big
-    before = _mmapped_bytes()
-    buffer = np.ones(1 << 20, dtype=np.uint8)
-    grown = _mmapped_bytes() - before
-    del buffer
+    # In a fresh process: in this one, earlier tests leave free arena chunks that can serve
+    # a 1 MiB request before the mmap threshold is consulted at all.
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    done = subprocess.run([sys.executable, "-c", _ARENA_CHECK, str(tmp_path / "m.h5")],
+                          capture_output=True, text=True, timeout=60, env=env, check=True)
+    grown = int(done.stdout.strip())
     assert grown >= 1 << 20, f"a 1 MiB buffer came from a malloc arena ({grown} B mapped)"
 
 
