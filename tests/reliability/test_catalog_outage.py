@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,13 @@ import pytest
 import plans
 from smartmeter_ophyd.devices import SmartMeter
 from smartmeter_ophyd.storage import (
-    JournalWriter,
     make_tiled_writer,
     read_stream,
     replay_journal,
 )
 from smartmeter_ophyd.storage._service import JournalSink
 from tests.run_engines import RunEngine
+from tests.storage.test_replay import journal_of, plain_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,32 +134,6 @@ def test_smartmeter_replay_has_help() -> None:
     result = smartmeter("replay", "--help", env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-500:]
     assert "JOURNAL" in result.stdout and "--catalog" in result.stdout
-
-
-def journal_of(path: Path, docs: list[tuple[str, dict]]) -> Path:
-    with JournalWriter(path) as journal:
-        for name, doc in docs:
-            journal.append(name, doc)
-    return path
-
-
-def plain_run(n_events: int, stop: bool) -> list[tuple[str, dict]]:
-    """A run without external files: start, one descriptor, events, and a stop if asked."""
-    start = {"uid": str(uuid.uuid4()), "time": time.time(), "scan_id": 1}
-    descriptor = {"uid": str(uuid.uuid4()), "run_start": start["uid"], "time": time.time(),
-                  "name": "primary", "data_keys": {"x": {"source": "test", "dtype": "number",
-                                                         "shape": []}},
-                  "object_keys": {}, "configuration": {}, "hints": {}}
-    docs = [("start", start), ("descriptor", descriptor)]
-    docs += [("event", {"uid": str(uuid.uuid4()), "descriptor": descriptor["uid"],
-                        "time": time.time(), "seq_num": i + 1, "data": {"x": float(i)},
-                        "timestamps": {"x": time.time()}, "filled": {}})
-             for i in range(n_events)]
-    if stop:
-        docs.append(("stop", {"uid": str(uuid.uuid4()), "run_start": start["uid"],
-                              "time": time.time(), "exit_status": "success", "reason": "",
-                              "num_events": {"primary": n_events}}))
-    return docs
 
 
 def test_smartmeter_replay_says_what_it_could_not_write_and_what_stays_open(
