@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from smartmeter_ophyd.emulator import EmulatorConfig
+from smartmeter_ophyd.emulator import EmulatedMeter, EmulatorConfig
+
+MeterStarter = Callable[..., Awaitable[EmulatedMeter]]
+"""What the ``start_meter`` fixture gives: ``await start(tag, broker=..., **settings)``."""
+
+
+def unique(tag: str) -> str:
+    """A meter name no other test process uses on the shared broker."""
+    return f"m{os.getpid() % 100000}{tag}"
 
 INFO_LINE = (
     b'Info:{"cmd":"info","type":"smartmeter","version":"2.2","compiled":"Nov  3 2021 18:09:15",'

@@ -8,9 +8,7 @@ Values are checked against the emulator's ground truth (grid model, session trut
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,48 +27,9 @@ from smartmeter_ophyd.emulator import EmulatedMeter
 from smartmeter_ophyd.protocol import GetPeriod, GetPower, GetVoltage, Info, LineValues, Sample
 from tests.mqtt_tools import PrivateBroker
 
-from .client_fakes import emulator_config, start_sntp
+from .client_fakes import MeterStarter, unique
 
 pytestmark = pytest.mark.service
-
-MeterStarter = Callable[..., Awaitable[EmulatedMeter]]
-
-
-def unique(tag: str) -> str:
-    return f"m{os.getpid() % 100000}{tag}"
-
-
-@pytest.fixture
-async def start_meter(mqtt_broker: tuple[str, int]) -> AsyncIterator[MeterStarter]:
-    """Emulated meters connected to ``mqtt_broker`` (or to ``broker=``), NTP-synced."""
-    transport, ntp_port = await start_sntp()
-    meters: list[EmulatedMeter] = []
-
-    async def start(tag: str, broker: tuple[str, int] = mqtt_broker, **kw: Any) -> EmulatedMeter:
-        settings: dict[str, Any] = {"time_server": "127.0.0.1", "ntp_port": ntp_port}
-        settings.update(kw)
-        meter = EmulatedMeter(emulator_config(name=unique(tag), mqtt_server=broker[0],
-                                              mqtt_port=broker[1], **settings))
-        await meter.start()
-        meters.append(meter)
-        deadline = time.monotonic() + 3
-        while not meter.mqtt.connected():
-            assert time.monotonic() < deadline, "emulated meter did not reach the broker"
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)  # its subscriptions
-        return meter
-
-    yield start
-    for meter in meters:
-        await meter.stop()
-    transport.close()
-
-
-@pytest.fixture
-async def broker(mqtt_broker: tuple[str, int]) -> AsyncIterator[AsyncMqttBroker]:
-    async with AsyncMqttBroker(*mqtt_broker, timeout=3.0) as b:
-        yield b
-
 
 def truth(meter: EmulatedMeter) -> Any:
     return meter.grid.snapshot(meter.clock.true_now(), meter.config.circuit)

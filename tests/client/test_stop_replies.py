@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -38,7 +36,7 @@ from smartmeter_ophyd.emulator import EmulatedMeter
 from smartmeter_ophyd.protocol import Answered, MeterConnection, Reply, Sample, Stop, StopReply
 from tests.mqtt_tools import Probe
 
-from .client_fakes import emulator_config, start_sntp
+from .client_fakes import MeterStarter, unique
 
 STOP_LINE = (
     b'Info:{"msg":"Received stop command","sample_duration":16157,"samples":16,'
@@ -96,34 +94,10 @@ def test_any_other_failed_stop_reply_is_rejected_naming_the_meter_and_message() 
 # ------------------------------------------------------------------ over real MQTT
 
 
-def unique(tag: str) -> str:
-    return f"st{os.getpid() % 100000}{tag}"
-
-
 @pytest.fixture
-async def broker(mqtt_broker: tuple[str, int]) -> AsyncIterator[AsyncMqttBroker]:
-    async with AsyncMqttBroker(*mqtt_broker, timeout=3.0) as b:
-        yield b
-
-
-@pytest.fixture
-async def mqtt_meter(mqtt_broker: tuple[str, int]) -> AsyncIterator[EmulatedMeter]:
+async def mqtt_meter(start_meter: MeterStarter) -> EmulatedMeter:
     """An emulated meter on the shared mosquitto, NTP-synced to a local responder."""
-    transport, ntp_port = await start_sntp()
-    meter = EmulatedMeter(emulator_config(name=unique("e"), mqtt_server=mqtt_broker[0],
-                                          mqtt_port=mqtt_broker[1], time_server="127.0.0.1",
-                                          ntp_port=ntp_port))
-    await meter.start()
-    try:
-        deadline = time.monotonic() + 3
-        while not meter.mqtt.connected():
-            assert time.monotonic() < deadline, "emulated meter did not reach the broker"
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)  # its subscriptions
-        yield meter
-    finally:
-        await meter.stop()
-        transport.close()
+    return await start_meter("st")
 
 
 @pytest.mark.service
@@ -147,7 +121,7 @@ async def test_mqtt_stop_of_a_meter_stopped_elsewhere_ends_the_session(
 async def test_mqtt_failed_stop_reply_is_rejected_naming_the_meter(
     mqtt_broker: tuple[str, int], broker: AsyncMqttBroker
 ) -> None:
-    name = unique("f")
+    name = unique("stf")
     m = broker.meter(name)
     command = Sample(transport="MQTT", rate=5, measures="v,i_RMS")
     reply: dict[str, Any] = json.loads(expected_sample_reply(command, name))
