@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from ..storage import AlignmentWorker, AlignmentWorkerError
+from ..storage import AlignmentWorker, AlignmentWorkerError, RecordedAlignment, align_recordings
 from ._keys import scalar_key
 
 if TYPE_CHECKING:
@@ -184,8 +184,6 @@ class AlignmentStream:
     def compute(self) -> dict[str, Alignment]:
         """Align every meter against the reference: the workers' answer if ``start`` was
         called, else (or if a worker failed) computed here."""
-        from ..storage import RecordedAlignment, align_recordings
-
         found: RecordedAlignment | None = None
         if self._submitted and self._workers:
             try:
