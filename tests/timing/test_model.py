@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from smartmeter_ophyd.timing import DeclaredGap, SessionRecords, TimeModelError, model_times
+from smartmeter_ophyd.timing import _model
+from smartmeter_ophyd.timing._model import _Lattice, _row_times, _sample_times, _Structure
 
 from ._firmware import T0, Firmware, Result, Sync
 
@@ -157,3 +162,39 @@ def test_bad_records_name_the_meter() -> None:
         model_times(dataclasses.replace(records, latched=True))
     with pytest.raises(TimeModelError, match="'meter-7'.*gap at sample 99999 lies outside"):
         model_times(dataclasses.replace(records, gaps=(DeclaredGap(99_999, 3),)))
+
+
+@st.composite
+def structures(draw: st.DrawFn) -> tuple[_Structure, np.ndarray]:
+    """A random interval structure (empty intervals, fillers, slot events included) and
+    ascending stream positions, some before the first interval and past the last."""
+    m = draw(st.integers(1, 8))
+    rows = draw(st.lists(st.integers(0, 40), min_size=m, max_size=m))
+    fillers = [draw(st.integers(0, min(4, r))) for r in rows]
+    origin = draw(st.integers(0, 5))
+    starts = np.concatenate(([origin], origin + np.cumsum(rows))).astype(np.int64)
+    total = int(starts[-1])
+    events = sorted(draw(st.lists(st.integers(0, total + 5), max_size=6)))
+    deltas = [draw(st.sampled_from((-1, 1, 2))) for _ in events]
+    bounds = T0 + np.cumsum(np.concatenate(([0.0], draw(st.lists(
+        st.floats(0.5, 1.5), min_size=m, max_size=m)))))
+    structure = _Structure(
+        bounds=bounds, segment=np.zeros(m, np.int64), u=np.arange(m, dtype=np.float64),
+        phase=np.array(draw(st.lists(st.floats(0.0, 1e-3), min_size=m, max_size=m))),
+        starts=starts, fillers=np.array(fillers, dtype=np.int64),
+        event_row=np.array(events, dtype=np.int64), event_delta=np.array(deltas, np.int64),
+    )
+    chosen = draw(st.lists(st.integers(0, total + 10), max_size=80, unique=True))
+    return structure, np.array(sorted(chosen), dtype=np.int64)
+
+
+@given(structures(), st.integers(1, 7))
+def test_sample_times_equal_row_times_bit_for_bit(case: tuple[_Structure, np.ndarray],
+                                                   chunk: int) -> None:
+    structure, positions = case
+    lattice = _Lattice(rate=8000, step_s=1.25e-4, head_phase_s=0.0, edge_phase_s=0.0,
+                       placement_s=0.0)
+    expected = _row_times(structure, lattice, positions)[0]
+    with mock.patch.object(_model, "_CHUNK", chunk):  # runs split across passes
+        got = _sample_times(structure, lattice, positions)
+    np.testing.assert_array_equal(got, expected)
