@@ -12,8 +12,9 @@ with :func:`smartmeter_ophyd.timing.apply_alignment`.
 
 Limits: it assumes the meters' ``v_l1`` channels measure the same phase (the plans say so
 in their docs); a meter without ``v_l1`` (``v,i_L2``, latched modes) or without samples is
-left out with a note in the log.  The computation costs about 20-25 ms per meter and 10 s
-of 8 kHz data (reading included), a few seconds per meter-hour.
+left out with a note in the log.  The computation costs about 10 ms per meter and 10 s of
+8 kHz data in a worker (reading included; ~18 ms in this process), a few seconds per
+meter-hour.
 :meth:`AlignmentStream.follow` launches worker processes
 (:class:`smartmeter_ophyd.storage.AlignmentWorker`, one per ``METERS_PER_WORKER`` meters, at
 most one per core) while the meters sample, and hands each its share of the files, a file
@@ -62,7 +63,7 @@ FIELDS: Final = {
 
 METERS_PER_WORKER: Final = 16
 """A worker process per this many meters, at most one per core: 50 meters x 10 s of 8 kHz
-data are ~1.2 s of alignment for one process, about what the files take to close."""
+data are ~0.5 s of alignment for one worker, about what the files take to close."""
 
 
 def worker_count(meters: int, cores: int | None = None) -> int:

@@ -176,3 +176,25 @@ def test_a_dead_worker_is_reported_not_awaited(
             worker.result()
     finally:
         worker.close()
+
+
+def worker_environment(worker: AlignmentWorker) -> dict[str, str]:
+    assert worker.pid is not None
+    raw = Path(f"/proc/{worker.pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_a_worker_keeps_its_temporaries_on_the_heap_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's glibc settings (``WORKER_MALLOC``): not the acquisition process's
+    128 KiB mmap threshold, which maps every numpy temporary afresh; the caller's own wins."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with AlignmentWorker() as worker:
+        env = worker_environment(worker)
+    assert int(env["MALLOC_MMAP_THRESHOLD_"]) >= 32 << 20
+    assert int(env["MALLOC_TRIM_THRESHOLD_"]) >= 64 << 20
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "262144")
+    with AlignmentWorker() as worker:
+        assert worker_environment(worker)["MALLOC_MMAP_THRESHOLD_"] == "262144"
