@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smartmeter_ophyd.timing import DeclaredGap, SessionRecords, TimeModelError, model_times
-from smartmeter_ophyd.timing import _model
+from smartmeter_ophyd.timing import DeclaredGap, SessionRecords, TimeModelError, _model, model_times
 from smartmeter_ophyd.timing._model import _Lattice, _row_times, _sample_times, _Structure
 
 from ._firmware import T0, Firmware, Result, Sync
