@@ -179,8 +179,13 @@ def test_a_dead_worker_is_reported_not_awaited(
 
 
 def worker_environment(worker: AlignmentWorker) -> dict[str, str]:
+    """The worker's environment as its process sees it (read again while the kernel still
+    sets up the new image: ``Popen`` may return in that window, with nothing to read)."""
     assert worker.pid is not None
-    raw = Path(f"/proc/{worker.pid}/environ").read_bytes()
+    deadline = time.monotonic() + 5.0
+    while not (raw := Path(f"/proc/{worker.pid}/environ").read_bytes()):
+        assert time.monotonic() < deadline, "the worker's environment never appeared"
+        time.sleep(0.005)
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
 
 
