@@ -140,10 +140,14 @@ def block_phasors(
         cycles *= two_pi
         phase = cycles.astype(np.float32)
         wv = weight * v
-        sum_w += np.bincount(index, weights=weight, minlength=n_blocks)
-        sum_re += np.bincount(index, weights=wv * np.cos(phase), minlength=n_blocks)
-        sum_im -= np.bincount(index, weights=wv * np.sin(phase), minlength=n_blocks)
-        count += np.bincount(index, minlength=n_blocks)
+        # Times increase, so each block's samples are one run: summed run by run (in
+        # float64), several times faster than a scatter per sample.
+        runs = np.flatnonzero(np.diff(index, prepend=-1))
+        blocks = index[runs]
+        sum_w[blocks] += np.add.reduceat(weight, runs, dtype=np.float64)
+        sum_re[blocks] += np.add.reduceat(wv * np.cos(phase), runs, dtype=np.float64)
+        sum_im[blocks] -= np.add.reduceat(wv * np.sin(phase), runs, dtype=np.float64)
+        count[blocks] += np.diff(runs, append=index.size)
     holes = np.concatenate(hole_list) if hole_list else np.zeros((0, 2))
     # A hole invalidates every block it touches.
     if holes.size:
