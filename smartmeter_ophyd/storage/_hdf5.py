@@ -516,12 +516,12 @@ class WaveformWriter:
         times = np.asarray(times, dtype=np.float64)
         with self._lock:
             self._check_open()
-            self._write_buffered()
-            if times.shape != (self._on_disk,):
+            if times.shape != (self._on_disk + self._buffered,):
                 raise ValueError(
                     f"smartmeter {self.meter_name}: {times.shape[0]} times for "
-                    f"{self._on_disk} samples"
+                    f"{self._on_disk + self._buffered} samples"
                 )
+            self._write_buffered(provisional_times=False)  # the loop below writes them
             for first in range(0, self._on_disk, self.chunk_samples):
                 last = min(first + self.chunk_samples, self._on_disk)
                 self._time_ds[first:last] = times[first:last]
@@ -662,12 +662,14 @@ class WaveformWriter:
         self._flushed = self._on_disk
         self._last_write = time.monotonic()
 
-    def _write_buffered(self) -> None:
+    def _write_buffered(self, provisional_times: bool = True) -> None:
         if self._buffered:
             rows, self._buffered = self._buffered, 0
-            self._write_rows(self._buffer[:rows])
+            self._write_rows(self._buffer[:rows], provisional_times)
 
-    def _write_rows(self, values: npt.NDArray[np.float32]) -> None:
+    def _write_rows(self, values: npt.NDArray[np.float32], provisional_times: bool = True) -> None:
+        """Channels and ``/time`` rows; without ``provisional_times`` the caller writes the
+        rows' times before anything is flushed."""
         self._check_space(values.shape[0])
         start = self._on_disk
         stop = start + values.shape[0]
@@ -675,11 +677,12 @@ class WaveformWriter:
             ds.resize((stop,))
             ds[start:stop] = values[:, k]
         self._time_ds.resize((stop,))
-        # in pieces (their chunk waits in HDF5's chunk cache and is compressed once, at the
-        # flush): the time model's temporaries stay small (see "Memory")
-        for first in range(start, stop, TIME_PIECE):
-            last = min(first + TIME_PIECE, stop)
-            self._time_ds[first:last] = self._times(first, last)
+        if provisional_times:
+            # in pieces (their chunk waits in HDF5's chunk cache and is compressed once, at
+            # the flush): the time model's temporaries stay small (see "Memory")
+            for first in range(start, stop, TIME_PIECE):
+                last = min(first + TIME_PIECE, stop)
+                self._time_ds[first:last] = self._times(first, last)
         self._on_disk = stop
 
     def _check_space(self, rows: int) -> None:

@@ -211,3 +211,19 @@ def test_compressed_file_costs_no_more_per_sample_for_a_short_run(tmp_path) -> N
     assert np.array_equal(short_back.view(np.uint32), short.view(np.uint32))
     assert long_cost <= 16.0, long_cost  # 32 B raw: 24 B of float32 channels + 8 B of time
     assert short_cost <= long_cost * 1.1, (short_cost, long_cost)
+
+
+def test_rewritten_times_cover_every_row_buffered_ones_included(tmp_path) -> None:
+    w = WaveformWriter(tmp_path / "r.h5", Measures.VI_L1, 8000, 100.0, {"name": "m"},
+                       chunk_samples=64)
+    data = np.arange(2 * 150, dtype=np.float32).reshape(150, 2)
+    w.append(data)  # two whole chunks written, 22 rows still buffered
+    times = 200.0 + np.arange(150) * 1e-3
+    with pytest.raises(ValueError, match="smartmeter m: 149 times for 150 samples"):
+        w.rewrite_times(times[:-1], "model")
+    w.rewrite_times(times, "model", ["a note"])
+    w.close()
+    with h5py.File(w.path, "r") as f:
+        np.testing.assert_array_equal(f["time"][()], times)
+        np.testing.assert_array_equal(f["v_l1"][()], data[:, 0])
+        assert f.attrs["time_source"] == "model"
