@@ -79,8 +79,12 @@ def period_misfit(time: np.ndarray, voltage: np.ndarray, ref: Reference, *, knot
         if period[0] < 0 or period[-1] >= n_periods:
             keep = (period >= 0) & (period < n_periods)
             period, residual = period[keep], residual[keep]
-        total += np.bincount(period, weights=residual, minlength=n_periods)
-        count += np.bincount(period, minlength=n_periods)
+        if period.size == 0:
+            continue
+        # Times increase, so each period's samples are one run (as in block_phasors).
+        runs = np.flatnonzero(np.diff(period, prepend=-1))
+        total[period[runs]] += np.add.reduceat(residual, runs)
+        count[period[runs]] += np.diff(runs, append=period.size)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = total / count
     out[count < 4] = np.nan
