@@ -10,7 +10,7 @@ StreamDatum per samples key every "2 s" (16384 samples at 8 kHz); the writer wri
 every "1 s" of documents (``flush_live(force=True)``: what the writer process does whenever
 its journals go quiet, i.e. about once per document batch in a real run).
 
-Printed: RSS by kind (``_memory.mappings``), glibc's malloc account, and - with
+Printed: CPU per "second" of data (``ms/s``: process time, every thread), RSS by kind (``_memory.mappings``), glibc's malloc account, and - with
 ``--tracemalloc`` - the top allocation sites grown between two snapshots of the same run,
 each against a baseline taken in the same process after a warm-up; then the same after the
 stop document and after a second run.  Last line: ``writer memory per stream datum: X bytes``
@@ -188,7 +188,7 @@ def report(label: str, base: float, datums: int) -> float:
     now = rss()
     info = mallinfo()
     per = f", {(now - base) * 1e6 / datums:.0f} B/datum" if datums else ""
-    print(f"  {label:34s} anon+heap {now:7.1f} MB ({now - base:+6.2f}{per}); malloc in use "
+    print(f"  {label:40s} anon+heap {now:7.1f} MB ({now - base:+6.2f}{per}); malloc in use "
           f"{info.in_use:6.1f} MB, free kept {info.free:5.1f} MB; system SQLite {sqlite_mb():5.2f} MB; "
           f"databases {sizes} MB",
           flush=True)
@@ -260,10 +260,13 @@ async def one_run(writer: Any, run: SyntheticRun, seconds: int, base: float,
     """``seconds`` of data in four parts; (datums, RSS) after each part, then the stop."""
     points = [(run.datums, rss())]
     for part in range(1, 5):
+        t0 = time.process_time()
         await drive(writer, run, seconds // 4)
+        cpu = (time.process_time() - t0) / (seconds // 4) * 1e3
         gc.collect()
         points.append((run.datums, report(
-            f"{label} at {run.second / 3600:.2f} h", base, run.datums - points[0][0])))
+            f"{label} at {run.second / 3600:.2f} h ({cpu:.1f} ms/s)", base,
+            run.datums - points[0][0])))
         if traces is not None and part == 4:
             traces.take(f"{label} end")
     await writer.process(*run.stop())
