@@ -10,10 +10,13 @@ StreamDatum per samples key every "2 s" (16384 samples at 8 kHz); the writer wri
 every "1 s" of documents (``flush_live(force=True)``: what the writer process does whenever
 its journals go quiet, i.e. about once per document batch in a real run).
 
-Printed: CPU per "second" of data (``ms/s``: process time, every thread), RSS by kind (``_memory.mappings``), glibc's malloc account, and - with
-``--tracemalloc`` - the top allocation sites grown between two snapshots of the same run,
-each against a baseline taken in the same process after a warm-up; then the same after the
-stop document and after a second run.  Last line: ``writer memory per stream datum: X bytes``
+Printed: CPU per "second" of data (``ms/s``: process time, every thread), RSS by kind
+(``_memory.mappings``), glibc's malloc account, the sizes of ``catalog.db``/``storage.sqlite``,
+and - with ``--tracemalloc`` - the top allocation sites grown between two snapshots of the same
+run, each against a baseline taken in the same process after a warm-up; then the same after the
+stop document and after a second run, and the catalog's ``structures`` rows (all, and those
+data sources reference: equal since the writer prunes replaced structures).  Last line:
+``writer memory per stream datum: X bytes``
 (RSS growth over the measured section / its StreamDatums; the events and flushes of that
 section are included in the figure - they come in fixed proportion).
 
@@ -203,16 +206,19 @@ async def drive(writer: Any, run: SyntheticRun, seconds: int) -> None:
 
 
 def structures(path: Path) -> str:
-    """The catalog's ``structures`` rows (content-addressed, one per distinct shape written,
-    never deleted): how many, and their JSON's size."""
+    """The catalog's ``structures`` rows (content-addressed; the writer deletes those it
+    replaced that no data source references): how many, how many referenced, their JSON."""
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         count, largest, total = db.execute(
             "SELECT count(*), max(length(structure)), sum(length(structure)) FROM structures"
         ).fetchone()
-    return (f"catalog.db: {count} structures rows, {total / 1e6:.1f} MB of JSON, the largest "
-            f"{largest} B")
+        (referenced,) = db.execute(
+            "SELECT count(DISTINCT structure_id) FROM data_sources"
+        ).fetchone()
+    return (f"catalog.db: {count} structures rows ({referenced} referenced by data sources), "
+            f"{total / 1e6:.2f} MB of JSON, the largest {largest} B")
 
 
 def pools(root: Any) -> str:
