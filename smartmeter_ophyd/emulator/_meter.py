@@ -271,6 +271,7 @@ class EmulatedMeter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self.mqtt.stop()
         await self._shutdown()
         if self.mdns is not None:
             await self.mdns.close()

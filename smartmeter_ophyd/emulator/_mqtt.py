@@ -32,6 +32,7 @@ the previous one (§8.3).  Numbers are printed by the project's ArduinoJson rule
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -365,6 +366,15 @@ class MeterMqtt:
         self._disconnect(notify=was)
         await self.connect()
 
+    async def stop(self) -> None:
+        """The emulator's own end (not a reboot): :meth:`drop`, then wait for the reconnect
+        task to end (an attempt under way finishes its name lookup first)."""
+        retry = self._retry
+        self.drop()
+        if retry is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await retry
+
     def drop(self) -> None:
         """A reboot: the socket dies without DISCONNECT, the reconnect task ends."""
         if self._retry is not None:
@@ -419,8 +429,13 @@ class MeterMqtt:
             )
 
     async def _retry_loop(self) -> None:
-        """simpleMQTT's _connectMqtt task: try now, then every second, silently."""
+        """simpleMQTT's _connectMqtt task: try now, then every second, silently, until a
+        reboot drops it.  That is checked after each attempt too: a cancel that lands while
+        ``wait_for`` finishes a name lookup can be lost (Python 3.11's ``wait_for``)."""
+        me = asyncio.current_task()
         while not await self._connect_once():
+            if self._retry is not me:
+                return
             await asyncio.sleep(RETRY_S)
 
     def _write(self, data: bytes) -> None:
