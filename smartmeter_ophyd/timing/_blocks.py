@@ -35,7 +35,8 @@ from typing import Final
 
 import numpy as np
 
-__all__ = ["CHUNK", "BlockPhasors", "block_phasors", "finite_chunks", "median_spacing"]
+__all__ = ["CHUNK", "BlockPhasors", "block_phasors", "finite_chunks", "index_runs",
+           "median_spacing"]
 
 CHUNK: Final = 1 << 20
 """Samples processed per pass (bounds temporary memory)."""
@@ -69,6 +70,14 @@ def median_spacing(time: np.ndarray) -> float:
     diffs = np.diff(finite[::step]) / step if step > 1 else np.diff(finite)
     diffs = diffs[diffs > 0]
     return float(np.median(diffs)) if diffs.size else math.nan
+
+
+def index_runs(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first position, value, length) of each run of a non-decreasing ``index``: samples on
+    increasing times fill each block or period in one run, summed with ``np.add.reduceat``
+    over the first positions, several times faster than a ``bincount`` scatter per sample."""
+    starts = np.flatnonzero(np.diff(index, prepend=-1))
+    return starts, index[starts], np.diff(starts, append=index.size)
 
 
 def finite_chunks(time: np.ndarray, voltage: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -140,14 +149,11 @@ def block_phasors(
         cycles *= two_pi
         phase = cycles.astype(np.float32)
         wv = weight * v
-        # Times increase, so each block's samples are one run: summed run by run (in
-        # float64), several times faster than a scatter per sample.
-        runs = np.flatnonzero(np.diff(index, prepend=-1))
-        blocks = index[runs]
+        runs, blocks, lengths = index_runs(index)  # times increase: a block is one run
         sum_w[blocks] += np.add.reduceat(weight, runs, dtype=np.float64)
         sum_re[blocks] += np.add.reduceat(wv * np.cos(phase), runs, dtype=np.float64)
         sum_im[blocks] -= np.add.reduceat(wv * np.sin(phase), runs, dtype=np.float64)
-        count[blocks] += np.diff(runs, append=index.size)
+        count[blocks] += lengths
     holes = np.concatenate(hole_list) if hole_list else np.zeros((0, 2))
     # A hole invalidates every block it touches.
     if holes.size:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._blocks import finite_chunks
+from ._blocks import finite_chunks, index_runs
 
 __all__ = ["Reference", "period_misfit"]
 
@@ -81,10 +81,9 @@ def period_misfit(time: np.ndarray, voltage: np.ndarray, ref: Reference, *, knot
             period, residual = period[keep], residual[keep]
         if period.size == 0:
             continue
-        # Times increase, so each period's samples are one run (as in block_phasors).
-        runs = np.flatnonzero(np.diff(period, prepend=-1))
-        total[period[runs]] += np.add.reduceat(residual, runs)
-        count[period[runs]] += np.diff(runs, append=period.size)
+        runs, periods, lengths = index_runs(period)  # times increase: a period is one run
+        total[periods] += np.add.reduceat(residual, runs)
+        count[periods] += lengths
     with np.errstate(invalid="ignore", divide="ignore"):
         out = total / count
     out[count < 4] = np.nan
