@@ -642,6 +642,8 @@ def _correlation(result: Alignment, meter: Waveform, ref: Waveform,
     n = len(result)
     sums = np.zeros((6, n))
     count = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return np.zeros(0), count
     stride = max(1, int(samples_per_window // _CORRELATION_SAMPLES))
     rt, rv = ref.time, ref.voltage
     if not (np.isfinite(rt).all() and np.isfinite(rv).all()):
@@ -661,7 +663,7 @@ def _correlation(result: Alignment, meter: Waveform, ref: Waveform,
         count += np.searchsorted(t, result.window_end) - np.searchsorted(t, result.window_start)
         ts, vs = t[::stride], v[::stride].astype(np.float64)
         piece = np.searchsorted(result.window_start, ts, side="right") - 1
-        inside = (piece >= 0) & (ts < result.window_end[np.clip(piece, 0, max(n - 1, 0))])
+        inside = (piece >= 0) & (ts < result.window_end[np.maximum(piece, 0)])
         mapped = ts - result.offset_at(ts)
         inside &= (mapped >= rt[0]) & (mapped <= rt[-1])
         if holes.size:

@@ -304,6 +304,24 @@ def test_offset_at_is_nan_only_where_no_piece_exists() -> None:
     assert offset == pytest.approx(1e-3, abs=1e-6)
 
 
+def test_too_little_data_between_gaps_gives_no_piece_and_says_why() -> None:
+    """Half a second at 2 kHz cut by a gap (a short fly under load): no window piece has
+    enough blocks, so there is no estimate, and the result says so instead of failing."""
+    def short(m: SimMeter) -> Waveform:
+        keep = m.time - T0 < 0.5
+        return Waveform(m.name, m.time[keep], m.voltage[keep])
+
+    ref = simulate("ref", offset_s=0.0, drift_ppm=0.0, rate=2000, seed=81, duration_s=0.5)
+    m = simulate("m", offset_s=1e-3, drift_ppm=0.0, rate=2000, seed=82, duration_s=0.5,
+                 edits=(("gap", 0.1, 100), ("gap", 0.3, 100)))
+    for a in (align_pair(short(m), short(ref)), align([short(m), short(ref)], "ref")["m"]):
+        assert len(a) == 0
+        assert a.correlation.shape == a.n_samples.shape == (0,)
+        assert len(a.breaks) == 2 and not np.isfinite(a.break_step_s).any()
+        assert any("fewer than" in note and "no estimate" in note for note in a.notes)
+        assert np.isnan(a.offset_at(m.time[:10])).all()
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
