@@ -43,6 +43,8 @@ appends, +8 MB free in the arena (and growing) with the dynamic threshold, flat 
 it fixed, flat without compression.  Importing this module therefore fixes the threshold at
 glibc's default (:data:`MMAP_THRESHOLD`, ``mallopt(M_MMAP_THRESHOLD)``; large buffers are then
 mapped and unmapped each time) unless ``MALLOC_MMAP_THRESHOLD_`` is set, which it respects.
+HDF5's own caches (each open file's metadata cache, the process's free lists) would grow with
+the chunks written; a writer bounds them (``_hdf5_memory``).
 
 Blosc threads: importing this module sets ``BLOSC_NTHREADS=1`` unless it is set already
 (the HDF5 Blosc2 filter reads it at every call).  The filter's default, one thread per core,
@@ -109,6 +111,8 @@ import numpy as np
 import numpy.typing as npt
 
 from smartmeter_ophyd.protocol import Measures, decimation
+
+from ._hdf5_memory import bound_metadata_cache, limit_block_free_lists
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +285,8 @@ class WaveformWriter:
             rdcc_nslots=10007,
         )
         try:
+            limit_block_free_lists()
+            bound_metadata_cache(self._file)
             self._create_layout()
             self._file.swmr_mode = True
         except BaseException:
