@@ -18,7 +18,11 @@ from smartmeter_ophyd.client import AsyncMeterClient, DiscoveredMeter, discover,
 from smartmeter_ophyd.emulator import EmulatedMeter, EmulatorConfig
 
 LOOPBACK = ["127.0.0.1"]
-BROWSE_S = 0.6
+BROWSE_S = 1.5
+"""Longer than a second: a meter that has just announced may not multicast its records again
+for a second (RFC 6762 §6), and the browser's first (QU) query is answered by unicast to port
+5353, which the kernel may hand to another socket bound there on the same host (the emulator's
+own, avahi's).  The browser's second query, about a second in, is answered by multicast."""
 
 
 def unique(tag: str) -> str:
