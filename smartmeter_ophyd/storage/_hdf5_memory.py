@@ -3,7 +3,7 @@ resident memory levels off instead of growing with the number of chunks written.
 
 Two of the HDF5 library's caches grow with a file's chunk count while it is open.  Measured
 with 3 meters at 8 kHz (2-s chunks), in a 2-hour replay of the I/O thread's appends: malloc in
-use grew +1.8 MB per hour, none of it Python objects, all of it freed when the files closed.
+use grew +1.7 MB per hour, none of it Python objects, all of it freed when the files closed.
 
 * **Each open file's metadata cache** keeps every block of the chunk index (an extensible
   array) it has written, about 0.25 MB per file-hour, until the cache's maximum size (2 MiB by
@@ -16,9 +16,9 @@ use grew +1.8 MB per hour, none of it Python objects, all of it freed when the f
   to :data:`BLOCK_FREE_LIST_BYTES` once per process; glibc's malloc then reuses that memory as
   it does any other.
 
-With both, malloc in use was flat over the replay's second hour (26.69 -> 26.65 MB, against
-+1.7 MB with HDF5's defaults) for the same CPU time (within 5 %); ``benchmarks/hdf5_memory.py``
-measures both side by side.
+With both, ``benchmarks/hdf5_memory.py --minutes 300`` (both settings side by side, 5 hours of
+data) measured malloc in use +0.04 MB/h over the second half, against +1.50 MB/h with HDF5's
+defaults, for the same CPU time (181.6 s and 181.5 s).
 
 Limits: HDF5's free-list limits have no h5py binding.  They are set through ``ctypes`` on the
 very library h5py loaded, found by path in ``/proc/self/maps`` (Linux); where it cannot be
