@@ -338,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--types", type=float, default=0.0, metavar="SECONDS",
                         help="count gc-tracked objects by type every SECONDS from the first "
                              "minute on and print the types that grew")
+    parser.add_argument("--ntp-period", type=float, default=60.0, metavar="SECONDS",
+                        help="the plan's periodic NTP sync (its default: 60 s; 0: none)")
     parser.add_argument("--no-read-back", action="store_true",
                         help="no read-back process (no catalog or SWMR lag figures)")
     args = parser.parse_args(argv)
@@ -362,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               profiles_dir=work / "profiles")
                 engine.subscribe(watch.doc)
                 with watch:
-                    (uid,) = engine(plans.synchronized_fly(meters, seconds))
+                    (uid,) = engine(plans.synchronized_fly(
+                        meters, seconds, ntp_period=args.ntp_period or None))
                 received = meters[0].samples_received
                 client = open_catalog(catalog.profile)
                 try:

@@ -63,7 +63,8 @@ from smartmeter_ophyd.protocol import Measures
 from . import _policy, stubs
 from . import _validate as check
 from ._errors import PlanArgumentError
-from ._settle import SettledStatus, Settling, tolerating
+from ._periodic import PeriodicSync
+from ._settle import tolerating
 from ._slots import MeterLoad, SlotPlan, plan_slots
 from ._start import StartBudget, choose_start
 
@@ -456,7 +457,8 @@ class FlyState:
     armed: bool = False
     kickoffs: dict[str, Any] = field(default_factory=dict)
     completes: dict[str, Any] = field(default_factory=dict)
-    periodic: dict[str, list[SettledStatus]] = field(default_factory=dict)
+    periodic: PeriodicSync | None = None
+    periodic_group: str = field(default_factory=lambda: short_uid(label="ntp"))
     segment: int = 0
     """0 for the first recording; +1 for each one after a pause and resume."""
     watch: "PauseWatch" = field(default_factory=lambda: PauseWatch())
@@ -784,19 +786,11 @@ def _complete_while_collecting(setup: FlySetup, state: FlyState,
 
 
 def _periodic_ntp(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:
-    """Trigger every meter's NTP whose previous periodic sync is done (§6.5)."""
-    for meter in setup.meters:
-        history = state.periodic.setdefault(meter.name, [])
-        if history and not history[-1].inner.done:
-            logger.warning("%s: the previous periodic NTP sync is still running; skipped",
-                           check.label(meter))
-            continue
-        if history and not history[-1].succeeded:
-            logger.warning("%s: periodic NTP sync failed: %s", check.label(meter),
-                           history[-1].error())
-        # a settling trigger: a failed sync is a missing record, never the end of the run
-        status = yield from bps.trigger(Settling(meter.ntp), group=short_uid(label="ntp"))
-        history.append(status)
+    """Trigger every meter's NTP whose previous periodic sync is done (§6.5), as one status
+    (:mod:`plans._periodic`: the RunEngine keeps every status no plan waits for)."""
+    if state.periodic is None:
+        state.periodic = PeriodicSync(setup.meters)
+    yield from bps.trigger(state.periodic, group=state.periodic_group)
 
 
 def _final(setup: FlySetup, state: FlyState,
@@ -896,16 +890,14 @@ def _sync_rows(setup: FlySetup, state: FlyState) -> list[dict[str, Any]]:
     for meter in setup.meters:
         gate = state.gate.get(meter.name)
         reply = getattr(meter, "last_sample_reply", None)
-        periodic = state.periodic.get(meter.name, [])
         rows.append({
             "meter": meter.name, **common,
             "gate_confidence_ms": _nan(gate.confidence_ms if gate else None),
             "gate_attempts": int(gate.attempts) if gate else 0,
             "reply_start_ts": _nan(reply.start_ts if reply is not None else None),
             "sample_ntp_confidence_ms": _start_sync_confidence(meter, state),
-            "periodic_syncs": len(periodic),
-            "periodic_sync_failures": sum(
-                1 for s in periodic if s.inner.done and not s.succeeded),
+            "periodic_syncs": state.periodic.sent[meter.name] if state.periodic else 0,
+            "periodic_sync_failures": state.periodic.failed[meter.name] if state.periodic else 0,
         })
     return rows
 

@@ -8,9 +8,12 @@ own record of what it duplicated and dropped.
 
 from __future__ import annotations
 
+import gc
+
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
+from ophyd.status import StatusBase
 
 import plans
 from plans import stubs
@@ -89,6 +92,13 @@ def test_periodic_ntp_during_the_fly_records_every_correction(
         applied = len(truth.duplicates) - len(truth.correction_drops)
         assert int(queued.sum()) == applied + truth.pending, (queued, truth)
     assert_all_recorded(run, meters)
+    # The RunEngine keeps what a plan triggered and never waited for until the next plan:
+    # none of the syncs (each holds its log lines and record), or a long fly would grow.
+    gc.collect()
+    for meter in meters:
+        syncs = [o for o in gc.get_objects()
+                 if isinstance(o, StatusBase) and getattr(o, "device", None) is meter.ntp]
+        assert len(syncs) <= 1, (meter.name, len(syncs))  # the last one, kept by meter.ntp
 
 
 def test_monitor_reads_every_meter_on_a_fixed_schedule(
