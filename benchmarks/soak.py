@@ -13,6 +13,9 @@ bound) and the mean CPU of the first and last thirds.
 Where the memory is (``--diagnose``, :mod:`_memory`): RSS by kind of mapping for both
 processes, and for this one glibc's malloc (in use / free in its arenas) and pymalloc's arenas
 and blocks; ``--trim`` (diagnostic only) calls ``malloc_trim(0)`` after each sample;
+``--collect`` (diagnostic only) runs a full ``gc.collect()`` before each sample, so that what
+it measures is reachable (growth without it but not with it is garbage in reference cycles
+awaiting the collector's next full pass, not a leak);
 ``--types`` counts objects by type; ``--tracemalloc`` diffs Python allocations.  The sampler's
 read-back (a catalog client and a SWMR reader) runs in a child process, so its memory is not
 counted as the acquisition's; ``--no-read-back`` leaves it out.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import logging
 import multiprocessing
 import os
@@ -104,13 +108,15 @@ class Watch:
 
     def __init__(self, every: float, meter: Any, catalog: Any, sink: Any, frames: int = 0,
                  trace_from: float | None = None, trace_to: float | None = None,
-                 diagnose: bool = False, trim: bool = False, types_every: float = 0.0,
+                 diagnose: bool = False, trim: bool = False, collect: bool = False,
+                 types_every: float = 0.0,
                  read_back: bool = True, profiles_dir: Path | None = None) -> None:
         self.every, self.meter, self.catalog, self.sink = every, meter, catalog, sink
         self.profiles_dir = profiles_dir
         self.uid: str | None = None
         self.samples: list[Sample] = []
         self.diagnose, self.trim, self.read_back = diagnose, trim, read_back
+        self.collect = collect
         self.types_every = types_every
         self.types: list[tuple[float, collections.Counter[str]]] = []
         self.frames, self.trace_from, self.trace_to = frames, trace_from, trace_to
@@ -147,6 +153,8 @@ class Watch:
             while not self._stop.wait(self.every):
                 now, cpu, wcpu = time.monotonic(), cpu_seconds(), cpu_seconds(self.sink.writer_pid)
                 dt = now - last[0]
+                if self.collect:
+                    gc.collect()
                 try:
                     in_catalog, in_file = self._rows(reader)
                 except Exception as exc:  # a reader hiccup is a data point, not the end
@@ -335,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trim", action="store_true",
                         help="diagnostic: malloc_trim(0) after every sample and record the RSS "
                              "left (what it returns was free memory glibc kept, not a leak)")
+    parser.add_argument("--collect", action="store_true",
+                        help="diagnostic: a full gc.collect() before every sample (what grows "
+                             "then is reachable, not garbage awaiting the collector)")
     parser.add_argument("--types", type=float, default=0.0, metavar="SECONDS",
                         help="count gc-tracked objects by type every SECONDS from the first "
                              "minute on and print the types that grew")
@@ -359,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 engine.subscribe(sink)
                 watch = Watch(args.every, meters[0], catalog, sink, frames=args.tracemalloc,
                               trace_from=120.0, trace_to=seconds - args.every,
-                              diagnose=args.diagnose, trim=args.trim, types_every=args.types,
+                              diagnose=args.diagnose, trim=args.trim, collect=args.collect,
+                              types_every=args.types,
                               read_back=not args.no_read_back,
                               profiles_dir=work / "profiles")
                 engine.subscribe(watch.doc)
