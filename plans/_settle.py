@@ -2,8 +2,8 @@
 
 The RunEngine turns the first failed Status of any group into a ``FailedStatus`` thrown
 into the plan at its next message, whoever waits for it.  Plans that must report every
-meter (the NTP gate's table, a scheduled start some meters refused) or keep going when
-one periodic NTP sync fails need the outcomes as data:
+meter (the NTP gate's table, a scheduled start some meters refused) need the outcomes as
+data (the fly's periodic NTP syncs have their own object, :mod:`plans._periodic`):
 
 * :class:`Settling` wraps a device: ``trigger()``/``prepare()`` call the device's and
   return a status that finishes *successfully* once the device's own status is done,
