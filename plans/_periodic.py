@@ -18,6 +18,7 @@ from typing import Any
 from ophyd.status import Status
 
 from . import _validate as check
+from ._settle import exception_of
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,10 @@ class PeriodicSync:
     def _on_done(self, meter: Any, status: Status, pending: list[int]) -> Any:
         def done(sync: Any) -> None:
             if not sync.success:
-                with self._lock:
-                    self.failed[meter.name] += 1
                 logger.warning("%s: periodic NTP sync failed: %s", check.label(meter),
-                               _error(sync))
+                               exception_of(sync))
             with self._lock:
+                self.failed[meter.name] += 0 if sync.success else 1
                 pending[0] -= 1
                 last = pending[0] == 0
             if last:
@@ -73,10 +73,3 @@ class PeriodicSync:
 
     def __repr__(self) -> str:
         return f"PeriodicSync({', '.join(meter.name for meter in self.meters)})"
-
-
-def _error(sync: Any) -> BaseException | None:
-    try:
-        return sync.exception(timeout=0)  # type: ignore[no-any-return]
-    except Exception as exc:  # ophyd raises when no exception was stored
-        return exc

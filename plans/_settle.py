@@ -37,12 +37,17 @@ class SettledStatus(Status):
 
     def error(self) -> BaseException | None:
         """The inner status's exception (None while running or on success)."""
-        if not self.inner.done or self.inner.success:
-            return None
-        try:
-            return self.inner.exception(timeout=0)  # type: ignore[no-any-return]
-        except Exception as exc:  # ophyd raises when no exception was stored
-            return exc
+        return exception_of(self.inner)
+
+
+def exception_of(status: Any) -> BaseException | None:
+    """A status's exception (None while running or on success)."""
+    if not status.done or status.success:
+        return None
+    try:
+        return status.exception(timeout=0)  # type: ignore[no-any-return]
+    except Exception as exc:  # ophyd raises when no exception was stored
+        return exc
 
 
 class Settling:
