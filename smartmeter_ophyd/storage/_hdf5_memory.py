@@ -8,7 +8,9 @@ use grew +1.7 MB per hour, none of it Python objects, all of it freed when the f
 * **Each open file's metadata cache** keeps every block of the chunk index (an extensible
   array) it has written, about 0.25 MB per file-hour, until the cache's maximum size (2 MiB by
   default, which HDF5 may raise adaptively).  A writer only appends, so it never needs the old
-  blocks again: :func:`bound_metadata_cache` caps the cache at :data:`METADATA_CACHE_BYTES`.
+  blocks again: :func:`bound_metadata_cache` caps the cache at :data:`METADATA_CACHE_BYTES`,
+  which an 8 kHz file fills in its first ~15 minutes.  HDF5's factory free list, which holds
+  the index's element blocks, grows with the cache and stops with it.
 * **HDF5's free lists** keep what the library frees for reuse, up to 16 MiB per kind of list
   and process by default; what they held grew +0.8 MB/h here, with the metadata cache capped
   or not.  Lowering the *block* free lists' limits bounds it (lowering the
@@ -18,7 +20,11 @@ use grew +1.7 MB per hour, none of it Python objects, all of it freed when the f
 
 With both, ``benchmarks/hdf5_memory.py --minutes 300`` (both settings side by side, 5 hours of
 data) measured malloc in use +0.04 MB/h over the second half, against +1.50 MB/h with HDF5's
-defaults, for the same CPU time (181.6 s and 181.5 s).
+defaults, for the same CPU time (181.6 s and 181.5 s).  With a 256 KiB cap the caches took an
+hour of data to fill (malloc in use +1.6 MB over it, then flat), so a soak shorter than that
+read the fill as growth; at 64 KiB they fill in 15-20 minutes (``--minutes 60``: +0.09 MB/h
+over the second half, against +1.83 with HDF5's defaults), and a 90-minute replay used no more
+CPU than at 256 KiB (37.5 s against 45.5 s, the two run side by side).
 
 Limits: HDF5's free-list limits have no h5py binding.  They are set through ``ctypes`` on the
 very library h5py loaded, found by path in ``/proc/self/maps`` (Linux); where it cannot be
@@ -40,7 +46,7 @@ import h5py.h5
 
 logger = logging.getLogger(__name__)
 
-METADATA_CACHE_BYTES: Final = 256 * 1024
+METADATA_CACHE_BYTES: Final = 64 * 1024
 """Maximum size of an open waveform file's metadata cache (HDF5's default: 2 MiB, adaptive)."""
 BLOCK_FREE_LIST_BYTES: Final = 64 * 1024
 """Freed HDF5 blocks kept for reuse, in all block free lists together (HDF5's default: 16 MiB);
