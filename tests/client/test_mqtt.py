@@ -34,6 +34,7 @@ pytestmark = pytest.mark.service
 
 T = TypeVar("T")
 
+
 def truth(meter: EmulatedMeter) -> Any:
     return meter.grid.snapshot(meter.clock.true_now(), meter.config.circuit)
 
