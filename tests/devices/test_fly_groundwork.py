@@ -95,15 +95,17 @@ def fly(meters: Sequence[SmartMeter], config: FlyConfig | None = None,
     failure: BaseException | None = None
     done = False
     while not done:
+        # A meter's failure arrives at whichever message follows it: after a wait timed out,
+        # bluesky still throws the failed status into the plan, at a collect or a read.
         try:
             done = yield from bps.wait(group=group, timeout=flush_period, error_on_timeout=False)
+            for meter in meters:
+                yield from bps.collect(meter, name=meter.name, return_payload=False)
+            if live:
+                yield from bps.trigger_and_read([m.live_stream for m in meters], name="primary")
         except Exception as exc:  # a meter failed: stop the others, collect what all recorded
             failure = exc
             done = True
-        for meter in meters:
-            yield from bps.collect(meter, name=meter.name, return_payload=False)
-        if live:
-            yield from bps.trigger_and_read([m.live_stream for m in meters], name="primary")
     if failure is not None:
         for meter in meters:
             yield Msg("stop", meter)
