@@ -29,6 +29,7 @@ import argparse
 import collections
 import gc
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -378,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with watch:
                     (uid,) = engine(plans.synchronized_fly(
                         meters, seconds, ntp_period=args.ntp_period or None))
+                returned = time.time()
+                last_stop = max((m.last_summary.stop_ts for m in meters
+                                 if m.last_summary is not None and m.last_summary.stop_ts),
+                                default=math.nan)
                 received = meters[0].samples_received
                 client = open_catalog(catalog.profile)
                 try:
@@ -407,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{100 * statistics.mean(s.writer_cpu for s in last):.1f} %")
         for line in diagnosis(samples, half):
             print(f"  {line}")
-        print(f"stop -> run closed: {sink.last_close_s:.2f} s")
+        print(f"last meter stopped -> run closed: {returned - last_stop:.2f} s (the files' "
+              f"closes and the alignment); stop -> run closed: {sink.last_close_s:.2f} s")
         for line in watch.growth():
             print(f"  grew: {line}")
         for line in watch.type_growth():
