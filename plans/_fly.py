@@ -528,6 +528,7 @@ def _start_document(setup: FlySetup, state: FlyState) -> dict[str, Any]:
             "budget": {
                 "link_latency_s": setup.budget.link_latency_s,
                 "dispatch_s": setup.budget.dispatch_s,
+                "dispatch_per_meter_s": setup.budget.dispatch_per_meter_s,
                 "pre_start_wait_s": setup.budget.pre_start_wait_s,
                 "sample_ntp_s": setup.budget.sample_ntp_s,
             },

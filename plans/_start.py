@@ -5,7 +5,8 @@ waits a random 0-199 ms, runs a blocking NTP sync (at most 200 ms, §6.2), and o
 checks ``500 ms <= T - now <= 20 s`` on its own clock.  The device also checks the window on
 the *host* clock before it sends anything.  So ``T`` must lie inside:
 
-* every meter's window, allowing for the time to get the command out (``dispatch_s``), the
+* every meter's window, allowing for the time to get the commands out (``dispatch_s``, and
+  ``dispatch_per_meter_s`` for each meter), the
   link latency, the pre-start wait, the in-``sample`` sync, the meter's clock error (its NTP
   confidence) and the uncertainty of the host offset;
 * the host-clock window of the device's own check.
@@ -22,7 +23,8 @@ after the earliest safe instant.
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Self
 
 from ._errors import StartScheduleError
 
@@ -43,11 +45,23 @@ class StartBudget:
     link_latency_s: float = 0.05
     """One-way host-to-meter latency (a LAN allowance; not measured)."""
     dispatch_s: float = 0.25
-    """From choosing ``T`` until the last ``sample`` command is written."""
+    """From choosing ``T`` until the last ``sample`` command is written, before
+    ``dispatch_per_meter_s``."""
+    dispatch_per_meter_s: float = 0.01
+    """Added to ``dispatch_s`` for each meter (:meth:`for_meters`): the RunEngine prepares the
+    meters one after another while the first ones' replies and new files compete with it for
+    the interpreter.  Measured on a 2-core host: 20 meters' commands out in 0.09-0.10 s, 50
+    meters' in 0.43-0.66 s."""
     pre_start_wait_s: float = PRE_START_WAIT_S
     sample_ntp_s: float = SAMPLE_NTP_S
     window_min_s: float = WINDOW_MIN_S
     window_max_s: float = WINDOW_MAX_S
+
+    def for_meters(self, count: int) -> Self:
+        """This budget for ``count`` meters: ``dispatch_s`` grown by ``dispatch_per_meter_s``
+        per meter (and that allowance then spent)."""
+        return replace(self, dispatch_s=self.dispatch_s + count * self.dispatch_per_meter_s,
+                       dispatch_per_meter_s=0.0)
 
     @property
     def meter_delay_s(self) -> float:
@@ -146,6 +160,7 @@ def choose_start(
     """
     if not confidences_ms:
         raise StartScheduleError("choose_start: no meters given")
+    budget = budget.for_meters(len(confidences_ms))
     server_now = host_now + host_offset_s
     windows = {
         name: meter_window(

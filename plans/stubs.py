@@ -290,10 +290,12 @@ def schedule_start(
         armed = replace(configs[meter.name], start_time=start)
         statuses[meter.name] = yield from bps.prepare(Settling(meter), armed, group=group)
     dispatched_s = time.time() - chosen_at
-    if dispatched_s > budget.dispatch_s:
+    allowed_s = budget.for_meters(len(meters)).dispatch_s
+    if dispatched_s > allowed_s:
         logger.warning("%s: the %d sample commands went out %.3f s after T was chosen, more "
-                       "than the %.3f s allowed (StartBudget.dispatch_s): a meter may refuse T",
-                       plan, len(meters), dispatched_s, budget.dispatch_s)
+                       "than the %.3f s allowed (StartBudget.dispatch_s and "
+                       "dispatch_per_meter_s): a meter may refuse T",
+                       plan, len(meters), dispatched_s, allowed_s)
     else:
         logger.debug("%s: %d sample commands out in %.3f s", plan, len(meters), dispatched_s)
     yield from bps.wait(group=group, timeout=ARM_WAIT_S, error_on_timeout=False)
