@@ -47,11 +47,11 @@ class StartBudget:
     dispatch_s: float = 0.25
     """From choosing ``T`` until the last ``sample`` command is written, before
     ``dispatch_per_meter_s``."""
-    dispatch_per_meter_s: float = 0.01
+    dispatch_per_meter_s: float = 0.015
     """Added to ``dispatch_s`` for each meter (:meth:`for_meters`): the RunEngine prepares the
     meters one after another while the first ones' replies and new files compete with it for
-    the interpreter.  Measured on a 2-core host: 20 meters' commands out in 0.09-0.10 s, 50
-    meters' in 0.43-0.66 s."""
+    the interpreter.  Measured on 2-core hosts: 20 meters' commands out in 0.09-0.10 s, 50
+    meters' in 0.43-0.96 s."""
     pre_start_wait_s: float = PRE_START_WAIT_S
     sample_ntp_s: float = SAMPLE_NTP_S
     window_min_s: float = WINDOW_MIN_S

@@ -71,7 +71,7 @@ def test_a_fleet_is_given_the_time_its_commands_take_to_go_out(host_now, count, 
                                                                wait) -> None:
     # The RunEngine prepares the meters one by one: the last command leaves up to
     # dispatch_s + count * dispatch_per_meter_s after T was chosen (50 meters measured at
-    # 0.43-0.66 s on a 2-core host); that meter, the slowest to check, must still accept T.
+    # 0.43-0.96 s on 2-core hosts); that meter, the slowest to check, must still accept T.
     confs = {f"m{i}": conf for i in range(count)}
     choice = choose_start(host_now, confs)
     last_out = BUDGET.dispatch_s + count * BUDGET.dispatch_per_meter_s
@@ -80,7 +80,7 @@ def test_a_fleet_is_given_the_time_its_commands_take_to_go_out(host_now, count, 
     assert firmware_accepts(choice.start_time, check_at)
     assert device_accepts(choice.start_time, host_now + last_out)
     if count == 50:
-        assert last_out >= 0.66
+        assert last_out >= 0.96
 
 
 @settings(max_examples=100, deadline=None)
