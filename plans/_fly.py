@@ -640,7 +640,7 @@ def _remaining(setup: FlySetup, state: FlyState) -> float:
     """Seconds still to record after a segment cut short: the duration minus what the meter
     that sampled least has done so far (its stop reply's ``stop_ts - start_ts``, meter time);
     0 when nothing is left."""
-    left = math.inf
+    left = -math.inf
     for meter in setup.meters:
         config = setup.configs[meter.name]
         summary = getattr(meter, "last_summary", None)
@@ -649,7 +649,7 @@ def _remaining(setup: FlySetup, state: FlyState) -> float:
             done = max(0.0, float(summary.stop_ts) - float(summary.start_ts))
         elif summary is not None:  # no stop reply (connection lost): what arrived
             done = (summary.received_samples + summary.missing_declared) / config.rate
-        left = min(left, (config.duration_s or 0.0) - done)
+        left = max(left, (config.duration_s or 0.0) - done)
     rate = max(config.rate for config in setup.configs.values())
     return left if math.isfinite(left) and left * rate >= 1 else 0.0
 

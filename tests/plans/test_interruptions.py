@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from bluesky.utils import RunEngineInterrupted
 
 import plans
+from plans._fly import _remaining
 from smartmeter_ophyd.readback import meter_rows
 from smartmeter_ophyd.storage import read_stream
 
@@ -109,6 +111,27 @@ def test_a_meter_lost_mid_fly_fails_the_run_naming_it_and_keeps_the_others_data(
     ds = read_stream(run, "m1", prefix="m1")
     assert ds.sizes["time"] == meters[0].last_summary.received_samples > 0
     assert "meter_summary" in run and "synchronization" in run
+
+
+def test_after_a_pause_what_remains_is_set_by_the_meter_that_sampled_least() -> None:
+    # The pause stops the meters one after another: here m2 stopped 11 ms after m1.
+    def meter(name: str, start_ts: float, stop_ts: float) -> SimpleNamespace:
+        return SimpleNamespace(name=name, last_summary=SimpleNamespace(
+            start_ts=start_ts, stop_ts=stop_ts, received_samples=0, missing_declared=0))
+
+    meters = [meter("m1", 100.0, 100.700), meter("m2", 100.0, 100.711)]
+    config = SimpleNamespace(rate=8000, duration_s=2.0)
+    setup = SimpleNamespace(meters=meters, configs={"m1": config, "m2": config})
+    assert _remaining(setup, None) == pytest.approx(1.3)  # m1 needs 1.3 s more, not 1.289
+
+    lost = SimpleNamespace(name="m2", last_summary=SimpleNamespace(  # no stop reply
+        start_ts=None, stop_ts=None, received_samples=4000, missing_declared=800))
+    setup.meters = [meters[0], lost]
+    assert _remaining(setup, None) == pytest.approx(1.4)  # m2 has 4800 samples = 0.6 s
+
+    done = [meter("m1", 100.0, 102.0), meter("m2", 100.0, 101.99995)]
+    setup.meters = done
+    assert _remaining(setup, None) == 0.0  # under one sample left: nothing to record
 
 
 def test_pause_and_resume_records_a_second_synchronized_segment(
