@@ -64,13 +64,16 @@ beside 100 000).  Measured (``benchmarks/writer_memory.py``, two 2 h runs of 3 m
 ``catalog.db`` stays at 0.3-0.4 MB instead of 4.8 MB (4 ``structures`` rows instead of 3618);
 the DELETE costs ~0.8 ms of CPU per flush that changes shapes (0.4 ms per second of data here;
 the CPU per second of data of whole runs, before and after, differs less than this 2-core
-host's noise).  Not changed: every update still rebuilds and hashes the whole structure JSON
-(its size grows with the number of chunks).
+host's noise).  Every update still encodes and hashes the whole structure JSON, whose size
+grows with the number of chunks (~0.6 ms of CPU per second of data per hour of a 3-meter
+run); the structure is converted without Tiled's ``dataclasses.asdict``, which deep-copied the
+chunk list element by element (:func:`_structure_dict`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -95,7 +98,6 @@ from tiled.catalog import orm
 from tiled.catalog.adapter import (
     STORAGE_ADAPTERS_BY_MIMETYPE,
     STRUCTURES,
-    _prepare_structure,
     _resolve_access_tags,
 )
 from tiled.catalog.utils import compute_structure_id
@@ -119,11 +121,39 @@ STRUCTURE_INDEX: Final = "smartmeter_ix_data_sources_structure_id"
 0.2 has none: each deleted ``structures`` row would cost a scan of every data source)."""
 
 
+_PLAIN: Final = frozenset({int, float, str, bool, type(None)})
+
+
+def _structure_dict(structure: Any) -> Any:
+    """A structure as the catalog stores it: what Tiled's adapter makes of it
+    (``dataclasses.asdict``), equal value for value, so its ``structures`` row id is the same.
+
+    ``asdict`` deep-copies every element of ``chunks`` one by one, which grows with the run:
+    4 h of 8 kHz data holds ~450 chunks per key, and it was most of the writer's CPU per
+    shape update late in a long run.  Here a tuple or list of plain scalars is copied whole.
+    """
+    if structure is None or isinstance(structure, dict):
+        return structure
+    return _plain(structure)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple, as asdict
+        return type(value)(*[_plain(v) for v in value])
+    if isinstance(value, list | tuple):
+        if set(map(type, value)) <= _PLAIN:
+            return type(value)(value)
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((_plain(k), _plain(v)) for k, v in value.items())
+    return copy.deepcopy(value)
+
+
 def _structure_id(source: DataSource) -> str:
     """The id of a data source's ``structures`` row (a hash of its canonical JSON)."""
-    structure_id: str = compute_structure_id(
-        _prepare_structure(source.structure_family, source.structure)
-    )
+    structure_id: str = compute_structure_id(_structure_dict(source.structure))
     return structure_id
 
 
@@ -600,7 +630,7 @@ class DirectCatalogWriter:
         structures: dict[str, Any] = {}
         rows = []
         for _node, data_source in bulk:
-            structure = _prepare_structure(data_source.structure_family, data_source.structure)
+            structure = _structure_dict(data_source.structure)
             structure_id = compute_structure_id(structure)
             structures[structure_id] = structure
             rows.append({
@@ -664,7 +694,7 @@ class DirectCatalogWriter:
             )
 
     async def _put_structure(self, db: Any, data_source: DataSource) -> str:
-        structure = _prepare_structure(data_source.structure_family, data_source.structure)
+        structure = _structure_dict(data_source.structure)
         structure_id: str = compute_structure_id(structure)
         await db.execute(
             self.root.insert(orm.Structure)
@@ -774,7 +804,7 @@ class DirectCatalogWriter:
         for n in sourced:
             source = n.data_source
             assert source is not None
-            structure = _prepare_structure(source.structure_family, source.structure)
+            structure = _structure_dict(source.structure)
             structure_id = n.structure_id = compute_structure_id(structure)
             structures[structure_id] = structure
             sources.append({

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sqlite3
 import uuid
@@ -28,8 +29,15 @@ from typing import Any
 
 import h5py
 import numpy as np
+import pyarrow
+from hypothesis import given
+from hypothesis import strategies as st
+from tiled.catalog.utils import compute_structure_id
+from tiled.structures.array import ArrayStructure, BuiltinDtype, Endianness, Kind
+from tiled.structures.table import TableStructure
 
 from smartmeter_ophyd.storage import DirectCatalogWriter, setup_embedded_catalog
+from smartmeter_ophyd.storage._direct import _structure_dict
 
 KEYS = ("v_l1", "i_l1")  # one structure per meter: both keys float64, same rows
 ROWS = {"m0": 300, "m1": 300, "m2": 420}  # per StreamDatum: m0 and m1 share structures
@@ -235,3 +243,27 @@ def test_only_referenced_structures_stay(tmp_path: Path) -> None:
                 )
     finally:
         catalog.close()
+
+
+dtypes = st.builds(BuiltinDtype, endianness=st.sampled_from(list(Endianness)),
+                   kind=st.sampled_from([Kind.floating_point, Kind.integer, Kind.unsigned_integer]),
+                   itemsize=st.sampled_from([1, 2, 4, 8]), dt_units=st.none() | st.just("s"))
+chunk_lists = st.lists(st.lists(st.integers(0, 2**40), max_size=500).map(tuple),
+                       min_size=1, max_size=3).map(tuple)
+
+
+@given(dtype=dtypes, chunks=chunk_lists, resizable=st.booleans() | st.just((True, False)),
+       dims=st.none() | st.just(("time",)))
+def test_a_structure_is_stored_as_tiled_stores_it(dtype, chunks, resizable, dims) -> None:
+    # Rows are content-addressed and shared with what Tiled's adapter writes itself
+    # (put_data_source, create_node): the same structure must give the same dict and id.
+    shape = tuple(sum(c) for c in chunks)
+    array = ArrayStructure(data_type=dtype, chunks=chunks, shape=shape, dims=dims,
+                           resizable=resizable)
+    assert _structure_dict(array) == dataclasses.asdict(array)
+    assert compute_structure_id(_structure_dict(array)) == compute_structure_id(
+        dataclasses.asdict(array))
+    table = TableStructure.from_arrow_table(pyarrow.table({"a": [1, 2], "b": ["x", "y"]}))
+    assert _structure_dict(table) == dataclasses.asdict(table)
+    assert _structure_dict({"given": "as a dict"}) == {"given": "as a dict"}
+    assert _structure_dict(None) is None
