@@ -32,7 +32,7 @@ fi
 export SMARTMETER_SERVICES_ENV="$ROOT/var/run/services.env"
 
 say "pytest ..."
-"$PY" -m pytest -q "$@"
+"$PY" -m pytest -q --durations=30 "$@"
 pytest_rc=$?
 
 say "ruff check . ..."
