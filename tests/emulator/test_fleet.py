@@ -40,6 +40,12 @@ def _sntp_offset(address: tuple[str, int]) -> tuple[float, float]:
     return offset_and_delay(sent, reply.receive, reply.transmit, received)
 
 
+def _best_sntp_offset(address: tuple[str, int], tries: int = 8) -> tuple[float, float]:
+    """The exchange with the shortest round trip of ``tries``, as NTP clients choose: its
+    offset is off the truth by at most half its delay, whatever the path's asymmetry."""
+    return min((_sntp_offset(address) for _ in range(tries)), key=lambda pair: pair[1])
+
+
 @pytest.fixture
 def fleet3() -> Iterator[EmulatorFleet]:
     """3 meters off by -500/0/+500 ms with drifts -50/0/+50 ppm; the last 20 ms from NTP."""
@@ -115,13 +121,16 @@ def test_bad_settings_are_refused_naming_the_meter() -> None:
 
 
 def test_sntp_responder_serves_the_configured_offset() -> None:
-    """A host SNTP client measures the responder's offset within 1 ms, also after a change."""
+    """A host SNTP client measures the responder's offset to within half the round trip
+    (1 ms here unless the host is loaded), also after a change."""
+    stamps = 1e-6  # NTP's and time.time()'s rounding
     with EmulatorFleet(1, time_offset_s=0.3) as fleet:
-        offset, delay = _sntp_offset(fleet.sntp_address)
-        assert abs(offset - 0.3) < 0.001 and 0 <= delay < 0.01
+        offset, delay = _best_sntp_offset(fleet.sntp_address)
+        assert 0 <= delay < 0.01
+        assert abs(offset - 0.3) <= delay / 2 + stamps, (offset, delay)
         fleet.time_offset_s = -0.3
-        offset, _ = _sntp_offset(fleet.sntp_address)
-        assert abs(offset + 0.3) < 0.001
+        offset, delay = _best_sntp_offset(fleet.sntp_address)
+        assert abs(offset + 0.3) <= delay / 2 + stamps, (offset, delay)
         assert fleet.time_offset_s == -0.3
 
 
