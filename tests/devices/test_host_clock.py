@@ -59,6 +59,13 @@ def responder() -> Iterator[Callable[[Callable[[bytes], list[bytes]]], UdpRespon
         r.close()
 
 
+STAMPS_S = 2e-4
+"""Slack for the timestamps themselves (chronyd's transmit stamp, float rounding).  Beyond it,
+an SNTP offset is off the truth by at most half the round trip, whatever the path's
+asymmetry: the bound the tests hold the device to, rather than a flat figure a loaded host
+can exceed."""
+
+
 def _measure(clock: HostClock) -> tuple[float, float]:
     clock.trigger().wait(10)
     reading = clock.read()
@@ -68,20 +75,21 @@ def _measure(clock: HostClock) -> tuple[float, float]:
 def test_against_chrony_the_host_clock_is_right(ntp_server):
     clock = HostClock(*ntp_server)
     offset, delay = _measure(clock)
-    assert abs(offset) < 0.003  # chronyd on this host serves this host's clock
     assert 0 < delay < 0.01
+    assert abs(offset) <= delay / 2 + STAMPS_S, (offset, delay)  # chronyd serves this clock
     assert clock.read_configuration()["host_clock_server"]["value"] == "{}:{}".format(*ntp_server)
 
 
 @pytest.mark.parametrize("truth", [0.3, -0.3])
-def test_against_an_offset_server_the_offset_is_the_truth_within_1_ms(truth):
+def test_against_an_offset_server_the_offset_is_the_truth_within_half_the_round_trip(truth):
     with EmulatorFleet(1, name_prefix="hc", time_offset_s=truth) as fleet:
         clock = HostClock(*fleet.sntp_address)  # the default 4 queries
         offset, delay = _measure(clock)
         fleet.time_offset_s = -truth  # and back the other way, on the same device
-        flipped, _ = _measure(clock)
-    assert abs(offset - truth) <= 0.001, (offset, delay)
-    assert abs(flipped + truth) <= 0.001
+        flipped, flipped_delay = _measure(clock)
+    assert delay < 0.01 and flipped_delay < 0.01
+    assert abs(offset - truth) <= delay / 2 + STAMPS_S, (offset, delay)
+    assert abs(flipped + truth) <= flipped_delay / 2 + STAMPS_S, (flipped, flipped_delay)
     assert clock.last_measurement is not None and clock.last_measurement.stratum == 1
 
 
@@ -134,8 +142,8 @@ def test_a_late_reply_to_an_earlier_request_is_skipped(responder):
 
     server = responder(answer)
     clock = HostClock("127.0.0.1", server.port, queries=3)
-    offset, _ = _measure(clock)
-    assert abs(offset - 2.0) < 0.005
+    offset, delay = _measure(clock)
+    assert abs(offset - 2.0) <= delay / 2 + STAMPS_S, (offset, delay)
 
 
 def test_trigger_and_read_in_a_run_engine(ntp_server):
@@ -149,7 +157,8 @@ def test_trigger_and_read_in_a_run_engine(ntp_server):
 
     RunEngine({})(plan(), lambda name, doc: docs.append((name, doc)))
     event = next(doc for name, doc in docs if name == "event")
-    assert abs(event["data"]["host_clock_offset_s"]) < 0.003
+    offset, delay = event["data"]["host_clock_offset_s"], event["data"]["host_clock_delay_s"]
+    assert abs(offset) <= delay / 2 + STAMPS_S, (offset, delay)
     descriptor = next(doc for name, doc in docs if name == "descriptor")
     assert descriptor["data_keys"]["host_clock_offset_s"]["units"] == "s"
     assert descriptor["configuration"]["host_clock"]["data"]["host_clock_server"] == (
