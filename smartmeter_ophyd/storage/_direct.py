@@ -151,10 +151,11 @@ def _plain(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _structure_id(source: DataSource) -> str:
-    """The id of a data source's ``structures`` row (a hash of its canonical JSON)."""
-    structure_id: str = compute_structure_id(_structure_dict(source.structure))
-    return structure_id
+def _structure_row(source: DataSource) -> tuple[str, Any]:
+    """A data source's ``structures`` row: (id, the hash of its canonical JSON; structure)."""
+    structure = _structure_dict(source.structure)
+    structure_id: str = compute_structure_id(structure)
+    return structure_id, structure
 
 
 class CatalogWriteError(RuntimeError):
@@ -618,7 +619,7 @@ class DirectCatalogWriter:
             node.assets = [a.data_uri for a in data_source.assets]
             if node.structure_id is not None:
                 replaced.add(node.structure_id)
-            node.structure_id = _structure_id(data_source)
+            node.structure_id, _ = _structure_row(data_source)
         async with self.root.context.session() as db:
             await self._prune_structures(db, replaced)
             await db.commit()
@@ -630,8 +631,7 @@ class DirectCatalogWriter:
         structures: dict[str, Any] = {}
         rows = []
         for _node, data_source in bulk:
-            structure = _structure_dict(data_source.structure)
-            structure_id = compute_structure_id(structure)
+            structure_id, structure = _structure_row(data_source)
             structures[structure_id] = structure
             rows.append({
                 "id": data_source.id,
@@ -694,8 +694,7 @@ class DirectCatalogWriter:
             )
 
     async def _put_structure(self, db: Any, data_source: DataSource) -> str:
-        structure = _structure_dict(data_source.structure)
-        structure_id: str = compute_structure_id(structure)
+        structure_id, structure = _structure_row(data_source)
         await db.execute(
             self.root.insert(orm.Structure)
             .values(id=structure_id, structure=structure)
@@ -729,7 +728,7 @@ class DirectCatalogWriter:
                 if node.data_source is not None:
                     (created,) = await node.adapter.data_sources()
                     node.data_source_id = created.id
-                    node.structure_id = _structure_id(created)
+                    node.structure_id, _ = _structure_row(created)
             return
         context = self.root.context
         tables = [
@@ -804,8 +803,8 @@ class DirectCatalogWriter:
         for n in sourced:
             source = n.data_source
             assert source is not None
-            structure = _structure_dict(source.structure)
-            structure_id = n.structure_id = compute_structure_id(structure)
+            structure_id, structure = _structure_row(source)
+            n.structure_id = structure_id
             structures[structure_id] = structure
             sources.append({
                 "node_id": n.node_id, "structure_family": source.structure_family,
