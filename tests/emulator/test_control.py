@@ -155,7 +155,10 @@ async def test_clock_step_and_network_ops(make_meter) -> None:  # type: ignore[n
     meter = await make_meter(control_port=0)
     ctl = await control_of(meter)
     clock = await ctl("clock")
-    assert clock["ok"] and clock["synced"] is True and abs(clock["clock_error_s"]) < 0.005
+    (boot,) = (await ctl("ntp_history"))["history"]
+    # SNTP sets a clock right to within half its round trip, whatever the host's load
+    assert clock["ok"] and clock["synced"] is True
+    assert abs(clock["clock_error_s"]) <= boot["rtt_s"] / 2 + 0.001
     stepped = await ctl("step_clock", delta_s=-0.4)
     assert stepped["ok"] and abs(stepped["clock_error_s"] - clock["clock_error_s"] + 0.4) < 1e-4
     c = await open_client(meter.command_port)
@@ -166,10 +169,12 @@ async def test_clock_step_and_network_ops(make_meter) -> None:  # type: ignore[n
     assert await ctl("set_network", delay_s=0.02) == {"ok": True, "delay_s": 0.02, "jitter_s": 0.0}
     # half the 40 ms round trip, truncated to ms, + up to 5 ms of loop latency on a busy host
     assert 20 <= await _ntp_conf(c) <= 25
-    assert abs((await ctl("clock"))["clock_error_s"]) < 0.005  # the sync set the clock right
     history = (await ctl("ntp_history"))["history"]
     assert len(history) == 2  # the boot sync and this one
-    assert 20 <= history[1]["confidence_ms"] <= 25 and abs(history[1]["error_s"]) < 0.005
+    # the 40 ms round trip is symmetric, so only the host's own delays are left in the error
+    bound = (history[1]["rtt_s"] - 0.04) / 2 + 0.001
+    assert abs((await ctl("clock"))["clock_error_s"]) <= bound  # the sync set the clock right
+    assert 20 <= history[1]["confidence_ms"] <= 25 and abs(history[1]["error_s"]) <= bound
     assert history[0]["true_time"] < history[1]["true_time"] and history[1]["rtt_s"] >= 0.04
     assert (await ctl("set_network", jitter_s=0.001))["delay_s"] == 0.02
     for op, args, problem in [
