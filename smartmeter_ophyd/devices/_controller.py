@@ -328,16 +328,15 @@ class FlyController:
             if block is None:
                 return
             batch = [block, *session.drain_nowait()]
+            # Stopped as the target arrives, not once it is written: a writer behind on a
+            # busy host would otherwise leave the meter sampling past the target meanwhile.
+            if target is not None and session.received_samples + session.missing_declared >= target:
+                self.request_stop(f"{target} samples reached")
             await loop.run_in_executor(None, self._write, batch)
             self._last_data = time.monotonic()
             written = self.writer.samples_appended if self.writer is not None else 0
             if written and not self.started.done():
                 self.started.set_result(None)
-            if (
-                target is not None
-                and written + self._unwritten + session.missing_declared >= target
-            ):
-                self.request_stop(f"{target} samples reached")
             if self._write_error is not None:
                 self.request_stop("the HDF5 file cannot be written")
 

@@ -128,7 +128,7 @@ class LiveSummary:
             self._emit(joined)
 
     def _emit(self, window: npt.NDArray[np.float32]) -> None:
-        row = self._summarise(window.astype(np.float64))
+        row = self._summarise(window)
         row["time"] = self._start_ts + self._index / self._rate
         row["samples"] = float(window.shape[0])
         self._index += window.shape[0]
@@ -139,24 +139,28 @@ class LiveSummary:
             self._times[at] = time.time()
             self._count += 1
 
-    def _summarise(self, w: npt.NDArray[np.float64]) -> dict[str, float]:
+    def _summarise(self, window: npt.NDArray[np.float32]) -> dict[str, float]:
         row = dict.fromkeys(LIVE_FIELDS, math.nan)
         channels = self._measures.channels
+        # one contiguous float64 row per channel: means of squares and products are dot
+        # products (BLAS), not strided temporaries
+        columns = np.array(window.T, dtype=np.float64, order="C")
+        n = columns.shape[1]
         if self._measures.latched:
             for j, channel in enumerate(channels):
                 key = {"vrms": "v", "irms": "i"}.get(channel[:4], "")
                 if key:
-                    row[f"{key}_{channel[-2:]}_rms"] = float(w[:, j].mean())
+                    row[f"{key}_{channel[-2:]}_rms"] = float(columns[j].mean())
                 elif channel.startswith("p_"):
-                    row[channel] = float(w[:, j].mean())
+                    row[channel] = float(columns[j].mean())
         else:
             for j in range(0, len(channels), 2):
                 line = channels[j][-2:]
-                v, i = w[:, j], w[:, j + 1]
-                row[f"v_{line}_rms"] = float(np.sqrt(np.mean(v * v)))
-                row[f"i_{line}_rms"] = float(np.sqrt(np.mean(i * i)))
-                row[f"p_{line}"] = float(np.mean(v * i) / 1000.0)  # V x mA -> W
-            row["frequency"] = _frequency(w[:, 0], self._rate)
+                v, i = columns[j], columns[j + 1]
+                row[f"v_{line}_rms"] = math.sqrt(float(np.dot(v, v)) / n)
+                row[f"i_{line}_rms"] = math.sqrt(float(np.dot(i, i)) / n)
+                row[f"p_{line}"] = float(np.dot(v, i)) / n / 1000.0  # V x mA -> W
+            row["frequency"] = _frequency(columns[0], self._rate)
         powers = [row[f"p_l{k}"] for k in (1, 2, 3) if not math.isnan(row[f"p_l{k}"])]
         row["p_total"] = float(sum(powers)) if powers else math.nan
         return row
