@@ -86,8 +86,11 @@ async def test_sync_record_counts_the_samples_taken_during_the_exchange(
     counted = truth.kinds != KIND_FILLER  # the firmware's totalSamples (§4.8)
     taken = int(np.count_nonzero(truth.true_times[counted] <= sync.true_time))
     assert abs(total - taken) <= 8  # the record is written right after the sync (<= 1 ms)
-    assert abs(goal - total) <= 16  # the meter's sample count agrees with its clock
-    assert abs(float(offset.group(1))) <= 0.002
+    # The meter's sample count agrees with its clock, which this sync moved by the change in
+    # its error since the boot sync (a few ms on a loaded host): the offset is that move.
+    moved = abs(sync.error_s - meter.ntp_history[0].error_s)
+    assert abs(goal - total) / 8000 <= moved + 0.002
+    assert abs(float(offset.group(1))) <= moved + 0.002
 
 
 # -------------------------------------------------------------------- §4.7 per-second log
@@ -422,10 +425,14 @@ async def test_stop_duration_is_millis_and_a_blocking_sync_writes_the_rtc(
     # duration may read up to 1 ms short of the last row's instant on the ESP's clock.
     true_duration = truth.true_times[-1] - truth.true_start
     assert -0.001 <= stop["sample_duration"] / 1000 - true_duration * 1.0005 < 0.06
+    boot, sync = meter.ntp_history
+    # SNTP sets the clock to the server's time within half the round trip
+    assert abs(sync.error_s - 0.3) <= sync.rtt_s / 2 + 0.001
+    # both spans run on the ESP's oscillator: they differ by the step alone (the boot sync
+    # had left its own error; two ms truncations and 500 ppm over < 1 s besides)
     clock_span = float(stop["stop_ts"]) - float(stop["start_ts"])
-    assert clock_span - stop["sample_duration"] / 1000 == pytest.approx(0.3, abs=0.005)
-    sync = meter.ntp_history[-1]
-    assert sync.error_s == pytest.approx(0.3, abs=0.003)
+    step = sync.error_s - boot.error_s
+    assert clock_span - stop["sample_duration"] / 1000 == pytest.approx(step, abs=0.003)
     assert truth.rtc_resets.shape[0] == 2
     assert 0 <= truth.rtc_resets[1] - sync.true_time < 0.005
     after = truth.rtc_edges[truth.rtc_edges > truth.rtc_resets[1]]
