@@ -7,8 +7,11 @@ Per N it prints:
 
 * zero loss: for every meter, samples sampled = sent = received (stop reply, §4.8), none
   declared missing, and as many in the catalog;
-* real time: first sample (the release wait done) -> run closed in the catalog, against
-  ``duration + 1 s``; and the RunEngine's whole wall time (NTP gate and scheduling included);
+* real time: first sample -> run closed in the catalog, against ``duration + 1 s``; the first
+  sample is the earliest meter's own ``start_ts`` and the last stop the latest ``stop_ts``
+  (stop replies, §4.8; the meters' clocks are NTP-synced to this host's chrony), the close
+  this host's clock when the RunEngine returns.  Also the RunEngine's whole wall time (NTP
+  gate and scheduled start included);
 * CPU: this (acquisition) process per meter (% of one core), the writer process, the
   emulators; peak thread count of this process;
 * stop -> run closed (the sink's wait at the stop document).
@@ -57,19 +60,10 @@ def fly_fleet(
             engine = RunEngine({})
             marks: dict[str, float] = {}
 
-            def hook(msg: Any) -> None:
-                now = time.monotonic()
-                if msg.command == "open_run":
-                    marks["open"] = now
-                elif msg.command == "collect" and "first_collect" not in marks:
-                    marks["first_collect"] = now
-                    marks["first_collect_wall"] = time.time()
-
             def stop_mark(name: str, doc: dict[str, Any]) -> None:
                 if name == "stop":
                     marks["stop_wall"] = time.time()
 
-            engine.msg_hook = hook
             engine.subscribe(stop_mark)  # before the sink, which waits at the stop for the writer
             engine.subscribe(sink)
             emu_cpu0 = sum(cpu_seconds(pid) for pid in emulators.pids)
@@ -77,7 +71,7 @@ def fly_fleet(
             cpu0, t0 = cpu_seconds(), time.monotonic()
             with Sampler() as sampler:
                 (uid,) = engine(plans.synchronized_fly(meters, seconds, flush_period=flush_period))
-            t_end = time.monotonic()
+            t_end, t_end_wall = time.monotonic(), time.time()
             cpu = cpu_seconds() - cpu0
             writer_cpu = cpu_seconds(sink.writer_pid) - writer_cpu0
             emu_cpu = sum(cpu_seconds(pid) for pid in emulators.pids) - emu_cpu0
@@ -86,11 +80,13 @@ def fly_fleet(
                 losses = loss_report(meters, client[uid])
             finally:
                 client.context.close()
-    recording = t_end - marks["first_collect"]
-    # the meters' own stop instants (their clocks are NTP-synced to this host's chrony)
-    stopped = max(m.last_summary.stop_ts for m in meters if m.last_summary is not None)
+    # the meters' own start and stop instants (their clocks are NTP-synced to this host's)
+    summaries = [m.last_summary for m in meters if m.last_summary is not None]
+    started = min(summary.start_ts for summary in summaries)
+    stopped = max(summary.stop_ts for summary in summaries)
+    recording = t_end_wall - started
     return {
-        "sampling_s": stopped - marks["first_collect_wall"],
+        "sampling_s": stopped - started,
         "tail_s": marks["stop_wall"] - stopped,
         "count": count,
         "losses": losses,

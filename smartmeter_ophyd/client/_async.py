@@ -276,6 +276,7 @@ class AsyncMeterClient(MeterCommands):
         session, connection = self._session, self._connection
         return (
             session is not None and session.streaming and not session.stop_requested
+            and (session.prompt_from is None or session.received_samples < session.prompt_from)
             and connection is not None and not connection.awaiting_reply
             and not self.requests.awaiting_drop
         )

@@ -162,6 +162,10 @@ class SamplingSession:
         self._end_error: BaseException | None = None
         self._ended = False
         self.stop_requested = False
+        self.prompt_from: int | None = None
+        """From this many received samples on, every arrival is read at once (no read
+        batching): a consumer that stops at a sample count sees it when it arrives, not up
+        to a batch later (the meter would sample on meanwhile)."""
         self._summary: SessionSummary | None = None
         self._stop_reply: StopReply | None = None
         self._backlog = 0

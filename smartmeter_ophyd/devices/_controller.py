@@ -64,6 +64,9 @@ STOP_REPLY_MIN_S: Final = 10.0
 """Shortest wait for the stop reply of a fly (the tail is flushed before it, §4.8)."""
 SCHEDULED_START_GRACE_S: Final = 2.0
 """How long after a scheduled second the first sample may take (random wait, NTP, §6.4)."""
+PROMPT_BATCHES: Final = 3
+"""Read batches before a fly's target sample count from which every arrival is read at
+once: the client's batcher looks once a batch, so it has unbatched by the target."""
 
 OTHER_CLIENT_LOG: Final = re.compile(r"Client with IP (\S+) connected on port (\d+)")
 """§2.1: the meter tells connected clients about every new one (text of an INFO log)."""
@@ -187,6 +190,12 @@ class FlyController:
                 chunk_samples=max(1, reply.chunk_size // session.measures.bytes_per_sample),
                 bytes_per_sample=session.measures.bytes_per_sample, label=self.label,
             )
+        target = self.config.target_samples
+        if target is not None and isinstance(self.client, AsyncMeterClient):
+            # read unbatched over the last batches before the target, so the stop goes out
+            # as the target arrives, not up to a batch later
+            ahead = int(PROMPT_BATCHES * self.client.batch_s * session.rate)
+            session.prompt_from = max(0, target - ahead)
         if not self.config.starts_paused:
             self._released.set()
         self._last_data = time.monotonic()

@@ -93,6 +93,37 @@ async def test_commands_stay_prompt_and_batching_resumes(meter):
         check_contiguous(blocks, summary)
 
 
+async def test_reads_are_prompt_from_the_sessions_prompt_count_on(meter):
+    """A consumer that stops at a sample count sets ``prompt_from``: from there on every
+    arrival is read at once, so the count is seen when it arrives, not a batch later."""
+    async with AsyncMeterClient(
+        "127.0.0.1", meter.command_port, timeout=3.0, batch_s=BATCH_S
+    ) as client:
+        session = await client.sample(SampleConfig(rate=8000))
+        blocks: list = []
+        consumer = asyncio.create_task(consume(session, blocks))
+        await wait_batching(client)
+        session.prompt_from = session.received_samples + 4000  # half a second on
+        while session.received_samples < session.prompt_from:
+            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + BATCH_S + PROMPT_S  # the batcher looks once a batch
+        while client.receive_low_water > 1:
+            assert time.monotonic() < deadline, "still batched past the prompt count"
+            await asyncio.sleep(0.01)
+        raises = client.batch_raises
+        for _ in range(3):  # and stays unbatched
+            await asyncio.sleep(BATCH_S)
+            assert client.receive_low_water == 1
+        reads, received = client.reads, client.bytes_received
+        await asyncio.sleep(0.5)
+        per_read = (client.bytes_received - received) / max(1, client.reads - reads)
+        assert per_read < BATCH_MIN_BYTES  # read per arrival again
+        summary = await session.stop()
+        await consumer
+        assert client.batch_raises == raises and summary.explained
+        check_contiguous(blocks, summary)
+
+
 async def test_stalled_stream_is_read_without_waiting_for_a_batch(meter):
     """Another client stops the meter: the stream stalls below the mark; the stall timer
     drops it, the tail is read, the idle lifeness line ends the session -- nothing lost."""

@@ -236,6 +236,21 @@ def test_reqsamples_fly_pulls_within_the_send_buffer(fleet, make_meter) -> None:
     assert not fleet.truth(0).active  # the refused request never reached the meter
 
 
+def test_a_fly_stops_as_its_target_arrives_not_a_read_batch_later(fleet, make_meter) -> None:
+    """A full-rate fly's reads are batched (one wake-up per ~0.25 s); over the last batches
+    before its target they are not, so the stop goes out as the target arrives and the
+    meter samples on for milliseconds past it, not for up to a batch."""
+    (meter,) = meters_of(fleet, make_meter, 1)
+    meter.prepare(FlyConfig(rate=RATE, n_samples=3 * RATE)).wait(5)
+    meter.kickoff().wait(10)
+    meter.complete().wait(20)
+    assert meter.client.async_client.batch_raises >= 1  # batched while it streamed
+    assert meter.last_stop_reason == f"{3 * RATE} samples reached"
+    assert_every_sample_from_the_first(meter, fleet, 0)
+    beyond = fleet.truth(0).sent_samples - 3 * RATE
+    assert 0 <= beyond < 0.1 * RATE, f"sampled {beyond / RATE:.3f} s past the target"
+
+
 # ------------------------------------------------------------------ runs, aborts, leftovers
 
 
