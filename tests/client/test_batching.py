@@ -37,6 +37,13 @@ async def wait_batching(client: AsyncMeterClient, raises: int = 1, limit: float 
         await asyncio.sleep(0.05)
 
 
+async def bytes_per_read(client: AsyncMeterClient, seconds: float) -> float:
+    """Mean bytes per socket read over the next ``seconds``."""
+    reads, received = client.reads, client.bytes_received
+    await asyncio.sleep(seconds)
+    return (client.bytes_received - received) / max(1, client.reads - reads)
+
+
 async def consume(session, into: list) -> None:
     async for block in session:
         into.append(block)
@@ -56,10 +63,7 @@ async def test_batched_session_is_lossless_and_stop_is_prompt(meter):
         blocks: list = []
         consumer = asyncio.create_task(consume(session, blocks))
         await wait_batching(client)
-        reads, received = client.reads, client.bytes_received
-        await asyncio.sleep(1.2)
-        per_read = (client.bytes_received - received) / max(1, client.reads - reads)
-        assert per_read >= BATCH_MIN_BYTES  # the loop wakes per batch, not per segment
+        assert await bytes_per_read(client, 1.2) >= BATCH_MIN_BYTES  # per batch, not segment
         started = time.monotonic()
         summary = await session.stop()
         stop_took = time.monotonic() - started
@@ -114,10 +118,7 @@ async def test_reads_are_prompt_from_the_sessions_prompt_count_on(meter):
         for _ in range(3):  # and stays unbatched
             await asyncio.sleep(BATCH_S)
             assert client.receive_low_water == 1
-        reads, received = client.reads, client.bytes_received
-        await asyncio.sleep(0.5)
-        per_read = (client.bytes_received - received) / max(1, client.reads - reads)
-        assert per_read < BATCH_MIN_BYTES  # read per arrival again
+        assert await bytes_per_read(client, 0.5) < BATCH_MIN_BYTES  # read per arrival again
         summary = await session.stop()
         await consumer
         assert client.batch_raises == raises and summary.explained
