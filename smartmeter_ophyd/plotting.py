@@ -26,11 +26,11 @@ import numpy as np
 
 from .readback import (
     SYNCED_SOURCE,
+    UNSYNCED_BEFORE_S,
     first_last_time,
     overlay,
     power_summary,
     run_meters,
-    time_source,
 )
 
 MAINS_HZ: Final = 50.0
@@ -100,9 +100,11 @@ def plot_overlay(
     return ax
 
 
-def _groups(run: Any, names: Sequence[str]) -> list[tuple[bool, list[str]]]:
-    """Meters on an absolute (synced) axis, then each unsynced meter on its own."""
-    synced = [m for m in names if time_source(run, m) == SYNCED_SOURCE]
+def _groups(starts: dict[str, float]) -> list[tuple[bool, list[str]]]:
+    """Meters on an absolute (synced) axis, then each unsynced meter on its own (``starts``:
+    each meter's first sample time)."""
+    names = list(starts)
+    synced = [m for m in names if starts[m] >= UNSYNCED_BEFORE_S]
     unsynced = [m for m in names if m not in synced]
     groups: list[tuple[bool, list[str]]] = [(True, synced)] if synced else []
     groups += [(False, [m]) for m in unsynced]
@@ -119,17 +121,18 @@ def plot_first_cycles(
     """PNG of the first ``cycles`` mains cycles (L1 voltage and current) of every meter."""
     plt = _pyplot()
     names = list(meters) if meters is not None else run_meters(run)
-    starts = {m: first_last_time(run, m) for m in names}
-    names = [m for m in names if starts[m] is not None]
+    spans = {m: first_last_time(run, m) for m in names}
+    starts = {m: span[0] for m, span in spans.items() if span is not None}
+    names = list(starts)
     if not names:
         raise PlotError("no meter recorded a sample: nothing to plot")
-    groups = _groups(run, names)
+    groups = _groups(starts)
     fig, axes = plt.subplots(2, len(groups), figsize=(10 + 3 * (len(groups) - 1), 6.5),
                              sharex="col", squeeze=False, layout="constrained")
     width = cycles / MAINS_HZ
     for col, (synced, members) in enumerate(groups):
-        t0 = min(starts[m][0] for m in members)  # type: ignore[index]
-        t1 = max(starts[m][0] for m in members) + width  # type: ignore[index]
+        t0 = min(starts[m] for m in members)
+        t1 = max(starts[m] for m in members) + width
         t1 = min(t1, t0 + max(width, 1.0))
         for row, channel in enumerate(("v_l1", "i_l1")):
             ax = axes[row][col]

@@ -23,14 +23,18 @@ datasets carry it as ``attrs["time_source"]``.  Samples lost in declared gaps ar
 (never filled); ``sample_index`` shows where.
 
 Reading goes through the public functions of :mod:`smartmeter_ophyd.storage`
-(:func:`~smartmeter_ophyd.storage.read_stream`, :func:`~smartmeter_ophyd.storage.time_window`).
+(:func:`~smartmeter_ophyd.storage.time_window`, :func:`~smartmeter_ophyd.storage.time_span`,
+:func:`~smartmeter_ophyd.storage.child_keys`): one search request per meter and question,
+then the HDF5 files the catalog references when they are local (the embedded catalog, a
+server on this host), else Tiled's array endpoint.  Each request to Tiled costs tens of
+milliseconds even in-process, so a meter is never read key by key.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +50,9 @@ UNSYNCED_SOURCE: Final = (
 _UNITS: Final = {"v": "V", "i": "mA", "vrms": "V", "irms": "mA", "p": "W", "q": "var"}
 
 
+_T = TypeVar("_T")
+
+
 class ReadbackError(ValueError):
     """A run or meter cannot be read as asked; the message names the run and the meter."""
 
@@ -55,15 +62,19 @@ class ReadbackError(ValueError):
 
 def run_meters(run: Any) -> list[str]:
     """Names of the meters recorded in ``run`` (their sample streams), in recording order."""
+    from .storage import child_keys
+
     start = run.start
+    present = set(child_keys(run))  # one listing, not a request per meter
     streams = start.get("streams")
     if isinstance(streams, dict) and streams:
-        names = [name for name, parts in streams.items() if parts.get("samples") in run]
+        names = [name for name, parts in streams.items() if parts.get("samples") in present]
     else:
-        names = [name for name in start.get("detectors", []) if name in run]
+        names = [name for name in start.get("detectors", []) if name in present]
     if not names:
         raise ReadbackError(
-            f"run {start.get('uid', '?')[:8]} has no meter sample streams (streams: {list(run)})"
+            f"run {start.get('uid', '?')[:8]} has no meter sample streams "
+            f"(streams: {sorted(present)})"
         )
     return names
 
@@ -88,34 +99,38 @@ def meter_rows(table: Any) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _check_meter(run: Any, meter: str) -> None:
-    if meter not in run:
-        raise ReadbackError(
-            f"run {run.start.get('uid', '?')[:8]} has no stream for meter {meter!r}; "
-            f"meters: {run_meters(run)}"
-        )
+def _reading(run: Any, meter: str, read: Callable[[], _T]) -> _T:
+    """``read()``; a :class:`ReadbackError` naming the run's meters if ``meter`` has no
+    stream in ``run`` (checked only when the read fails, so a good read costs no request)."""
+    import httpx
 
-
-def _time_key(meter: str) -> str:
-    return f"{meter}_time"
+    try:
+        return read()
+    except (KeyError, httpx.HTTPStatusError):
+        if meter in run:
+            raise
+    raise ReadbackError(
+        f"run {run.start.get('uid', '?')[:8]} has no stream for meter {meter!r}; "
+        f"meters: {run_meters(run)}"
+    )
 
 
 def first_last_time(run: Any, meter: str) -> tuple[float, float] | None:
-    """``(first, last)`` sample time of ``meter`` (None when it recorded no sample)."""
-    _check_meter(run, meter)
-    stream = run[meter]
-    if _time_key(meter) not in stream:
-        return None
-    times = stream[_time_key(meter)]
-    n = int(times.shape[0])
-    if n == 0:
-        return None
-    return float(times[0]), float(times[n - 1])
+    """``(first, last)`` sample time of ``meter`` (None when it recorded no sample).
+
+    One search request, then the two rows (see :func:`smartmeter_ophyd.storage.time_span`).
+    """
+    from .storage import time_span
+
+    return _reading(run, meter, lambda: time_span(run, meter, prefix=meter))
 
 
 def time_source(run: Any, meter: str) -> str:
     """What ``meter``'s time axis is: its NTP time, or a count from 0 (see module docstring)."""
-    span = first_last_time(run, meter)
+    return _source(first_last_time(run, meter))
+
+
+def _source(span: tuple[float, float] | None) -> str:
     if span is not None and span[0] < UNSYNCED_BEFORE_S:
         return UNSYNCED_SOURCE
     return SYNCED_SOURCE
@@ -155,16 +170,12 @@ def meter_data(
     Channels are named as the meter names them (``v_l1``, ``i_l1``, …; units in ``attrs``);
     ``channels`` picks some.  ``time`` is the meter's absolute time (see :func:`time_source`).
     """
-    from .storage import read_stream, time_window
+    from .storage import time_window
 
-    _check_meter(run, meter)
     keys = None if channels is None else [f"{meter}_{c}" for c in channels]
-    if t0 is None and t1 is None and keys is None:
-        ds = read_stream(run, meter, prefix=meter)
-    else:
-        lo = -math.inf if t0 is None else float(t0)
-        hi = math.inf if t1 is None else float(t1)
-        ds = time_window(run, lo, hi, meter, prefix=meter, keys=keys)
+    lo = -math.inf if t0 is None else float(t0)
+    hi = math.inf if t1 is None else float(t1)
+    ds = _reading(run, meter, lambda: time_window(run, lo, hi, meter, prefix=meter, keys=keys))
     if ds.sizes["time"]:
         first = float(ds["time"].values[0])
         source = UNSYNCED_SOURCE if first < UNSYNCED_BEFORE_S else SYNCED_SOURCE
@@ -209,7 +220,11 @@ def iter_windows(
     """
     if not (math.isfinite(chunk_s) and chunk_s > 0):
         raise ValueError(f"chunk_s={chunk_s!r} must be a positive number of seconds")
-    span = first_last_time(run, meter)
+    yield from _windows(run, meter, first_last_time(run, meter), chunk_s, channels)
+
+
+def _windows(run: Any, meter: str, span: tuple[float, float] | None, chunk_s: float,
+             channels: Sequence[str] | None = None) -> Iterator[xr.Dataset]:
     if span is None:
         return
     first, last = span
@@ -324,8 +339,9 @@ def power_summary(
     if not (math.isfinite(period_s) and period_s > 0):
         raise ValueError(f"period_s={period_s!r} must be a positive number of seconds")
     chunk = max(period_s, round(chunk_s / period_s) * period_s)
+    span = first_last_time(run, meter)
     parts: list[dict[str, npt.NDArray[Any]]] = [
-        _summarise(ds, period_s) for ds in iter_windows(run, meter, chunk)
+        _summarise(ds, period_s) for ds in _windows(run, meter, span, chunk)
     ]
     if not parts:
         raise ReadbackError(f"meter {meter!r} recorded no samples in this run")
@@ -333,7 +349,7 @@ def power_summary(
     times = columns.pop("time")
     data = {k: ("time", v, {"units": summary_units(k)} if summary_units(k) else {})
             for k, v in columns.items()}
-    source = time_source(run, meter)
+    source = _source(span)
     return xr.Dataset(
         data, coords={"time": ("time", times, {"units": "s", "time_source": source})},
         attrs={"meter": meter, "period_s": period_s, "time_source": source},

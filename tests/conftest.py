@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import dask
 import pytest
@@ -157,6 +157,34 @@ def embedded_catalog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objec
     catalog.client  # noqa: B018 - open it now: its portal thread is the session's, not a test's
     yield catalog
     catalog.close()
+
+
+@pytest.fixture(scope="session")
+def recorded_run(embedded_catalog: Any, ntp_server: tuple[str, int]) -> Iterator[Any]:
+    """One ``synchronized_fly`` of two emulated meters (``exp1``, ``exp2``) at 4 kHz for 1.5 s
+    over UDP into the embedded catalog, ``exp2`` losing three datagrams (a declared gap); the
+    run as the catalog serves it."""
+    from plans import synchronized_fly
+    from smartmeter_ophyd.devices import SmartMeter
+    from smartmeter_ophyd.emulator import EmulatorFleet
+    from smartmeter_ophyd.storage import make_tiled_writer
+    from tests.run_engines import RunEngine
+
+    fleet = EmulatorFleet(2, name_prefix="exp", time_server=ntp_server[0],
+                          ntp_port=ntp_server[1]).start()
+    meters = [SmartMeter(host, port, name=name, timeout=3.0, emulated=True,
+                         data_directory=embedded_catalog.data_directory)
+              for name, (host, port) in zip(fleet.names, fleet.addresses, strict=True)]
+    try:
+        fleet.inject(1, "drop_udp", count=3)
+        engine = RunEngine({})
+        engine.subscribe(make_tiled_writer(embedded_catalog.client))
+        (uid,) = engine(synchronized_fly(meters, 1.5, rate=4000, transport="UDP"))
+    finally:
+        for meter in meters:
+            meter.destroy()
+        fleet.close()
+    yield embedded_catalog.client[uid]
 
 
 @pytest.fixture(scope="session")

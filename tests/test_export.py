@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +24,9 @@ RATE = 4000
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def run(embedded_catalog: Any, ntp_server: tuple[str, int]) -> Iterator[Any]:
-    from plans import synchronized_fly
-    from smartmeter_ophyd.devices import SmartMeter
-    from smartmeter_ophyd.emulator import EmulatorFleet
-    from smartmeter_ophyd.storage import make_tiled_writer
-    from tests.run_engines import RunEngine
-
-    fleet = EmulatorFleet(2, name_prefix="exp", time_server=ntp_server[0],
-                          ntp_port=ntp_server[1]).start()
-    meters = [SmartMeter(host, port, name=name, timeout=3.0, emulated=True,
-                         data_directory=embedded_catalog.data_directory)
-              for name, (host, port) in zip(fleet.names, fleet.addresses, strict=True)]
-    try:
-        fleet.inject(1, "drop_udp", count=3)
-        engine = RunEngine({})
-        engine.subscribe(make_tiled_writer(embedded_catalog.client))
-        (uid,) = engine(synchronized_fly(meters, 1.5, rate=RATE, transport="UDP"))
-    finally:
-        for meter in meters:
-            meter.destroy()
-        fleet.close()
-    yield embedded_catalog.client[uid]
+@pytest.fixture()
+def run(recorded_run: Any) -> Any:
+    return recorded_run
 
 
 def ffprobe(path: Path) -> dict[str, Any]:

@@ -45,7 +45,9 @@ def _ms(value: float) -> str:
 
 def _read(run: Any, stream: str) -> Any:
     try:
-        return run[stream].read() if stream in run else None
+        return run[stream].read()
+    except KeyError:  # no such stream
+        return None
     except Exception:  # a stream declared but never written reads as an error in Tiled
         return None
 

@@ -7,6 +7,8 @@ one second of it.
   dimension carries the meter's **absolute time** as coordinate (TiledWriter names the
   dimension ``time`` but gives it no coordinate; the time is the ``<prefix>_time`` key) and a
   ``sample_index`` coordinate; ``prefix=`` picks one meter of a shared stream.
+* :func:`time_span` - a stream's first and last sample time, read as :func:`time_window`
+  reads (one search request, then two rows).
 * :func:`time_window` - the samples with ``t0 <= time < t1`` through the catalog.  One search
   request fetches every child of the stream container with its structure, links and data
   sources (``container[key]`` costs a request per key, ``container.items()`` far more).  Then
@@ -48,7 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 from urllib.parse import quote, unquote, urlparse
@@ -261,35 +263,45 @@ def stream_nodes(node: Any, stream: str | None = None) -> dict[str, StreamNode]:
     the run with ``stream`` naming the child container (saves the request that opening
     ``run[stream]`` costs).  Pages are followed.
     """
-    from tiled.client.utils import handle_error
     from tiled.structures.array import ArrayStructure
+
+    nodes: dict[str, StreamNode] = {}
+    for item in _children(node, stream, ["structure_family", "structure", "data_sources"]):
+        attrs = item["attributes"]
+        if attrs.get("structure_family") != "array":
+            continue
+        structure = ArrayStructure.from_json(attrs["structure"])
+        nodes[item["id"]] = StreamNode(
+            key=item["id"],
+            full_url=item["links"]["full"],
+            shape=tuple(int(d) for d in structure.shape),
+            dtype=np.dtype(structure.data_type.to_numpy_dtype()),
+            hdf5_asset=_local_hdf5_asset(attrs.get("data_sources")),
+        )
+    return nodes
+
+
+def child_keys(node: Any) -> list[str]:
+    """The keys of a Tiled container's children, e.g. a run's streams (one request per 300)."""
+    return [str(item["id"]) for item in _children(node, None, ["structure_family"])]
+
+
+def _children(node: Any, child: str | None, fields: list[str]) -> Iterator[dict[str, Any]]:
+    """Items of a search of ``node`` (or of its child ``child``), ``fields`` included, pages
+    followed."""
+    from tiled.client.utils import handle_error
 
     http = node.context.http_client
     url: str | None = node.item["links"]["search"]
-    if stream is not None:
-        url = f"{url}/{quote(stream, safe='')}"
-    params: dict[str, Any] | None = {
-        "fields": ["structure_family", "structure", "data_sources"],
-        "include_data_sources": True,
-        "page[limit]": 300,
-    }
-    nodes: dict[str, StreamNode] = {}
+    if child is not None:
+        url = f"{url}/{quote(child, safe='')}"
+    params: dict[str, Any] | None = {"fields": fields, "page[limit]": 300}
+    if "data_sources" in fields:
+        params["include_data_sources"] = True  # type: ignore[index]
     while url:
         page = handle_error(http.get(url, params=params)).json()
-        for item in page["data"]:
-            attrs = item["attributes"]
-            if attrs.get("structure_family") != "array":
-                continue
-            structure = ArrayStructure.from_json(attrs["structure"])
-            nodes[item["id"]] = StreamNode(
-                key=item["id"],
-                full_url=item["links"]["full"],
-                shape=tuple(int(d) for d in structure.shape),
-                dtype=np.dtype(structure.data_type.to_numpy_dtype()),
-                hdf5_asset=_local_hdf5_asset(attrs.get("data_sources")),
-            )
+        yield from page["data"]
         url, params = page.get("links", {}).get("next"), None
-    return nodes
 
 
 def _http_reader(http: Any, node: StreamNode) -> ReadRange:
@@ -392,6 +404,55 @@ def time_window(
     return _dataset(columns, times, i0, {**attrs, "access": "http"})
 
 
+def time_span(
+    run: Any, stream: str = "meter", prefix: str | None = None, *, access: ReadAccess = "auto"
+) -> tuple[float, float] | None:
+    """``(first, last)`` sample time of a stream (None: no time key, or no samples yet).
+
+    One search request (:func:`stream_nodes`), then the two rows from the local HDF5 asset
+    or, over HTTP, one request each; ``access`` as in :func:`time_window`.  Rows the catalog
+    does not declare yet are never read.
+    """
+    if access not in ("auto", "asset", "http"):
+        raise ValueError(f"access must be 'auto', 'asset' or 'http', got {access!r}")
+    nodes = stream_nodes(run, stream)
+    try:
+        time_key = find_time_key(list(nodes), prefix)
+    except KeyError:
+        return None
+    node = nodes[time_key]
+    n = node.shape[0]
+    if n == 0:
+        return None
+    if access == "asset" or (access == "auto" and _usable_asset(node)):
+        if node.hdf5_asset is None:
+            raise ValueError(f"key {time_key!r} of stream {stream!r} has no local HDF5 asset")
+        files: dict[str, h5py.File] = {}
+        try:
+            tds = _asset_dataset(files, node)
+            return float(tds[0]), float(tds[n - 1])
+        finally:
+            for f in files.values():
+                f.close()
+    read = _http_reader(run.context.http_client, node)
+    return float(read(0, 1)[0]), float(read(n - 1, n)[0])
+
+
+def _asset_dataset(files: dict[str, h5py.File], node: StreamNode) -> h5py.Dataset:
+    """``node``'s HDF5 dataset, its file opened (SWMR) into ``files`` unless already there;
+    ``ValueError`` when the file holds fewer rows than the catalog declares."""
+    path, name = node.hdf5_asset  # type: ignore[misc]
+    if path not in files:
+        files[path] = h5py.File(path, "r", libver="latest", swmr=True)
+    ds = files[path][name]
+    if ds.shape[0] < node.shape[0]:
+        raise ValueError(
+            f"{path}:{name} has {ds.shape[0]} rows but the catalog declares "
+            f"{node.shape[0]} for {node.key!r}"
+        )
+    return ds
+
+
 def _read_assets(
     nodes: Mapping[str, StreamNode], wanted: Sequence[str], n: int, t0: float, t1: float
 ) -> tuple[int, int, npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
@@ -400,16 +461,7 @@ def _read_assets(
     try:
 
         def dataset(key: str) -> h5py.Dataset:
-            path, name = nodes[key].hdf5_asset  # type: ignore[misc]
-            if path not in files:
-                files[path] = h5py.File(path, "r", libver="latest", swmr=True)
-            ds = files[path][name]
-            if ds.shape[0] < nodes[key].shape[0]:
-                raise ValueError(
-                    f"{path}:{name} has {ds.shape[0]} rows but the catalog declares "
-                    f"{nodes[key].shape[0]} for {key!r}"
-                )
-            return ds
+            return _asset_dataset(files, nodes[key])
 
         tds = dataset(wanted[0])
 
@@ -426,15 +478,26 @@ def _read_assets(
     return i0, i1, times, columns
 
 
-def read_gaps(run: Any, stream: str = "meter_gaps", prefix: str | None = None) -> dict[str, Any]:
-    """The gaps stream of a run as ``{field: int64 array}`` (empty arrays if no gaps)."""
-    if stream not in run:
+def read_gaps(
+    run: Any, stream: str = "meter_gaps", prefix: str | None = None, *,
+    access: ReadAccess = "auto",
+) -> dict[str, Any]:
+    """The gaps stream of a run as ``{field: int64 array}`` (empty arrays if no gaps).
+
+    One search request, then the columns as :func:`time_window` reads them (``access``).
+    """
+    import httpx
+
+    try:
+        nodes = stream_nodes(run, stream)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 404:
+            raise
         raise KeyError(
-            f"run has no gaps stream {stream!r} (streams: {list(run)}); "
+            f"run has no gaps stream {stream!r} (streams: {child_keys(run)}); "
             "without it gaps are unknown, not absent"
-        )
-    container = run[stream]
-    keys = _stream_keys(container)
+        ) from None
+    keys = list(nodes)
     if prefix is None:
         prefixes = {k.split(f"_{GAP_KEY_INFIX}")[0] for k in keys if f"_{GAP_KEY_INFIX}" in k}
         if len(prefixes) > 1:
@@ -449,7 +512,29 @@ def read_gaps(run: Any, stream: str = "meter_gaps", prefix: str | None = None) -
     wanted = [gap_key(prefix, f) for f in GAP_FIELDS]
     if any(key not in keys for key in wanted):
         raise KeyError(f"no gap keys of meter {prefix!r} in {stream!r} (keys: {sorted(keys)})")
-    return {f: np.asarray(container[key][:], dtype=np.int64) for f, key in zip(GAP_FIELDS, wanted, strict=True)}
+    columns = _read_whole(run, nodes, wanted, access)
+    return {f: np.asarray(columns[key], dtype=np.int64)
+            for f, key in zip(GAP_FIELDS, wanted, strict=True)}
+
+
+def _read_whole(run: Any, nodes: Mapping[str, StreamNode], keys: Sequence[str],
+                access: ReadAccess) -> dict[str, npt.NDArray[Any]]:
+    """``keys`` whole, each up to the catalog's shape: from local assets or over HTTP."""
+    if access not in ("auto", "asset", "http"):
+        raise ValueError(f"access must be 'auto', 'asset' or 'http', got {access!r}")
+    if access == "asset" or (access == "auto" and all(_usable_asset(nodes[k]) for k in keys)):
+        missing = [k for k in keys if nodes[k].hdf5_asset is None]
+        if missing:
+            raise ValueError(f"keys {missing} have no local HDF5 asset")
+        files: dict[str, h5py.File] = {}
+        try:
+            return {k: np.asarray(_asset_dataset(files, nodes[k])[: nodes[k].shape[0]])
+                    for k in keys}
+        finally:
+            for f in files.values():
+                f.close()
+    http = run.context.http_client
+    return {k: _http_reader(http, nodes[k])(0, nodes[k].shape[0]) for k in keys}
 
 
 def gap_grid(
