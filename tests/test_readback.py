@@ -8,7 +8,6 @@ remote one), and the CLI's summary and plots read a run through these helpers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,12 @@ from smartmeter_ophyd.readback import (
     ReadbackError,
     first_last_time,
     meter_data,
+    meter_rows,
     power_summary,
     run_meters,
     time_source,
 )
-from smartmeter_ophyd.storage import time_span
+from smartmeter_ophyd.storage import read_event_table, time_span
 
 pytestmark = pytest.mark.slow
 METERS = ("exp1", "exp2")
@@ -49,8 +49,9 @@ class Requests:
 
 
 @pytest.fixture()
-def run(recorded_run: Any) -> Iterator[Any]:
-    yield recorded_run
+def run(recorded_run: Any, embedded_catalog: Any) -> Any:
+    """The recorded run, fetched afresh: nothing kept from an earlier test."""
+    return embedded_catalog.client[recorded_run.start["uid"]]
 
 
 _TIMES: dict[tuple[str, str], np.ndarray] = {}
@@ -78,6 +79,20 @@ def test_first_last_time_is_the_streams_ends_in_one_request(run: Any, meter: str
     assert span == (times[0], times[-1])
     assert len(requests.sent) == 1, requests.sent  # the search; the rows come from the file
     assert time_source(run, meter).startswith("meter clock")
+
+
+def test_a_closed_runs_streams_are_asked_once(run: Any, recorded_run: Any) -> None:
+    assert run.metadata["stop"]
+    with Requests(run) as requests:
+        first = [first_last_time(run, meter) for meter in METERS]
+        again = [first_last_time(run, meter) for meter in METERS]
+        meter_data(run, "exp1", *first[0], channels=["i_l3"])
+    assert again == first
+    assert len(requests.sent) == len(METERS), requests.sent
+    stream = run["exp1"]  # a stream container, not a run: asked every time
+    with Requests(run) as requests:
+        assert time_span(stream, None, prefix="exp1") == time_span(stream, None, prefix="exp1")
+    assert len(requests.sent) == 2, requests.sent
 
 
 def test_time_span_over_http_reads_the_two_rows_only(run: Any) -> None:
@@ -119,6 +134,25 @@ def test_the_plots_read_each_meter_in_a_few_requests(run: Any, tmp_path: Path) -
     with Requests(run) as requests:
         pngs = plot_run(run, tmp_path)
     assert all(p.stat().st_size > 10_000 for p in pngs)
-    # per meter: its span for each plot (2), a window per channel of the first cycles (2),
-    # the power summary's span and window (2); and the run's listing once per plot (2)
-    assert len(requests.sent) <= 6 * len(METERS) + 2, requests.sent
+    # per meter its stream's search, asked once; the run's listing once per plot
+    assert len(requests.sent) == len(METERS) + 2, requests.sent
+
+
+@pytest.mark.parametrize("stream", ["meter_summary", "synchronization", "alignment"])
+def test_a_per_run_table_reads_in_two_requests_as_databroker_reads_it(run: Any,
+                                                                     stream: str) -> None:
+    expected = run[stream].read()
+    with Requests(run) as requests:
+        table = read_event_table(run, stream)
+    assert len(requests.sent) == 2, requests.sent
+    assert len(table) == expected.sizes["time"] > 0
+    for key in expected.data_vars:
+        np.testing.assert_array_equal(np.asarray(table[key]), np.asarray(expected[key]),
+                                      err_msg=str(key))
+    if "meter" in table:
+        assert meter_rows(table).keys() == set(METERS)
+
+
+def test_a_missing_table_is_a_key_error(run: Any) -> None:
+    with pytest.raises(KeyError, match="no stream 'nope'"):
+        read_event_table(run, "nope")

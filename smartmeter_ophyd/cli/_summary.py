@@ -44,11 +44,11 @@ def _ms(value: float) -> str:
 
 
 def _read(run: Any, stream: str) -> Any:
+    from ..storage import read_event_table
+
     try:
-        return run[stream].read()
-    except KeyError:  # no such stream
-        return None
-    except Exception:  # a stream declared but never written reads as an error in Tiled
+        return read_event_table(run, stream)
+    except KeyError:  # no such stream, or declared and never written
         return None
 
 
@@ -66,7 +66,7 @@ def _rows(run: Any, stream: str, meters: list[str]) -> dict[str, list[dict[str, 
 
 def _wide_rows(table: Any, meters: list[str], prefix: str) -> dict[str, list[dict[str, Any]]]:
     """A run recorded before the tables: one event per segment, a key per meter and field."""
-    n = int(table.sizes.get("time", 0))
+    n = len(table)
     out: dict[str, list[dict[str, Any]]] = {}
     for meter in meters:
         keys = {field: prefix.format(meter) + field for field in WIDE_FIELDS}
@@ -142,7 +142,7 @@ def run_summary(run: Any) -> dict[str, Any]:
 def _recorded_alignment(run: Any) -> dict[str, Any] | None:
     """The run's own ``alignment`` stream (``synchronized_fly`` measures it at the end)."""
     table = _read(run, "alignment")
-    if table is None or "alignment_meter" not in table or not table.sizes.get("time"):
+    if table is None or "alignment_meter" not in table or not len(table):
         return None
     kind = np.asarray(table["alignment_kind"].values).astype(str)
     meter = np.asarray(table["alignment_meter"].values).astype(str)

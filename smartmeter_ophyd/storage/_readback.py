@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -261,8 +262,25 @@ def stream_nodes(node: Any, stream: str | None = None) -> dict[str, StreamNode]:
 
     ``node`` is a tiled container client: the stream container itself (``run["meter"]``), or
     the run with ``stream`` naming the child container (saves the request that opening
-    ``run[stream]`` costs).  Pages are followed.
+    ``run[stream]`` costs).  Pages are followed.  A run that was closed (it has a stop
+    document) when ``node`` was fetched no longer changes: its answer is kept with ``node``
+    and asked once.
     """
+    if stream is not None and (getattr(node, "metadata", None) or {}).get("stop"):
+        kept = _CLOSED_RUN_NODES.get(id(node))
+        if kept is None:  # kept while the client lives (clients are mappings: unhashable)
+            kept = _CLOSED_RUN_NODES[id(node)] = {}
+            weakref.finalize(node, _CLOSED_RUN_NODES.pop, id(node), None)
+        if stream not in kept:
+            kept[stream] = _stream_nodes(node, stream)
+        return dict(kept[stream])
+    return _stream_nodes(node, stream)
+
+
+_CLOSED_RUN_NODES: Final[dict[int, dict[str, dict[str, StreamNode]]]] = {}
+
+
+def _stream_nodes(node: Any, stream: str | None) -> dict[str, StreamNode]:
     from tiled.structures.array import ArrayStructure
 
     nodes: dict[str, StreamNode] = {}
@@ -284,6 +302,32 @@ def stream_nodes(node: Any, stream: str | None = None) -> dict[str, StreamNode]:
 def child_keys(node: Any) -> list[str]:
     """The keys of a Tiled container's children, e.g. a run's streams (one request per 300)."""
     return [str(item["id"]) for item in _children(node, None, ["structure_family"])]
+
+
+def read_event_table(run: Any, stream: str) -> Any:
+    """A stream's event data (its ``internal`` table: ``seq_num``, ``time`` and one column
+    per data key) as a ``pandas.DataFrame``, in two requests; ``KeyError`` if ``run`` has no
+    such stream or the stream no events.  For the small per-run tables (``meter_summary``,
+    ``synchronization``, ``alignment``); sample streams are read with :func:`time_window`.
+    """
+    import httpx
+    import pyarrow as pa
+    from tiled.client.utils import handle_error
+
+    try:
+        items = list(_children(run, stream, ["structure_family"]))
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 404:
+            raise
+        raise KeyError(f"run has no stream {stream!r}") from None
+    table = next((item for item in items if item["id"] == "internal"
+                  and item["attributes"].get("structure_family") == "table"), None)
+    if table is None:
+        raise KeyError(f"stream {stream!r} has no events")
+    response = run.context.http_client.get(
+        table["links"]["full"], headers={"Accept": "application/vnd.apache.arrow.file"})
+    with pa.ipc.open_file(pa.py_buffer(handle_error(response).content)) as reader:
+        return reader.read_all().to_pandas()
 
 
 def _children(node: Any, child: str | None, fields: list[str]) -> Iterator[dict[str, Any]]:
@@ -405,9 +449,11 @@ def time_window(
 
 
 def time_span(
-    run: Any, stream: str = "meter", prefix: str | None = None, *, access: ReadAccess = "auto"
+    run: Any, stream: str | None = "meter", prefix: str | None = None, *,
+    access: ReadAccess = "auto",
 ) -> tuple[float, float] | None:
-    """``(first, last)`` sample time of a stream (None: no time key, or no samples yet).
+    """``(first, last)`` sample time of a stream (None: no time key, or no samples yet);
+    ``stream=None`` when ``run`` is the stream container itself.
 
     One search request (:func:`stream_nodes`), then the two rows from the local HDF5 asset
     or, over HTTP, one request each; ``access`` as in :func:`time_window`.  Rows the catalog
