@@ -289,7 +289,8 @@ def synchronized_fly(
         The NTP gate: every meter's confidence must reach at most ``ntp_confidence_ms``
         within ``ntp_attempts`` syncs, or the plan fails before any sample is sent.
     ntp_period : float or None
-        Seconds between NTP syncs of each meter during the run (>= 1; None: none).
+        Seconds between NTP syncs of each meter during the run (>= 1; None: none): at least
+        this long from one trigger to the next (the plan looks once a ``flush_period``).
     flow_control : {None, "cts", "reqSamples"}
         None streams freely; ``"cts"`` starts every meter paused and releases them together;
         ``"reqSamples"`` pulls ``request_size`` samples at a time (at most 42 for 24-byte
@@ -783,7 +784,9 @@ def _complete_while_collecting(setup: FlySetup, state: FlyState,
         if not done and time.monotonic() >= next_sync:
             assert setup.ntp_period is not None
             yield from _periodic_ntp(setup, state)
-            next_sync += setup.ntp_period
+            # from this trigger, not from when it was due: the loop looks once a flush period,
+            # and a late trigger must not leave the next one less than a period later
+            next_sync = time.monotonic() + setup.ntp_period
 
 
 def _periodic_ntp(setup: FlySetup, state: FlyState) -> Generator[Msg, Any, None]:

@@ -71,14 +71,14 @@ def test_slotted_fly_gives_each_meter_its_slot(
 
 
 def test_periodic_ntp_during_the_fly_records_every_correction(
-    fleet_factory, smartmeters, engine, embedded_catalog
+    fleet_factory, smartmeters, engine, embedded_catalog, caplog
 ) -> None:
     fleet = fleet_factory([{"drift_ppm": 50.0}, {"drift_ppm": -50.0}])
     meters = smartmeters(fleet)
-    # The loop looks at the sync period once a flush period, so a late trigger can leave
-    # the next one less than a sync's time, and that one is skipped (logged).  4 s fit three
-    # triggers, so one skipped still leaves two syncs; 3 s fit only two.
+    # The loop looks at the sync period once a flush period; each trigger is a full period
+    # after the previous one, so none finds the previous sync still running (2-3 in 4 s).
     (uid,) = engine.RE(plans.synchronized_fly(meters, 4.0, ntp_period=1.0))
+    assert "still running; skipped" not in caplog.text
     run = embedded_catalog.client[uid]
     sync = meter_rows(run["synchronization"].read())
     for i, meter in enumerate(meters):
