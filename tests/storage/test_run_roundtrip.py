@@ -38,6 +38,7 @@ from smartmeter_ophyd.storage import (
     read_gaps,
     read_stream,
     stream_data_keys,
+    time_span,
     time_window,
     time_window_hdf5,
     write_server_profile,
@@ -195,11 +196,16 @@ def check_run(run: Any, meter: TestMeter) -> None:
     assert np.array_equal(got.view(np.uint32), values.view(np.uint32))  # bit for bit
     np.testing.assert_allclose(ds["time"].values, START_TS + positions / RATE, rtol=0, atol=1e-6)
 
-    gaps = read_gaps(run, "meter_gaps")
-    assert gaps["sample_index"].tolist() == [gap_index]
-    assert gaps["expected_packet"].tolist() == [LOST.start]
-    assert gaps["received_packet"].tolist() == [LOST.stop]
-    assert gaps["missing_samples"].tolist() == [len(LOST) * FRAME]
+    for access in ("asset", "http"):
+        gaps = read_gaps(run, "meter_gaps", access=access)
+        assert gaps["sample_index"].tolist() == [gap_index]
+        assert gaps["expected_packet"].tolist() == [LOST.start]
+        assert gaps["received_packet"].tolist() == [LOST.stop]
+        assert gaps["missing_samples"].tolist() == [len(LOST) * FRAME]
+        assert time_span(run, "meter", access=access) == (ds["time"].values[0],
+                                                           ds["time"].values[-1])
+    with pytest.raises(KeyError, match="no gaps stream 'nope'"):
+        read_gaps(run, "nope")
 
     path = meter.writer.path
     # a window straddling the gap, through the catalog and directly, against numpy on the file
