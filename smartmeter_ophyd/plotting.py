@@ -26,7 +26,7 @@ import numpy as np
 
 from .readback import (
     SYNCED_SOURCE,
-    UNSYNCED_BEFORE_S,
+    axis_source,
     first_last_time,
     overlay,
     power_summary,
@@ -104,7 +104,7 @@ def _groups(starts: dict[str, float]) -> list[tuple[bool, list[str]]]:
     """Meters on an absolute (synced) axis, then each unsynced meter on its own (``starts``:
     each meter's first sample time)."""
     names = list(starts)
-    synced = [m for m in names if starts[m] >= UNSYNCED_BEFORE_S]
+    synced = [m for m in names if axis_source(starts[m]) == SYNCED_SOURCE]
     unsynced = [m for m in names if m not in synced]
     groups: list[tuple[bool, list[str]]] = [(True, synced)] if synced else []
     groups += [(False, [m]) for m in unsynced]

@@ -127,11 +127,15 @@ def first_last_time(run: Any, meter: str) -> tuple[float, float] | None:
 
 def time_source(run: Any, meter: str) -> str:
     """What ``meter``'s time axis is: its NTP time, or a count from 0 (see module docstring)."""
-    return _source(first_last_time(run, meter))
+    span = first_last_time(run, meter)
+    return axis_source(None if span is None else span[0])
 
 
-def _source(span: tuple[float, float] | None) -> str:
-    if span is not None and span[0] < UNSYNCED_BEFORE_S:
+def axis_source(first: float | None) -> str:
+    """What a time axis whose first sample is at ``first`` is: :data:`SYNCED_SOURCE`, or
+    :data:`UNSYNCED_SOURCE` below :data:`UNSYNCED_BEFORE_S` (None: no sample, taken as
+    synced)."""
+    if first is not None and first < UNSYNCED_BEFORE_S:
         return UNSYNCED_SOURCE
     return SYNCED_SOURCE
 
@@ -177,8 +181,7 @@ def meter_data(
     hi = math.inf if t1 is None else float(t1)
     ds = _reading(run, meter, lambda: time_window(run, lo, hi, meter, prefix=meter, keys=keys))
     if ds.sizes["time"]:
-        first = float(ds["time"].values[0])
-        source = UNSYNCED_SOURCE if first < UNSYNCED_BEFORE_S else SYNCED_SOURCE
+        source = axis_source(float(ds["time"].values[0]))
     else:
         source = time_source(run, meter)
     return _plain(ds, meter, source)
@@ -349,7 +352,7 @@ def power_summary(
     times = columns.pop("time")
     data = {k: ("time", v, {"units": summary_units(k)} if summary_units(k) else {})
             for k, v in columns.items()}
-    source = _source(span)
+    source = axis_source(None if span is None else span[0])
     return xr.Dataset(
         data, coords={"time": ("time", times, {"units": "s", "time_source": source})},
         attrs={"meter": meter, "period_s": period_s, "time_source": source},

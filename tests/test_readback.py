@@ -16,7 +16,10 @@ import pytest
 
 from smartmeter_ophyd.plotting import plot_run
 from smartmeter_ophyd.readback import (
+    SYNCED_SOURCE,
+    UNSYNCED_SOURCE,
     ReadbackError,
+    axis_source,
     first_last_time,
     meter_data,
     meter_rows,
@@ -156,3 +159,10 @@ def test_a_per_run_table_reads_in_two_requests_as_databroker_reads_it(run: Any,
 def test_a_missing_table_is_a_key_error(run: Any) -> None:
     with pytest.raises(KeyError, match="no stream 'nope'"):
         read_event_table(run, "nope")
+
+
+def test_an_axis_counted_from_zero_is_not_called_unix_time() -> None:
+    assert axis_source(12.5) == UNSYNCED_SOURCE  # a meter without NTP time (§6.1)
+    assert axis_source(999_999_999.0) == UNSYNCED_SOURCE
+    assert axis_source(1_796_300_386.0) == SYNCED_SOURCE
+    assert axis_source(None) == SYNCED_SOURCE

@@ -47,6 +47,7 @@ can be related back to the full stream and the gaps table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -310,16 +311,11 @@ def read_event_table(run: Any, stream: str) -> Any:
     such stream or the stream no events.  For the small per-run tables (``meter_summary``,
     ``synchronization``, ``alignment``); sample streams are read with :func:`time_window`.
     """
-    import httpx
     import pyarrow as pa
     from tiled.client.utils import handle_error
 
-    try:
+    with _missing_as_key_error(lambda: f"run has no stream {stream!r}"):
         items = list(_children(run, stream, ["structure_family"]))
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code != 404:
-            raise
-        raise KeyError(f"run has no stream {stream!r}") from None
     table = next((item for item in items if item["id"] == "internal"
                   and item["attributes"].get("structure_family") == "table"), None)
     if table is None:
@@ -339,13 +335,27 @@ def _children(node: Any, child: str | None, fields: list[str]) -> Iterator[dict[
     url: str | None = node.item["links"]["search"]
     if child is not None:
         url = f"{url}/{quote(child, safe='')}"
-    params: dict[str, Any] | None = {"fields": fields, "page[limit]": 300}
+    params: dict[str, Any] = {"fields": fields, "page[limit]": 300}
     if "data_sources" in fields:
-        params["include_data_sources"] = True  # type: ignore[index]
+        params["include_data_sources"] = True
+    page_params: dict[str, Any] | None = params  # the next pages' links carry them
     while url:
-        page = handle_error(http.get(url, params=params)).json()
+        page = handle_error(http.get(url, params=page_params)).json()
         yield from page["data"]
-        url, params = page.get("links", {}).get("next"), None
+        url, page_params = page.get("links", {}).get("next"), None
+
+
+@contextlib.contextmanager
+def _missing_as_key_error(message: Callable[[], str]) -> Iterator[None]:
+    """A search of a child that does not exist (HTTP 404) as ``KeyError(message())``."""
+    import httpx
+
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 404:
+            raise
+        raise KeyError(message()) from None
 
 
 def _http_reader(http: Any, node: StreamNode) -> ReadRange:
@@ -416,8 +426,7 @@ def time_window(
     ``attrs["access"]`` says which was used.
     """
     _check_window(t0, t1)
-    if access not in ("auto", "asset", "http"):
-        raise ValueError(f"access must be 'auto', 'asset' or 'http', got {access!r}")
+    _check_access(access)
     nodes = stream_nodes(run, stream)
     all_keys = list(nodes)
     time_key = find_time_key(all_keys, prefix)
@@ -429,14 +438,8 @@ def time_window(
             f"stream {stream!r}: keys {short} have fewer rows than {time_key!r} ({n}); "
             "the catalog is inconsistent"
         )
-    use_assets = access == "asset" or (
-        access == "auto" and all(_usable_asset(nodes[k]) for k in wanted)
-    )
     attrs = {"time_key": time_key, "stream": stream}
-    if use_assets:
-        missing = [k for k in wanted if nodes[k].hdf5_asset is None]
-        if missing:
-            raise ValueError(f"keys {missing} of stream {stream!r} have no local HDF5 asset")
+    if _use_assets(nodes, wanted, access, stream):
         i0, i1, times, columns = _read_assets(nodes, wanted, n, t0, t1)
         return _dataset(columns, times, i0, {**attrs, "access": "asset"})
     http = run.context.http_client
@@ -459,8 +462,7 @@ def time_span(
     or, over HTTP, one request each; ``access`` as in :func:`time_window`.  Rows the catalog
     does not declare yet are never read.
     """
-    if access not in ("auto", "asset", "http"):
-        raise ValueError(f"access must be 'auto', 'asset' or 'http', got {access!r}")
+    _check_access(access)
     nodes = stream_nodes(run, stream)
     try:
         time_key = find_time_key(list(nodes), prefix)
@@ -470,18 +472,42 @@ def time_span(
     n = node.shape[0]
     if n == 0:
         return None
-    if access == "asset" or (access == "auto" and _usable_asset(node)):
-        if node.hdf5_asset is None:
-            raise ValueError(f"key {time_key!r} of stream {stream!r} has no local HDF5 asset")
-        files: dict[str, h5py.File] = {}
-        try:
+    if _use_assets(nodes, [time_key], access, stream):
+        with _asset_files() as files:
             tds = _asset_dataset(files, node)
             return float(tds[0]), float(tds[n - 1])
-        finally:
-            for f in files.values():
-                f.close()
     read = _http_reader(run.context.http_client, node)
     return float(read(0, 1)[0]), float(read(n - 1, n)[0])
+
+
+def _check_access(access: str) -> None:
+    if access not in ("auto", "asset", "http"):
+        raise ValueError(f"access must be 'auto', 'asset' or 'http', got {access!r}")
+
+
+def _use_assets(nodes: Mapping[str, StreamNode], keys: Sequence[str], access: ReadAccess,
+                stream: str | None) -> bool:
+    """Whether ``keys`` are read from their HDF5 assets (``access``: see :func:`time_window`);
+    ``ValueError`` when ``"asset"`` is asked of a key without one."""
+    if access == "auto":
+        return all(_usable_asset(nodes[k]) for k in keys)
+    if access == "asset":
+        missing = [k for k in keys if nodes[k].hdf5_asset is None]
+        if missing:
+            raise ValueError(f"keys {missing} of stream {stream!r} have no local HDF5 asset")
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _asset_files() -> Iterator[dict[str, h5py.File]]:
+    """The files :func:`_asset_dataset` opens, closed on leaving."""
+    files: dict[str, h5py.File] = {}
+    try:
+        yield files
+    finally:
+        for f in files.values():
+            f.close()
 
 
 def _asset_dataset(files: dict[str, h5py.File], node: StreamNode) -> h5py.Dataset:
@@ -503,13 +529,8 @@ def _read_assets(
     nodes: Mapping[str, StreamNode], wanted: Sequence[str], n: int, t0: float, t1: float
 ) -> tuple[int, int, npt.NDArray[np.float64], dict[str, npt.NDArray[Any]]]:
     """Window located and read in the catalog-referenced HDF5 files (first key is time)."""
-    files: dict[str, h5py.File] = {}
-    try:
-
-        def dataset(key: str) -> h5py.Dataset:
-            return _asset_dataset(files, nodes[key])
-
-        tds = dataset(wanted[0])
+    with _asset_files() as files:
+        tds = _asset_dataset(files, nodes[wanted[0]])
 
         def read(a: int, b: int) -> npt.NDArray[np.float64]:
             return np.asarray(tds[a:b])
@@ -517,10 +538,7 @@ def _read_assets(
         i0 = search_sorted(read, n, t0, "left")
         i1 = search_sorted(read, n, t1, "left")
         times = read(i0, i1) if i1 > i0 else np.empty(0, dtype=np.float64)
-        columns = {k: np.asarray(dataset(k)[i0:i1]) for k in wanted[1:]}
-    finally:
-        for f in files.values():
-            f.close()
+        columns = {k: np.asarray(_asset_dataset(files, nodes[k])[i0:i1]) for k in wanted[1:]}
     return i0, i1, times, columns
 
 
@@ -532,17 +550,10 @@ def read_gaps(
 
     One search request, then the columns as :func:`time_window` reads them (``access``).
     """
-    import httpx
-
-    try:
+    _check_access(access)
+    with _missing_as_key_error(lambda: f"run has no gaps stream {stream!r} (streams: "
+                               f"{child_keys(run)}); without it gaps are unknown, not absent"):
         nodes = stream_nodes(run, stream)
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code != 404:
-            raise
-        raise KeyError(
-            f"run has no gaps stream {stream!r} (streams: {child_keys(run)}); "
-            "without it gaps are unknown, not absent"
-        ) from None
     keys = list(nodes)
     if prefix is None:
         prefixes = {k.split(f"_{GAP_KEY_INFIX}")[0] for k in keys if f"_{GAP_KEY_INFIX}" in k}
@@ -558,27 +569,18 @@ def read_gaps(
     wanted = [gap_key(prefix, f) for f in GAP_FIELDS]
     if any(key not in keys for key in wanted):
         raise KeyError(f"no gap keys of meter {prefix!r} in {stream!r} (keys: {sorted(keys)})")
-    columns = _read_whole(run, nodes, wanted, access)
+    columns = _read_whole(run, nodes, wanted, access, stream)
     return {f: np.asarray(columns[key], dtype=np.int64)
             for f, key in zip(GAP_FIELDS, wanted, strict=True)}
 
 
 def _read_whole(run: Any, nodes: Mapping[str, StreamNode], keys: Sequence[str],
-                access: ReadAccess) -> dict[str, npt.NDArray[Any]]:
+                access: ReadAccess, stream: str) -> dict[str, npt.NDArray[Any]]:
     """``keys`` whole, each up to the catalog's shape: from local assets or over HTTP."""
-    if access not in ("auto", "asset", "http"):
-        raise ValueError(f"access must be 'auto', 'asset' or 'http', got {access!r}")
-    if access == "asset" or (access == "auto" and all(_usable_asset(nodes[k]) for k in keys)):
-        missing = [k for k in keys if nodes[k].hdf5_asset is None]
-        if missing:
-            raise ValueError(f"keys {missing} have no local HDF5 asset")
-        files: dict[str, h5py.File] = {}
-        try:
+    if _use_assets(nodes, keys, access, stream):
+        with _asset_files() as files:
             return {k: np.asarray(_asset_dataset(files, nodes[k])[: nodes[k].shape[0]])
                     for k in keys}
-        finally:
-            for f in files.values():
-                f.close()
     http = run.context.http_client
     return {k: _http_reader(http, nodes[k])(0, nodes[k].shape[0]) for k in keys}
 
