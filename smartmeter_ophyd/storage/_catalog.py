@@ -34,17 +34,22 @@ Profiles directory: by default the *user* profile directory Tiled searches
 not on Tiled's search path is therefore appended to ``tiled.profiles.paths`` **for this
 process** (other processes need ``TILED_PROFILES`` set in their environment).
 
-Limits: catalog initialisation runs ``tiled catalog init`` in a subprocess (a few seconds; done
-once per directory).  Each ``from_profile`` builds its own in-process app over the same SQLite
-file for reading; SQLite serialises writers.
+Limits: initialisation, once per directory, does what ``tiled catalog init`` does (Tiled's
+tables, then alembic's head revision stamped) in this process, on a thread of its own (alembic
+runs its own event loop); Tiled's ``init_if_not_exists`` would start that command in a
+subprocess, which imports Tiled again (~4 s).  Each ``from_profile`` builds its own
+in-process app over the same SQLite file for reading; SQLite serialises writers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 import re
 import sqlite3
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,12 +192,10 @@ def setup_embedded_catalog(
     catalog_uri = f"sqlite:///{root / 'catalog.db'}"
 
     quiet_tiled()
-    from tiled.catalog import from_uri as catalog_from_uri
-
     if not (root / "catalog.db").exists():
         logger.info("initialising Tiled catalog %s", catalog_uri)
-        # init_if_not_exists runs "tiled catalog init" in a subprocess (alembic stamping).
-        catalog_from_uri(catalog_uri, init_if_not_exists=True)
+        with concurrent.futures.ThreadPoolExecutor(1, "tiled-catalog-init") as pool:
+            pool.submit(_initialise, catalog_uri).result()
     tables = root / "storage.sqlite"
     for database in (root / "catalog.db", tables):
         _use_wal(database)
@@ -238,6 +241,36 @@ def setup_embedded_catalog(
         writable_storage=writable,
         storage_uris=tuple(readable_uris),
     )
+
+
+def _initialise(catalog_uri: str) -> None:
+    """``tiled catalog init --if-not-exists``: Tiled's tables, then alembic's head revision.
+
+    Run on a thread without an event loop: both steps run their own (``asyncio.run``)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from tiled.alembic_utils import UninitializedDatabase, check_database, stamp_head
+    from tiled.catalog.alembic_constants import ALEMBIC_DIR, ALEMBIC_INI_TEMPLATE_PATH
+    from tiled.catalog.core import ALL_REVISIONS, REQUIRED_REVISION, initialize_database
+    from tiled.utils import ensure_specified_sql_driver
+
+    database = ensure_specified_sql_driver(catalog_uri)
+
+    async def create_tables() -> bool:
+        engine = create_async_engine(database)
+        try:
+            await check_database(engine, REQUIRED_REVISION, ALL_REVISIONS)
+        except UninitializedDatabase:
+            await initialize_database(engine)
+            return True
+        finally:
+            await engine.dispose()
+        return False  # another process initialised it first
+
+    if asyncio.run(create_tables()):
+        with warnings.catch_warnings():
+            # Tiled's alembic.ini template predates alembic's path_separator option
+            warnings.filterwarnings("ignore", "No path_separator found", DeprecationWarning)
+            stamp_head(ALEMBIC_INI_TEMPLATE_PATH, ALEMBIC_DIR, database)
 
 
 def _use_wal(database: Path) -> None:
