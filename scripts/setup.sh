@@ -104,7 +104,8 @@ fi
 # ---------------------------------------------------------------------------- Python packages
 
 # Every requirement of pyproject.toml (dependencies, + [test] for the tests) satisfied by what
-# .venv holds, and smartmeter_ophyd imported from this checkout?  Then pip has nothing to do.
+# .venv holds, its console scripts installed as declared, and smartmeter_ophyd imported from
+# this checkout?  Then pip has nothing to do.
 requirements_satisfied() {
   "$VENV/bin/python" - "$ROOT" "$JOB" <<'EOF'
 import importlib.metadata as md
@@ -145,6 +146,10 @@ try:
         problems.append(f"smartmeter_ophyd is imported from {smartmeter_ophyd.__file__}, not this checkout")
 except ImportError:
     problems.append("smartmeter_ophyd not installed")
+installed = {e.name: e.value for e in md.entry_points(group="console_scripts")}
+for name, target in project.get("scripts", {}).items():
+    if installed.get(name) != target:  # an install older than pyproject.toml's [project.scripts]
+        problems.append(f"console script {name} -> {installed.get(name)}, not {target}")
 for problem in problems:
     print(problem)
 sys.exit(1 if problems else 0)

@@ -129,6 +129,17 @@ def test_help_of_every_command_shows_help_and_defaults(cli_env: dict[str, str]) 
             assert "--mqtt HOST[:PORT]" in result.stdout and "1883" in result.stdout
 
 
+def test_the_installed_program_exits_with_the_commands_status(cli_env: dict[str, str]) -> None:
+    """The console script (``[project.scripts]``), not ``python -m``: its status is main's."""
+    program = Path(sys.executable).with_name("smartmeter")
+    ok = subprocess.run([str(program), "--help"], capture_output=True, text=True, env=cli_env,
+                        timeout=60)
+    assert ok.returncode == 0 and "smartmeter record" in ok.stdout, ok.stderr
+    mistake = subprocess.run([str(program), "record", "--duration", "-1"], capture_output=True,
+                             text=True, env=cli_env, timeout=60)
+    assert mistake.returncode == 2 and "--duration" in mistake.stderr, mistake.stderr
+
+
 # ------------------------------------------------------------------------- user mistakes
 
 
