@@ -17,6 +17,7 @@ their loop threads after the test's fixtures, before the guard looks.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -130,6 +131,21 @@ def ntp_server(services: Services) -> tuple[str, int]:
 def mqtt_broker(services: Services) -> tuple[str, int]:
     """``(host, port)`` of a real mosquitto broker on 127.0.0.1 (anonymous)."""
     return services.address("mqtt")
+
+
+@pytest.fixture
+def mdns_exclusive() -> Iterator[None]:
+    """mDNS on this host to this test alone, among concurrent test processes (pytest-xdist
+    workers).  Every zeroconf socket binds UDP 5353 with SO_REUSEPORT, and the kernel hands
+    a unicast datagram - the answer to a browser's first (QU) query, RFC 6762 §5.4 - to one
+    of them only, whichever process owns it: another worker's responder or browser would
+    take it."""
+    with open(Path(tempfile.gettempdir()) / "smartmeter-tests-mdns.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)

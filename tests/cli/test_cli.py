@@ -79,16 +79,17 @@ def recorded(cli_env: dict[str, str]) -> dict[str, Any]:
 def emulator(ntp_server: tuple[str, int], mqtt_broker: tuple[str, int],
              tmp_path_factory: pytest.TempPathFactory,
              cli_env: dict[str, str]) -> Iterator[dict[str, Any]]:
-    """`smartmeter emulate --count 1 --mdns --mqtt HOST:PORT` in its own process, timed by the
+    """`smartmeter emulate --count 1 --mqtt HOST:PORT` in its own process, timed by the
     project's chrony.  The name is unique: the broker is shared, and MQTT client ids (the
-    meter's name, §8.1) must not clash with another test's meter."""
+    meter's name, §8.1) must not clash with another test's meter.  Not announced by mDNS:
+    the discover test announces its own while it has mDNS to itself (``mdns_exclusive``)."""
     state = tmp_path_factory.mktemp("emulate-state")
     log = state / "stderr.txt"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
             [PYTHON, "-m", "smartmeter_ophyd.cli", "emulate", "--count", "1", "--name-prefix",
              f"cli{os.getpid()}_", "--time-server", ntp_server[0], "--ntp-port",
-             str(ntp_server[1]), "--state-dir", str(state), "--mdns",
+             str(ntp_server[1]), "--state-dir", str(state),
              "--mqtt", f"{mqtt_broker[0]}:{mqtt_broker[1]}"],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env=cli_env)
     assert proc.stdout is not None
@@ -324,14 +325,24 @@ def test_output_into_a_closed_pipe_is_not_an_error(emulator: dict[str, Any],
     assert "Traceback" not in result.stderr
 
 
-def test_discover_finds_the_emulated_meter_on_loopback(emulator: dict[str, Any],
+def test_discover_finds_the_emulated_meter_on_loopback(mdns_exclusive: None,
                                                        cli_env: dict[str, str]) -> None:
-    result = run_cli(cli_env, "discover", "--interface", "127.0.0.1", "--timeout", "2",
-                     "--json")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "smartmeter_ophyd.cli", "emulate", "--count", "1", "--name-prefix",
+         f"mdns{os.getpid()}_", "--time-server", "127.0.0.1", "--ntp-port", "9", "--mdns"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
+    try:
+        assert proc.stdout is not None
+        meter = json.loads(proc.stdout.readline())
+        result = run_cli(cli_env, "discover", "--interface", "127.0.0.1", "--timeout", "2",
+                         "--json")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
     assert result.returncode == 0, result.stderr
-    found = [m for m in json.loads(result.stdout) if m["name"] == emulator["name"]]
+    found = [m for m in json.loads(result.stdout) if m["name"] == meter["name"]]
     assert len(found) == 1
-    assert found[0]["command_port"] == emulator["command_port"]
+    assert found[0]["command_port"] == meter["command_port"]
     assert found[0]["address"] == "127.0.0.1"
 
 

@@ -30,7 +30,7 @@ def unique(tag: str) -> str:
 
 
 @pytest.fixture
-async def announced() -> AsyncIterator[Callable[..., Awaitable[EmulatedMeter]]]:
+async def announced(mdns_exclusive: None) -> AsyncIterator[Callable[..., Awaitable[EmulatedMeter]]]:
     meters: list[EmulatedMeter] = []
 
     async def start(name: str, **overrides: Any) -> EmulatedMeter:
@@ -86,7 +86,7 @@ async def test_rename_and_stop_change_what_is_found(announced) -> None:  # type:
     assert ours(await discover_async(BROWSE_S, interfaces=LOOPBACK), old, new) == {}
 
 
-def test_blocking_discover_and_bad_timeout() -> None:
+def test_blocking_discover_and_bad_timeout(mdns_exclusive: None) -> None:
     """The blocking form runs its own loop; a zero timeout is refused before browsing."""
     assert isinstance(discover(0.2, interfaces=LOOPBACK), list)
     with pytest.raises(ValueError, match="timeout"):
