@@ -110,6 +110,22 @@ def address(meter: dict[str, Any]) -> str:
     return f"{meter['host']}:{meter['command_port']}"
 
 
+@contextlib.contextmanager
+def unsynced_meter(cli_env: dict[str, str], *options: str) -> Iterator[dict[str, Any]]:
+    """`smartmeter emulate --count 1 OPTIONS` in its own process, its time server a port
+    nothing answers on; the meter's JSON line."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "smartmeter_ophyd.cli", "emulate", "--count", "1",
+         "--time-server", "127.0.0.1", "--ntp-port", "9", *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
+    try:
+        assert proc.stdout is not None
+        yield json.loads(proc.stdout.readline())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+
+
 # ------------------------------------------------------------------------------ --help
 
 
@@ -258,18 +274,9 @@ def catalog_reader(env: dict[str, str], directory: Path) -> Iterator[Any]:
 
 
 def test_meter_without_time_server_is_refused_with_advice(cli_env: dict[str, str]) -> None:
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "smartmeter_ophyd.cli", "emulate", "--count", "1",
-         "--time-server", "127.0.0.1", "--ntp-port", "9"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
-    try:
-        assert proc.stdout is not None
-        meter = json.loads(proc.stdout.readline())
+    with unsynced_meter(cli_env) as meter:
         result = run_cli(cli_env, "record", address(meter), "--duration", "1",
                          "--ntp-attempts", "1", "--no-plots")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=20)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "--time-server" in result.stderr and address(meter) in result.stderr
     assert "Traceback" not in result.stderr
@@ -327,18 +334,9 @@ def test_output_into_a_closed_pipe_is_not_an_error(emulator: dict[str, Any],
 
 def test_discover_finds_the_emulated_meter_on_loopback(mdns_exclusive: None,
                                                        cli_env: dict[str, str]) -> None:
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "smartmeter_ophyd.cli", "emulate", "--count", "1", "--name-prefix",
-         f"mdns{os.getpid()}_", "--time-server", "127.0.0.1", "--ntp-port", "9", "--mdns"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env)
-    try:
-        assert proc.stdout is not None
-        meter = json.loads(proc.stdout.readline())
+    with unsynced_meter(cli_env, "--name-prefix", f"mdns{os.getpid()}_", "--mdns") as meter:
         result = run_cli(cli_env, "discover", "--interface", "127.0.0.1", "--timeout", "2",
                          "--json")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=20)
     assert result.returncode == 0, result.stderr
     found = [m for m in json.loads(result.stdout) if m["name"] == meter["name"]]
     assert len(found) == 1
