@@ -7,12 +7,16 @@
 * :func:`loss_report` - zero loss, per meter, from the meters' own stop replies (§4.8) and the
   catalog's shapes: every sample the meter sampled was sent, received, declared nowhere
   missing, and is in the catalog;
-* :class:`Sampler` - this process's threads, RSS and CPU sampled in the background.
+* :class:`Sampler` - this process's threads, RSS and CPU sampled in the background;
+* :class:`CpuTimeline` - CPU of this process's threads and of its child processes by role,
+  sampled in the background, to cut a window from afterwards.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import os
 import resource
 import subprocess
@@ -161,6 +165,115 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _ticks(stat: str) -> float:
+    """utime + stime in seconds, from the text of a /proc stat file."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+ROLES = (("smartmeter_ophyd.storage._alignment_main", "alignment workers"),
+         ("smartmeter_ophyd.storage._writer_main", "catalog writer"),
+         ("smartmeter_ophyd.emulator", "emulators"))
+"""Child processes by their command line; any other child counts as "other children"."""
+
+
+class CpuTimeline:
+    """CPU seconds used so far by this process's threads (by name) and by its child
+    processes (by role, :data:`ROLES`), sampled every ``period`` s on a thread of its own.
+
+    Each sample is stamped when it is read, so a sample taken late (the thread waits for
+    the GIL like any other) is still exact; :meth:`used` interpolates between samples.  The
+    children are looked up once a second (``/proc``, children of children included).
+    """
+
+    def __init__(self, period: float = 0.05) -> None:
+        self.period = period
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._children: dict[int, str] = {}
+        self._last: dict[int, float] = {}
+        self._found = -math.inf
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu timeline", daemon=True)
+
+    def __enter__(self) -> CpuTimeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _find_children(self) -> None:
+        parents: dict[int, int] = {}
+        commands: dict[int, str] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            commands[int(entry)] = command.decode(errors="replace")
+        mine = {os.getpid()}
+        grew = True
+        while grew:
+            found = {pid for pid, parent in parents.items() if parent in mine} - mine
+            grew = bool(found)
+            mine |= found
+        mine.discard(os.getpid())
+        for pid in mine:
+            if pid not in self._children:
+                role = next((r for key, r in ROLES if key in commands[pid]), "other children")
+                self._children[pid] = role
+
+    def _sample(self) -> dict[str, float]:
+        used: dict[str, float] = {}
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                ticks = _ticks(Path(f"/proc/self/task/{tid}/stat").read_text())
+            except OSError:
+                continue
+            key = f"acquisition: {names.get(int(tid), 'other threads')}"
+            used[key] = used.get(key, 0.0) + ticks
+        for pid, role in self._children.items():
+            try:
+                self._last[pid] = _ticks(Path(f"/proc/{pid}/stat").read_text())
+            except OSError:
+                pass  # exited: it counts with its last reading
+            used[role] = used.get(role, 0.0) + self._last.get(pid, 0.0)
+        return used
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.time()
+            if now - self._found >= 1.0:
+                self._find_children()
+                self._found = now
+            self.samples.append((time.time(), self._sample()))
+            self._stop.wait(self.period)
+
+    def _at(self, t: float) -> dict[str, float]:
+        times = [s[0] for s in self.samples]
+        k = bisect.bisect_left(times, t)
+        if k == 0:
+            return dict(self.samples[0][1])
+        if k >= len(times):
+            return dict(self.samples[-1][1])
+        (t0, a), (t1, b) = self.samples[k - 1], self.samples[k]
+        w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+        return {key: a.get(key, 0.0) + w * (b.get(key, 0.0) - a.get(key, 0.0))
+                for key in a.keys() | b.keys()}
+
+    def used(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds each thread or role used between two ``time.time()`` instants (a
+        process that exited counts with its last reading, up to ``period`` short)."""
+        a, b = self._at(start), self._at(end)
+        return {key: max(0.0, b.get(key, 0.0) - a.get(key, 0.0)) for key in a.keys() | b.keys()}
 
 
 @dataclass(frozen=True)

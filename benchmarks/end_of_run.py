@@ -13,7 +13,9 @@ NTP-synced to this host's chrony) -> the plan's final section, the final collect
 ``synchronization`` event, the ``alignment`` stream, ``meter_summary``, ``close_run`` ->
 stop document, stop document -> run closed (the sink's wait).  The wall-time figure
 ``fleet.py`` checks is first sample -> closed <= duration + 1 s; this script prints the
-tail of it.
+tail of it.  Then the CPU used over that tail, by thread of this (acquisition) process and by
+child process (alignment workers, catalog writer, emulators), and the least time that much
+work needs on this host's cores however it is scheduled.
 
 Usage: ``python benchmarks/end_of_run.py --meters 50 --seconds 10 [--profile 30] [--sample 25]``
 """
@@ -24,6 +26,7 @@ import argparse
 import contextlib
 import cProfile
 import logging
+import os
 import pstats
 import shutil
 import sys
@@ -35,7 +38,7 @@ from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
-from _harness import Emulators, destroyed, host_load, loss_report, smartmeters
+from _harness import CpuTimeline, Emulators, destroyed, host_load, loss_report, smartmeters
 from bluesky import RunEngine
 
 import plans
@@ -184,6 +187,19 @@ def parts(marks: Marks, stopped: float, closed: float) -> dict[str, float]:
     return out
 
 
+def print_budget(used: dict[str, float], seconds: float) -> None:
+    """The CPU the tail took, by process and thread, and the least time it needs on this
+    host's cores if all of it ran in parallel."""
+    cores = os.cpu_count() or 1
+    total = sum(used.values())
+    print(f"CPU from the last stop to the run's close ({seconds:.3f} s): {total:.2f} s on "
+          f"{cores} cores ({100 * total / (cores * seconds):.0f} % of them), so at least "
+          f"{total / cores:.2f} s however it is scheduled:")
+    for key, value in sorted(used.items(), key=lambda item: -item[1]):
+        if value >= 0.005:
+            print(f"  {key:48s} {value:6.2f} s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--meters", type=int, default=10)
@@ -224,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 engine.msg_hook = marks.hook
                 sampler = StackSampler()
                 t0 = time.monotonic()
-                with sampler if args.sample else contextlib.nullcontext():
+                with (sampler if args.sample else contextlib.nullcontext(),
+                      CpuTimeline() as cpu):
                     (uid,) = engine(plans.synchronized_fly(meters, args.seconds))
                 returned = time.time()
                 wall = time.monotonic() - t0
@@ -249,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, seconds in measured.items():  # in the order they came
         print(f"  {labels[key]:48s} {seconds:6.3f} s")
     print(f"last meter stopped -> run closed (RunEngine returned): {returned - stopped:.3f} s")
+    print_budget(cpu.used(stopped, returned), returned - stopped)
     if args.sample:
         sampler.report(stopped, returned, args.sample)
         print("timeline from the last meter's stop (per 0.1 s, the most frequent busy frame):")
