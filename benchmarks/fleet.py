@@ -14,7 +14,10 @@ Per N it prints:
   gate and scheduled start included);
 * CPU: this (acquisition) process per meter (% of one core), the writer process, the
   emulators; peak thread count of this process;
-* stop -> run closed (the sink's wait at the stop document).
+* stop -> run closed (the sink's wait at the stop document);
+* the CPU every process used from the last stop to the close (this one's threads, the
+  alignment workers, the writer, the emulators), and the alignment workers' share: on
+  ``cores`` cores the tail lasts at least that CPU / ``cores``.
 
 The search stops at the first N that loses a sample; the largest N that also stayed in real
 time (and every smaller N did) is printed before.  The host's load is printed with the
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from _harness import (
+    CpuTimeline,
     Emulators,
     Sampler,
     cpu_seconds,
@@ -69,7 +73,7 @@ def fly_fleet(
             emu_cpu0 = sum(cpu_seconds(pid) for pid in emulators.pids)
             writer_cpu0 = cpu_seconds(sink.writer_pid)
             cpu0, t0 = cpu_seconds(), time.monotonic()
-            with Sampler() as sampler:
+            with Sampler() as sampler, CpuTimeline(period=0.1) as timeline:
                 (uid,) = engine(plans.synchronized_fly(meters, seconds, flush_period=flush_period))
             t_end, t_end_wall = time.monotonic(), time.time()
             cpu = cpu_seconds() - cpu0
@@ -85,7 +89,10 @@ def fly_fleet(
     started = min(summary.start_ts for summary in summaries)
     stopped = max(summary.stop_ts for summary in summaries)
     recording = t_end_wall - started
+    tail_cpu = timeline.used(stopped, t_end_wall)
     return {
+        "tail_cpu_s": sum(tail_cpu.values()),
+        "tail_alignment_cpu_s": tail_cpu.get("alignment workers", 0.0),
         "sampling_s": stopped - started,
         "tail_s": marks["stop_wall"] - stopped,
         "count": count,
@@ -126,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{r['recording_s']:.2f} s for {args.seconds:g} s of data "
                 f"(real time: {r['real_time']}: sampling {r['sampling_s']:.2f} s, last meter "
                 f"stopped -> stop document {r['tail_s']:.2f} s, stop -> closed "
-                f"{r['close_s']:.2f} s), RE wall {r['wall_s']:.2f} s; "
+                f"{r['close_s']:.2f} s; CPU from the last stop to the close "
+                f"{r['tail_cpu_s']:.2f} s, {r['tail_alignment_cpu_s']:.2f} s of it alignment), "
+                f"RE wall {r['wall_s']:.2f} s; "
                 f"acquisition CPU {r['cpu_s']:.1f} s = {100 * r['cpu_per_meter']:.1f} % of a "
                 f"core per meter; writer {r['writer_cpu_s']:.1f} s, emulators "
                 f"{r['emulator_cpu_s']:.1f} s CPU; peak threads {r['threads']}; {host_load()}",
