@@ -166,6 +166,7 @@ class SamplingSession:
         """From this many received samples on, every arrival is read at once (no read
         batching): a consumer that stops at a sample count sees it when it arrives, not up
         to a batch later (the meter would sample on meanwhile)."""
+        self._arrival_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._summary: SessionSummary | None = None
         self._stop_reply: StopReply | None = None
         self._backlog = 0
@@ -257,6 +258,19 @@ class SamplingSession:
             )
         if self._blocks or pending:
             self._wakeup.set()
+        if self._arrival_waiters:
+            self._wake_arrival_waiters()
+
+    def _wake_arrival_waiters(self, everyone: bool = False) -> None:
+        arrived = self.received_samples + self.missing_declared
+        waiting = []
+        for n, future in self._arrival_waiters:
+            if everyone or n <= arrived:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((n, future))
+        self._arrival_waiters = waiting
 
     def _finish(self, *, ended_by: str, stop: StopReply | None = None,
                 error: BaseException | None = None) -> None:
@@ -281,6 +295,7 @@ class SamplingSession:
         if error is not None:
             logger.warning("%s", error)
         self._wakeup.set()
+        self._wake_arrival_waiters(everyone=True)
         if self._on_end is not None:
             self._on_end(self)
 
@@ -338,6 +353,25 @@ class SamplingSession:
                     raise MeterTimeoutError(
                         self.meter, f"no sample data within {timeout} s"
                     ) from None
+
+    async def wait_for_samples(self, n: int) -> None:
+        """Return once ``n`` samples have arrived or been declared missing (at once if they
+        have), or once the session has ended.
+
+        Counted as the frames are decoded, before any consumer reads them: a consumer that
+        stops the meter at a count learns that the count arrived even while it is still busy
+        with the blocks before it.
+        """
+        if self._ended or self.received_samples + self.missing_declared >= n:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, future)
+        self._arrival_waiters.append(entry)
+        try:
+            await future
+        finally:
+            if entry in self._arrival_waiters:  # cancelled while waiting
+                self._arrival_waiters.remove(entry)
 
     def __aiter__(self) -> AsyncIterator[Block]:
         return self._iterate()

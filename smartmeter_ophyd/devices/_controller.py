@@ -308,6 +308,9 @@ class FlyController:
             self._helpers.append(loop.create_task(self._govern()))
         if self.config.flow_control == "reqSamples":
             self._helpers.append(loop.create_task(self._puller()))
+        target = self.config.target_samples
+        if target is not None:
+            self._helpers.append(loop.create_task(self._stop_on_arrival(session, target)))
         try:
             await self._consume(session)
         except MeterError as exc:
@@ -323,9 +326,16 @@ class FlyController:
                 task.cancel()
             await self._finish(session)
 
+    async def _stop_on_arrival(self, session: SamplingSession, target: int) -> None:
+        """Stop the meter as its target arrives: counted as the frames are decoded, not when
+        the consumer reads them, which waits for the I/O thread between batches (on a busy
+        host, behind the other meters' writes) while the meter samples on."""
+        await session.wait_for_samples(target)
+        if session.received_samples + session.missing_declared >= target:
+            self.request_stop(f"{target} samples reached")
+
     async def _consume(self, session: SamplingSession) -> None:
         loop = asyncio.get_running_loop()
-        target = self.config.target_samples
         while True:
             try:
                 block = await session.next_block(TICK_S)
@@ -337,10 +347,6 @@ class FlyController:
             if block is None:
                 return
             batch = [block, *session.drain_nowait()]
-            # Stopped as the target arrives, not once it is written: a writer behind on a
-            # busy host would otherwise leave the meter sampling past the target meanwhile.
-            if target is not None and session.received_samples + session.missing_declared >= target:
-                self.request_stop(f"{target} samples reached")
             await loop.run_in_executor(None, self._write, batch)
             self._last_data = time.monotonic()
             written = self.writer.samples_appended if self.writer is not None else 0

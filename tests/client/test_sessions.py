@@ -62,6 +62,27 @@ async def test_tcp_session_reconciles(meter):
         assert (await client.get_info()).state == "idle"
 
 
+async def test_wait_for_samples_returns_as_the_count_arrives_not_as_it_is_read(meter):
+    async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
+        session = await client.sample(SampleConfig(rate=4000))
+        # nobody reads the blocks: the count still advances as the frames are decoded
+        await asyncio.wait_for(session.wait_for_samples(2000), 5.0)
+        arrived = session.received_samples
+        assert 2000 <= arrived < 2000 + 0.25 * 4000  # within a read batch of the count
+        assert session.queued_blocks > 0  # none of it consumed
+        await asyncio.wait_for(session.wait_for_samples(1000), 0.01)  # reached: at once
+        waiter = asyncio.ensure_future(session.wait_for_samples(10**9))
+        cancelled = asyncio.ensure_future(session.wait_for_samples(10**9))
+        await asyncio.sleep(0.1)
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        summary = await session.stop()
+        await asyncio.wait_for(waiter, 1.0)  # the session's end releases every waiter
+        await asyncio.wait_for(session.wait_for_samples(10**9), 0.01)
+        assert summary.received_samples >= arrived
+
+
 async def test_udp_session_declares_dropped_datagrams(meter):
     async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
         session = await client.sample(transport="UDP", rate=8000, measures="v,i_L1")

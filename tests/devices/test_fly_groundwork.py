@@ -252,6 +252,35 @@ def test_a_fly_stops_as_its_target_arrives_not_a_read_batch_later(fleet, make_me
     assert 0 <= beyond < 0.1 * RATE, f"sampled {beyond / RATE:.3f} s past the target"
 
 
+def test_a_fly_stops_as_its_target_arrives_while_its_writes_lag(
+    fleet, make_meter, monkeypatch
+) -> None:
+    """The stop goes out as the target's samples arrive, even while the device is still
+    writing what came before: here the I/O thread is held for 1.5 s by the first write (as
+    on a busy host, behind other meters' writes), across the 1-s target."""
+    from smartmeter_ophyd.devices import _controller
+
+    write = _controller.FlyController._write
+    held = threading.Event()
+
+    def lagging_write(self, blocks):
+        if not held.is_set():
+            held.set()
+            time.sleep(1.5)
+        write(self, blocks)
+
+    monkeypatch.setattr(_controller.FlyController, "_write", lagging_write)
+    (meter,) = meters_of(fleet, make_meter, 1)
+    meter.prepare(FlyConfig(rate=RATE, n_samples=RATE)).wait(5)
+    meter.kickoff().wait(10)
+    meter.complete().wait(20)
+    assert held.is_set()
+    assert meter.last_stop_reason == f"{RATE} samples reached"
+    assert_every_sample_from_the_first(meter, fleet, 0)
+    beyond = fleet.truth(0).sent_samples - RATE
+    assert 0 <= beyond < 0.1 * RATE, f"sampled {beyond / RATE:.3f} s past the target"
+
+
 # ------------------------------------------------------------------ runs, aborts, leftovers
 
 
