@@ -261,8 +261,12 @@ class SamplingSession:
         if self._arrival_waiters:
             self._wake_arrival_waiters()
 
+    def _arrived(self) -> int:
+        """Samples received or declared missing so far."""
+        return self.received_samples + self.missing_declared
+
     def _wake_arrival_waiters(self, everyone: bool = False) -> None:
-        arrived = self.received_samples + self.missing_declared
+        arrived = self._arrived()
         waiting = []
         for n, future in self._arrival_waiters:
             if everyone or n <= arrived:
@@ -354,24 +358,24 @@ class SamplingSession:
                         self.meter, f"no sample data within {timeout} s"
                     ) from None
 
-    async def wait_for_samples(self, n: int) -> None:
-        """Return once ``n`` samples have arrived or been declared missing (at once if they
-        have), or once the session has ended.
+    async def wait_for_samples(self, n: int) -> bool:
+        """Wait until ``n`` samples have arrived or been declared missing (at once if they
+        have), or until the session has ended; True if they have.
 
         Counted as the frames are decoded, before any consumer reads them: a consumer that
         stops the meter at a count learns that the count arrived even while it is still busy
         with the blocks before it.
         """
-        if self._ended or self.received_samples + self.missing_declared >= n:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (n, future)
-        self._arrival_waiters.append(entry)
-        try:
-            await future
-        finally:
-            if entry in self._arrival_waiters:  # cancelled while waiting
-                self._arrival_waiters.remove(entry)
+        if not self._ended and self._arrived() < n:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (n, future)
+            self._arrival_waiters.append(entry)
+            try:
+                await future
+            finally:
+                if entry in self._arrival_waiters:  # cancelled while waiting
+                    self._arrival_waiters.remove(entry)
+        return self._arrived() >= n
 
     def __aiter__(self) -> AsyncIterator[Block]:
         return self._iterate()

@@ -330,8 +330,7 @@ class FlyController:
         """Stop the meter as its target arrives: counted as the frames are decoded, not when
         the consumer reads them, which waits for the I/O thread between batches (on a busy
         host, behind the other meters' writes) while the meter samples on."""
-        await session.wait_for_samples(target)
-        if session.received_samples + session.missing_declared >= target:
+        if await session.wait_for_samples(target):
             self.request_stop(f"{target} samples reached")
 
     async def _consume(self, session: SamplingSession) -> None:

@@ -66,11 +66,11 @@ async def test_wait_for_samples_returns_as_the_count_arrives_not_as_it_is_read(m
     async with AsyncMeterClient("127.0.0.1", meter.command_port, timeout=3.0) as client:
         session = await client.sample(SampleConfig(rate=4000))
         # nobody reads the blocks: the count still advances as the frames are decoded
-        await asyncio.wait_for(session.wait_for_samples(2000), 5.0)
+        assert await asyncio.wait_for(session.wait_for_samples(2000), 5.0)
         arrived = session.received_samples
         assert 2000 <= arrived < 2000 + 0.25 * 4000  # within a read batch of the count
         assert session.queued_blocks > 0  # none of it consumed
-        await asyncio.wait_for(session.wait_for_samples(1000), 0.01)  # reached: at once
+        assert await asyncio.wait_for(session.wait_for_samples(1000), 0.01)  # at once
         waiter = asyncio.ensure_future(session.wait_for_samples(10**9))
         cancelled = asyncio.ensure_future(session.wait_for_samples(10**9))
         await asyncio.sleep(0.1)
@@ -78,8 +78,9 @@ async def test_wait_for_samples_returns_as_the_count_arrives_not_as_it_is_read(m
         await asyncio.sleep(0)
         assert not waiter.done()
         summary = await session.stop()
-        await asyncio.wait_for(waiter, 1.0)  # the session's end releases every waiter
-        await asyncio.wait_for(session.wait_for_samples(10**9), 0.01)
+        # the session's end releases every waiter, without the count
+        assert await asyncio.wait_for(waiter, 1.0) is False
+        assert await asyncio.wait_for(session.wait_for_samples(10**9), 0.01) is False
         assert summary.received_samples >= arrived
 
 
