@@ -156,8 +156,10 @@ def _check_increasing(name: str, time: np.ndarray) -> tuple[float, float]:
             continue
         if math.isnan(first):
             first = float(values[0])
-        steps = np.diff(values, prepend=previous)
-        bad = np.flatnonzero(steps <= 0)
+        if values[0] <= previous:
+            bad = np.zeros(1, dtype=np.int64)
+        else:
+            bad = np.flatnonzero(values[1:] <= values[:-1]) + 1
         if bad.size:
             at = lo + int(bad[0] if where is None else where[bad[0]])
             raise AlignmentError(
@@ -650,6 +652,7 @@ def _correlation(result: Alignment, meter: Waveform, ref: Waveform,
         good = np.isfinite(rt) & np.isfinite(rv)
         rt, rv = rt[good], rv[good]
     holes = ref_holes[np.argsort(ref_holes[:, 0])] if ref_holes.size else ref_holes
+    mid = 0.5 * (result.window_start + result.window_end)
     chunk = CHUNK - CHUNK % stride
     for lo in range(0, meter.time.shape[0], chunk):
         t = meter.time[lo:lo + chunk]
@@ -664,8 +667,10 @@ def _correlation(result: Alignment, meter: Waveform, ref: Waveform,
         ts, vs = t[::stride], v[::stride].astype(np.float64)
         piece = np.searchsorted(result.window_start, ts, side="right") - 1
         inside = (piece >= 0) & (ts < result.window_end[np.maximum(piece, 0)])
-        mapped = ts - result.offset_at(ts)
-        inside &= (mapped >= rt[0]) & (mapped <= rt[-1])
+        ts, vs, piece = ts[inside], vs[inside], piece[inside]
+        # Inside its piece the offset is the piece's own line (what offset_at gives there).
+        mapped = ts - (result.offset_s[piece] + result.drift[piece] * (ts - mid[piece]))
+        inside = (mapped >= rt[0]) & (mapped <= rt[-1])
         if holes.size:
             hole = np.searchsorted(holes[:, 0], mapped, side="right") - 1
             inside &= ~((hole >= 0) & (mapped < holes[np.maximum(hole, 0), 1]))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._blocks import finite_chunks, index_runs
+from ._blocks import cell_runs, finite_chunks
 
 __all__ = ["Reference", "period_misfit"]
 
@@ -73,15 +73,11 @@ def period_misfit(time: np.ndarray, voltage: np.ndarray, ref: Reference, *, knot
             rel, v, mapped = rel[inside], v[inside], mapped[inside]
             if rel.size == 0:
                 continue
-        residual = v - gain * np.interp(mapped, rt, ref.voltage[a:b])
-        residual *= residual
-        period = np.floor(rel * inv_period).astype(np.int64)
-        if period[0] < 0 or period[-1] >= n_periods:
-            keep = (period >= 0) & (period < n_periods)
-            period, residual = period[keep], residual[keep]
-        if period.size == 0:
+        inside, runs, periods, lengths = cell_runs(rel * inv_period, n_periods)
+        if periods.size == 0:
             continue
-        runs, periods, lengths = index_runs(period)  # times increase: a period is one run
+        residual = v[inside] - gain * np.interp(mapped[inside], rt, ref.voltage[a:b])
+        residual *= residual
         total[periods] += np.add.reduceat(residual, runs)
         count[periods] += lengths
     with np.errstate(invalid="ignore", divide="ignore"):

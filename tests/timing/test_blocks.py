@@ -7,9 +7,11 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from smartmeter_ophyd.timing import _blocks
-from smartmeter_ophyd.timing._blocks import block_phasors
+from smartmeter_ophyd.timing._blocks import block_phasors, cell_runs, index_runs
 
 ORIGIN = 1_796_000_000.0
 BLOCK_S = 0.1
@@ -56,3 +58,22 @@ def test_block_sums_follow_the_definition(chunk: int) -> None:
     hole = (int((time[2999] - ORIGIN) / BLOCK_S), int((time[3000] - ORIGIN) / BLOCK_S))
     assert not got.valid[hole[0]:hole[1] + 1].any()
     assert got.valid[1:hole[0]].all()
+
+
+@given(
+    st.lists(st.one_of(st.integers(-3, 12).map(float),  # exactly on cell edges
+                       st.floats(-3.0, 12.0, allow_nan=False)), max_size=60),
+    st.integers(1, 10),
+)
+def test_cell_runs_are_the_runs_of_each_samples_cell(values: list[float], n_cells: int) -> None:
+    """Bisection per cell gives what a pass over the samples gives: the samples inside
+    ``0 .. n_cells`` and the runs of ``floor(position)`` among them, empty cells skipped."""
+    position = np.sort(np.array(values, dtype=np.float64))
+    inside, starts, cells, lengths = cell_runs(position, n_cells)
+    cell = np.floor(position)
+    mask = (cell >= 0) & (cell < n_cells)
+    np.testing.assert_array_equal(np.arange(position.size)[inside], np.flatnonzero(mask))
+    want_starts, want_cells, want_lengths = index_runs(cell[mask].astype(np.int64))
+    np.testing.assert_array_equal(starts, want_starts)
+    np.testing.assert_array_equal(cells, want_cells)
+    np.testing.assert_array_equal(lengths, want_lengths)
