@@ -7,7 +7,7 @@ from typing import Final
 
 import numpy as np
 
-__all__ = ["COVERAGE_Z", "student_t_99"]
+__all__ = ["COVERAGE_Z", "row_nanmedian", "student_t_99"]
 
 COVERAGE_Z: Final = 2.5758293035489
 """Two-sided 99 % quantile of the standard normal distribution."""
@@ -34,3 +34,16 @@ def student_t_99(dof: np.ndarray) -> np.ndarray:
     index = np.clip(nu, 1, 30).astype(np.int64) - 1
     out = np.where(nu > 30, series, _T_TABLE[index])
     return np.where(nu >= 1, out, math.inf)
+
+
+def row_nanmedian(values: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(values, axis=1)`` of a 2-D array, NaN for a row without finite values,
+    without the warning.  The same numbers, by sorting each row once (NaN sorts last):
+    NumPy's ``nanmedian`` goes through masked arrays for small arrays, ~7x slower."""
+    ordered = np.sort(values, axis=1)
+    finite = np.count_nonzero(np.isfinite(values), axis=1)
+    out = np.full(values.shape[0], np.nan)
+    rows = np.flatnonzero(finite)
+    n = finite[rows]
+    out[rows] = (ordered[rows, (n - 1) // 2] + ordered[rows, n // 2]) / 2
+    return out

@@ -64,6 +64,7 @@ from typing import Final
 import numpy as np
 
 from ._misfit import Reference
+from ._stats import row_nanmedian
 
 __all__ = ["STEP_SIGMAS", "Axis", "Change", "Changes", "OffsetSeries", "Samples",
            "find_changes"]
@@ -257,9 +258,9 @@ def _block_candidates(runs: OffsetSeries, threshold_floor: float) -> tuple[
     diff[runs.run[1:] != runs.run[:-1]] = np.nan
     padded = np.pad(diff, _MEDIAN_SPAN, constant_values=np.nan)
     view = np.lib.stride_tricks.sliding_window_view(padded, 2 * _MEDIAN_SPAN + 1)
+    baseline = row_nanmedian(view)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices at run edges
-        baseline = np.nanmedian(view, axis=1)
         slopes = np.nanmean(np.stack([np.append(baseline, np.nan),
                                       np.insert(baseline, 0, np.nan)]), axis=0)
     excess = diff - baseline
@@ -292,9 +293,7 @@ def _flag_periods(misfit: np.ndarray, floor: float) -> np.ndarray:
     groups = -(-n // _GROUP_PERIODS)
     padded = np.full(groups * _GROUP_PERIODS, np.nan)
     padded[:n] = misfit
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # groups without a judged period
-        median = np.nanmedian(padded.reshape(groups, _GROUP_PERIODS), axis=1)
+    median = row_nanmedian(padded.reshape(groups, _GROUP_PERIODS))
     centres = (np.arange(groups) + 0.5) * _GROUP_PERIODS
     known = np.isfinite(median)
     if not known.any():
