@@ -6,9 +6,10 @@ be measured afterwards to microseconds.  At the end of a multi-meter fly,
 :class:`AlignmentStream` aligns every meter's recorded L1 voltage and modelled time axis
 against a reference (:func:`smartmeter_ophyd.storage.align_recordings`) and is collected as
 the ``alignment`` stream: one event per window piece and per break (gap or sample step), in
-a long format (``meter``, ``reference``, ``kind`` = ``piece``/``break``, ...), so a reader can
-rebuild the result with :func:`smartmeter_ophyd.timing.alignment_from_table` and apply it
-with :func:`smartmeter_ophyd.timing.apply_alignment`.
+a long format (``meter``, ``reference``, ``kind`` = ``piece``/``break``, ...), one event page
+per meter in the order the results come, so a reader can rebuild the result with
+:func:`smartmeter_ophyd.timing.alignment_from_table` and apply it with
+:func:`smartmeter_ophyd.timing.apply_alignment`.
 
 Limits: it assumes the meters' ``v_l1`` channels measure the same phase (the plans say so
 in their docs); a meter without ``v_l1`` (``v,i_L2``, latched modes) or without samples is
@@ -20,8 +21,10 @@ meter-hour.
 most one per core) while the meters sample, and hands each its share of the files, a file
 as soon as that meter's fly is complete: the alignment runs on the host's other cores while
 the other files close and the RunEngine writes the run's other end-of-run records.
-:meth:`AlignmentStream.start` asks for the result and ``collect`` waits for it.  Without
-``start``, or if a worker fails, it runs in this process when the stream is collected.
+:meth:`AlignmentStream.start` asks for the result and ``collect`` takes it meter by meter as
+the workers send it, so the RunEngine composes one meter's page (bluesky validates it, ~0.2 ms
+per row) while the workers align the next.  Without ``start``, or for the meters a failed
+worker did not give, it runs in this process when the stream is collected.
 :meth:`AlignmentStream.close` ends the workers (at once if still busy).
 """
 
@@ -31,6 +34,8 @@ import functools
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -185,47 +190,124 @@ class AlignmentStream:
     def compute(self) -> dict[str, Alignment]:
         """Align every meter against the reference: the workers' answer if ``start`` was
         called, else (or if a worker failed) computed here."""
-        found: RecordedAlignment | None = None
-        if self._submitted and self._workers:
-            try:
-                found = RecordedAlignment.merged(
-                    self.reference, [worker.result() for worker in self._workers])
-            except AlignmentWorkerError as exc:
-                self._fail(exc)
-        if found is None:
-            found = align_recordings(self.reference, self._files())
-        for level, note in found.notes:
-            logger.log(level, "%s", note)
-        self.results = found.results
-        return found.results
+        for results in self._arrivals():
+            self.results.update(results)
+        return self.results
 
     def collect_pages(self) -> Iterator[dict[str, Any]]:
+        """An event page of what has come each time results come: the RunEngine composes
+        (and validates) those rows while the workers align the next meters."""
         if self._collected:
             return
         self._collected = True
-        self.compute()
-        rows: list[dict[str, Any]] = []
-        for name, result in self.results.items():
-            for k in range(len(result)):
-                rows.append({
-                    "meter": name, "reference": result.reference, "kind": "piece",
-                    "window_start": float(result.window_start[k]),
-                    "window_end": float(result.window_end[k]),
-                    "offset_s": float(result.offset_s[k]), "drift": float(result.drift[k]),
-                    "uncertainty_s": float(result.uncertainty_s[k]),
-                    "correlation": float(result.correlation[k]),
-                    "n_samples": int(result.n_samples[k]), "step_s": math.nan,
-                })
-            for (lo, hi), step in zip(result.breaks, result.break_step_s, strict=True):
-                rows.append({
-                    "meter": name, "reference": result.reference, "kind": "break",
-                    "window_start": float(lo), "window_end": float(hi), "offset_s": math.nan,
-                    "drift": math.nan, "uncertainty_s": math.nan, "correlation": math.nan,
-                    "n_samples": 0, "step_s": float(step),
-                })
-        if not rows:
-            return
-        now = time.time()
-        data = {f"alignment_{f}": [row[f] for row in rows] for f in FIELDS}
-        yield {"data": data, "timestamps": {k: [now] * len(rows) for k in data},
-               "time": [now] * len(rows)}
+        for results in self._arrivals():
+            self.results.update(results)
+            page = _page(results)
+            if page is not None:
+                yield page
+
+    def _arrivals(self) -> Iterator[dict[str, Alignment]]:
+        """The aligned meters' results as they come, everything that has come at once (the
+        workers', if ``start`` was called; what a failed worker did not give is computed
+        here); then the notes, logged once."""
+        parts: list[RecordedAlignment] = []
+        given: set[str] = set()
+        asked = self._submitted and bool(self._workers)
+        if asked:
+            try:
+                for batch in _parts_as_they_come(self._workers):
+                    parts.extend(batch)
+                    results = {name: result for part in batch
+                               for name, result in part.results.items()}
+                    given.update(results)
+                    if results:
+                        yield results
+            except AlignmentWorkerError as exc:
+                self._fail(exc)
+        if not asked or self._failed:
+            files = self._files()
+            rest = {name: path for name, path in files.items() if name not in given}
+            found = align_recordings(self.reference, rest)
+            parts.append(found)
+            if found.results:
+                yield found.results
+        for level, note in RecordedAlignment.merged(self.reference, parts).notes:
+            logger.log(level, "%s", note)
+
+
+def _page(results: Mapping[str, Alignment]) -> dict[str, Any] | None:
+    """``results`` as one event page of the stream's long table (None without rows)."""
+    rows: list[dict[str, Any]] = []
+    for name, result in results.items():
+        for k in range(len(result)):
+            rows.append({
+                "meter": name, "reference": result.reference, "kind": "piece",
+                "window_start": float(result.window_start[k]),
+                "window_end": float(result.window_end[k]),
+                "offset_s": float(result.offset_s[k]), "drift": float(result.drift[k]),
+                "uncertainty_s": float(result.uncertainty_s[k]),
+                "correlation": float(result.correlation[k]),
+                "n_samples": int(result.n_samples[k]), "step_s": math.nan,
+            })
+        for (lo, hi), step in zip(result.breaks, result.break_step_s, strict=True):
+            rows.append({
+                "meter": name, "reference": result.reference, "kind": "break",
+                "window_start": float(lo), "window_end": float(hi), "offset_s": math.nan,
+                "drift": math.nan, "uncertainty_s": math.nan, "correlation": math.nan,
+                "n_samples": 0, "step_s": float(step),
+            })
+    if not rows:
+        return None
+    now = time.time()
+    data = {f"alignment_{f}": [row[f] for row in rows] for f in FIELDS}
+    return {"data": data, "timestamps": {k: [now] * len(rows) for k in data},
+            "time": [now] * len(rows)}
+
+
+_DONE: Final = object()
+
+
+def _parts_as_they_come(workers: Sequence[AlignmentWorker]) -> Iterator[
+        list[RecordedAlignment]]:
+    """Every worker's parts as they come, whichever worker sends them: each time, all that
+    has come (at least one part).
+
+    A thread per worker reads its parts as they come (each worker writes them into a pipe of
+    ~64 kB and would wait for a reader that is busy with the other worker's); they end with
+    their worker's answer.  Raises the first worker's failure once every reader has ended.
+    """
+    arrivals: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def read(worker: AlignmentWorker) -> None:
+        try:
+            for part in worker.parts():
+                arrivals.put(part)
+        except AlignmentWorkerError as exc:
+            arrivals.put(exc)
+        finally:
+            arrivals.put(_DONE)
+
+    for k, worker in enumerate(workers):
+        threading.Thread(target=read, args=(worker,), name=f"alignment-results-{k}",
+                         daemon=True).start()
+    failure: AlignmentWorkerError | None = None
+    reading = len(workers)
+    while reading:
+        batch: list[RecordedAlignment] = []
+        item = arrivals.get()
+        while True:
+            if item is _DONE:
+                reading -= 1
+            elif isinstance(item, AlignmentWorkerError):
+                failure = failure or item
+            else:
+                assert isinstance(item, RecordedAlignment)
+                batch.append(item)
+            try:
+                item = arrivals.get_nowait()
+            except queue.Empty:
+                break
+        if batch:
+            yield batch
+    if failure is not None:
+        raise failure

@@ -9,7 +9,8 @@ at 8 kHz is ~350 MB of times and voltages), never every meter's.
 
 :class:`AlignmentSession` does the same one file at a time, as the files become complete.
 :class:`AlignmentWorker` runs sessions in a process of its own (``python -m
-smartmeter_ophyd.storage._alignment_main``, messages and results pickled over its pipes).  At
+smartmeter_ophyd.storage._alignment_main``, messages and results pickled over its pipes; once
+asked, it sends each meter's result as soon as it has it).  At
 the end of a multi-meter fly the acquisition process closes every meter's file and writes the
 run's last documents; the alignment (numpy and h5py, ~10 ms per meter and 10 s of 8 kHz data in
 a worker, ~18 ms in a process with the writer's mmap threshold) would compete with them for the
@@ -32,7 +33,7 @@ import pickle
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
@@ -130,6 +131,8 @@ class AlignmentSession:
         self._results: dict[str, Alignment] = {}
         self._notes: list[tuple[int, str]] = []
         self._with_voltage: set[str] = set()
+        self._told = (0, 0)
+        """How many results and notes ``finish`` has announced."""
 
     def add(self, name: str, path: str) -> None:
         """``name``'s recording at ``path`` is complete (a second ``add`` of it is ignored)."""
@@ -146,22 +149,44 @@ class AlignmentSession:
         else:
             self._align(name)
 
-    def finish(self, files: Mapping[str, str]) -> RecordedAlignment:
+    def finish(self, files: Mapping[str, str],
+               announce: Callable[[RecordedAlignment], None] | None = None) -> RecordedAlignment:
         """Add what ``files`` holds that was not added (the reference first), align what
-        lay outside the reference's span, and return everything found."""
+        lay outside the reference's span, and return everything found.
+
+        ``announce`` is handed, as the work goes, what was found and not yet announced
+        (first what ``add`` found before): each result and note once, all of them by the
+        time this returns.
+        """
+
+        def tell() -> None:
+            if announce is not None and (part := self._news()) is not None:
+                announce(part)
+
+        tell()
         if self.reference in files:
             self.add(self.reference, files[self.reference])
+            tell()
         for name, path in files.items():
             self.add(name, path)
+            tell()
         for name in self._waiting:  # the reference never came
             self._note(logging.WARNING, f"alignment: {name} left out: the reference "
                                         f"{self.reference!r} has no recording")
         self._waiting = []
         if self._outside and self._aligner is not None:
-            self._align_outside()
+            self._align_outside(tell)
         if not self._results and len(self._with_voltage) < 2:
             self._note(logging.INFO, NOTHING_TO_ALIGN)
+        tell()
         return RecordedAlignment(self.reference, dict(self._results), tuple(self._notes))
+
+    def _news(self) -> RecordedAlignment | None:
+        """What was found since the previous call (None if nothing)."""
+        results = {name: self._results[name] for name in list(self._results)[self._told[0]:]}
+        notes = tuple(self._notes[self._told[1]:])
+        self._told = (len(self._results), len(self._notes))
+        return RecordedAlignment(self.reference, results, notes) if results or notes else None
 
     def _note(self, level: int, message: str) -> None:
         self._notes.append((level, message))
@@ -200,7 +225,7 @@ class AlignmentSession:
         except (AlignmentError, OSError) as exc:
             self._note(logging.WARNING, f"alignment: {name} left out: {exc}")
 
-    def _align_outside(self) -> None:
+    def _align_outside(self, tell: Callable[[], None]) -> None:
         assert self._aligner is not None
         reference = self._aligner.reference
         spans = [reference.span, *self._outside.values()]
@@ -217,6 +242,7 @@ class AlignmentSession:
                     self._results[name] = aligner(wave)
             except (AlignmentError, OSError) as exc:
                 self._note(logging.WARNING, f"alignment: {name} left out: {exc}")
+            tell()
         self._outside.clear()
 
 
@@ -226,15 +252,19 @@ class AlignmentWorker:
 
     ``start`` launches it (idempotent; its imports take a few tenths of a second, so start it
     well before it is needed).  ``begin`` opens a session (dropping an unfinished one),
-    ``add`` hands it a complete file (from any thread), ``finish`` asks for the result and
-    ``result`` waits for it; ``submit`` is ``begin`` + ``finish``.  ``close`` ends the process
-    (killing it if it is still computing).
+    ``add`` hands it a complete file (from any thread), ``finish`` asks for the result;
+    ``parts`` then yields it piece by piece as the worker computes it (a meter's result as
+    soon as it is aligned) and ``result`` waits for all of it; ``submit`` is ``begin`` +
+    ``finish``.  Once asked, the worker writes each part as it comes: read them without
+    pausing long (its pipe holds ~64 kB, about one meter-hour's part), or it waits for the
+    reader.  ``close`` ends the process (killing it if it is still computing).
     """
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._pending = False
+        self._reference = ""
 
     @property
     def running(self) -> bool:
@@ -262,6 +292,7 @@ class AlignmentWorker:
         """A new session against ``reference`` (``start`` first if not started)."""
         self.start()
         self._send(("begin", reference))
+        self._reference = reference
 
     def add(self, name: str, path: str) -> None:
         """``name``'s file at ``path`` is complete: aligned as soon as the reference is."""
@@ -279,21 +310,34 @@ class AlignmentWorker:
         self.begin(reference)
         self.finish(files)
 
-    def result(self) -> RecordedAlignment:
-        """The finished session's answer (blocks until it comes)."""
+    def parts(self) -> Iterator[RecordedAlignment]:
+        """The finished session's answer in parts, each as the worker finds it (blocks
+        between them); ``RecordedAlignment.merged`` of all of them is the whole answer."""
         if not self._pending:
             raise AlignmentWorkerError("no alignment request is pending")
         process = self._process
         assert process is not None and process.stdout is not None
-        self._pending = False
         try:
-            ok, payload = pickle.load(process.stdout)
-        except (EOFError, OSError, pickle.UnpicklingError) as exc:
-            raise AlignmentWorkerError(f"the alignment worker is gone: {self._exit()}") from exc
-        if not ok:
-            raise AlignmentWorkerError(f"the alignment worker failed: {payload}")
-        assert isinstance(payload, RecordedAlignment)
-        return payload
+            while True:
+                try:
+                    kind, payload = pickle.load(process.stdout)
+                except (EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+                    raise AlignmentWorkerError(
+                        f"the alignment worker is gone: {self._exit()}") from exc
+                if kind == "done":
+                    return
+                if kind != "part":
+                    raise AlignmentWorkerError(f"the alignment worker failed: {payload}")
+                assert isinstance(payload, RecordedAlignment)
+                yield payload
+        finally:
+            self._pending = False
+
+    def result(self) -> RecordedAlignment:
+        """The finished session's whole answer (blocks until it comes)."""
+        if not self._pending:
+            raise AlignmentWorkerError("no alignment request is pending")
+        return RecordedAlignment.merged(self._reference, list(self.parts()))
 
     def close(self, timeout: float = 5.0) -> None:
         """End the process: at once if it is computing, else after its input closes."""
@@ -365,8 +409,14 @@ def _child_environment() -> dict[str, str]:
 
 def serve(requests: IO[bytes], answers: IO[bytes]) -> int:
     """The worker's loop: ``("begin", reference)``, ``("add", name, path)`` and
-    ``("finish", files)`` in; one pickled ``(ok, RecordedAlignment or error)`` out per
-    ``finish``; until its input closes."""
+    ``("finish", files)`` in; per ``finish``, pickled ``("part", RecordedAlignment)`` out as
+    the session finds them, then ``("done", None)``, or ``("failed", error)`` instead of the
+    rest; until its input closes."""
+
+    def send(kind: str, payload: Any) -> None:
+        pickle.dump((kind, payload), answers, protocol=pickle.HIGHEST_PROTOCOL)
+        answers.flush()
+
     session: AlignmentSession | None = None
     failure: str | None = None
     while True:
@@ -380,19 +430,14 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> int:
             elif session is not None and failure is None and kind == "add":
                 session.add(*arguments)
             elif kind == "finish":
-                answer: tuple[bool, Any]
-                if session is None:
-                    answer = (False, "finish before begin")
-                elif failure is not None:
-                    answer = (False, failure)
+                finishing, session = session, None
+                if finishing is None or failure is not None:
+                    send("failed", failure or "finish before begin")
                 else:
-                    answer = (True, session.finish(*arguments))
-                session = None
-                pickle.dump(answer, answers, protocol=pickle.HIGHEST_PROTOCOL)
-                answers.flush()
+                    (files,) = arguments
+                    finishing.finish(files, announce=lambda part: send("part", part))
+                    send("done", None)
         except Exception as exc:  # reported at finish, to the caller who names the run
             failure = f"{type(exc).__name__}: {exc}"
             if kind == "finish":
-                session = None
-                pickle.dump((False, failure), answers, protocol=pickle.HIGHEST_PROTOCOL)
-                answers.flush()
+                send("failed", failure)

@@ -107,6 +107,31 @@ def test_files_handed_over_as_they_close_give_what_aligning_all_at_once_gives(
     assert_same(session.finish(files).results["early"], expected["early"])
 
 
+def test_parts_come_as_the_worker_finds_them_each_result_once(
+    recordings: tuple[dict[str, SimMeter], dict[str, str]], tmp_path: Path,
+) -> None:
+    """What was aligned before ``finish`` comes first; the rest follows meter by meter;
+    merged, the parts are the whole answer, each result and note once."""
+    meters, files = recordings
+    files = {**files, "current": record(tmp_path / "current.h5", meters["late"],
+                                        with_voltage=False)}
+    with AlignmentWorker() as worker:
+        worker.begin("ref")
+        worker.add("ref", files["ref"])
+        worker.add("early", files["early"])
+        worker.finish(files)
+        parts = list(worker.parts())
+    assert list(parts[0].results) == ["early"]
+    assert [name for part in parts for name in part.results] == ["early", "late"]
+    notes = [note for part in parts for note in part.notes]
+    assert notes == [(logging.INFO, "alignment: current has no v_l1 samples; left out")]
+    whole = align_recordings("ref", files)
+    merged = RecordedAlignment.merged("ref", parts)
+    assert merged.notes == whole.notes
+    for name in ("early", "late"):
+        assert_same(merged.results[name], whole.results[name])
+
+
 def test_shares_of_the_meters_merge_into_one_answer(
     recordings: tuple[dict[str, SimMeter], dict[str, str]], tmp_path: Path,
 ) -> None:
