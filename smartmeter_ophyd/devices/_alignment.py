@@ -6,16 +6,15 @@ be measured afterwards to microseconds.  At the end of a multi-meter fly,
 :class:`AlignmentStream` aligns every meter's recorded L1 voltage and modelled time axis
 against a reference (:func:`smartmeter_ophyd.storage.align_recordings`) and is collected as
 the ``alignment`` stream: one event per window piece and per break (gap or sample step), in
-a long format (``meter``, ``reference``, ``kind`` = ``piece``/``break``, ...), one event page
-per meter in the order the results come, so a reader can rebuild the result with
+a long format (``meter``, ``reference``, ``kind`` = ``piece``/``break``, ...), in event pages
+as the results come (rows of one meter together), so a reader can rebuild the result with
 :func:`smartmeter_ophyd.timing.alignment_from_table` and apply it with
 :func:`smartmeter_ophyd.timing.apply_alignment`.
 
 Limits: it assumes the meters' ``v_l1`` channels measure the same phase (the plans say so
 in their docs); a meter without ``v_l1`` (``v,i_L2``, latched modes) or without samples is
-left out with a note in the log.  The computation costs about 10 ms per meter and 10 s of
-8 kHz data in a worker (reading included; ~18 ms in this process), a few seconds per
-meter-hour.
+left out with a note in the log.  The computation costs about 8 ms per meter and 10 s of
+8 kHz data in a worker (reading included; more in this process), ~4 s per meter-hour.
 :meth:`AlignmentStream.follow` launches worker processes
 (:class:`smartmeter_ophyd.storage.AlignmentWorker`, one per ``METERS_PER_WORKER`` meters, at
 most one per core) while the meters sample, and hands each its share of the files, a file

@@ -12,8 +12,8 @@ at 8 kHz is ~350 MB of times and voltages), never every meter's.
 smartmeter_ophyd.storage._alignment_main``, messages and results pickled over its pipes; once
 asked, it sends each meter's result as soon as it has it).  At
 the end of a multi-meter fly the acquisition process closes every meter's file and writes the
-run's last documents; the alignment (numpy and h5py, ~10 ms per meter and 10 s of 8 kHz data in
-a worker, ~18 ms in a process with the writer's mmap threshold) would compete with them for the
+run's last documents; the alignment (numpy and h5py, ~8 ms per meter and 10 s of 8 kHz data in
+a worker, ~4 s per meter-hour; more in a process with the writer's mmap threshold) would compete with them for the
 GIL.  In its own process it uses the host's other core, it follows the files as they close,
 and its imports are paid when it starts (before the meters sample), not when the run ends.
 
