@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from types import SimpleNamespace
 
@@ -100,3 +101,26 @@ def test_a_worker_dead_before_its_answer_costs_nothing(
     for name in ("a", "b"):
         result = alignment_from_table(table_of(pages), name)
         np.testing.assert_array_equal(result.offset_s, whole.results[name].offset_s)
+
+
+def test_abandoning_the_collection_ends_the_workers_and_their_readers(
+        files: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an abort does: the RunEngine drops the collection after a page, the plan closes
+    the stream; a worker still busy (held here) is killed and no reader is left behind."""
+    stream = stream_of(files, monkeypatch)
+    stream.open()
+    workers = list(stream._workers)
+    held = workers[1].pid
+    assert held is not None
+    os.kill(held, signal.SIGSTOP)
+    stream.start()
+    pages = stream.collect_pages()
+    next(pages)
+    pages.close()
+    stream.close()
+    deadline = time.monotonic() + 5.0
+    while (any(t.name.startswith("alignment-results") for t in threading.enumerate())
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("alignment-results")]
+    assert not any(worker.running for worker in workers)
