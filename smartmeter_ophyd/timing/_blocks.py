@@ -36,7 +36,7 @@ from typing import Final
 import numpy as np
 
 __all__ = ["CHUNK", "BlockPhasors", "block_phasors", "cell_runs", "finite_chunks",
-           "index_runs", "median_spacing"]
+           "median_spacing"]
 
 CHUNK: Final = 1 << 20
 """Samples processed per pass (bounds temporary memory)."""
@@ -72,22 +72,17 @@ def median_spacing(time: np.ndarray) -> float:
     return float(np.median(diffs)) if diffs.size else math.nan
 
 
-def index_runs(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first position, value, length) of each run of a non-decreasing ``index``: samples on
-    increasing times fill each block or period in one run, summed with ``np.add.reduceat``
-    over the first positions, several times faster than a ``bincount`` scatter per sample."""
-    starts = np.flatnonzero(np.diff(index, prepend=-1))
-    return starts, index[starts], np.diff(starts, append=index.size)
-
-
 def cell_runs(position: np.ndarray, n_cells: int) -> tuple[slice, np.ndarray, np.ndarray,
                                                              np.ndarray]:
-    """:func:`index_runs` of ``floor(position)`` over the cells ``0 .. n_cells - 1``, for a
-    non-decreasing finite ``position`` (a sample's time in cells from the origin).
+    """The runs of samples sharing a cell ``floor(position)`` in ``0 .. n_cells - 1``, for a
+    non-decreasing finite ``position`` (a sample's time in cells from the origin): samples on
+    increasing times fill each block or period in one run, summed with ``np.add.reduceat``
+    over the runs' first positions.
 
     Returns the slice of ``position`` inside the cells and, relative to that slice, each
-    run's first position, cell and length.  The runs' bounds are found by bisection, one per
-    cell (``floor(p) >= c`` is ``p >= c`` for a whole ``c``), not by a pass over the samples.
+    run's first position, cell and length (empty cells have no run).  The runs' bounds are
+    found by bisection, one per cell (``floor(p) >= c`` is ``p >= c`` for a whole ``c``), not
+    by a pass over the samples.
     """
     lo = int(np.searchsorted(position, 0.0, side="left"))
     hi = int(np.searchsorted(position, float(n_cells), side="left"))
@@ -158,8 +153,7 @@ def block_phasors(
         inside, runs, blocks, lengths = cell_runs(position, n_blocks)  # times increase
         if blocks.size == 0:
             continue
-        if inside.start > 0 or inside.stop < t.size:
-            rel, position, v = rel[inside], position[inside], v[inside]
+        rel, position, v = rel[inside], position[inside], v[inside]
         frac = position - np.floor(position)
         # The taper and the phase are reduced in float64, then their sines taken in float32
         # (NumPy's SIMD paths, ~20x faster): an error of ~1e-7 rad, where one microsecond

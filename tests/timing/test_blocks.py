@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smartmeter_ophyd.timing import _blocks
-from smartmeter_ophyd.timing._blocks import block_phasors, cell_runs, index_runs
+from smartmeter_ophyd.timing._blocks import block_phasors, cell_runs
 
 ORIGIN = 1_796_000_000.0
 BLOCK_S = 0.1
@@ -73,7 +73,10 @@ def test_cell_runs_are_the_runs_of_each_samples_cell(values: list[float], n_cell
     cell = np.floor(position)
     mask = (cell >= 0) & (cell < n_cells)
     np.testing.assert_array_equal(np.arange(position.size)[inside], np.flatnonzero(mask))
-    want_starts, want_cells, want_lengths = index_runs(cell[mask].astype(np.int64))
+    index = cell[mask].astype(np.int64)  # each sample's cell, in one pass
+    want_starts = np.flatnonzero(np.diff(index, prepend=-1))
+    want_cells = index[want_starts]
+    want_lengths = np.diff(want_starts, append=index.size)
     np.testing.assert_array_equal(starts, want_starts)
     np.testing.assert_array_equal(cells, want_cells)
     np.testing.assert_array_equal(lengths, want_lengths)
