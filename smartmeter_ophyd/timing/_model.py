@@ -589,6 +589,16 @@ def model_times(records: SessionRecords, *,
     fit_rate = len(syncs) >= _MIN_SYNCS_FOR_RATE
     rows_needed = max(total_rows, int(totals.max(initial=0)) + 10)
 
+    structures: dict[tuple[int, bytes], _Structure] = {}
+
+    def build(sync_rows: np.ndarray, head_adjust: int) -> _Structure:
+        """``_build`` once per distinct input: the passes below often repeat one."""
+        key = (head_adjust, sync_rows.tobytes())
+        if key not in structures:
+            structures[key] = _build(rec, lat, anchor_seed, rows_needed, sync_rows,
+                                     restart_of, rtc_first_edge_s, head_adjust)
+        return structures[key]
+
     def rows_reached(head_adjust: int) -> np.ndarray:
         """A record counts samples, not rows: the row it reached adds the fillers stored
         before it.  Those of short seconds the model knows (first second, restarts); the
@@ -596,8 +606,7 @@ def model_times(records: SessionRecords, *,
         reply."""
         sync_rows = totals.copy()
         for _ in range(2):
-            draft = _build(rec, lat, anchor_seed, rows_needed, sync_rows, restart_of,
-                           rtc_first_edge_s, head_adjust)
+            draft = build(sync_rows, head_adjust)
             closed = np.searchsorted(draft.bounds[1:], to, side="right")  # intervals ended
             modelled = np.concatenate(([0], np.cumsum(draft.fillers)))[closed]
             spare = 0
@@ -613,8 +622,7 @@ def model_times(records: SessionRecords, *,
 
     def solve(head_adjust: int) -> tuple[float, np.ndarray, float, _Structure, np.ndarray]:
         sync_rows = rows_reached(head_adjust)
-        st = _build(rec, lat, anchor_seed, rows_needed, sync_rows, restart_of,
-                    rtc_first_edge_s, head_adjust)
+        st = build(sync_rows, head_adjust)
         anchors, rtc_rate = anchor_seed, 0.0
         if len(syncs):
             anchors, rtc_rate = _fit(st, lat, to, sync_rows, sigma, anchor_seed,
@@ -625,7 +633,9 @@ def model_times(records: SessionRecords, *,
 
     # The first second's count can tie at its edge (a lattice instant on the RTC edge):
     # one row more or less moves every later row; the records decide when they can.
-    trials = {adjust: solve(adjust) for adjust in (0, -1, 1)}
+    # Without records every trial scores the priors alone (zero), so the nominal count
+    # stands and the others need not be built.
+    trials = {adjust: solve(adjust) for adjust in ((0, -1, 1) if len(syncs) else (0,))}
     logger.debug("%s: first-second row trials, chi-square %s", rec.meter,
                  {a: round(t[0], 2) for a, t in trials.items()})
     best = min(trials, key=lambda a: trials[a][0] + _OFF_NOMINAL_CHI2 * abs(a))

@@ -136,6 +136,23 @@ def test_without_records_the_rate_is_nominal_and_said_so() -> None:
     assert np.max(np.abs(err)) <= model.placement_s + 1e-3
 
 
+def test_each_interval_structure_is_built_once() -> None:
+    """The structure depends on the first second's trial and the rows the records reached;
+    the fixed-point passes and the trials repeat those inputs, and without records the
+    trials cannot differ (the priors alone score zero): one build per distinct input."""
+    quiet = Firmware(rate=8000, duration_s=10).run().records()
+    with mock.patch.object(_model, "_build", wraps=_model._build) as build:
+        model_times(quiet)
+    assert build.call_count == 1
+    synced = Firmware(rate=8000, duration_s=100,
+                      syncs=syncs(30.0, 3, blocking=False, seed=6)).run().records()
+    with mock.patch.object(_model, "_build", wraps=_model._build) as build:
+        model_times(synced)
+    inputs = {(c.args[7] if len(c.args) > 7 else c.kwargs.get("head_adjust", 0),
+               c.args[4].tobytes()) for c in build.call_args_list}
+    assert build.call_count == len(inputs) < 9
+
+
 def test_without_rtc_times_are_nominal_and_said_so() -> None:
     records = SessionRecords(meter="x", rate=8000, start_ts=T0, received=8000, rtc=False)
     model = model_times(records)
