@@ -469,6 +469,17 @@ class FlyState:
 
 def fly(setup: FlySetup) -> Generator[Msg, Any, str]:
     """Run a validated :class:`FlySetup` (see the module docstring for the sequence)."""
+    reference = _alignment_reference(setup)
+    if reference is not None:
+        # every other meter's alignment waits for the reference's file: finish it first
+        first = {reference: True}
+        setup = replace(
+            setup,
+            configs={n: replace(c, finish_first=first.get(n, c.finish_first))
+                     for n, c in setup.configs.items()},
+            armed={n: replace(c, finish_first=first.get(n, c.finish_first))
+                   for n, c in setup.armed.items()},
+        )
     state = FlyState()
     body = _before_run(setup, state)
     return (yield from bpp.stage_wrapper(body, setup.meters))
@@ -545,6 +556,11 @@ def _start_document(setup: FlySetup, state: FlyState) -> dict[str, Any]:
     return md
 
 
+def _alignment_reference(setup: FlySetup) -> str | None:
+    """The meter the ``alignment`` stream aligns the others against (None: no stream)."""
+    return setup.meters[0].name if setup.alignment and len(setup.meters) > 1 else None
+
+
 def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[Msg, Any, None]:
     meters = setup.meters
     for meter in meters:
@@ -552,7 +568,8 @@ def _in_run(setup: FlySetup, state: FlyState, *, arm: bool = True) -> Generator[
         yield from bps.declare_stream(meter, name=samples, collect=True)
         yield from bps.declare_stream(meter.gap_stream, name=gaps, collect=True)
         yield from bps.declare_stream(meter.timing_stream, name=timing, collect=True)
-    alignment = AlignmentStream(meters) if setup.alignment and len(meters) > 1 else None
+    reference = _alignment_reference(setup)
+    alignment = AlignmentStream(meters, reference) if reference is not None else None
     try:
         yield from _segments(setup, state, alignment, arm=arm)
     finally:

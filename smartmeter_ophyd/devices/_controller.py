@@ -18,7 +18,8 @@ device turns its futures into ophyd Statuses.  It
 5. **stops** the meter when the target is reached or when asked (:meth:`request_stop`), keeps
    consuming until the stop reply has come (the tail, §4.8), and **finishes**: every block
    received is written whatever went wrong, the writer is closed with the stop summary, and
-   :attr:`outcome` carries the summary and, on failure, the cause naming the meter.
+   :attr:`outcome` carries the summary and, on failure, the cause naming the meter.  Meters
+   that end together take turns on the I/O thread, ``finish_first`` ahead (``_finishing``).
 
 Limits: a meter that stops answering entirely is given up on after the client's stop
 timeout; what it sent until then is recorded and the rest is unknown (no stop reply).
@@ -46,6 +47,7 @@ from ..client import (
 )
 from ..client import SyncRecord as LoggedSync
 from ..protocol import LogLine, SampleReply
+from ._finishing import finish_turns
 from ._flow import CtsGovernor, CtsPolicy, FlowStats
 from ._fly import FlyConfig
 from ._live import LiveSummary
@@ -487,15 +489,18 @@ class FlyController:
                 self._cause = self._cause or exc
             except asyncio.CancelledError:
                 pass
-        remaining = session.drain_nowait()
-        if remaining and self.writer is not None:
-            await loop.run_in_executor(None, self._write, remaining)
-        summary = session.summary
-        if self._write_error is not None:
-            self._cause = self._cause or self._write_error
         samples = 0
-        if self.writer is not None:
-            samples = await loop.run_in_executor(None, self._close_writer, summary)
+        # the I/O thread finishes one file after another; a meter marked finish_first (the
+        # alignment's reference) goes ahead of those still waiting (``_finishing``)
+        async with finish_turns(loop).turn(first=self.config.finish_first):
+            remaining = session.drain_nowait()
+            if remaining and self.writer is not None:
+                await loop.run_in_executor(None, self._write, remaining)
+            summary = session.summary
+            if self._write_error is not None:
+                self._cause = self._cause or self._write_error
+            if self.writer is not None:
+                samples = await loop.run_in_executor(None, self._close_writer, summary)
         self._release_logs()
         error = self._judge(summary)
         if error is not None:

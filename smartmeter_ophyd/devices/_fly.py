@@ -103,6 +103,11 @@ class FlyConfig:
     slot: tuple[int, int] | None = None
     release: str = "meter"
     request_size: int | None = None
+    finish_first: bool = False
+    """Host side only: when meters end together, this one's file is finished (written,
+    timed and closed on the I/O thread) before those of the meters still waiting.  The
+    plans set it on the alignment's reference, whose file every other meter's alignment
+    waits for."""
 
     @property
     def arms_in_prepare(self) -> bool:
@@ -187,6 +192,8 @@ class FlyConfig:
             )
         if self.duration_s is not None and self.n_samples is not None:
             raise ValueError("give duration_s or n_samples, not both")
+        if not isinstance(self.finish_first, bool):
+            raise ValueError(f"finish_first={self.finish_first!r} must be True or False")
         if self.duration_s is not None and (
             isinstance(self.duration_s, bool)
             or not isinstance(self.duration_s, int | float)

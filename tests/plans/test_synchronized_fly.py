@@ -60,6 +60,11 @@ def test_three_meters_pass_the_gate_and_start_on_one_instant(
         assert gate["passed"] and 0 <= gate["confidences_ms"][-1] <= GATE_MS
     assert abs(sync["host_clock"]["offset_s"]) < 0.01  # chrony serves this host's clock
 
+    # the alignment's reference (the first meter) has its file finished first when the
+    # meters end together: the others' alignment waits for it
+    prepared = {(msg.obj.name, msg.args[0].finish_first) for _, msg in engine.commands("prepare")}
+    assert prepared == {(meters[0].name, True)} | {(m.name, False) for m in meters[1:]}
+
     # every gate sync happened before anything armed or started a meter
     first_kickoff = min(t for t, _ in engine.commands("kickoff"))
     first_arm = min(t for t, msg in engine.commands("prepare")
