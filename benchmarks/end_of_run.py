@@ -200,6 +200,24 @@ def print_budget(used: dict[str, float], seconds: float) -> None:
             print(f"  {key:48s} {value:6.2f} s")
 
 
+def print_cpu_timeline(cpu: CpuTimeline, start: float, end: float, bucket: float = 0.1) -> None:
+    """Per ``bucket`` s from ``start``: the CPU each process or thread used (% of one core),
+    for those that used at least 5 % of a core over the whole window."""
+    total = cpu.used(start, end)
+    keys = [k for k, v in sorted(total.items(), key=lambda item: -item[1])
+            if v >= 0.05 * (end - start)]
+    print("CPU per 0.1 s from the last meter's stop (% of one core):")
+    print("  " + "t (s)".rjust(6) + "".join(k.removeprefix("acquisition: ")[-14:].rjust(15)
+                                          for k in keys))
+    t = start
+    while t < end:
+        used = cpu.used(t, min(t + bucket, end))
+        width = min(t + bucket, end) - t
+        print(f"  {t - start:6.1f}" + "".join(f"{100 * used.get(k, 0.0) / width:15.0f}"
+                                               for k in keys))
+        t += bucket
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--meters", type=int, default=10)
@@ -267,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {labels[key]:48s} {seconds:6.3f} s")
     print(f"last meter stopped -> run closed (RunEngine returned): {returned - stopped:.3f} s")
     print_budget(cpu.used(stopped, returned), returned - stopped)
+    print_cpu_timeline(cpu, stopped, returned)
     if args.sample:
         sampler.report(stopped, returned, args.sample)
         print("timeline from the last meter's stop (per 0.1 s, the most frequent busy frame):")
