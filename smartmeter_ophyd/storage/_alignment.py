@@ -279,10 +279,12 @@ class AlignmentWorker:
         with self._lock:
             if self._process is None:
                 try:
+                    # a session of its own: a Ctrl-C at the terminal goes to the caller,
+                    # which aborts the run and ends the worker (or the worker's input closes)
                     self._process = subprocess.Popen(
                         [sys.executable, "-m", "smartmeter_ophyd.storage._alignment_main"],
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                        env=_child_environment(),
+                        env=_child_environment(), start_new_session=True,
                     )
                 except OSError as exc:
                     raise AlignmentWorkerError(

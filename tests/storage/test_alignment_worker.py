@@ -184,6 +184,24 @@ def test_close_ends_a_busy_worker_at_once(
     assert not worker.running
 
 
+def test_a_ctrl_c_at_the_terminal_leaves_the_worker_to_its_caller(
+    recordings: tuple[dict[str, SimMeter], dict[str, str]],
+) -> None:
+    """A terminal's Ctrl-C signals its foreground process group; the worker is not in the
+    caller's, so the caller (aborting its run) decides when the worker ends."""
+    _, files = recordings
+    worker = AlignmentWorker()
+    worker.start()
+    try:
+        assert worker.pid is not None
+        assert os.getpgid(worker.pid) != os.getpgid(0)
+        worker.submit("ref", files)
+        assert set(worker.result().results) == {"early", "late"}
+    finally:
+        worker.close()
+    assert not worker.running
+
+
 def test_a_dead_worker_is_reported_not_awaited(
     recordings: tuple[dict[str, SimMeter], dict[str, str]],
 ) -> None:
