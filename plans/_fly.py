@@ -472,13 +472,12 @@ def fly(setup: FlySetup) -> Generator[Msg, Any, str]:
     reference = _alignment_reference(setup)
     if reference is not None:
         # every other meter's alignment waits for the reference's file: finish it first
-        first = {reference: True}
         setup = replace(
             setup,
-            configs={n: replace(c, finish_first=first.get(n, c.finish_first))
-                     for n, c in setup.configs.items()},
-            armed={n: replace(c, finish_first=first.get(n, c.finish_first))
-                   for n, c in setup.armed.items()},
+            configs={**setup.configs,
+                     reference: replace(setup.configs[reference], finish_first=True)},
+            armed={**setup.armed,
+                   reference: replace(setup.armed[reference], finish_first=True)},
         )
     state = FlyState()
     body = _before_run(setup, state)
