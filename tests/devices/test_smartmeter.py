@@ -34,6 +34,7 @@ from smartmeter_ophyd.storage import (
     read_gaps,
     read_stream,
 )
+from tests.devices.truth import meter_clock_and_truth
 from tests.run_engines import RunEngine
 
 RATE = 8000
@@ -71,11 +72,11 @@ def check_fly_run(run: Any, meter: SmartMeter, emulated: EmulatorFleet,
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))  # bit for bit
     t = ds["time"].values
     assert abs(t[0] - summary.start_ts) < 1e-6
-    # the stored axis is the time model's: within the meter's NTP confidence + 1 ms of where
-    # the emulator really took each sample
-    true_times = emulated.call(emulated.meters[0].session_truth).true_times[:n_sent]
-    confidence_s = emulated.ntp_history(0)[-1].confidence_ms * 1e-3
-    assert np.max(np.abs(t - true_times)) <= confidence_s + 1e-3
+    # the stored axis is the time model's: within 1 ms of the meter's clock where the emulator
+    # really took each sample, and so within that clock's last sync of the truth
+    meter_clock, true_times, clock_bound_s = meter_clock_and_truth(emulated, 0, n_sent)
+    assert np.max(np.abs(t - meter_clock)) <= 1.2e-3
+    assert np.max(np.abs(t - true_times)) <= clock_bound_s + 1.2e-3
     assert len(read_gaps(run, "m1_gaps")["sample_index"]) == 0
     assert len(read_gaps(run, "m1_gaps", prefix="m1")["sample_index"]) == 0  # gap-free run
 
