@@ -1,4 +1,4 @@
-"""Shared parts of the fleet, run-overhead and soak benchmarks (not a benchmark itself).
+"""Shared parts of the fleet, run-overhead, document-transport and soak benchmarks (not a benchmark itself).
 
 * :class:`Emulators` - N emulated meters in CHILD processes (``python -m
   smartmeter_ophyd.emulator``, ``per_process`` meters each), synced by the real chrony of
@@ -9,7 +9,9 @@
   missing, and is in the catalog;
 * :class:`Sampler` - this process's threads, RSS and CPU sampled in the background;
 * :class:`CpuTimeline` - CPU of this process's threads and of its child processes by role,
-  sampled in the background, to cut a window from afterwards.
+  sampled in the background, to cut a window from afterwards;
+* :class:`Marks` - host times of the RunEngine messages and documents that bound a fly's
+  phases (open_run, kickoff, the release, the stop document).
 """
 
 from __future__ import annotations
@@ -274,6 +276,43 @@ class CpuTimeline:
         process that exited counts with its last reading, up to ``period`` short)."""
         a, b = self._at(start), self._at(end)
         return {key: max(0.0, b.get(key, 0.0) - a.get(key, 0.0)) for key in a.keys() | b.keys()}
+
+
+class Marks:
+    """Host times of the messages and documents that bound each phase."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+        self._release_wait = False
+        self.scheduled_start: float | None = None
+        self.release_wall: float | None = None
+        self.stop_wall: float | None = None
+        self.writer_pid: int | None = None
+        self.writer_cpu = 0.0
+
+    def msg(self, msg: Any) -> None:
+        now = time.monotonic()
+        if self._release_wait:
+            self.t.setdefault("released", now)
+            self.release_wall = self.release_wall or time.time()
+            self._release_wait = False
+        if msg.command == "open_run":
+            self.t.setdefault("open_run", now)
+        elif msg.command == "kickoff":
+            self.t.setdefault("kickoff", now)
+        elif msg.command == "wait" and str(msg.kwargs.get("group", "")).startswith("release"):
+            self._release_wait = True
+
+    def doc(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "stop":
+            self.t["stop"] = time.monotonic()
+            self.stop_wall = time.time()
+            if self.writer_pid is not None:
+                self.writer_cpu = cpu_seconds(self.writer_pid)
+        elif name == "event_page" and self.scheduled_start is None:
+            starts = doc["data"].get("scheduled_start", [])  # the synchronization table
+            if starts and starts[0] == starts[0]:  # not NaN: a scheduled start
+                self.scheduled_start = float(starts[0])
 
 
 @dataclass(frozen=True)

@@ -45,46 +45,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _harness import Emulators, cpu_seconds, destroyed, host_load, smartmeters
+from _harness import Emulators, Marks, cpu_seconds, destroyed, host_load, smartmeters
 from bluesky import RunEngine
 
 import plans
 from smartmeter_ophyd.storage import make_tiled_writer, setup_embedded_catalog
-
-
-class Marks:
-    """Host times of the messages and documents that bound each phase."""
-
-    def __init__(self) -> None:
-        self.t: dict[str, float] = {}
-        self._release_wait = False
-        self.scheduled_start: float | None = None
-        self.release_wall: float | None = None
-        self.writer_pid: int | None = None
-        self.writer_cpu = 0.0
-
-    def msg(self, msg: Any) -> None:
-        now = time.monotonic()
-        if self._release_wait:
-            self.t.setdefault("released", now)
-            self.release_wall = self.release_wall or time.time()
-            self._release_wait = False
-        if msg.command == "open_run":
-            self.t.setdefault("open_run", now)
-        elif msg.command == "kickoff":
-            self.t.setdefault("kickoff", now)
-        elif msg.command == "wait" and str(msg.kwargs.get("group", "")).startswith("release"):
-            self._release_wait = True
-
-    def doc(self, name: str, doc: dict[str, Any]) -> None:
-        if name == "stop":
-            self.t["stop"] = time.monotonic()
-            if self.writer_pid is not None:
-                self.writer_cpu = cpu_seconds(self.writer_pid)
-        elif name == "event_page" and self.scheduled_start is None:
-            starts = doc["data"].get("scheduled_start", [])  # the synchronization table
-            if starts and starts[0] == starts[0]:  # not NaN: a scheduled start
-                self.scheduled_start = float(starts[0])
 
 
 def fly_once(
