@@ -19,12 +19,14 @@ Per N it prints:
   alignment workers, the writer, the emulators), and the alignment workers' share: on
   ``cores`` cores the tail lasts at least that CPU / ``cores``.
 
-The search stops at the first N that loses a sample; the largest N that also stayed in real
-time (and every smaller N did) is printed before.  The host's load is printed with the
+The search stops at the first N that loses a sample (by default it goes to 200 meters, where
+the emulators alone take a core); the largest N that also stayed in real time (and every
+smaller N did) is printed before, and, if no count lost a sample, that the limit lies above
+the largest tried.  The host's load is printed with the
 figures: the 2 cores are shared with the emulators, the writer and whatever else runs.
 Last line: ``largest N with zero loss: N``.
 
-Usage: ``python benchmarks/fleet.py --counts 10 20 30 40 50 --seconds 10``
+Usage: ``python benchmarks/fleet.py [--counts 10 20 30 40 50 60 80 100 150 200] [--seconds 10]``
 """
 
 from __future__ import annotations
@@ -56,26 +58,29 @@ from smartmeter_ophyd.storage import open_catalog, setup_embedded_catalog
 
 
 def fly_fleet(
-    count: int, seconds: float, catalog: Any, sink: Any, flush_period: float
+    engine: RunEngine, count: int, seconds: float, catalog: Any, sink: Any, flush_period: float
 ) -> dict[str, Any]:
+    """One count's fly on ``engine`` (one RunEngine for all counts, as in a user's session:
+    each RunEngine keeps a thread of its own)."""
     with Emulators(count) as emulators:
         meters = smartmeters(emulators.described, catalog)
         with destroyed(meters):
-            engine = RunEngine({})
             marks: dict[str, float] = {}
 
             def stop_mark(name: str, doc: dict[str, Any]) -> None:
                 if name == "stop":
                     marks["stop_wall"] = time.time()
 
-            engine.subscribe(stop_mark)  # before the sink, which waits at the stop for the writer
-            engine.subscribe(sink)
+            # before the sink, which waits at the stop for the writer
+            tokens = [engine.subscribe(stop_mark), engine.subscribe(sink)]
             emu_cpu0 = sum(cpu_seconds(pid) for pid in emulators.pids)
             writer_cpu0 = cpu_seconds(sink.writer_pid)
             cpu0, t0 = cpu_seconds(), time.monotonic()
             with Sampler() as sampler, CpuTimeline(period=0.1) as timeline:
                 (uid,) = engine(plans.synchronized_fly(meters, seconds, flush_period=flush_period))
             t_end, t_end_wall = time.monotonic(), time.time()
+            for token in tokens:
+                engine.unsubscribe(token)
             cpu = cpu_seconds() - cpu0
             writer_cpu = cpu_seconds(sink.writer_pid) - writer_cpu0
             emu_cpu = sum(cpu_seconds(pid) for pid in emulators.pids) - emu_cpu0
@@ -112,7 +117,7 @@ def fly_fleet(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--counts", type=int, nargs="+", default=[10, 20, 30, 40, 50, 60])
+    parser.add_argument("--counts", type=int, nargs="+", default=[10, 20, 30, 40, 50, 60, 80, 100, 150, 200])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--flush-period", type=float, default=0.5)
     parser.add_argument("--keep", action="store_true", help="keep the catalog directory")
@@ -123,11 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      profiles_dir=work / "profiles")
     sink = catalog.document_sink()
     sink.wait_ready()
+    engine = RunEngine({})
     largest = largest_real_time = real_time = 0
+    lost = False
     try:
         print(f"host: {host_load()}")
         for count in sorted(args.counts):
-            r = fly_fleet(count, args.seconds, catalog, sink, args.flush_period)
+            r = fly_fleet(engine, count, args.seconds, catalog, sink, args.flush_period)
             print(
                 f"N={count:3d}: zero loss {r['zero_loss']}, first sample -> run closed "
                 f"{r['recording_s']:.2f} s for {args.seconds:g} s of data "
@@ -145,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not loss.zero:
                     print(f"    LOSS {loss}")
             if not r["zero_loss"]:
+                lost = True
                 break
             largest = count
             if r["real_time"] and real_time == largest_real_time:
@@ -156,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(f"largest N in real time (first sample -> closed <= duration + 1 s), all smaller "
           f"ones too: {largest_real_time}")
+    if not lost and largest:
+        print(f"no count lost a sample: the limit lies above {largest}, the largest tried")
     print(f"largest N with zero loss: {largest}")
     return 0
 
