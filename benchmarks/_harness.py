@@ -11,7 +11,8 @@
 * :class:`CpuTimeline` - CPU of this process's threads and of its child processes by role,
   sampled in the background, to cut a window from afterwards;
 * :class:`Marks` - host times of the RunEngine messages and documents that bound a fly's
-  phases (open_run, kickoff, the release, the stop document).
+  phases (open_run, kickoff, the release, the stop document); :class:`StopTimed` - a
+  writer's time at the stop document.
 """
 
 from __future__ import annotations
@@ -313,6 +314,21 @@ class Marks:
             starts = doc["data"].get("scheduled_start", [])  # the synchronization table
             if starts and starts[0] == starts[0]:  # not NaN: a scheduled start
                 self.scheduled_start = float(starts[0])
+
+
+class StopTimed:
+    """A document callback around ``writer`` that times its handling of the stop document
+    (``TiledWriter`` writes synchronously: that is its stop -> run closed)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+        self.stop_handling: list[float] = []
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        self.writer(name, doc)
+        if name == "stop":
+            self.stop_handling.append(time.monotonic() - t0)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _harness import Emulators, Marks, cpu_seconds, destroyed, host_load, smartmeters
+from _harness import (
+    Emulators,
+    Marks,
+    StopTimed,
+    cpu_seconds,
+    destroyed,
+    host_load,
+    smartmeters,
+)
 from bluesky import RunEngine
 
 import plans
@@ -269,19 +277,12 @@ def fly(
     engine.msg_hook = on_msg
     engine.subscribe(marks.doc)  # first: it sees the stop document before any writer
     engine.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None)
-    stop_handling: list[float] = []
-    client = None
+    client: Any = None
+    timed: StopTimed | None = None
     if way in ("in-process", "server"):
         client = catalog.client if way == "in-process" else connect_server(server.uri,
                                                                             server.api_key)
-        tiled = make_tiled_writer(client)
-
-        def timed(name: str, doc: dict[str, Any]) -> None:
-            t0 = time.monotonic()
-            tiled(name, doc)
-            if name == "stop":
-                stop_handling.append(time.monotonic() - t0)
-
+        timed = StopTimed(make_tiled_writer(client))
         engine.subscribe(timed)
     elif way == "0mq":
         engine.subscribe(zeromq.publisher)
@@ -316,8 +317,8 @@ def fly(
         close = sink.last_close_s if ended == "completed" else close
         if sink.restarts > restarts:
             detail = f"; the sink restarted its writer {sink.restarts - restarts} time(s)"
-    elif stop_handling:
-        close = stop_handling[0]
+    elif timed is not None and timed.stop_handling:
+        close = timed.stop_handling[0]
     after = catalog_view(reader, uid, meters)
     close_client(reader)
     if client is not None and way == "server":

@@ -45,7 +45,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _harness import Emulators, Marks, cpu_seconds, destroyed, host_load, smartmeters
+from _harness import (
+    Emulators,
+    Marks,
+    StopTimed,
+    cpu_seconds,
+    destroyed,
+    host_load,
+    smartmeters,
+)
 from bluesky import RunEngine
 
 import plans
@@ -59,17 +67,9 @@ def fly_once(
     marks = Marks()
     engine.msg_hook = marks.msg
     engine.subscribe(marks.doc)  # first: it sees the stop document before any writer
-    stop_handling: list[float] = []
+    timed = StopTimed(make_tiled_writer(catalog.client)) if writer == "tiled" else None
     sink = None
-    if writer == "tiled":
-        tiled = make_tiled_writer(catalog.client)
-
-        def timed(name: str, doc: dict[str, Any]) -> None:
-            t0 = time.monotonic()
-            tiled(name, doc)
-            if name == "stop":
-                stop_handling.append(time.monotonic() - t0)
-
+    if timed is not None:
         engine.subscribe(timed)
     elif writer == "sink":
         sink = catalog.document_sink()
@@ -84,8 +84,8 @@ def fly_once(
         assert sink is not None and sink.last_close_s is not None
         close = sink.last_close_s
         close_cpu = cpu_seconds(sink.writer_pid) - marks.writer_cpu
-    elif writer == "tiled":
-        close = stop_handling[0]
+    elif timed is not None:
+        close = timed.stop_handling[0]
     out = {
         "wall": t_end - t0,
         "overhead": t_end - t0 - seconds,
