@@ -259,11 +259,11 @@ def describe(view: tuple[bool, int, int]) -> str:
 
 
 def fly(
-    way: str, meters: Sequence[Any], seconds: float, catalog: Any, server: TiledServer,
-    zeromq: ZeroMQ, kill: Callable[[], None] | None = None,
+    engine: RunEngine, way: str, meters: Sequence[Any], seconds: float, catalog: Any,
+    server: TiledServer, zeromq: ZeroMQ, kill: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """One fly recorded by ``way``; ``kill`` runs half-way through the data."""
-    engine = RunEngine({})
+    """One fly on ``engine`` recorded by ``way`` (its subscriptions are this fly's only: one
+    RunEngine for all flies, as each keeps a thread); ``kill`` runs half-way through the data."""
     marks = Marks()
     uids: list[str] = []
     timers: list[threading.Timer] = []
@@ -275,19 +275,21 @@ def fly(
             timers[0].start()
 
     engine.msg_hook = on_msg
-    engine.subscribe(marks.doc)  # first: it sees the stop document before any writer
-    engine.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None)
+    tokens = [
+        engine.subscribe(marks.doc),  # first: it sees the stop document before any writer
+        engine.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None),
+    ]
     client: Any = None
     timed: StopTimed | None = None
     if way in ("in-process", "server"):
         client = catalog.client if way == "in-process" else connect_server(server.uri,
                                                                             server.api_key)
         timed = StopTimed(make_tiled_writer(client))
-        engine.subscribe(timed)
+        tokens.append(engine.subscribe(timed))
     elif way == "0mq":
-        engine.subscribe(zeromq.publisher)
+        tokens.append(engine.subscribe(zeromq.publisher))
     else:
-        engine.subscribe(catalog.document_sink())
+        tokens.append(engine.subscribe(catalog.document_sink()))
     restarts = catalog.document_sink().restarts
     reader = catalog.open()  # opened now: reading at the return must not wait for an app
     cpu0, t0 = cpu_seconds(), time.monotonic()
@@ -296,6 +298,10 @@ def fly(
         engine(plans.synchronized_fly(meters, seconds, start_in=0))
     except Exception as exc:
         ended = f"RE raised {type(exc).__name__}: {exc}"[:160]
+    finally:
+        for token in tokens:
+            engine.unsubscribe(token)
+        engine.msg_hook = None
     wall = time.monotonic() - t0
     cpu = cpu_seconds() - cpu0
     uid = uids[0] if uids else None
@@ -353,11 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "0mq": lambda: (zeromq.kill_dispatcher(), zeromq.start_dispatcher()),
             "sink": lambda: os.kill(catalog.document_sink().writer_pid, signal.SIGKILL),
         }
+        engine = RunEngine({})
         with Emulators(args.meters) as emulators:
             meters = smartmeters(emulators.described, catalog)
             with destroyed(meters):
                 for way in args.ways:
-                    r = results[way] = fly(way, meters, args.seconds, catalog, server, zeromq)
+                    r = results[way] = fly(engine, way, meters, args.seconds, catalog,
+                                           server, zeromq)
                     print(f"{way:10}: wall {r['wall']:6.2f} s (overhead "
                           f"{r['wall'] - args.seconds:5.2f} s), CPU here {r['cpu']:5.2f} s, "
                           f"stop -> run closed {r['close']:6.3f} s; when RE returned: "
@@ -365,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           flush=True)
                 if args.kill:
                     for way in (w for w in args.ways if w in kills):
-                        r = fly(way, meters, args.seconds, catalog, server, zeromq, kills[way])
+                        r = fly(engine, way, meters, args.seconds, catalog, server, zeromq,
+                                kills[way])
                         print(f"{way:10}, writer killed at +{args.seconds / 2:g} s and "
                               f"started again: run {r['ended']} (wall {r['wall']:.2f} s); "
                               f"in the catalog: {describe(r['after'])}{r['detail']}",
